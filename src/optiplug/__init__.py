@@ -1,0 +1,98 @@
+"""optiplug: a pluggable optimizer and scheduler registry for transformers' Trainer.
+
+Importing this package does not import torch or transformers; the trainer and builders are
+loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from optiplug.config import (
+    DataConfig,
+    FinetuningConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    SchedulerConfig,
+    load_config,
+)
+from optiplug.context import BuildContext, ParamShape, ScheduleContext
+from optiplug.errors import (
+    CheckpointError,
+    ConfigError,
+    DuplicateNameError,
+    MissingDependencyError,
+    OptiplugError,
+    PluginError,
+    UnknownNameError,
+)
+from optiplug.hookspecs import hookimpl, hookspec
+from optiplug.patches import Patch
+from optiplug.registry import (
+    OptimizerEntry,
+    SchedulerEntry,
+    get_entry,
+    get_scheduler_entry,
+    list_optimizers,
+    list_schedulers,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "OptiTrainer": "optiplug.trainer",
+    "OptiTrainerMixin": "optiplug.trainer",
+    "SaveProcessorCallback": "optiplug.callbacks",
+    "build_optimizer": "optiplug.factory",
+    "build_scheduler": "optiplug.factory",
+    "train": "optiplug.run",
+}
+
+__all__ = [
+    "BuildContext",
+    "CheckpointError",
+    "ConfigError",
+    "DataConfig",
+    "DuplicateNameError",
+    "FinetuningConfig",
+    "MissingDependencyError",
+    "ModelConfig",
+    "OptiTrainer",
+    "OptiTrainerMixin",
+    "OptimizerConfig",
+    "OptimizerEntry",
+    "OptiplugError",
+    "ParamShape",
+    "Patch",
+    "PluginError",
+    "RunConfig",
+    "SaveProcessorCallback",
+    "ScheduleContext",
+    "SchedulerConfig",
+    "SchedulerEntry",
+    "UnknownNameError",
+    "build_optimizer",
+    "build_scheduler",
+    "get_entry",
+    "get_scheduler_entry",
+    "hookimpl",
+    "hookspec",
+    "list_optimizers",
+    "list_schedulers",
+    "load_config",
+    "train",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optiplug' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

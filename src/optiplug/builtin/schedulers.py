@@ -1,0 +1,208 @@
+"""transformers' learning-rate schedulers, each with a config whose fields are its real parameters.
+
+Warmup is ``warmup_steps`` (a count) or ``warmup_ratio`` (a fraction of the training steps);
+setting both is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from optiplug.config import SchedulerConfig
+from optiplug.context import ScheduleContext
+from optiplug.hookspecs import hookimpl
+from optiplug.registry import SchedulerEntry
+
+
+class _Warmup(SchedulerConfig):
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup over this many optimizer steps.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup over this fraction of the training steps.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        return self
+
+    def warmup(self, ctx: ScheduleContext) -> int:
+        return ctx.warmup_steps(self.warmup_steps, self.warmup_ratio)
+
+
+class LinearConfig(_Warmup):
+    """Linear decay to 0 after warmup."""
+
+    name: Literal["linear"] = "linear"
+
+
+class CosineConfig(_Warmup):
+    """Cosine decay to 0 after warmup."""
+
+    name: Literal["cosine"] = "cosine"
+    num_cycles: float = Field(0.5, gt=0, description="Number of cosine waves (0.5: from the peak down to 0).")
+
+
+class CosineWithRestartsConfig(_Warmup):
+    """Cosine decay with hard restarts."""
+
+    name: Literal["cosine_with_restarts"] = "cosine_with_restarts"
+    num_cycles: int = Field(1, ge=1, description="Number of hard restarts.")
+
+
+class PolynomialConfig(_Warmup):
+    """Polynomial decay to ``lr_end``."""
+
+    name: Literal["polynomial"] = "polynomial"
+    lr_end: float = Field(1e-7, ge=0, description="Final learning rate.")
+    power: float = Field(1.0, gt=0, description="Power of the polynomial.")
+
+
+class ConstantConfig(SchedulerConfig):
+    """Constant learning rate."""
+
+    name: Literal["constant"] = "constant"
+
+
+class ConstantWithWarmupConfig(_Warmup):
+    """Constant learning rate after a linear warmup."""
+
+    name: Literal["constant_with_warmup"] = "constant_with_warmup"
+
+
+class InverseSqrtConfig(_Warmup):
+    """Inverse square-root decay after warmup."""
+
+    name: Literal["inverse_sqrt"] = "inverse_sqrt"
+    timescale: int | None = Field(None, gt=0, description="Time scale of the decay (default: the warmup steps).")
+
+
+class CosineWithMinLrConfig(_Warmup):
+    """Cosine decay to a floor (``min_lr`` or ``min_lr_rate`` x the peak)."""
+
+    name: Literal["cosine_with_min_lr"] = "cosine_with_min_lr"
+    num_cycles: float = Field(0.5, gt=0)
+    min_lr: float | None = Field(None, ge=0, description="Floor learning rate.")
+    min_lr_rate: float | None = Field(0.1, ge=0, le=1, description="Floor as a fraction of the peak.")
+
+    @model_validator(mode="after")
+    def _one_floor(self):
+        if self.min_lr is not None and "min_lr_rate" in self.model_fields_set:
+            raise ValueError("set min_lr or min_lr_rate, not both")
+        return self
+
+
+class WarmupStableDecayConfig(_Warmup):
+    """Warmup, a stable phase, then decay (WSD)."""
+
+    name: Literal["warmup_stable_decay"] = "warmup_stable_decay"
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="Fraction of the training steps spent decaying.")
+    warmup_type: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    decay_type: Literal["linear", "cosine", "1-sqrt"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    num_cycles: float = Field(0.5, gt=0)
+
+
+class ReduceLROnPlateauConfig(SchedulerConfig):
+    """Reduce the learning rate when the evaluation metric stops improving (needs evaluation)."""
+
+    name: Literal["reduce_lr_on_plateau"] = "reduce_lr_on_plateau"
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(10, ge=0)
+    threshold: float = Field(1e-4, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+def build_linear(ctx: ScheduleContext, cfg: LinearConfig):
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(ctx.optimizer, cfg.warmup(ctx), ctx.num_training_steps)
+
+
+def build_cosine(ctx: ScheduleContext, cfg: CosineConfig):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(ctx.optimizer, cfg.warmup(ctx), ctx.num_training_steps, cfg.num_cycles)
+
+
+def build_cosine_with_restarts(ctx: ScheduleContext, cfg: CosineWithRestartsConfig):
+    from transformers import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    return get_cosine_with_hard_restarts_schedule_with_warmup(
+        ctx.optimizer, cfg.warmup(ctx), ctx.num_training_steps, cfg.num_cycles
+    )
+
+
+def build_polynomial(ctx: ScheduleContext, cfg: PolynomialConfig):
+    from transformers import get_polynomial_decay_schedule_with_warmup
+
+    return get_polynomial_decay_schedule_with_warmup(
+        ctx.optimizer, cfg.warmup(ctx), ctx.num_training_steps, lr_end=cfg.lr_end, power=cfg.power
+    )
+
+
+def build_constant(ctx: ScheduleContext, cfg: ConstantConfig):
+    from transformers import get_constant_schedule
+
+    return get_constant_schedule(ctx.optimizer)
+
+
+def build_constant_with_warmup(ctx: ScheduleContext, cfg: ConstantWithWarmupConfig):
+    from transformers import get_constant_schedule_with_warmup
+
+    return get_constant_schedule_with_warmup(ctx.optimizer, cfg.warmup(ctx))
+
+
+def build_inverse_sqrt(ctx: ScheduleContext, cfg: InverseSqrtConfig):
+    from transformers.optimization import get_inverse_sqrt_schedule
+
+    return get_inverse_sqrt_schedule(ctx.optimizer, cfg.warmup(ctx), timescale=cfg.timescale)
+
+
+def build_cosine_with_min_lr(ctx: ScheduleContext, cfg: CosineWithMinLrConfig):
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    floor = {"min_lr": cfg.min_lr} if cfg.min_lr is not None else {"min_lr_rate": cfg.min_lr_rate}
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        ctx.optimizer, cfg.warmup(ctx), ctx.num_training_steps, num_cycles=cfg.num_cycles, **floor
+    )
+
+
+def build_wsd(ctx: ScheduleContext, cfg: WarmupStableDecayConfig):
+    import math
+
+    from transformers.optimization import get_wsd_schedule
+
+    return get_wsd_schedule(
+        ctx.optimizer,
+        num_warmup_steps=cfg.warmup(ctx),
+        num_decay_steps=math.ceil(cfg.decay_ratio * ctx.num_training_steps),
+        num_training_steps=ctx.num_training_steps,
+        warmup_type=cfg.warmup_type,
+        decay_type=cfg.decay_type,
+        min_lr_ratio=cfg.min_lr_ratio,
+        num_cycles=cfg.num_cycles,
+    )
+
+
+def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
+    import torch
+
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        ctx.optimizer, mode=cfg.mode, factor=cfg.factor, patience=cfg.patience, threshold=cfg.threshold, min_lr=cfg.min_lr
+    )
+
+
+@hookimpl
+def register_schedulers(register):
+    register(SchedulerEntry(LinearConfig, build_linear, "linear decay to 0 after warmup"))
+    register(SchedulerEntry(CosineConfig, build_cosine, "cosine decay to 0 after warmup"))
+    register(SchedulerEntry(CosineWithRestartsConfig, build_cosine_with_restarts, "cosine with hard restarts"))
+    register(SchedulerEntry(PolynomialConfig, build_polynomial, "polynomial decay to lr_end"))
+    register(SchedulerEntry(ConstantConfig, build_constant, "constant learning rate"))
+    register(SchedulerEntry(ConstantWithWarmupConfig, build_constant_with_warmup, "constant after warmup"))
+    register(SchedulerEntry(InverseSqrtConfig, build_inverse_sqrt, "inverse square-root decay"))
+    register(SchedulerEntry(CosineWithMinLrConfig, build_cosine_with_min_lr, "cosine decay to a floor"))
+    register(SchedulerEntry(WarmupStableDecayConfig, build_wsd, "warmup, stable, decay (WSD)"))
+    register(SchedulerEntry(ReduceLROnPlateauConfig, build_plateau, "reduce on plateau of the eval metric"))

@@ -1,0 +1,378 @@
+"""Configs: the pydantic bases plugins subclass, the run config, YAML loading and overrides.
+
+After plugins load, the optimizer and scheduler sections are validated through one
+discriminated union per kind, built from the registry (``Field(discriminator="name")``).
+YAML files, ``a.b=value`` command-line overrides and the Python API all go through it. A
+config can only select registered names: there is no import-path escape hatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator
+
+from optiplug.errors import ConfigError
+
+__all__ = [
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "ModelConfig",
+    "DataConfig",
+    "FinetuningConfig",
+    "RunConfig",
+    "EMBEDDED",
+    "load_config",
+    "apply_overrides",
+    "parse_optimizer",
+    "parse_scheduler",
+]
+
+EMBEDDED = "embedded"
+"""``model.name_or_path`` / ``data.path`` value for the tiny model and corpus shipped in the package."""
+
+
+class OptimizerConfig(BaseModel):
+    """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+class SchedulerConfig(BaseModel):
+    """Base of every scheduler config. Subclasses declare ``name: Literal["..."] = "..."``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+# ---- the discriminated unions, built from the registry -------------------------------------
+
+
+def _union_of(classes: list[type]) -> Any:
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[tuple(classes)], Field(discriminator="name")]  # noqa: UP007
+
+
+@functools.lru_cache(maxsize=8)
+def _adapter(kind: str, generation: int) -> TypeAdapter:
+    from optiplug.registry import list_optimizers, list_schedulers
+
+    rows = list_optimizers() if kind == "optimizer" else list_schedulers()
+    return TypeAdapter(_union_of([row.entry.config for row in rows]))
+
+
+def config_union(kind: str) -> Any:
+    """The ``Annotated[Union[...], Field(discriminator="name")]`` of every registered config of ``kind``."""
+    from optiplug.registry import list_optimizers, list_schedulers
+
+    rows = list_optimizers() if kind == "optimizer" else list_schedulers()
+    return _union_of([row.entry.config for row in rows])
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: ``optimizer.rank: Input should be greater than 0 (got -4)``."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        loc = [str(part) for part in problem["loc"]]
+        # drop the union tag pydantic inserts for discriminated unions (``optimizer.galore_adamw.rank``)
+        if prefix in ("optimizer", "scheduler") and loc and loc[0] == problem.get("ctx", {}).get("tag"):
+            loc = loc[1:]
+        where = ".".join([p for p in [prefix, *loc] if p]) or "config"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling (`optiplug show NAME` lists the fields)"
+        elif problem["type"] == "missing":
+            message = "required field is missing"
+        got = problem.get("input")
+        if problem["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
+            message += f" (got {got!r})"
+        lines.append(f"{where}: {message}")
+    return "\n  ".join(lines)
+
+
+def _parse(kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> Any:
+    from optiplug.plugins import plugins_generation
+    from optiplug.registry import lookup
+
+    base = OptimizerConfig if kind == "optimizer" else SchedulerConfig
+    if isinstance(value, base) and not fields:
+        lookup(kind, value.name)  # a config object must still name a registered entry
+        return value
+    if isinstance(value, base):
+        value = value.model_dump()
+    elif isinstance(value, str):
+        value = {"name": value}
+    elif value is None:
+        from optiplug.builtin import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
+
+        value = {"name": DEFAULT_OPTIMIZER if kind == "optimizer" else DEFAULT_SCHEDULER}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{kind}: expected a mapping with a 'name' key or a name, got {type(value).__name__}")
+    value = {**value, **(fields or {})}
+    if "name" not in value:  # a section without a name configures the default entry
+        from optiplug.builtin import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
+
+        value["name"] = DEFAULT_OPTIMIZER if kind == "optimizer" else DEFAULT_SCHEDULER
+    lookup(kind, value["name"])  # unknown name -> UnknownNameError with suggestions
+    try:
+        return _adapter(kind, plugins_generation()).validate_python(value)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, kind)) from None
+
+
+def parse_optimizer(value: Any, **fields: Any) -> OptimizerConfig:
+    """Validate ``value`` (a name, a mapping with ``name``, or a config object) into its optimizer config."""
+    return _parse("optimizer", value, fields)
+
+
+def parse_scheduler(value: Any, **fields: Any) -> SchedulerConfig:
+    """Validate ``value`` (a name, a mapping with ``name``, or a config object) into its scheduler config."""
+    return _parse("scheduler", value, fields)
+
+
+# ---- the run config -------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """Which model to train."""
+
+    name_or_path: str = Field(
+        EMBEDDED,
+        description="A local model directory, a hub id already in the local cache, or 'embedded' "
+        "(the tiny Llama-style model shipped with optiplug, randomly initialised).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer directory or id; defaults to name_or_path.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    from_scratch: bool = Field(
+        False, description="Initialise randomly from the model's config.json instead of loading its weights."
+    )
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    """What to train on: text cut into blocks of ``block_size`` tokens."""
+
+    path: str | list[str] = Field(
+        EMBEDDED,
+        description="'embedded' (the corpus shipped with optiplug) or local .txt/.jsonl/.json files or directories.",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.json records.")
+    block_size: int = Field(128, gt=0, description="Tokens per training example.")
+    max_blocks: int | None = Field(None, gt=0, description="Use at most this many blocks.")
+
+
+class FinetuningConfig(_Section):
+    """Which parameters train: all of them (``full``) or only some (``freeze``)."""
+
+    type: Literal["full", "freeze"] = "full"
+    trainable: list[str] = Field(
+        default_factory=list,
+        description="With type 'freeze': regexes of parameter names to train (re.search); all others are frozen.",
+    )
+
+    @model_validator(mode="after")
+    def _freeze_needs_targets(self) -> FinetuningConfig:
+        if self.type == "freeze" and not self.trainable:
+            raise ValueError("type 'freeze' needs 'trainable': the parameter-name patterns to train")
+        if self.type == "full" and self.trainable:
+            raise ValueError("'trainable' is only used with type 'freeze'")
+        return self
+
+
+# Keys of TrainingArguments that the optimizer/scheduler sections own, with the field that owns them.
+_OWNED_BY_OPTIMIZER = {
+    "learning_rate": "lr",
+    "weight_decay": "weight_decay",
+    "adam_beta1": ("betas", 0),
+    "adam_beta2": ("betas", 1),
+    "adam_epsilon": "eps",
+}
+_OWNED_BY_SCHEDULER = {"warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio"}
+_NEVER_IN_TRAINING = {
+    "optim": "optimizer.name",
+    "optim_args": "the optimizer section",
+    "optim_target_modules": "the optimizer section (e.g. optimizer.target_modules)",
+    "lr_scheduler_type": "scheduler.name",
+    "lr_scheduler_kwargs": "the scheduler section",
+}
+
+
+def _owned_value(cfg: BaseModel, field: str | tuple[str, int]) -> Any:
+    if isinstance(field, tuple):
+        value = getattr(cfg, field[0], None)
+        return None if value is None else value[field[1]]
+    return getattr(cfg, field, None)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    except (TypeError, ValueError):
+        return a == b
+
+
+class RunConfig(_Section):
+    """A whole run: model, data, Trainer arguments, optimizer, scheduler and fine-tuning type."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to transformers.TrainingArguments (output_dir, max_steps, ...)."
+    )
+    optimizer: SerializeAsAny[OptimizerConfig] = Field(default_factory=lambda: parse_optimizer(None))
+    scheduler: SerializeAsAny[SchedulerConfig] = Field(default_factory=lambda: parse_scheduler(None))
+    finetuning: FinetuningConfig = Field(default_factory=FinetuningConfig)
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer(cls, value: Any) -> OptimizerConfig:
+        return parse_optimizer(value)
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler(cls, value: Any) -> SchedulerConfig:
+        return parse_scheduler(value)
+
+    @model_validator(mode="after")
+    def _one_source_of_truth(self) -> RunConfig:
+        for key, where in _NEVER_IN_TRAINING.items():
+            if key in self.training:
+                raise ConfigError(f"training.{key}: set this in {where}, not in the training section")
+        for owners, section in ((_OWNED_BY_OPTIMIZER, self.optimizer), (_OWNED_BY_SCHEDULER, self.scheduler)):
+            kind = "optimizer" if section is self.optimizer else "scheduler"
+            for key, field in owners.items():
+                if key not in self.training:
+                    continue
+                owned = _owned_value(section, field)
+                label = field if isinstance(field, str) else f"{field[0]}[{field[1]}]"
+                if owned is None:
+                    raise ConfigError(
+                        f"training.{key}: {kind} {section.name!r} has no {label}; remove it from the training section"
+                    )
+                if not _same(owned, self.training[key]):
+                    raise ConfigError(
+                        f"training.{key}={self.training[key]!r} conflicts with {kind}.{label}={owned!r}: "
+                        f"set it in the {kind} section only"
+                    )
+        return self
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optimizer.lr=1e-3"`` -> ``(["optimizer", "lr"], 0.001)``; the value is read as a YAML scalar."""
+    key, sep, raw = item.partition("=")
+    path = [part for part in key.strip().split(".")]
+    if not sep or not all(path):
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optimizer.lr=3e-4")
+    return path, _yaml_scalar(raw)
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a config mapping and return the new mapping.
+
+    Setting ``optimizer.name`` or ``scheduler.name`` to a different name starts that section
+    afresh from the new entry's defaults, plus the fields given on the same command line.
+    """
+    result = copy.deepcopy(dict(data))
+    parsed = [parse_override(item) for item in overrides]
+    for path, value in parsed:
+        if len(path) == 2 and path[0] in ("optimizer", "scheduler") and path[1] == "name":
+            section = result.get(path[0])
+            current = section.get("name") if isinstance(section, Mapping) else section
+            if current != value:
+                result[path[0]] = {"name": value}
+    for path, value in parsed:
+        node = result
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if isinstance(child, str) and i == 0 and part in ("optimizer", "scheduler"):
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a mapping")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping (``yaml.safe_load``: no tags that run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must be a mapping of sections (model, data, training, optimizer, "
+            f"scheduler, finetuning), not a {type(data).__name__}"
+        )
+    return data
+
+
+def validate_config(data: Mapping[str, Any]) -> RunConfig:
+    """Validate a config mapping into a :class:`RunConfig`, raising :class:`ConfigError` with one line per problem."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load a run config from a YAML file (or the defaults when ``path`` is None) plus overrides.
+
+    Args:
+        path: a YAML file with any of the sections model, data, training, optimizer,
+            scheduler, finetuning; None for the embedded default run.
+        overrides: ``"a.b=value"`` strings, applied in order.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or a value is invalid.
+    """
+    data = read_yaml(path) if path is not None else {}
+    return validate_config(apply_overrides(data, overrides))
+
+
+def run_config_schema() -> dict[str, Any]:
+    """The JSON Schema of the run config with every registered optimizer and scheduler, for editors."""
+    from pydantic import create_model
+
+    model = create_model(
+        "RunConfig",
+        __base__=RunConfig,
+        optimizer=(config_union("optimizer"), Field(default_factory=lambda: parse_optimizer(None))),
+        scheduler=(config_union("scheduler"), Field(default_factory=lambda: parse_scheduler(None))),
+    )
+    return model.model_json_schema()

@@ -1,0 +1,148 @@
+"""What a factory or a check sees: the model, the trainer and its arguments, the launch setup."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from optiplug import params
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import Trainer, TrainingArguments
+
+__all__ = ["BuildContext", "ScheduleContext", "ParamShape"]
+
+
+@dataclass(frozen=True)
+class ParamShape:
+    """A trainable parameter as ``state_bytes`` sees it: no tensor, just its description.
+
+    Attributes:
+        name: the parameter's qualified name (``model.layers.0.mlp.up_proj.weight``).
+        shape: its shape.
+        itemsize: bytes per element of the parameter's dtype.
+        module_type: class name of the module owning it (``"Linear"``, ``"Embedding"``, ...).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    itemsize: int
+    module_type: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @staticmethod
+    def of_model(model: nn.Module) -> list[ParamShape]:
+        """The trainable parameters of ``model`` (also on the ``meta`` device), in model order."""
+        owners = {}
+        for module_name, module in model.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                owners[f"{module_name}.{param_name}" if module_name else param_name] = type(module).__name__
+        return [
+            ParamShape(name, tuple(p.shape), p.element_size(), owners.get(name, ""))
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        ]
+
+
+@dataclass
+class BuildContext:
+    """Passed to an entry's ``build(ctx, cfg)`` and ``check(ctx, cfg)``.
+
+    Attributes:
+        model: the model whose parameters the optimizer trains.
+        trainer: the trainer, or None when building outside one (a plain PyTorch loop).
+        args: the trainer's ``TrainingArguments``, or None.
+    """
+
+    model: nn.Module
+    trainer: Trainer | None = None
+    args: TrainingArguments | None = None
+    _decay: set[str] | None = field(default=None, repr=False)
+
+    # ---- parameters ----
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trainable ``(name, parameter)`` pairs of the model."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def decay_parameter_names(self) -> set[str]:
+        """Parameter names that get weight decay (not biases or norms), as transformers decides."""
+        if self._decay is None:
+            if self.trainer is not None and hasattr(self.trainer, "get_decay_parameter_names"):
+                self._decay = set(self.trainer.get_decay_parameter_names(self.model))
+            else:
+                self._decay = params.decay_parameter_names(self.model)
+        return self._decay
+
+    def param_groups(self, weight_decay: float = 0.0, **options: Any) -> list[dict[str, Any]]:
+        """Decay and no-decay groups of the trainable parameters; ``options`` go into both groups."""
+        return params.param_groups(self.named_parameters(), self.decay_parameter_names(), weight_decay, **options)
+
+    # ---- the training setup, for checks ----
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return int(getattr(self.args, "gradient_accumulation_steps", 1) or 1)
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The clipping norm, or None when clipping is off."""
+        value = getattr(self.args, "max_grad_norm", None)
+        return float(value) if value else None
+
+    @property
+    def world_size(self) -> int:
+        """Number of training processes (from the arguments, or the launcher's ``WORLD_SIZE``)."""
+        if self.args is not None:
+            return int(self.args.world_size)
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def deepspeed_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+        ds = getattr(self.args, "deepspeed", None)
+        if not ds:
+            return None
+        plugin = getattr(self.args, "hf_deepspeed_config", None)
+        config = getattr(plugin, "config", None)
+        if config is None:
+            import json
+
+            config = ds if isinstance(ds, dict) else json.loads(open(ds).read())
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def distributed(self) -> str:
+        """``"none"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``."""
+        if getattr(self.args, "deepspeed", None):
+            return "deepspeed"
+        if getattr(self.args, "fsdp", None):
+            return "fsdp"
+        return "ddp" if self.world_size > 1 else "none"
+
+    @property
+    def uses_adapters(self) -> bool:
+        """True when the model is a PEFT model (LoRA and similar)."""
+        return hasattr(self.model, "peft_config")
+
+
+@dataclass
+class ScheduleContext:
+    """Passed to a scheduler entry's ``build(ctx, cfg)``.
+
+    Attributes:
+        optimizer: the raw optimizer (never the accelerate wrapper).
+        num_training_steps: the total number of optimizer steps.
+    """
+
+    optimizer: Any
+    num_training_steps: int
+
+    def warmup_steps(self, steps: int = 0, ratio: float = 0.0) -> int:
+        """``steps`` when positive, else ``ceil(ratio * num_training_steps)``."""
+        return int(steps) if steps and steps > 0 else math.ceil(float(ratio or 0.0) * self.num_training_steps)

@@ -1,0 +1,86 @@
+"""Build optimizers and schedulers from configs, with or without a Trainer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from optiplug.config import OptimizerConfig, SchedulerConfig, parse_optimizer, parse_scheduler
+from optiplug.context import BuildContext, ScheduleContext
+from optiplug.errors import MissingDependencyError
+from optiplug.registry import OptimizerEntry, get_entry, get_scheduler_entry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["build_optimizer", "build_scheduler", "unwrap_optimizer"]
+
+
+@contextlib.contextmanager
+def _missing_modules_named(kind: str, name: str, requires: tuple[str, ...]) -> Iterator[None]:
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        package = requires[0] if requires else (error.name or "").split(".")[0]
+        raise MissingDependencyError(
+            f"{kind} {name!r} needs the module {error.name!r}, which is not installed: pip install '{package}'"
+        ) from error
+
+
+def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerConfig, *, check: bool = True):
+    """Check requirements (and the entry's ``check``), then call its factory."""
+    entry.check_requires()
+    with _missing_modules_named("optimizer", entry.name, entry.requires):
+        if check and entry.check is not None:
+            entry.check(ctx, cfg)
+        return entry.build(ctx, cfg)
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict | None = None, **fields: Any):
+    """Build a registered optimizer for ``model``'s trainable parameters, in any training loop.
+
+    Args:
+        model: the model.
+        config: an optimizer config, a registered name, a mapping with ``name``, or None for the default.
+        **fields: config fields overriding ``config``'s (``lr=1e-3``).
+
+    Returns:
+        The optimizer (a ``torch.optim.Optimizer``).
+
+    Raises:
+        UnknownNameError, ConfigError, MissingDependencyError.
+    """
+    cfg = parse_optimizer(config, **fields)
+    entry = get_entry(cfg.name)
+    return build_from_entry(entry, BuildContext(model=model), cfg)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The raw optimizer under accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
+    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    config: SchedulerConfig | str | dict | None = None,
+    num_training_steps: int = 0,
+    **fields: Any,
+):
+    """Build a registered learning-rate scheduler on ``optimizer`` (unwrapped from accelerate first).
+
+    Args:
+        optimizer: the optimizer whose learning rates the scheduler sets.
+        config: a scheduler config, a registered name, a mapping with ``name``, or None for the default.
+        num_training_steps: total optimizer steps of the run.
+        **fields: config fields overriding ``config``'s (``warmup_steps=100``).
+    """
+    cfg = parse_scheduler(config, **fields)
+    entry = get_scheduler_entry(cfg.name)
+    entry.check_requires()
+    ctx = ScheduleContext(optimizer=unwrap_optimizer(optimizer), num_training_steps=int(num_training_steps))
+    with _missing_modules_named("scheduler", entry.name, entry.requires):
+        return entry.build(ctx, cfg)

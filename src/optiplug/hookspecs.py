@@ -1,0 +1,32 @@
+"""Hook specifications: what a plugin may implement. Mark implementations with ``@optiplug.hookimpl``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:  # only for type checkers: importing optiplug must not import transformers
+    from transformers import Trainer, TrainerCallback
+
+    from optiplug.config import RunConfig
+    from optiplug.registry import OptimizerEntry, SchedulerEntry
+
+hookspec = pluggy.HookspecMarker("optiplug")
+hookimpl = pluggy.HookimplMarker("optiplug")
+
+
+@hookspec
+def register_optimizers(register: Callable[[OptimizerEntry], None]) -> None:
+    """Register optimizers by calling ``register(OptimizerEntry(...))`` once per optimizer."""
+
+
+@hookspec
+def register_schedulers(register: Callable[[SchedulerEntry], None]) -> None:
+    """Register learning-rate schedulers by calling ``register(SchedulerEntry(...))`` once per scheduler."""
+
+
+@hookspec
+def trainer_callbacks(trainer: Trainer, config: RunConfig | None) -> list[TrainerCallback] | None:
+    """Return callbacks to add to every optiplug trainer, whatever the optimizer (``config`` is None outside ``optiplug train``)."""
+

@@ -1,0 +1,143 @@
+"""``OptiTrainerMixin``: a Trainer whose optimizer and scheduler come from the registry.
+
+The mixin composes with any ``transformers.Trainer`` subclass::
+
+    class MySFTTrainer(OptiTrainerMixin, SFTTrainer): ...
+
+It overrides ``create_optimizer``/``create_scheduler`` (never ``optimizers=``, which breaks
+under DeepSpeed and FSDP), runs the selected entry's ``check`` before any step, and for the
+length of ``train()`` applies the entry's patches and callbacks, undoing them on exit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer
+
+from optiplug.callbacks import SaveProcessorCallback
+from optiplug.config import OptimizerConfig, SchedulerConfig, parse_optimizer, parse_scheduler
+from optiplug.context import BuildContext
+from optiplug.errors import ConfigError
+from optiplug.factory import build_from_entry, build_scheduler, unwrap_optimizer
+from optiplug.patches import applied
+from optiplug.plugins import get_plugin_manager
+from optiplug.registry import OptimizerEntry, get_entry, get_scheduler_entry
+
+__all__ = ["OptiTrainerMixin", "OptiTrainer"]
+
+
+def _optimizer_from_args(args: Any) -> OptimizerConfig:
+    """The default optimizer with the learning rate, betas, eps and weight decay of ``args``."""
+    from optiplug.builtin import DEFAULT_OPTIMIZER
+
+    entry = get_entry(DEFAULT_OPTIMIZER)
+    wanted = {
+        "lr": args.learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "weight_decay": args.weight_decay,
+    }
+    return parse_optimizer(DEFAULT_OPTIMIZER, **{k: v for k, v in wanted.items() if k in entry.config.model_fields})
+
+
+def _scheduler_from_args(args: Any) -> SchedulerConfig:
+    """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``."""
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    fields = dict(args.lr_scheduler_kwargs or {})
+    if "warmup_steps" in get_scheduler_entry(name).config.model_fields:
+        fields.setdefault("warmup_steps", 0)  # filled in from args when the step count is known
+    return parse_scheduler(name, **fields)
+
+
+class OptiTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass to take optimizer and scheduler from the registry.
+
+    Args:
+        optimizer: the optimizer: a config, a registered name, a mapping with ``name``, or None
+            for the default optimizer with the learning rate, betas, eps and weight decay of ``args``.
+        scheduler: the scheduler, likewise; None uses ``args.lr_scheduler_type`` and its warmup.
+        processor: a processor or tokenizer to save into every checkpoint and the output directory.
+        run_config: the :class:`RunConfig` when called from ``optiplug train`` (passed to hooks).
+        *args, **kwargs: the Trainer's own arguments (except ``optimizers``).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        optimizer: OptimizerConfig | str | dict | None = None,
+        scheduler: SchedulerConfig | str | dict | None = None,
+        processor: Any = None,
+        run_config: Any = None,
+        **kwargs: Any,
+    ):
+        given = kwargs.get("optimizers") or (None, None)
+        if any(part is not None for part in given):
+            raise ConfigError(
+                "OptiTrainer builds the optimizer and scheduler from the registry: pass optimizer= and "
+                "scheduler= (a name, mapping or config), not optimizers="
+            )
+        super().__init__(*args, **kwargs)
+        self.optiplug_run_config = run_config
+        self.optimizer_config: OptimizerConfig = (
+            _optimizer_from_args(self.args) if optimizer is None else parse_optimizer(optimizer)
+        )
+        self._scheduler_warmup_from_args = scheduler is None
+        self.scheduler_config: SchedulerConfig = (
+            _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)
+        )
+        self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
+        for callback in self._plugin_callbacks():
+            self.add_callback(callback)
+        if processor is not None:
+            self.add_callback(SaveProcessorCallback(processor))
+
+    def _plugin_callbacks(self) -> list[Any]:
+        results = get_plugin_manager().hook.trainer_callbacks(trainer=self, config=self.optiplug_run_config)
+        return [callback for result in results if result for callback in result]
+
+    def optiplug_context(self, model: Any = None) -> BuildContext:
+        """The :class:`BuildContext` the entry's ``check`` and ``build`` see."""
+        return BuildContext(model=self.model if model is None else model, trainer=self, args=self.args)
+
+    def check_optimizer(self) -> None:
+        """Run the selected entry's requirement and compatibility checks (raises :class:`ConfigError`)."""
+        entry = self.optimizer_entry
+        entry.check_requires()
+        if entry.check is not None:
+            entry.check(self.optiplug_context(), self.optimizer_config)
+
+    def create_optimizer(self, model: Any = None):
+        if self.optimizer is None:
+            ctx = self.optiplug_context(model)
+            self.optimizer = build_from_entry(self.optimizer_entry, ctx, self.optimizer_config, check=False)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
+        if self.lr_scheduler is None:
+            # Always the raw optimizer: schedulers built on accelerate's wrapper can miss per-parameter optimizers.
+            raw = unwrap_optimizer(self.optimizer if optimizer is None else optimizer)
+            fields = {}
+            if self._scheduler_warmup_from_args and "warmup_steps" in type(self.scheduler_config).model_fields:
+                fields["warmup_steps"] = self.args.get_warmup_steps(num_training_steps)
+            self.lr_scheduler = build_scheduler(raw, self.scheduler_config, num_training_steps, **fields)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def train(self, *args: Any, **kwargs: Any):
+        self.check_optimizer()
+        entry, cfg = self.optimizer_entry, self.optimizer_config
+        callbacks = list(entry.callbacks(cfg)) if entry.callbacks else []
+        patches = list(entry.patches(cfg)) if entry.patches else []
+        for callback in callbacks:
+            self.add_callback(callback)
+        try:
+            with applied(self, patches):
+                return super().train(*args, **kwargs)
+        finally:
+            for callback in callbacks:
+                self.remove_callback(callback)
+
+
+class OptiTrainer(OptiTrainerMixin, Trainer):
+    """``transformers.Trainer`` with optimizer and scheduler from the optiplug registry."""
