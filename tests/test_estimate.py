@@ -1,0 +1,324 @@
+"""``optiplug estimate``: analytic optimizer state equals what a real optimizer holds, and the 7B ratios."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import optiplug
+from optiplug.estimate import Estimate, estimate, format_bytes
+from optiplug.testing import TokenBlocks, tiny_llama, training_args
+
+LLAMA_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    try:
+        from optiplug.measure import optimizer_state_bytes
+    except ImportError:  # TODO: remove once optiplug.measure lands
+        import torch
+
+        def optimizer_state_bytes(opt):
+            return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                       if isinstance(v, torch.Tensor))
+    return optimizer_state_bytes(optimizer)
+
+
+def _tensors() -> int:
+    return len(list(tiny_llama().parameters()))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A local model directory holding the config of ``optiplug.testing.tiny_llama``."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama().config.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama7b_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("llama7b")
+    LlamaConfig(**LLAMA_7B).save_pretrained(path)
+    return path
+
+
+def _run(model_dir: Path, **sections) -> optiplug.RunConfig:
+    sections.setdefault("model", {"name_or_path": str(model_dir)})
+    return optiplug.RunConfig(**sections)
+
+
+def _by_name(rows: list[Estimate]) -> dict[str, Estimate]:
+    return {row.optimizer: row for row in rows}
+
+
+# ---- every registered optimizer: estimate == measured after real steps ----------------------
+
+
+def _stepped_optimizer(name: str, tmp_path: Path):
+    """The optimizer ``name`` after two real training steps on ``tiny_llama``.
+
+    Entries with callbacks or patches run inside an ``OptiTrainer`` (they need one); the others
+    in a plain loop, which is much faster. A refusal by the entry's own ``check`` skips the test.
+    """
+    entry = optiplug.get_entry(name)
+    data = TokenBlocks(n=8)
+    try:
+        if entry.callbacks is None and entry.patches is None:
+            model = tiny_llama()
+            optimizer = optiplug.build_optimizer(model, name)
+            batch = {"input_ids": torch_stack([data[i]["input_ids"] for i in range(4)])}
+            for _ in range(2):
+                model(**batch, labels=batch["input_ids"]).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            return optimizer
+        trainer = optiplug.OptiTrainer(
+            model=tiny_llama(),
+            args=training_args(tmp_path, max_steps=2, logging_steps=10),
+            train_dataset=data,
+            optimizer=name,
+        )
+        trainer.check_optimizer()
+    except optiplug.ConfigError as error:  # the entry's own rule refuses this machine (e.g. 8-bit on CPU)
+        pytest.skip(f"{name} cannot run here: {error}")
+    trainer.train()
+    from optiplug.factory import unwrap_optimizer
+
+    return unwrap_optimizer(trainer.optimizer)
+
+
+def torch_stack(tensors):
+    import torch
+
+    return torch.stack(tensors)
+
+
+@pytest.mark.parametrize("name", [row.name for row in optiplug.list_optimizers()])
+def test_estimated_state_equals_a_real_optimizers_state(name, tiny_dir, tmp_path):
+    [row] = estimate(_run(tiny_dir, optimizer=name))
+    if optiplug.get_entry(name).state_bytes is None:
+        assert row.state_bytes is None and row.total_bytes is None
+        return
+    measured = _optimizer_state_bytes(_stepped_optimizer(name, tmp_path))
+    assert measured > 0 or row.state_bytes == 0, f"{name}: no optimizer state after two steps"
+    assert row.state_bytes == measured, f"{name}: estimated {row.state_bytes} B, measured {measured} B"
+
+
+def test_estimate_of_the_meta_model_matches_the_real_model(tiny_dir):
+    model = tiny_llama()
+    [row] = estimate(_run(tiny_dir, optimizer="sgd"))
+    params = list(model.parameters())
+    assert row.total_params == row.trainable_params == sum(p.numel() for p in params)
+    assert row.weights_bytes == row.gradient_bytes == 4 * row.total_params
+    assert row.state_bytes == row.weights_bytes  # one momentum buffer per parameter
+    assert row.total_bytes == 3 * row.weights_bytes
+
+
+def test_bfloat16_halves_weights_gradients_and_adamw_state(tiny_dir):
+    [full] = estimate(_run(tiny_dir))
+    [half] = estimate(_run(tiny_dir, model={"name_or_path": str(tiny_dir), "dtype": "bfloat16"}))
+    assert half.weights_bytes * 2 == full.weights_bytes
+    assert half.gradient_bytes * 2 == full.gradient_bytes
+    tensors = _tensors()
+    assert half.state_bytes - 4 * tensors == (full.state_bytes - 4 * tensors) // 2  # float32 `step` scalars stay
+
+
+def test_freeze_counts_gradients_and_state_of_the_trainable_parameters_only(tiny_dir):
+    model = tiny_llama()
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
+    mlp_tensors = sum(1 for n, _ in model.named_parameters() if ".mlp." in n)
+    [row] = estimate(_run(tiny_dir, finetuning={"type": "freeze", "trainable": [r"\.mlp\."]}))
+    assert row.trainable_params == mlp
+    assert row.weights_bytes == 4 * row.total_params
+    assert row.gradient_bytes == 4 * mlp
+    assert row.state_bytes == 2 * 4 * mlp + 4 * mlp_tensors
+
+
+def test_freeze_pattern_that_matches_nothing_is_an_error(tiny_dir):
+    with pytest.raises(optiplug.ConfigError) as info:
+        estimate(_run(tiny_dir, finetuning={"type": "freeze", "trainable": ["mlpp"]}))
+    assert str(info.value) == (
+        "finetuning.trainable: 'mlpp' matches no parameter name (e.g. 'model.embed_tokens.weight')"
+    )
+
+
+def test_the_runs_own_optimizer_keeps_its_fields_and_others_use_defaults(tiny_dir):
+    run = _run(tiny_dir, optimizer={"name": "adamw", "amsgrad": True})
+    rows = _by_name(estimate(run, ["adamw", "adam", "sgd"]))
+    assert list(rows) == ["adamw", "adam", "sgd"]
+    assert rows["adamw"].state_bytes - 4 * _tensors() == 3 * rows["adamw"].weights_bytes  # amsgrad: three moments
+    assert rows["adam"].state_bytes - 4 * _tensors() == 2 * rows["adam"].weights_bytes
+
+
+def test_an_entry_without_state_bytes_shows_na(tiny_dir, temp_plugin):
+    from typing import Literal
+
+    class PlainConfig(optiplug.OptimizerConfig):
+        name: Literal["plain_sgd_test"] = "plain_sgd_test"
+
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(PlainConfig, lambda ctx, cfg: None, "no state_bytes"))
+
+    temp_plugin(Plugin(), "plain-sgd-test")
+    rows = _by_name(estimate(_run(tiny_dir), ["plain_sgd_test", "adamw"]))
+    assert rows["plain_sgd_test"].state_bytes is None and rows["plain_sgd_test"].total_bytes is None
+    assert rows["adamw"].state_bytes is not None
+    assert format_bytes(None) == "n/a"
+
+
+def test_unknown_optimizer_is_named_with_suggestions(tiny_dir):
+    with pytest.raises(optiplug.UnknownNameError) as info:
+        estimate(_run(tiny_dir), ["adamw", "sgdd"])
+    assert str(info.value).startswith("unknown optimizer 'sgdd'. Did you mean 'sgd'?")
+
+
+def test_embedded_model_is_the_default():
+    [row] = estimate()
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(optiplug.__file__).parent / "assets" / "model")
+    assert config.tie_word_embeddings  # the shared embedding is counted once
+    h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    assert row.total_params == v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
+    assert row.optimizer == "adamw"
+
+
+# ---- finding the model offline --------------------------------------------------------------
+
+
+def test_hub_id_not_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(optiplug.ConfigError) as info:
+        estimate(optiplug.RunConfig(model={"name_or_path": "acme/llama-9b"}))
+    assert str(info.value) == (
+        f"model.name_or_path: 'acme/llama-9b' is neither a local directory nor a hub id whose config.json is in "
+        f"the local cache ({tmp_path}); estimate never downloads: run `hf download acme/llama-9b config.json` "
+        f"first or give a local model directory"
+    )
+
+
+def test_hub_id_whose_config_is_in_the_cache_is_found_offline(tmp_path, monkeypatch, tiny_dir):
+    # the layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/config.json}
+    repo = tmp_path / "models--acme--tiny-llama"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text((tiny_dir / "config.json").read_text())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    [cached] = estimate(optiplug.RunConfig(model={"name_or_path": "acme/tiny-llama"}))
+    [local] = estimate(_run(tiny_dir))
+    assert cached == local
+
+
+def test_directory_without_config_json_is_an_error(tmp_path):
+    with pytest.raises(optiplug.ConfigError) as info:
+        estimate(_run(tmp_path))
+    assert str(info.value) == f"model.name_or_path: the directory {str(tmp_path)!r} has no config.json"
+
+
+# ---- Llama-2-7B shapes on the meta device ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama7b(llama7b_dir):
+    from optiplug.estimate import model_shapes
+
+    return model_shapes(_run(llama7b_dir))
+
+
+def test_llama7b_adamw_holds_two_float32_moments_per_parameter(llama7b):
+    from optiplug.estimate import estimate_shapes
+
+    [row] = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer])
+    assert row.total_params == 6_738_415_616
+    assert row.state_bytes == 2 * 4 * 6_738_415_616 + 4 * len(llama7b.trainable)
+
+
+def _installed(name: str, plugin: str) -> None:
+    from optiplug.registry import optimizer_names
+
+    if name not in optimizer_names():
+        pytest.skip(f"optimizer {name!r} is not registered: install the plugin (pip install -e plugins/{plugin})")
+
+
+def test_llama7b_galore_rank_1024_cuts_optimizer_state_by_about_65_percent(llama7b):
+    from optiplug.estimate import estimate_shapes
+
+    _installed("galore_adamw", "galore")
+    adamw, galore = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer, optiplug.RunConfig(
+        optimizer={"name": "galore_adamw", "rank": 1024}).optimizer])
+    cut = 1 - galore.state_bytes / adamw.state_bytes
+    assert 0.62 <= cut <= 0.68, f"GaLore rank 1024 cuts the optimizer state by {cut:.1%}"
+
+
+def test_llama7b_badam_with_32_blocks_holds_the_state_of_one_block(llama7b):
+    from optiplug.estimate import estimate_shapes
+
+    _installed("badam", "badam")
+    [badam] = estimate_shapes(llama7b, [optiplug.RunConfig(optimizer={"name": "badam"}).optimizer])
+    adam = optiplug.get_entry("adamw").state_bytes
+    layer0 = [s for s in llama7b.trainable if s.name.startswith("model.layers.0.")]
+    one_block = adam(layer0, optiplug.RunConfig().optimizer)
+    assert badam.state_bytes == one_block
+    assert badam.state_bytes * 32 < adam(llama7b.trainable, optiplug.RunConfig().optimizer)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def _invoke(*argv: str):
+    import typer
+    from typer.testing import CliRunner
+
+    from optiplug import estimate as module
+
+    app = typer.Typer()
+    app.command("estimate")(module.command)
+    app.command("other")(lambda: None)  # two commands, so typer keeps the subcommand name
+    return CliRunner().invoke(app, ["estimate", *argv])
+
+
+def test_command_prints_a_table(llama7b_dir):
+    result = _invoke(f"model.name_or_path={llama7b_dir}", "model.dtype=bfloat16", "--optimizers", "adamw,sgd")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{llama7b_dir} (bfloat16, full fine-tuning): 6.74B parameters, 6.74B trainable"
+    adamw = next(line for line in lines if "adamw" in line)
+    assert [cell.strip() for cell in adamw.strip("│ ").split("│")] == [
+        "adamw", "12.55 GiB", "12.55 GiB", "25.10 GiB", "50.21 GiB"
+    ]
+
+
+def test_command_json(tiny_dir):
+    result = _invoke(f"model.name_or_path={tiny_dir}", "--optimizers", "sgd", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    [row] = data["estimates"]
+    assert (data["model"], data["dtype"], data["finetuning"]) == (str(tiny_dir), "float32", "full")
+    assert row["optimizer"] == "sgd" and row["state_bytes"] == row["weights_bytes"]
+
+
+def test_command_rejects_an_empty_optimizer_list(tiny_dir):
+    result = _invoke(f"model.name_or_path={tiny_dir}", "--optimizers", ",")
+    assert str(result.exception) == "--optimizers: expected comma-separated optimizer names, e.g. --optimizers adamw,sgd"
+
+
+def test_importing_the_commands_does_not_import_torch():
+    code = (
+        "import sys, optiplug.estimate, optiplug.compare; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
