@@ -1,0 +1,229 @@
+"""The ``optiplug`` command.
+
+User errors print one line (``optiplug: ...``) and exit 1, without a traceback. ``list``,
+``show``, ``schema`` and ``plugins`` never import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+
+from optiplug.errors import OptiplugError
+
+app = typer.Typer(
+    name="optiplug",
+    help="Pluggable optimizers and schedulers for transformers' Trainer.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"optiplug: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        _fail(f"expected KEY=VALUE overrides after the config file, got {bad[0]!r}")
+    return None, items
+
+
+@app.command()
+def train(
+    items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
+        None, metavar="[CONFIG] [KEY=VALUE]...", help="A YAML run config (default: the embedded tiny run), then overrides."
+    ),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (delegates to torchrun)."),
+) -> None:
+    """Train: the embedded tiny model and corpus by default, or what CONFIG says.
+
+    Examples: `optiplug train`, `optiplug train examples/adamw.yaml optimizer.lr=3e-4`,
+    `optiplug train optimizer.name=sgd training.max_steps=50`.
+    """
+    path, overrides = _split_config_and_overrides(list(items or []))
+    from optiplug.config import load_config
+
+    config = load_config(path, overrides)  # validate before starting anything
+    if nproc > 1:
+        from optiplug.launch import relaunch_with_torchrun
+
+        raise typer.Exit(relaunch_with_torchrun(nproc, list(items or [])))
+    from optiplug.run import train as run_train
+
+    result = run_train(config)
+    if result is not None and getattr(result, "output_dir", None):
+        typer.echo(f"optiplug: done, outputs in {result.output_dir}", err=True)
+
+
+def _rows() -> list[dict[str, Any]]:
+    from optiplug.registry import list_optimizers, list_schedulers
+
+    return [
+        {"name": row.name, "kind": row.kind, "plugin": row.plugin, "summary": row.entry.summary,
+         "requires": list(row.entry.requires)}
+        for row in [*list_optimizers(), *list_schedulers()]
+    ]
+
+
+@app.command("list")
+def list_(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only 'optimizer' or 'scheduler'."),  # noqa: UP007
+) -> None:
+    """List registered optimizers and schedulers with the plugin that registered each."""
+    rows = _rows()
+    if kind is not None:
+        if kind not in ("optimizer", "scheduler"):
+            _fail(f"--kind must be 'optimizer' or 'scheduler', got {kind!r}")
+        rows = [r for r in rows if r["kind"] == kind]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "kind", "plugin", "summary", box=None, pad_edge=False)
+    for r in rows:
+        table.add_row(r["name"], r["kind"], r["plugin"], r["summary"])
+    Console(width=max(100, Console().width)).print(table)
+    _warn_failures()
+
+
+def _warn_failures() -> None:
+    from optiplug.plugins import plugin_failures
+
+    failures = plugin_failures()
+    if failures:
+        names = ", ".join(f.name for f in failures)
+        typer.echo(f"optiplug: {len(failures)} plugin(s) failed to load ({names}); see `optiplug plugins`", err=True)
+
+
+def _type_name(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+@app.command()
+def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")) -> None:
+    """Show the config fields (type, default, description), plugin and required packages of NAME."""
+    from pydantic_core import PydanticUndefined
+
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import lookup, optimizer_names, scheduler_names
+
+    row = None
+    for kind in ("optimizer", "scheduler"):
+        try:
+            row = lookup(kind, name)
+            break
+        except UnknownNameError:
+            continue
+    if row is None:
+        raise UnknownNameError("optimizer or scheduler", name, optimizer_names() + scheduler_names())
+    config = row.entry.config
+    typer.echo(f"{row.name}  ({row.kind}, plugin {row.plugin})")
+    if row.entry.summary:
+        typer.echo(f"  {row.entry.summary}")
+    doc = (config.__doc__ or "").strip()
+    if doc and doc != row.entry.summary:
+        typer.echo(f"  {doc.splitlines()[0]}")
+    if row.entry.requires:
+        typer.echo(f"  requires: {', '.join(row.entry.requires)}")
+    typer.echo("fields:")
+    for field_name, field in config.model_fields.items():
+        if field_name == "name":
+            continue
+        default = field.default
+        if default is PydanticUndefined:
+            default = field.default_factory() if field.default_factory else "(required)"
+        line = f"  {field_name}: {_type_name(field.annotation)} = {default!r}"
+        if field.description:
+            line += f"  # {field.description}"
+        typer.echo(line)
+
+
+@app.command()
+def schema(
+    indent: int = typer.Option(2, help="JSON indentation."),
+) -> None:
+    """Print the JSON Schema of the run config (every registered optimizer and scheduler), for editor completion."""
+    from optiplug.config import run_config_schema
+
+    typer.echo(json.dumps(run_config_schema(), indent=indent))
+
+
+@app.command()
+def validate(
+    items: list[str] = typer.Argument(..., metavar="CONFIG [KEY=VALUE]...", help="A YAML run config, then overrides."),
+) -> None:
+    """Check every section of a config (the training section against TrainingArguments) without training."""
+    path, overrides = _split_config_and_overrides(items)
+    if path is None:
+        _fail("validate needs a config file")
+    from optiplug.config import load_config
+    from optiplug.validation import check_training_section
+
+    config = load_config(path, overrides)
+    check_training_section(config)
+    typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name})")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List loaded plugins with their versions and hooks, and plugins that failed to load with the cause."""
+    from optiplug.plugins import loaded_plugins, plugin_failures
+
+    loaded, failed = loaded_plugins(), plugin_failures()
+    if as_json:
+        typer.echo(json.dumps({
+            "loaded": [{"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)} for p in loaded],
+            "failed": [{"name": f.name, "cause": f.cause} for f in failed],
+        }, indent=2))
+        return
+    for p in loaded:
+        version = f" {p.version}" if p.version else ""
+        typer.echo(f"{p.name} ({p.distribution or 'registered at run time'}{version}): {', '.join(p.hooks) or 'no hooks'}")
+    for f in failed:
+        typer.echo(f"FAILED {f.name}: {f.cause}")
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules exist: estimate and compare."""
+    import importlib
+
+    for name in ("estimate", "compare"):
+        try:
+            module = importlib.import_module(f"optiplug.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"optiplug.{name}":
+                raise
+            continue
+        app.command(name)(module.command)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``optiplug`` console script."""
+    try:
+        app(args=argv, prog_name="optiplug", standalone_mode=True)
+    except OptiplugError as error:
+        typer.echo(f"optiplug: {error}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("optiplug: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

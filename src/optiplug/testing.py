@@ -1,0 +1,96 @@
+"""Helpers for testing optiplug and its plugins: a tiny Llama, token blocks, temporary plugins.
+
+Use them from a plugin's own tests::
+
+    from optiplug.testing import tiny_llama, TokenBlocks, training_args, logged_losses
+    pytest_plugins = ["optiplug.testing"]   # provides the ``temp_plugin`` fixture
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+VOCAB = 128
+SEQ = 16
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A randomly initialised Llama-style causal LM, small enough for many training runs per test."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=SEQ * 2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TokenBlocks:
+    """A map-style dataset of fixed random token blocks (labels = inputs)."""
+
+    def __init__(self, n: int = 32, seed: int = 1, distinct: int | None = None):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randint(0, VOCAB, (distinct or n, SEQ), generator=g)
+        self.blocks = [base[i % base.shape[0]] for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.blocks[i]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def training_args(output_dir, **overrides):
+    """CPU TrainingArguments for short deterministic test runs (6 steps, batch 4, log every step)."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def logged_losses(trainer) -> dict[int, float]:
+    """``{step: loss}`` from the trainer's log history."""
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+@pytest.fixture
+def temp_plugin() -> Iterator:
+    """Register plugin objects for one test: ``temp_plugin(obj, name)``; all are unregistered after."""
+    from optiplug.plugins import register_plugin, unregister_plugin
+
+    names: list[str] = []
+
+    def register(plugin, name: str):
+        register_plugin(plugin, name)
+        names.append(name)
+        return plugin
+
+    yield register
+    for name in names:
+        unregister_plugin(name)

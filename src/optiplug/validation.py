@@ -1,0 +1,58 @@
+"""Checks of a run config that need transformers (imported only here, only when called)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tempfile
+import warnings
+from typing import Any
+
+from optiplug.config import RunConfig
+from optiplug.errors import ConfigError
+
+__all__ = ["check_training_section", "training_arguments"]
+
+
+def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None) -> Any:
+    """``TrainingArguments`` from ``defaults`` updated with the ``training`` section, with clear errors.
+
+    The learning rate, betas, eps and weight decay are copied from the optimizer section (when
+    it has them) so that TrainingArguments, and everything that logs it, agree with the optimizer.
+
+    Raises:
+        ConfigError: an unknown key (with a "did you mean"), or a value TrainingArguments rejects.
+    """
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in config.training:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"training.{key}: not an argument of transformers.TrainingArguments.{hint}")
+    kwargs = dict(defaults or {})
+    kwargs.update(config.training)
+    optimizer = config.optimizer
+    if getattr(optimizer, "lr", None) is not None:
+        kwargs["learning_rate"] = optimizer.lr
+    if getattr(optimizer, "weight_decay", None) is not None:
+        kwargs["weight_decay"] = optimizer.weight_decay
+    betas = getattr(optimizer, "betas", None)
+    if isinstance(betas, tuple) and len(betas) == 2:
+        kwargs["adam_beta1"], kwargs["adam_beta2"] = betas
+    if getattr(optimizer, "eps", None) is not None:
+        kwargs["adam_epsilon"] = optimizer.eps
+    kwargs.setdefault("output_dir", tempfile.gettempdir())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"training: TrainingArguments rejects the training section: {message}") from None
+
+
+def check_training_section(config: RunConfig) -> None:
+    """Raise :class:`ConfigError` if the ``training`` section is not valid ``TrainingArguments``."""
+    training_arguments(config, {"report_to": "none"})

@@ -1,0 +1,251 @@
+"""The registry: keys, duplicates, unknown names, entry validation, plugin loading and failures."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+from typing import Literal
+
+import pytest
+
+import optiplug
+from optiplug.plugins import plugin_failures, reload_plugins
+
+
+class DemoConfig(optiplug.OptimizerConfig):
+    name: Literal["demo_sgd"] = "demo_sgd"
+    lr: float = 0.1
+
+
+def build_demo(ctx, cfg):
+    import torch
+
+    return torch.optim.SGD(ctx.param_groups(0.0), lr=cfg.lr)
+
+
+def make_plugin(entry_config=DemoConfig):
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=entry_config, build=build_demo, summary="demo"))
+
+    return Plugin()
+
+
+def test_default_plugin_registers_optimizers_and_schedulers():
+    names = {row.name for row in optiplug.list_optimizers()}
+    assert {"adamw", "sgd", "adam", "adagrad", "rmsprop"} <= names
+    schedulers = {row.name for row in optiplug.list_schedulers()}
+    assert {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+            "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau"} <= schedulers
+    assert optiplug.get_entry("adamw").config.model_fields["name"].default == "adamw"
+
+
+def test_registered_plugin_is_recorded_and_removed(temp_plugin):
+    temp_plugin(make_plugin(), "demo-plugin")
+    row = next(r for r in optiplug.list_optimizers() if r.name == "demo_sgd")
+    assert row.plugin == "demo-plugin"
+    assert optiplug.get_entry("demo_sgd").summary == "demo"
+    from optiplug.plugins import unregister_plugin
+
+    unregister_plugin("demo-plugin")
+    assert "demo_sgd" not in {r.name for r in optiplug.list_optimizers()}
+
+
+def test_duplicate_name_names_both_plugins(temp_plugin):
+    temp_plugin(make_plugin(), "acme-one")
+    temp_plugin(make_plugin(), "acme-two")
+    with pytest.raises(optiplug.DuplicateNameError) as info:
+        optiplug.list_optimizers()
+    message = str(info.value)
+    assert "optimizer 'demo_sgd' is registered twice" in message
+    assert "'acme-one'" in message and "'acme-two'" in message
+    assert "OPTIPLUG_DISABLE_PLUGINS=" in message
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(optiplug.UnknownNameError) as info:
+        optiplug.get_entry("adamww")
+    message = str(info.value)
+    assert message.startswith("unknown optimizer 'adamww'. Did you mean 'adamw'")
+    assert "registered: " in message and "sgd" in message and "(see `optiplug list`)" in message
+
+
+def test_unknown_scheduler_name():
+    with pytest.raises(optiplug.UnknownNameError, match=r"unknown scheduler 'cosin'\. Did you mean 'cosine'"):
+        optiplug.get_scheduler_entry("cosin")
+
+
+def test_entry_config_must_declare_a_literal_name():
+    class NoLiteral(optiplug.OptimizerConfig):
+        name: str = "x"
+
+    with pytest.raises(optiplug.PluginError, match=r'must declare its name as `name: Literal\["..."\] = "..."`'):
+        optiplug.OptimizerEntry(config=NoLiteral, build=build_demo)
+
+    class NotAConfig:
+        pass
+
+    with pytest.raises(optiplug.PluginError, match="must be a subclass of optiplug.OptimizerConfig"):
+        optiplug.OptimizerEntry(config=NotAConfig, build=build_demo)
+
+
+def test_register_rejects_wrong_entry_type(temp_plugin):
+    class Bad:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register({"name": "oops"})
+
+    temp_plugin(Bad(), "bad-entry")
+    with pytest.raises(optiplug.PluginError, match="plugin 'bad-entry' registered .* as a optimizer; expected optiplug.OptimizerEntry"):
+        optiplug.list_optimizers()
+
+
+def test_misspelled_hook_is_reported():
+    class Typo:
+        @optiplug.hookimpl
+        def register_optimiser(self, register):  # British spelling: not a hook
+            pass
+
+    from optiplug.plugins import register_plugin
+
+    with pytest.raises(optiplug.PluginError) as info:
+        register_plugin(Typo(), "typo-plugin")
+    assert "unknown hook(s) register_optimiser (misspelled?)" in str(info.value)
+    assert "register_optimizers" in str(info.value)
+
+
+# ---- real entry-point discovery from distributions on sys.path --------------------------------
+
+
+def _write_distribution(root, dist: str, module: str, source: str, entry_name: str | None = None):
+    """A real installed distribution: a module plus its .dist-info with an entry point of group optiplug."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[optiplug]\n{entry_name or module} = {module}\n")
+    (info / "RECORD").write_text("")
+
+
+GOOD_PLUGIN = """
+    from typing import Literal
+    import optiplug
+
+    class EpConfig(optiplug.OptimizerConfig):
+        name: Literal["ep_sgd"] = "ep_sgd"
+        lr: float = 0.05
+
+    def build(ctx, cfg):
+        import torch
+        return torch.optim.SGD(ctx.param_groups(0.0), lr=cfg.lr)
+
+    @optiplug.hookimpl
+    def register_optimizers(register):
+        register(optiplug.OptimizerEntry(config=EpConfig, build=build, summary="from an entry point"))
+"""
+
+BROKEN_PLUGIN = """
+    raise RuntimeError("boom at import")
+"""
+
+TYPO_PLUGIN = """
+    import optiplug
+
+    @optiplug.hookimpl
+    def register_optimisers(register):
+        pass
+"""
+
+
+@pytest.fixture
+def site_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for var in ("OPTIPLUG_LOAD_PLUGINS", "OPTIPLUG_DISABLE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    yield tmp_path
+    for name in ("ep_good", "ep_broken", "ep_typo"):
+        sys.modules.pop(name, None)
+    monkeypatch.undo()
+    reload_plugins()
+
+
+def test_entry_point_plugins_load_and_failures_are_isolated(site_dir):
+    _write_distribution(site_dir, "acme-good", "ep_good", GOOD_PLUGIN)
+    _write_distribution(site_dir, "acme-broken", "ep_broken", BROKEN_PLUGIN)
+    _write_distribution(site_dir, "acme-typo", "ep_typo", TYPO_PLUGIN)
+    reload_plugins()
+    with pytest.warns(RuntimeWarning, match="plugin 'acme-broken' was not loaded"):
+        rows = {r.name: r for r in optiplug.list_optimizers()}
+    assert rows["ep_sgd"].plugin == "acme-good"
+    assert "adamw" in rows
+    failures = {f.name: f.cause for f in plugin_failures()}
+    assert failures["acme-broken"] == "failed to import 'ep_broken': RuntimeError: boom at import"
+    assert "unknown hook(s) register_optimisers (misspelled?)" in failures["acme-typo"]
+    info = {p.name: p for p in optiplug.plugins.loaded_plugins()}
+    assert info["acme-good"].version == "1.2.3" and info["acme-good"].hooks == ("register_optimizers",)
+
+
+def test_allow_and_deny_lists(site_dir, monkeypatch):
+    _write_distribution(site_dir, "acme-good", "ep_good", GOOD_PLUGIN)
+    monkeypatch.setenv("OPTIPLUG_LOAD_PLUGINS", "")
+    reload_plugins()
+    assert "ep_sgd" not in {r.name for r in optiplug.list_optimizers()}
+    assert "adamw" in {r.name for r in optiplug.list_optimizers()}  # the default plugin always loads
+    monkeypatch.setenv("OPTIPLUG_LOAD_PLUGINS", "acme-good")
+    reload_plugins()
+    assert "ep_sgd" in {r.name for r in optiplug.list_optimizers()}
+    monkeypatch.delenv("OPTIPLUG_LOAD_PLUGINS")
+    monkeypatch.setenv("OPTIPLUG_DISABLE_PLUGINS", "ep_good")  # entry-point name works too
+    reload_plugins()
+    assert "ep_sgd" not in {r.name for r in optiplug.list_optimizers()}
+
+
+def test_plugins_load_once_and_lazily(site_dir):
+    _write_distribution(site_dir, "acme-good", "ep_good", GOOD_PLUGIN)
+    reload_plugins()
+    assert "ep_good" not in sys.modules  # nothing imported until a lookup
+    optiplug.list_optimizers()
+    module = sys.modules["ep_good"]
+    optiplug.list_optimizers()
+    optiplug.get_entry("ep_sgd")
+    assert sys.modules["ep_good"] is module
+
+
+def test_missing_dependency_names_the_package(temp_plugin, tmp_path):
+    class NeedsConfig(optiplug.OptimizerConfig):
+        name: Literal["needs_pkg"] = "needs_pkg"
+
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=NeedsConfig, build=build_demo, requires=("no-such-dist-xyz>=1.0",)))
+
+    temp_plugin(Plugin(), "needs-plugin")
+    from optiplug.testing import tiny_llama
+
+    with pytest.raises(optiplug.MissingDependencyError) as info:
+        optiplug.build_optimizer(tiny_llama(), "needs_pkg")
+    assert str(info.value) == (
+        "optimizer 'needs_pkg' needs the package 'no-such-dist-xyz', which is not installed: pip install 'no-such-dist-xyz>=1.0'"
+    )
+
+
+def test_import_error_inside_a_factory_becomes_a_clear_message(temp_plugin):
+    class LazyConfig(optiplug.OptimizerConfig):
+        name: Literal["lazy_missing"] = "lazy_missing"
+
+    def build(ctx, cfg):
+        import not_installed_module_xyz  # noqa: F401
+
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=LazyConfig, build=build))
+
+    temp_plugin(Plugin(), "lazy-plugin")
+    from optiplug.testing import tiny_llama
+
+    with pytest.raises(optiplug.MissingDependencyError, match=r"optimizer 'lazy_missing' needs the module 'not_installed_module_xyz', which is not installed: pip install 'not_installed_module_xyz'"):
+        optiplug.build_optimizer(tiny_llama(), "lazy_missing")
