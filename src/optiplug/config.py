@@ -77,13 +77,13 @@ def config_union(kind: str) -> Any:
     return _union_of([row.entry.config for row in rows])
 
 
-def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+def format_validation_error(error: ValidationError, prefix: str = "", tag: str | None = None) -> str:
     """One line per problem: ``optimizer.rank: Input should be greater than 0 (got -4)``."""
     lines = []
     for problem in error.errors(include_url=False):
         loc = [str(part) for part in problem["loc"]]
         # drop the union tag pydantic inserts for discriminated unions (``optimizer.galore_adamw.rank``)
-        if prefix in ("optimizer", "scheduler") and loc and loc[0] == problem.get("ctx", {}).get("tag"):
+        if tag is not None and loc and loc[0] == tag:
             loc = loc[1:]
         where = ".".join([p for p in [prefix, *loc] if p]) or "config"
         message = problem["msg"].removeprefix("Value error, ")
@@ -125,7 +125,7 @@ def _parse(kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> An
     try:
         return _adapter(kind, plugins_generation()).validate_python(value)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, kind)) from None
+        raise ConfigError(format_validation_error(error, kind, tag=str(value["name"]))) from None
 
 
 def parse_optimizer(value: Any, **fields: Any) -> OptimizerConfig:
