@@ -1,0 +1,462 @@
+"""``optiplug compare``: the same short training run with several optimizers, side by side.
+
+Each optimizer trains in its own process (``python -m optiplug train CONFIG optimizer.name=X
+training.max_steps=N training.output_dir=DIR/X``), one after the other so that they do not
+compete for the CPU, with the same seed, data and schedule. Compare reads back each run's
+``summary.json`` and ``trainer_state.json`` and writes a table to the terminal,
+``DIR/compare.json`` and ``DIR/compare.png`` (the loss curves). The peak resident memory of
+each run is the child process's own high-water mark (``wait4``'s ``ru_maxrss``), measured the
+same way for every optimizer. A run that fails is reported with its error line; the others
+still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from optiplug.errors import ConfigError, OptiplugError
+from optiplug.registry import get_entry
+
+__all__ = ["ProcessResult", "CompareRun", "run_process", "train_command", "compare", "command"]
+
+
+# ---- running a child process and measuring its peak memory ----------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """How a child process ended.
+
+    Attributes:
+        returncode: its exit status (negative: killed by that signal).
+        wall_seconds: wall time from start to exit.
+        peak_rss_bytes: its peak resident set size (its own, not its children's); None where
+            the platform cannot tell.
+        log_path: the file holding its stdout and stderr.
+    """
+
+    returncode: int
+    wall_seconds: float
+    peak_rss_bytes: int | None
+    log_path: Path
+
+    def error_line(self) -> str:
+        """The line that says why the process failed: its last ``optiplug: ...`` line, else its last line."""
+        try:
+            lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            lines = []
+        # tqdm redraws with carriage returns; keep what was drawn last
+        lines = [line.rsplit("\r", 1)[-1] for line in lines]
+        for line in reversed(lines):
+            if line.startswith("optiplug: "):
+                return line.removeprefix("optiplug: ")
+        if lines:
+            return lines[-1]
+        return f"exited with status {self.returncode} and no output"
+
+
+def _maxrss_bytes(rusage: Any) -> int:
+    # Linux reports KiB, macOS bytes
+    return int(rusage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _high_water_mark(pid: int) -> int | None:
+    """``VmHWM`` of a running Linux process: the peak RSS of its current program only."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def run_process(
+    cmd: Sequence[str],
+    log_path: str | Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+    poll: Callable[[float], None] | None = None,
+) -> ProcessResult:
+    """Run ``cmd`` to completion with its output in ``log_path``, measuring wall time and peak RSS.
+
+    The peak is the child's own. ``wait4``'s ``ru_maxrss`` alone is not: Linux carries the
+    parent's resident size at spawn time across ``exec`` into the child's figure. So when that
+    figure does not exceed this process's own peak, the child's ``VmHWM`` (sampled while it runs,
+    every 50 ms) is used instead.
+
+    Args:
+        cmd: the command and its arguments.
+        log_path: file receiving the process's stdout and stderr (created, with its folders).
+        env: the environment (default: this process's).
+        cwd: the working directory.
+        timeout: seconds after which the process is killed (its return code is then -9).
+        poll: called with the elapsed seconds while the process runs.
+    """
+    import resource
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sampled: int | None = None
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+        # read after the spawn: a vfork child's pages before exec count in this process's peak too
+        inherited = _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
+        while True:
+            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = _high_water_mark(proc.pid)
+            if hwm is not None:
+                sampled = max(sampled or 0, hwm)
+            elapsed = time.perf_counter() - start
+            if timeout is not None and elapsed > timeout:
+                proc.kill()
+            if poll is not None:
+                poll(elapsed)
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    reported = _maxrss_bytes(rusage)
+    peak = reported if reported > inherited else sampled
+    return ProcessResult(proc.returncode, wall, peak, log_path)
+
+
+# ---- one training run per optimizer ---------------------------------------------------------
+
+
+@dataclass
+class CompareRun:
+    """One optimizer's run: its figures, or why it failed.
+
+    Attributes:
+        optimizer: the optimizer name.
+        ok: whether the run finished.
+        error: the run's error line when it failed.
+        final_loss: the last logged training loss.
+        steps_per_second: optimizer steps per second of training (the Trainer's ``train_steps_per_second``).
+        tokens_per_second: training tokens per second, when the run's summary says.
+        optimizer_state_bytes: bytes of optimizer state at the end of training, when the summary says.
+        peak_rss_bytes: the training process's peak resident memory.
+        wall_seconds: the whole process's wall time (start-up included).
+        output_dir: the run's output directory.
+        losses: ``[step, loss]`` pairs of the logged training losses.
+    """
+
+    optimizer: str
+    ok: bool
+    error: str | None = None
+    final_loss: float | None = None
+    steps_per_second: float | None = None
+    tokens_per_second: float | None = None
+    optimizer_state_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    wall_seconds: float = 0.0
+    output_dir: str = ""
+    losses: list[list[float]] = field(default_factory=list)
+
+
+def train_command(config: str | Path | None, optimizer: str, steps: int, output_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
+    """The ``python -m optiplug train ...`` command line of one compare run.
+
+    Compare logs every step (for the curves); the user's overrides come next, and the optimizer,
+    step count and output directory last, so they always hold.
+    """
+    return [
+        sys.executable, "-m", "optiplug", "train",
+        *([str(config)] if config is not None else []),
+        "training.logging_steps=1",
+        *overrides,
+        f"optimizer.name={optimizer}",
+        f"training.max_steps={steps}",
+        f"training.output_dir={output_dir}",
+    ]  # fmt: skip
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first(mapping: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if mapping.get(key) is not None:
+            return mapping[key]
+    return None
+
+
+def read_run(optimizer: str, output_dir: Path, process: ProcessResult) -> CompareRun:
+    """A :class:`CompareRun` from a finished process and the files it left in ``output_dir``."""
+    run = CompareRun(
+        optimizer=optimizer,
+        ok=process.returncode == 0,
+        peak_rss_bytes=process.peak_rss_bytes,
+        wall_seconds=round(process.wall_seconds, 3),
+        output_dir=str(output_dir),
+    )
+    if not run.ok:
+        run.error = process.error_line()
+        return run
+    summary = _read_json(output_dir / "summary.json")
+    state = _read_json(output_dir / "trainer_state.json")
+    history = state.get("log_history") or summary.get("log_history") or []
+    run.losses = [[h["step"], h["loss"]] for h in history if "loss" in h and "step" in h]
+    final = next((h for h in reversed(history) if "train_steps_per_second" in h), {})
+    run.final_loss = _first(summary, "final_loss")
+    if run.final_loss is None and run.losses:
+        run.final_loss = run.losses[-1][1]
+    run.steps_per_second = _first(summary, "steps_per_second", "train_steps_per_second")
+    if run.steps_per_second is None:
+        run.steps_per_second = final.get("train_steps_per_second")
+    run.tokens_per_second = _first(summary, "tokens_per_second", "train_tokens_per_second")
+    run.optimizer_state_bytes = _first(summary, "optimizer_state_bytes")
+    if not run.losses:
+        run.ok, run.error = False, f"no training loss was logged in {output_dir / 'trainer_state.json'}"
+    return run
+
+
+def compare(
+    config: str | Path | None,
+    optimizers: Sequence[str],
+    steps: int,
+    output: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    progress: bool = True,
+    timeout: float | None = None,
+) -> list[CompareRun]:
+    """Train the same run with each optimizer, one process after another, and write the comparison.
+
+    Args:
+        config: a YAML run config, or None for the embedded default run.
+        optimizers: registered optimizer names.
+        steps: optimizer steps per run.
+        output: the folder receiving one subfolder per optimizer, ``compare.json`` and ``compare.png``.
+        overrides: ``"a.b=value"`` strings applied to every run.
+        progress: show a progress display on the terminal.
+        timeout: seconds after which a run is stopped and reported as failed.
+
+    Returns:
+        One :class:`CompareRun` per optimizer, in the order given.
+
+    Raises:
+        UnknownNameError: an optimizer is not registered (checked before anything runs).
+        ConfigError: no optimizers, a repeated one, or ``steps`` < 1.
+    """
+    names = list(optimizers)
+    if not names:
+        raise ConfigError("compare needs at least one optimizer, e.g. --optimizers adamw,sgd")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--optimizers: {', '.join(repeated)} given more than once")
+    if steps < 1:
+        raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
+    for name in names:
+        get_entry(name)
+    if config is not None and not Path(config).is_file():
+        raise ConfigError(f"config file {str(config)!r} does not exist")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    runs: list[CompareRun] = []
+    with _Progress(names, steps, enabled=progress) as display:
+        for name in names:
+            run_dir = (output / name).resolve()
+            log = run_dir / "compare.log"
+            display.start(name, log)
+            cmd = train_command(config, name, steps, run_dir, overrides)
+            process = run_process(cmd, log, env=env, timeout=timeout, poll=display.poll)
+            run = read_run(name, run_dir, process)
+            display.finish(run)
+            runs.append(run)
+    write_outputs(runs, output, config=config, steps=steps, overrides=overrides)
+    return runs
+
+
+# ---- progress, table, JSON and chart --------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress display: the optimizer running, its step (read from the Trainer's progress bar), elapsed time."""
+
+    def __init__(self, names: list[str], steps: int, enabled: bool):
+        self.names, self.steps, self.enabled = names, steps, enabled
+        self.log: Path | None = None
+        self._step_pattern = re.compile(rf"(\d+)/{steps}\b")
+        self._last_read = 0.0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), transient=False,
+            )  # fmt: skip
+            self.progress.__enter__()
+            self.overall = self.progress.add_task("optimizers", total=len(self.names))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            self.progress.__exit__(*exc)
+
+    def start(self, name: str, log: Path) -> None:
+        self.log = log
+        if self.enabled:
+            index = self.names.index(name) + 1
+            self.task = self.progress.add_task(f"{name} ({index}/{len(self.names)}) steps", total=self.steps)
+
+    def poll(self, elapsed: float) -> None:
+        if not self.enabled or self.log is None or elapsed - self._last_read < 0.5:
+            return
+        self._last_read = elapsed
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return
+        found = self._step_pattern.findall(tail)
+        if found:
+            self.progress.update(self.task, completed=min(int(found[-1]), self.steps))
+
+    def finish(self, run: CompareRun) -> None:
+        self._last_read = 0.0
+        if self.enabled:
+            status = "done" if run.ok else "[red]failed[/red]"
+            self.progress.update(self.task, completed=self.steps if run.ok else None, description=f"{run.optimizer}: {status}")
+            self.progress.advance(self.overall)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(runs: list[CompareRun]) -> None:
+    """The comparison table, then one line per failed run with its error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from optiplug.estimate import format_bytes
+
+    table = Table()
+    for column, justify in (("optimizer", "left"), ("final loss", "right"), ("steps/s", "right"), ("tokens/s", "right"),
+                            ("optimizer state", "right"), ("peak RSS", "right"), ("wall s", "right")):
+        table.add_column(column, justify=justify)
+    for run in runs:
+        if run.ok:
+            table.add_row(
+                run.optimizer, _fmt(run.final_loss, ".4f"), _fmt(run.steps_per_second, ".2f"),
+                _fmt(run.tokens_per_second, ",.0f"), format_bytes(run.optimizer_state_bytes) if run.optimizer_state_bytes is not None else "-",
+                format_bytes(run.peak_rss_bytes) if run.peak_rss_bytes is not None else "-", f"{run.wall_seconds:.1f}",
+            )  # fmt: skip
+        else:
+            table.add_row(run.optimizer, "[red]failed[/red]", "", "", "", "", f"{run.wall_seconds:.1f}")
+    console = Console()
+    console.print(table)
+    for run in runs:
+        if not run.ok:
+            console.print(f"{run.optimizer} failed: {run.error} (log: {Path(run.output_dir) / 'compare.log'})",
+                          soft_wrap=True, markup=False, highlight=False)
+
+
+def write_outputs(
+    runs: list[CompareRun], output: Path, *, config: str | Path | None, steps: int, overrides: Sequence[str]
+) -> None:
+    """Write ``compare.json`` and ``compare.png`` into ``output``."""
+    data = {
+        "config": None if config is None else str(config),
+        "steps": steps,
+        "overrides": list(overrides),
+        "runs": [asdict(run) for run in runs],
+    }
+    (output / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+    plot(runs, output / "compare.png", title=f"{Path(config).name if config else 'embedded run'}, {steps} steps")
+
+
+def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
+    """Loss curves of the runs on the left, their peak RSS and optimizer state on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for run in runs:
+        if run.losses:
+            steps, losses = zip(*run.losses)
+            left.plot(steps, losses, label=run.optimizer, linewidth=1.5)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title("loss")
+    left.grid(alpha=0.3)
+    if any(run.losses for run in runs):
+        left.legend()
+    ok = [run for run in runs if run.ok]
+    mib = 1024 * 1024
+    positions = range(len(ok))
+    right.barh([p + 0.2 for p in positions], [(r.peak_rss_bytes or 0) / mib for r in ok], height=0.4, label="peak RSS")
+    right.barh([p - 0.2 for p in positions], [(r.optimizer_state_bytes or 0) / mib for r in ok], height=0.4,
+               label="optimizer state")
+    right.set_yticks(list(positions), [r.optimizer for r in ok])
+    right.set_xlabel("MiB")
+    right.set_title("memory")
+    right.grid(alpha=0.3, axis="x")
+    if ok:
+        right.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def command(
+    items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
+        None, metavar="[CONFIG] [KEY=VALUE]...", help="A YAML run config (default: the embedded tiny run), then overrides for every run."
+    ),
+    optimizers: str = typer.Option(..., "--optimizers", help="Comma-separated optimizer names, e.g. adamw,sgd,badam."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Optimizer steps per run."),
+    output: Path = typer.Option(Path("outputs/compare"), "--output", help="Folder for the runs, compare.json and compare.png."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop a run after this many seconds."),  # noqa: UP007
+) -> None:
+    """Train the same short run with each optimizer (same seed, data and schedule) and compare them.
+
+    Each optimizer runs in its own process, one after the other. Prints final loss, steps/s,
+    tokens/s, optimizer-state bytes and peak resident memory, and writes compare.json and
+    compare.png (loss curves) to --output. Example: `optiplug compare examples/adamw.yaml
+    --optimizers adamw,sgd,badam --steps 30`.
+    """
+    from optiplug.estimate import _split_items
+
+    path, overrides = _split_items(list(items or []))
+    names = [name.strip() for name in optimizers.split(",") if name.strip()]
+    runs = compare(path, names, steps, output, overrides)
+    print_table(runs)
+    typer.echo(f"optiplug: wrote {output / 'compare.json'} and {output / 'compare.png'}", err=True)
+    failed = [run.optimizer for run in runs if not run.ok]
+    if failed:
+        raise OptiplugError(f"{len(failed)} of {len(runs)} runs failed ({', '.join(failed)}); see the errors above")
