@@ -7,6 +7,7 @@ loaded on first use.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from optiplug.config import (
@@ -40,6 +41,10 @@ from optiplug.registry import (
 )
 
 __version__ = "0.1.0"
+
+# bitsandbytes (pulled in by transformers when installed) warns on every import on CPUs without an optional
+# kernel package; it is irrelevant to optiplug users and would be the first line of every run.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
     "OptiTrainer": "optiplug.trainer",

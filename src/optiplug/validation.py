@@ -31,6 +31,7 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"training.{key}: not an argument of transformers.TrainingArguments.{hint}")
+    _check_types(TrainingArguments, config.training)
     kwargs = dict(defaults or {})
     kwargs.update(config.training)
     optimizer = config.optimizer
@@ -51,6 +52,25 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
     except (TypeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"training: TrainingArguments rejects the training section: {message}") from None
+
+
+def _check_types(cls: type, values: dict[str, Any]) -> None:
+    """Type-check values against the dataclass's annotations (the dataclass itself does not)."""
+    import typing
+
+    from pydantic import TypeAdapter, ValidationError
+
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # an annotation pydantic cannot express: TrainingArguments checks it itself
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as error:
+            message = error.errors(include_url=False)[0]["msg"]
+            raise ConfigError(f"training.{key}: {message} (got {value!r})") from None
 
 
 def check_training_section(config: RunConfig) -> None:

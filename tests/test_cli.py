@@ -1,0 +1,123 @@
+"""The `optiplug` command: each command, its --help, its errors, and its import weight."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from optiplug.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("command", ["train", "list", "show", "schema", "validate", "plugins", "estimate", "compare"])
+def test_every_command_has_help(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "Usage: optiplug " + command in out
+
+
+def test_list_table_and_json(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    assert code == 0 and "adamw" in out and "cosine" in out and "optiplug:optimizers" in out
+    code, out, _ = run_cli(capsys, "list", "--json", "--kind", "scheduler")
+    rows = json.loads(out)
+    assert code == 0 and {r["kind"] for r in rows} == {"scheduler"}
+    assert {"name", "kind", "plugin", "summary", "requires"} <= set(rows[0])
+
+
+def test_list_rejects_a_bad_kind(capsys):
+    code, _, err = run_cli(capsys, "list", "--kind", "optimiser")
+    assert code == 1 and err == "optiplug: --kind must be 'optimizer' or 'scheduler', got 'optimiser'\n"
+
+
+def test_show_fields(capsys):
+    code, out, _ = run_cli(capsys, "show", "sgd")
+    assert code == 0
+    assert out.startswith("sgd  (optimizer, plugin optiplug:optimizers)")
+    assert "  momentum: float = 0.9  # Momentum factor (0 keeps no optimizer state)." in out
+    code, out, _ = run_cli(capsys, "show", "cosine")
+    assert code == 0 and "warmup_steps: int = 0" in out
+
+
+def test_show_unknown_name_is_one_line(capsys):
+    code, out, err = run_cli(capsys, "show", "adamww")
+    assert code == 1 and out == ""
+    assert err.startswith("optiplug: unknown optimizer or scheduler 'adamww'. Did you mean 'adamw'")
+    assert "Traceback" not in err
+
+
+def test_schema_is_json_schema(capsys):
+    code, out, _ = run_cli(capsys, "schema")
+    schema = json.loads(out)
+    assert code == 0 and schema["title"] == "RunConfig"
+    assert set(schema["properties"]) == {"model", "data", "training", "optimizer", "scheduler", "finetuning"}
+
+
+def test_validate_ok_and_errors(capsys, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("optimizer: {name: sgd, lr: 0.1}\ntraining: {max_steps: 5, per_device_train_batch_size: 2}\n")
+    code, out, _ = run_cli(capsys, "validate", str(good))
+    assert code == 0 and out == f"{good}: ok (optimizer sgd, scheduler cosine)\n"
+    code, _, err = run_cli(capsys, "validate", str(good), "training.max_stepz=3")
+    assert code == 1 and err == "optiplug: training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?\n"
+    code, _, err = run_cli(capsys, "validate", str(good), "training.lr_scheduler_kwargs={}")
+    assert code == 1 and "set this in the scheduler section" in err
+    code, _, err = run_cli(capsys, "validate", str(good), "training.per_device_train_batch_size=lots")
+    assert code == 1 and err == "optiplug: training.per_device_train_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'lots')\n"
+    code, _, err = run_cli(capsys, "validate", str(good), "training.save_strategy=sometimes")
+    assert code == 1 and err.startswith("optiplug: training: TrainingArguments rejects the training section: sometimes is not a valid SaveStrategy")
+    code, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.yaml"))
+    assert code == 1 and err == f"optiplug: config file '{tmp_path / 'missing.yaml'}' does not exist\n"
+
+
+def test_train_rejects_bad_config_before_doing_anything(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, "train", f"training.output_dir={out_dir}", "optimizer.name=galor")
+    assert code == 1 and err.startswith("optiplug: unknown optimizer 'galor'")
+    assert not out_dir.exists()
+    code, _, err = run_cli(capsys, "train", "optimizer.lr=1", "not-an-override")
+    assert code == 1 and err == "optiplug: expected KEY=VALUE overrides after the config file, got 'not-an-override'\n"
+
+
+def test_plugins_command(capsys):
+    code, out, _ = run_cli(capsys, "plugins")
+    assert code == 0 and "optiplug:optimizers (optiplug 0.1.0): register_optimizers" in out
+    code, out, _ = run_cli(capsys, "plugins", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["failed"] == [] and any(p["name"] == "optiplug:schedulers" for p in data["loaded"])
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "adamw"], ["schema"], ["plugins"]])
+def test_light_commands_do_not_import_torch_or_transformers(command):
+    code = (
+        "import sys\n"
+        "from optiplug.cli import main\n"
+        f"try:\n    main({command!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HEAVY []" in result.stderr
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from optiplug.cli import main; main()", "train", str(tmp_path / "nope.yaml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"optiplug: config file '{tmp_path / 'nope.yaml'}' does not exist"
