@@ -1,0 +1,115 @@
+"""LoRA+ (Hayou et al. 2024) for optiplug: AdamW where the LoRA ``B`` matrices learn ``lr_ratio`` times faster.
+
+The parameter groups follow the LoRA+ reference implementation (also used by peft and
+LLaMA-Factory):
+
+* ``lora_B`` matrices and 1-D parameters (biases, trained norms): ``lr * lr_ratio``;
+* LoRA embedding factors (``lora_embedding_A``/``lora_embedding_B``): ``embedding_lr``;
+* everything else that trains (``lora_A``, fully trained modules): ``lr``;
+
+each split into a decay and a no-decay group (no weight decay on biases and norms). Every
+group carries a ``name`` so logs and tests can tell them apart.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+import optiplug
+
+__all__ = ["LoraPlusConfig", "build_loraplus", "check_loraplus", "loraplus_groups", "state_bytes"]
+
+STEP_BYTES = 4  # torch's AdamW keeps `step` as a float32 scalar tensor per parameter
+
+
+class LoraPlusConfig(optiplug.OptimizerConfig):
+    """LoRA+: AdamW with a learning rate ``lr_ratio`` times larger for the LoRA B matrices. Needs ``finetuning.type: lora``."""
+
+    name: Literal["loraplus"] = "loraplus"
+    lr: float = Field(2e-4, gt=0, description="Learning rate of the LoRA A matrices (the peak of the schedule).")
+    lr_ratio: float = Field(16.0, gt=0, description="Learning rate of the LoRA B matrices divided by lr.")
+    embedding_lr: float = Field(1e-6, gt=0, description="Learning rate of LoRA adapters on embedding layers.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's running-average coefficients.")
+    eps: float = Field(1e-8, gt=0, description="Term added to AdamW's denominator.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> LoraPlusConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+        return self
+
+
+def _kind(name: str, ndim: int) -> str:
+    if "lora_embedding_" in name:
+        return "embedding"
+    if "lora_B" in name or ndim == 1:
+        return "lora_B"
+    return "lora_A"
+
+
+def loraplus_groups(
+    named_parameters: Iterable[tuple[str, Any]], decay_names: set[str], cfg: LoraPlusConfig
+) -> list[dict[str, Any]]:
+    """The LoRA+ parameter groups of the trainable ``named_parameters`` (empty groups dropped).
+
+    Each group has ``name`` (``lora_A``, ``lora_B``, ``embedding``, with ``_no_decay`` for the
+    groups without weight decay), ``lr`` and ``weight_decay``.
+    """
+    rates = {"lora_A": cfg.lr, "lora_B": cfg.lr * cfg.lr_ratio, "embedding": cfg.embedding_lr}
+    groups: dict[str, dict[str, Any]] = {}
+    for kind in rates:
+        for decay in (True, False):
+            name = kind if decay else f"{kind}_no_decay"
+            groups[name] = {"name": name, "params": [], "lr": rates[kind], "weight_decay": cfg.weight_decay if decay else 0.0}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        kind = _kind(name, param.ndim)
+        groups[kind if name in decay_names else f"{kind}_no_decay"]["params"].append(param)
+    return [group for group in groups.values() if group["params"]]
+
+
+def check_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig) -> None:
+    """Refuse a model without trainable LoRA B matrices: LoRA+ is only defined for LoRA."""
+    if not ctx.uses_adapters:
+        raise optiplug.ConfigError(
+            "optimizer 'loraplus' trains LoRA adapters, but the model has none: set finetuning.type to 'lora' "
+            "(or pass a peft LoRA model), or choose another optimizer"
+        )
+    if not any("lora_B" in name or "lora_embedding_B" in name for name, _ in ctx.named_parameters()):
+        raise optiplug.ConfigError(
+            "optimizer 'loraplus' found no trainable LoRA B matrices (lora_B) in the model: it needs a LoRA "
+            "adapter, not another peft adapter type"
+        )
+
+
+def build_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig):
+    """torch's AdamW over :func:`loraplus_groups`."""
+    import torch
+
+    groups = loraplus_groups(ctx.named_parameters(), ctx.decay_parameter_names(), cfg)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: LoraPlusConfig) -> int:
+    """AdamW's two moments and step per trainable parameter."""
+    return sum(2 * s.numel * s.itemsize + STEP_BYTES for s in shapes)
+
+
+@optiplug.hookimpl
+def register_optimizers(register):
+    register(
+        optiplug.OptimizerEntry(
+            config=LoraPlusConfig,
+            build=build_loraplus,
+            summary="LoRA+: AdamW, LoRA B matrices at lr * lr_ratio (needs finetuning.type lora)",
+            check=check_loraplus,
+            state_bytes=state_bytes,
+        )
+    )
