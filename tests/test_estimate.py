@@ -63,54 +63,70 @@ def _by_name(rows: list[Estimate]) -> dict[str, Estimate]:
 # ---- every registered optimizer: estimate == measured after real steps ----------------------
 
 
-def _stepped_optimizer(name: str, tmp_path: Path):
+LORA = {"type": "lora", "r": 4}
+
+
+def _model(finetuning: dict):
+    from optiplug.adapters import apply_finetuning
+
+    return apply_finetuning(tiny_llama(), finetuning)
+
+
+def _accepted_finetuning(name: str, tmp_path: Path) -> dict:
+    """Full fine-tuning, or LoRA for an entry whose ``check`` wants adapters; skip when the check refuses both."""
+    entry = optiplug.get_entry(name)
+    reasons = []
+    for finetuning in ({"type": "full"}, LORA):
+        if entry.check is None:
+            return finetuning
+        ctx = optiplug.BuildContext(model=_model(finetuning), args=training_args(tmp_path))
+        try:
+            entry.check(ctx, entry.config())
+            return finetuning
+        except optiplug.ConfigError as error:
+            reasons.append(f"{finetuning['type']}: {error}")
+    pytest.skip(f"{name} cannot run here ({'; '.join(reasons)})")  # e.g. an 8-bit optimizer on a CPU
+
+
+def _stepped_optimizer(name: str, finetuning: dict, tmp_path: Path):
     """The optimizer ``name`` after two real training steps on ``tiny_llama``.
 
     Entries with callbacks or patches run inside an ``OptiTrainer`` (they need one); the others
-    in a plain loop, which is much faster. A refusal by the entry's own ``check`` skips the test.
+    in a plain loop, which is much faster.
     """
     entry = optiplug.get_entry(name)
     data = TokenBlocks(n=8)
-    try:
-        if entry.callbacks is None and entry.patches is None:
-            model = tiny_llama()
-            optimizer = optiplug.build_optimizer(model, name)
-            batch = {"input_ids": torch_stack([data[i]["input_ids"] for i in range(4)])}
-            for _ in range(2):
-                model(**batch, labels=batch["input_ids"]).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-            return optimizer
-        trainer = optiplug.OptiTrainer(
-            model=tiny_llama(),
-            args=training_args(tmp_path, max_steps=2, logging_steps=10),
-            train_dataset=data,
-            optimizer=name,
-        )
-        trainer.check_optimizer()
-    except optiplug.ConfigError as error:  # the entry's own rule refuses this machine (e.g. 8-bit on CPU)
-        pytest.skip(f"{name} cannot run here: {error}")
+    model = _model(finetuning)
+    if entry.callbacks is None and entry.patches is None:
+        import torch
+
+        optimizer = optiplug.build_optimizer(model, name)
+        ids = torch.stack([data[i]["input_ids"] for i in range(4)])
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return optimizer
+    trainer = optiplug.OptiTrainer(
+        model=model, args=training_args(tmp_path, max_steps=2, logging_steps=10), train_dataset=data, optimizer=name
+    )
     trainer.train()
     from optiplug.factory import unwrap_optimizer
 
     return unwrap_optimizer(trainer.optimizer)
 
 
-def torch_stack(tensors):
-    import torch
-
-    return torch.stack(tensors)
-
-
 @pytest.mark.parametrize("name", [row.name for row in optiplug.list_optimizers()])
 def test_estimated_state_equals_a_real_optimizers_state(name, tiny_dir, tmp_path):
-    [row] = estimate(_run(tiny_dir, optimizer=name))
     if optiplug.get_entry(name).state_bytes is None:
+        [row] = estimate(_run(tiny_dir, optimizer=name))
         assert row.state_bytes is None and row.total_bytes is None
         return
-    measured = _optimizer_state_bytes(_stepped_optimizer(name, tmp_path))
+    finetuning = _accepted_finetuning(name, tmp_path)
+    [row] = estimate(_run(tiny_dir, optimizer=name, finetuning=finetuning))
+    measured = _optimizer_state_bytes(_stepped_optimizer(name, finetuning, tmp_path))
     assert measured > 0 or row.state_bytes == 0, f"{name}: no optimizer state after two steps"
-    assert row.state_bytes == measured, f"{name}: estimated {row.state_bytes} B, measured {measured} B"
+    assert row.state_bytes == measured, f"{name} ({finetuning['type']}): estimated {row.state_bytes} B, measured {measured} B"
 
 
 def test_estimate_of_the_meta_model_matches_the_real_model(tiny_dir):
@@ -147,8 +163,23 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tiny_dir):
     with pytest.raises(optiplug.ConfigError) as info:
         estimate(_run(tiny_dir, finetuning={"type": "freeze", "trainable": ["mlpp"]}))
     assert str(info.value) == (
-        "finetuning.trainable: 'mlpp' matches no parameter name (e.g. 'model.embed_tokens.weight')"
+        "finetuning.trainable: 'mlpp' matches no parameter name; names look like: model.embed_tokens.weight, "
+        "model.layers.0.self_attn.q_proj.weight, lm_head.weight"
     )
+
+
+def test_lora_counts_the_adapter_as_trainable_on_meta_as_on_the_real_model(tiny_dir):
+    from optiplug.estimate import model_shapes
+
+    real = _model({**LORA, "init": "pissa"})
+    shapes = model_shapes(_run(tiny_dir, finetuning={**LORA, "init": "pissa"}))  # PiSSA's SVD is skipped on meta
+    assert list(shapes.trainable) == optiplug.ParamShape.of_model(real)
+    config = tiny_llama().config
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    r = LORA["r"]
+    adapter = layers * (4 * r * (h + h) + 3 * r * (h + i))  # A and B on q, k, v, o (h x h) and gate, up, down
+    assert shapes.trainable_params == adapter
+    assert shapes.total_params == sum(p.numel() for p in tiny_llama().parameters()) + adapter
 
 
 def test_the_runs_own_optimizer_keeps_its_fields_and_others_use_defaults(tiny_dir):

@@ -2,8 +2,8 @@
 
 Nothing is allocated: the model is instantiated on torch's ``meta`` device from its
 ``config.json`` (the embedded model, a local directory, or a hub id whose ``config.json`` is
-already in the local Hugging Face cache), the run's fine-tuning type selects the trainable
-parameters, and each optimizer's entry computes its state from the parameter shapes
+already in the local Hugging Face cache), the run's fine-tuning type (full, freeze or LoRA,
+applied as training applies it) selects the trainable parameters, and each optimizer's entry computes its state from the parameter shapes
 (``OptimizerEntry.state_bytes``). An entry without ``state_bytes`` shows "n/a".
 
 Gradients are counted for every trainable parameter at the parameter's dtype, as a plain
@@ -13,7 +13,6 @@ training step holds them; activations, the data and framework buffers are not co
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,47 +121,34 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     )
 
 
-def meta_model(model: ModelConfig) -> nn.Module:
-    """``model`` instantiated on the ``meta`` device in its configured dtype (no memory, no weights read)."""
+def meta_model(model: ModelConfig, finetuning: FinetuningConfig | None = None) -> nn.Module:
+    """``model`` on the ``meta`` device in its configured dtype (no memory, no weights read), with
+    ``finetuning`` applied: frozen parameters, or a LoRA adapter (also on ``meta``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from optiplug.adapters import apply_finetuning
 
     path = resolve_model_dir(model)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=model.trust_remote_code, local_files_only=True)
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(
+            built = AutoModelForCausalLM.from_config(
                 config, dtype=getattr(torch, model.dtype), trust_remote_code=model.trust_remote_code
             )
     except (ValueError, OSError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"model.name_or_path: cannot build a causal language model from {path}: {first}") from None
-
-
-def apply_finetuning(model: nn.Module, finetuning: FinetuningConfig) -> None:
-    """Freeze the parameters ``finetuning`` does not train (``freeze``: those no ``trainable`` regex finds).
-
-    Raises:
-        ConfigError: a ``trainable`` pattern matches no parameter.
-    """
-    if finetuning.type == "full":
-        return
-    patterns = [re.compile(pattern) for pattern in finetuning.trainable]
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not any(pattern.search(name) for name in names):
-            raise ConfigError(
-                f"finetuning.trainable: {pattern.pattern!r} matches no parameter name (e.g. {names[0]!r})"
-            )
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(pattern.search(name) for pattern in patterns))
+    if finetuning is not None and finetuning.type == "lora":
+        # the adapter's shapes do not depend on its initialisation, and PiSSA's SVD cannot run on meta
+        finetuning = finetuning.model_copy(update={"init": "default", "pissa_convert": False})
+    with torch.device("meta"):
+        return apply_finetuning(built, finetuning)
 
 
 def model_shapes(config: RunConfig) -> ModelShapes:
     """The parameter shapes of the run's model with its fine-tuning type applied, built on ``meta``."""
-    model = meta_model(config.model)
-    apply_finetuning(model, config.finetuning)
-    return ModelShapes.of_model(model)
+    return ModelShapes.of_model(meta_model(config.model, config.finetuning))
 
 
 # ---- the estimate ---------------------------------------------------------------------------
