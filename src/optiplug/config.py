@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -174,21 +175,92 @@ class DataConfig(_Section):
 
 
 class FinetuningConfig(_Section):
-    """Which parameters train: all of them (``full``) or only some (``freeze``)."""
+    """Which parameters train: all of them (``full``), some (``freeze``), or a LoRA adapter (``lora``).
 
-    type: Literal["full", "freeze"] = "full"
+    ``lora`` wraps the model with the ``peft`` library (``pip install 'optiplug[lora]'``); its
+    fields (``r``, ``alpha``, ``dropout``, ``target_modules``, ``init``, ``pissa_convert``) are
+    only used with that type.
+    """
+
+    type: Literal["full", "freeze", "lora"] = "full"
     trainable: list[str] = Field(
         default_factory=list,
         description="With type 'freeze': regexes of parameter names to train (re.search); all others are frozen.",
     )
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r); default 2 * r."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="Modules that get an adapter: 'all-linear' (every linear layer but the output head), "
+        "a regex matched against full module names, or a list of names (q_proj, model.layers.0.mlp.up_proj).",
+    )
+    init: str = Field(
+        "default",
+        description="Adapter initialisation: 'default' (B = 0, A Kaiming-uniform), 'gaussian' (A Gaussian), "
+        "'pissa' (principal singular vectors of each weight, full SVD) or 'pissa_niter_N' "
+        "(fast PiSSA: randomized SVD with N subspace iterations).",
+    )
+    pissa_convert: bool = Field(
+        False,
+        description="With init 'pissa*': at the end of training also save the adapter converted to a plain LoRA "
+        "adapter that applies to the original base model (output_dir/pissa_converted).",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        if not _LORA_INIT.fullmatch(value):
+            raise ValueError("expected 'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N a positive integer")
+        return value
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_regexes(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {error}") from None
+        return value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or not all(value):
+                raise ValueError("expected a non-empty list of module names, a regex or 'all-linear'")
+        else:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{value!r} is not a valid regular expression: {error}") from None
+        return value
 
     @model_validator(mode="after")
-    def _freeze_needs_targets(self) -> FinetuningConfig:
+    def _consistent(self) -> FinetuningConfig:
         if self.type == "freeze" and not self.trainable:
             raise ValueError("type 'freeze' needs 'trainable': the parameter-name patterns to train")
-        if self.type == "full" and self.trainable:
+        if self.type != "freeze" and self.trainable:
             raise ValueError("'trainable' is only used with type 'freeze'")
+        if self.type != "lora":
+            changed = [f"'{name}'" for name in _LORA_FIELDS if getattr(self, name) != type(self).model_fields[name].default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} only used with type 'lora'")
+        if self.pissa_convert and not self.init.startswith("pissa"):
+            raise ValueError(f"pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is {self.init!r})")
         return self
+
+    @property
+    def lora_alpha(self) -> float:
+        """``alpha``, or ``2 * r`` when it is not set."""
+        return float(self.alpha) if self.alpha is not None else 2.0 * self.r
+
+
+_LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "init", "pissa_convert")
+_LORA_INIT = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*")
 
 
 # Keys of TrainingArguments that the optimizer/scheduler sections own, with the field that owns them.

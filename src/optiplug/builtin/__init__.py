@@ -5,9 +5,9 @@ It is always loaded and registers through the same hooks as any third-party plug
 
 from __future__ import annotations
 
-from optiplug.builtin import optimizers, schedulers
+from optiplug.builtin import adapters, optimizers, schedulers
 
 DEFAULT_OPTIMIZER = "adamw"
 DEFAULT_SCHEDULER = "cosine"
 
-PLUGINS = (optimizers, schedulers)
+PLUGINS = (optimizers, schedulers, adapters)
