@@ -360,9 +360,8 @@ def print_table(runs: list[CompareRun]) -> None:
     from optiplug.estimate import format_bytes
 
     table = Table()
-    for column, justify in (("optimizer", "left"), ("final loss", "right"), ("steps/s", "right"), ("tokens/s", "right"),
-                            ("optimizer state", "right"), ("peak RSS", "right"), ("wall s", "right")):
-        table.add_column(column, justify=justify)
+    for column in ("optimizer", "final loss", "steps/s", "tokens/s", "optimizer state", "peak RSS", "wall s"):
+        table.add_column(column, justify="left" if column == "optimizer" else "right", no_wrap=True)
     for run in runs:
         if run.ok:
             table.add_row(
@@ -372,7 +371,7 @@ def print_table(runs: list[CompareRun]) -> None:
             )  # fmt: skip
         else:
             table.add_row(run.optimizer, "[red]failed[/red]", "", "", "", "", f"{run.wall_seconds:.1f}")
-    console = Console()
+    console = Console(width=max(120, Console().width))
     console.print(table)
     for run in runs:
         if not run.ok:
@@ -395,35 +394,34 @@ def write_outputs(
 
 
 def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
-    """Loss curves of the runs on the left, their peak RSS and optimizer state on the right."""
+    """Loss curves of the runs, then their optimizer state and peak resident memory as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (curves, state, rss) = plt.subplots(1, 3, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1.4, 1.4]})
     for run in runs:
         if run.losses:
             steps, losses = zip(*run.losses)
-            left.plot(steps, losses, label=run.optimizer, linewidth=1.5)
-    left.set_xlabel("step")
-    left.set_ylabel("training loss")
-    left.set_title("loss")
-    left.grid(alpha=0.3)
+            curves.plot(steps, losses, label=run.optimizer, linewidth=1.5, marker="o" if len(steps) <= 30 else None,
+                        markersize=3)
+    curves.set(xlabel="step", ylabel="training loss", title="loss")
+    curves.grid(alpha=0.3)
     if any(run.losses for run in runs):
-        left.legend()
+        curves.legend()
     ok = [run for run in runs if run.ok]
-    mib = 1024 * 1024
-    positions = range(len(ok))
-    right.barh([p + 0.2 for p in positions], [(r.peak_rss_bytes or 0) / mib for r in ok], height=0.4, label="peak RSS")
-    right.barh([p - 0.2 for p in positions], [(r.optimizer_state_bytes or 0) / mib for r in ok], height=0.4,
-               label="optimizer state")
-    right.set_yticks(list(positions), [r.optimizer for r in ok])
-    right.set_xlabel("MiB")
-    right.set_title("memory")
-    right.grid(alpha=0.3, axis="x")
-    if ok:
-        right.legend()
+    colors = {run.optimizer: f"C{i}" for i, run in enumerate(runs)}
+    for axes, values, label in (
+        (state, [run.optimizer_state_bytes for run in ok], "optimizer state (MiB)"),
+        (rss, [run.peak_rss_bytes for run in ok], "peak RSS (MiB)"),
+    ):
+        names = [run.optimizer for run in ok]
+        axes.barh(names, [(v or 0) / 2**20 for v in values], color=[colors[n] for n in names])
+        axes.invert_yaxis()
+        axes.set(xlabel="MiB", title=label)
+        axes.grid(alpha=0.3, axis="x")
+    rss.set_yticks(range(len(ok)), [""] * len(ok))
     if title:
         fig.suptitle(title)
     fig.tight_layout()

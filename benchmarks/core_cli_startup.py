@@ -1,0 +1,98 @@
+"""Start-up cost of the CLI: ``optiplug list`` vs ``python -c "import transformers"``.
+
+``optiplug list`` loads every installed plugin and validates their configs but must not import
+torch or transformers, so it should take a fraction of what importing transformers takes
+(target: ratio <= 0.3). Each command runs in a fresh process, alternating between commands,
+REPETITIONS times; the medians are compared. ``python -c pass`` (the interpreter alone) and
+``import torch`` are shown for scale, and the ratio is also given net of interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common
+
+REPETITIONS = 9
+
+
+def _optiplug_script() -> list[str]:
+    # the console script next to this interpreter (a pyenv shim on PATH would add its own start-up)
+    script = Path(sys.executable).parent / "optiplug"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("optiplug")
+    return [found] if found else [sys.executable, "-m", "optiplug"]
+
+
+def _wall(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    py = sys.executable
+    commands = {
+        "optiplug list": [*_optiplug_script(), "list"],
+        "python -c 'import transformers'": [py, "-c", "import transformers"],
+        "python -c 'import torch'": [py, "-c", "import torch"],
+        "python -c 'import optiplug'": [py, "-c", "import optiplug"],
+        "python -c pass": [py, "-c", "pass"],
+    }
+    leak = subprocess.run(
+        [py, "-c", "import sys; from optiplug.cli import main\ntry: main(['list'])\nexcept SystemExit: pass\n"
+         "print('LEAK', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)"],
+        capture_output=True, text=True,
+    ).stderr  # fmt: skip
+    heavy = leak.rsplit("LEAK", 1)[-1].strip() if "LEAK" in leak else "unknown"
+    for cmd in commands.values():  # warm the file cache
+        _wall(cmd)
+    times = _common.interleaved({name: (lambda cmd=cmd: _wall(cmd)) for name, cmd in commands.items()}, REPETITIONS)
+    medians = {name: _common.median(values) for name, values in times.items()}
+    base, reference, cli = medians["python -c pass"], medians["python -c 'import transformers'"], medians["optiplug list"]
+    ratio = cli / reference
+    net = (cli - base) / (reference - base)
+    rows = [
+        {
+            "command": name,
+            "median_s": round(medians[name], 3),
+            "min_s": round(min(times[name]), 3),
+            "max_s": round(max(times[name]), 3),
+            "ratio_vs_import_transformers": round(medians[name] / reference, 3),
+        }
+        for name in commands
+    ]
+    for row in rows:
+        print(row)
+    print(f"optiplug list / import transformers: {ratio:.3f} (target <= 0.3); net of interpreter start-up: {net:.3f}")
+    notes = (
+        f"Median of {REPETITIONS} fresh processes per command, commands alternating. "
+        f"optiplug list / import transformers = {ratio:.3f} (target <= 0.3: {'met' if ratio <= 0.3 else 'NOT met'}); "
+        f"net of interpreter start-up ((list - pass) / (transformers - pass)) = {net:.3f}. "
+        f"Heavy modules imported by `optiplug list`: {heavy}. "
+        f"Plugins installed: {', '.join(sorted(_plugins())) or 'none'}. CPUs: {os.cpu_count()}."
+    )
+    _common.write_results(
+        _common.script_name(__file__),
+        "CLI start-up: optiplug list vs import transformers",
+        rows,
+        notes,
+        chart={"x": "command", "y": ["median_s"], "kind": "bar", "ylabel": "seconds (median)"},
+        targets={"list_vs_import_transformers": {"value": round(ratio, 3), "target": "<= 0.3", "met": ratio <= 0.3}},
+    )
+
+
+def _plugins() -> list[str]:
+    import importlib.metadata
+
+    return [ep.dist.name if ep.dist else ep.name for ep in importlib.metadata.entry_points(group="optiplug")]
+
+
+if __name__ == "__main__":
+    main()
