@@ -118,19 +118,24 @@ def run_process(
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
         # read after the spawn: a vfork child's pages before exec count in this process's peak too
         inherited = _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            hwm = _high_water_mark(proc.pid)
-            if hwm is not None:
-                sampled = max(sampled or 0, hwm)
-            elapsed = time.perf_counter() - start
-            if timeout is not None and elapsed > timeout:
-                proc.kill()
-            if poll is not None:
-                poll(elapsed)
-            time.sleep(0.05)
+        try:
+            while True:
+                pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                hwm = _high_water_mark(proc.pid)
+                if hwm is not None:
+                    sampled = max(sampled or 0, hwm)
+                elapsed = time.perf_counter() - start
+                if timeout is not None and elapsed > timeout:
+                    proc.kill()
+                if poll is not None:
+                    poll(elapsed)
+                time.sleep(0.05)
+        except BaseException:  # interrupted: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     reported = _maxrss_bytes(rusage)
@@ -443,10 +448,10 @@ def command(
 ) -> None:
     """Train the same short run with each optimizer (same seed, data and schedule) and compare them.
 
-    Each optimizer runs in its own process, one after the other. Prints final loss, steps/s,
-    tokens/s, optimizer-state bytes and peak resident memory, and writes compare.json and
-    compare.png (loss curves) to --output. Example: `optiplug compare examples/adamw.yaml
-    --optimizers adamw,sgd,badam --steps 30`.
+    Each optimizer trains in its own process, one after the other. Shows final loss, steps/s, tokens/s, optimizer state
+    and peak resident memory; writes compare.json and compare.png (loss curves) to --output.
+
+    Example: `optiplug compare examples/adamw.yaml --optimizers adamw,sgd,badam --steps 30`.
     """
     from optiplug.estimate import _split_items
 

@@ -282,9 +282,10 @@ def command(
 ) -> None:
     """Estimate weights, gradient and optimizer-state memory of a run without allocating it.
 
-    The model is built on the meta device from its config.json (no weights are read and nothing is
-    downloaded). Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`,
-    `optiplug estimate model.name_or_path=path/to/model model.dtype=bfloat16 --json`.
+    The model is built on the meta device from its config.json: no weights are read, nothing is downloaded.
+    Gradients count every trainable parameter; activations are not counted.
+
+    Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`, `optiplug estimate model.dtype=bfloat16 --json`.
     """
     path, overrides = _split_items(list(items or []))
     config = load_config(path, overrides)
