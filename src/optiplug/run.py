@@ -1,0 +1,332 @@
+"""The main job: a run config -> model, data, trainer -> trained model and a summary.
+
+``optiplug train`` and :func:`optiplug.train` call :func:`train`. With no config it trains the
+embedded default: a tiny Llama-style model, randomly initialised, on the corpus shipped with
+optiplug, with the default optimizer and scheduler, in about a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from optiplug.config import EMBEDDED, FinetuningConfig, ModelConfig, RunConfig, apply_overrides, load_config, validate_config
+from optiplug.errors import ConfigError
+
+__all__ = ["RunResult", "train", "apply_finetuning", "default_training_arguments", "SUMMARY_FILE"]
+
+SUMMARY_FILE = "summary.json"
+DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
+DEFAULT_MAX_STEPS = 120
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        output_dir: where the model, tokenizer, ``trainer_state.json``, ``loss.png`` and
+            ``summary.json`` were written.
+        summary: the contents of ``summary.json``.
+        losses: ``(step, training loss)`` for every logged step.
+    """
+
+    output_dir: Path
+    summary: dict[str, Any]
+    losses: list[tuple[int, float]]
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        torch.cuda.is_available()
+        or (xpu is not None and xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
+
+
+def default_training_arguments() -> dict[str, Any]:
+    """The ``TrainingArguments`` defaults of a run, before the config's ``training`` section is applied."""
+    return {
+        "output_dir": DEFAULT_OUTPUT_DIR,
+        "max_steps": DEFAULT_MAX_STEPS,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 5,
+        "logging_first_step": True,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "disable_tqdm": False,
+        "use_cpu": not _has_accelerator(),
+    }
+
+
+# ---- validation: everything below runs before anything is written ---------------------------
+
+
+def _training_arguments(cfg: RunConfig):
+    """``TrainingArguments`` from the defaults and the ``training`` section (the optimizer's lr etc. copied in)."""
+    from optiplug.validation import training_arguments
+
+    defaults = default_training_arguments()
+    if "num_train_epochs" in cfg.training and "max_steps" not in cfg.training:
+        del defaults["max_steps"]
+    args = training_arguments(cfg, defaults)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"training.output_dir: {args.output_dir!r} is a file; choose a directory")
+    return args
+
+
+def _local_dir(name: str, field: str) -> Path:
+    """A local directory for ``name``: the directory itself, or its snapshot in the Hugging Face cache."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"{field}: {name!r} is a file; expected a model directory or a hub id in the local cache")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ConfigError(f"{field}: the directory {name!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:
+        raise ConfigError(
+            f"{field}: {name!r} is neither a local directory nor a model in the local Hugging Face cache "
+            f"(optiplug never downloads; fetch it first, e.g. `hf download {name}`)"
+        ) from None
+
+
+def _load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from optiplug.data import assets_dir
+
+    name = cfg.tokenizer or cfg.name_or_path
+    field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    path = assets_dir() / "tokenizer" if name == EMBEDDED else _local_dir(name, field)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{field}: cannot load a tokenizer from {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def _load_model(cfg: ModelConfig, seed: int):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    from optiplug.data import assets_dir
+
+    dtype = getattr(torch, cfg.dtype)
+    name = cfg.name_or_path
+    path = assets_dir() / "model" if name == EMBEDDED else _local_dir(name, "model.name_or_path")
+    try:
+        if name == EMBEDDED or cfg.from_scratch:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            set_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {name!r}: {str(error).splitlines()[0]}") from None
+
+
+def apply_finetuning(model: Any, finetuning: FinetuningConfig) -> None:
+    """Set ``requires_grad`` as ``finetuning`` says: all parameters (``full``), or only those a
+    ``trainable`` regex finds with ``re.search`` (``freeze``).
+
+    Raises:
+        ConfigError: a pattern is not a valid regular expression or matches no parameter name.
+    """
+    if finetuning.type == "full":
+        return
+    try:
+        patterns = [re.compile(p) for p in finetuning.trainable]
+    except re.error as error:
+        raise ConfigError(f"finetuning.trainable: {error.pattern!r} is not a valid regular expression ({error})") from None
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(pattern.search(name) for name in names):
+            shown = [repr(n) for n in names]
+            examples = ", ".join(shown[:2] + ["...", shown[-1]] if len(shown) > 3 else shown)
+            raise ConfigError(
+                f"finetuning.trainable: {pattern.pattern!r} matches no parameter name; names look like {examples}"
+            )
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(pattern.search(name) for pattern in patterns))
+
+
+def _check_fits(model: Any, dataset: Any) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    top = int(dataset.blocks.max())
+    if top >= vocab:
+        raise ConfigError(
+            f"model.tokenizer: the tokenizer produced token id {top}, but the model's vocabulary has {vocab} "
+            "entries; use the model's own tokenizer"
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and dataset.block_size > positions:
+        raise ConfigError(
+            f"data.block_size={dataset.block_size} exceeds the model's max_position_embeddings={positions}; "
+            "lower data.block_size"
+        )
+
+
+# ---- outputs --------------------------------------------------------------------------------
+
+
+def _plot_losses(losses: list[tuple[int, float]], title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if losses:
+        steps, values = zip(*losses)
+        axes.plot(steps, values, marker="o" if len(losses) < 30 else None, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int, float]], train_time: float) -> dict:
+    import optiplug
+    from optiplug.factory import unwrap_optimizer
+    from optiplug.measure import optimizer_state_bytes, peak_rss_bytes
+
+    args, state, model = trainer.args, trainer.state, trainer.model
+    tokens = state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    tokens *= dataset.block_size
+    train_loss = [e["train_loss"] for e in state.log_history if "train_loss" in e]
+    return {
+        "optiplug_version": optiplug.__version__,
+        "model": cfg.model.name_or_path,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "data": {
+            "path": cfg.data.path,
+            "blocks": len(dataset),
+            "block_size": dataset.block_size,
+            "corpus_tokens": dataset.total_tokens,
+        },
+        "optimizer": cfg.optimizer.model_dump(mode="json"),
+        "scheduler": cfg.scheduler.model_dump(mode="json"),
+        "steps": state.global_step,
+        "tokens": tokens,
+        "train_time_s": round(train_time, 3),
+        "steps_per_second": round(state.global_step / train_time, 3) if train_time > 0 else None,
+        "tokens_per_second": round(tokens / train_time, 1) if train_time > 0 else None,
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "mean_loss": train_loss[-1] if train_loss else None,
+        "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "device": str(args.device),
+        "world_size": args.world_size,
+    }
+
+
+# ---- the job --------------------------------------------------------------------------------
+
+
+def _resolve_config(config: RunConfig | str | Path | None, overrides: Sequence[str]) -> RunConfig:
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        return validate_config(apply_overrides(config.model_dump(), overrides))
+    return load_config(config, overrides)
+
+
+def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
+    """Train a causal language model with the configured optimizer and scheduler, and write the results.
+
+    The output directory (``training.output_dir``, default ``outputs/optiplug-run``) receives
+    the model, the tokenizer, ``trainer_state.json``, ``loss.png`` and, last, ``summary.json``.
+
+    No half-written output looks finished:
+
+    * the config, the data (every file read and tokenized), the model and tokenizer paths,
+      the Trainer arguments and the optimizer's compatibility checks are all validated
+      before anything is written; a run that fails validation leaves the output directory
+      untouched;
+    * once validation passes, a ``summary.json`` left by an earlier run is removed before
+      training starts, so a run that fails while training leaves none;
+    * ``summary.json`` is written last and atomically (a temporary file renamed into place):
+      a directory with a ``summary.json`` holds a finished run.
+
+    Only the main process (``trainer.is_world_process_zero()``) writes outputs.
+
+    Args:
+        config: a :class:`RunConfig`, a YAML file, or None for the embedded default run.
+        overrides: ``"a.b=value"`` strings applied on top (``"optimizer.lr=3e-4"``).
+
+    Returns:
+        A :class:`RunResult` with the output directory, the summary and the logged losses.
+
+    Raises:
+        ConfigError: (and its subclasses) for any invalid input, before anything is written.
+    """
+    from transformers import default_data_collator
+
+    from optiplug.data import load_dataset
+    from optiplug.trainer import OptiTrainer
+
+    cfg = _resolve_config(config, overrides)
+    args = _training_arguments(cfg)
+    tokenizer = _load_tokenizer(cfg.model)
+    dataset = load_dataset(cfg.data, tokenizer)
+    model = _load_model(cfg.model, args.seed)
+    apply_finetuning(model, cfg.finetuning)
+    _check_fits(model, dataset)
+    trainer = OptiTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        run_config=cfg,
+    )
+    trainer.check_optimizer()
+
+    out = Path(args.output_dir)
+    main = trainer.is_world_process_zero()
+    if main:
+        (out / SUMMARY_FILE).unlink(missing_ok=True)
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+
+    trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
+    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    summary = _summary(cfg, trainer, dataset, losses, train_time)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.state.save_to_json(str(out / "trainer_state.json"))
+        title = f"{cfg.optimizer.name} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
+        _plot_losses(losses, title, out / "loss.png")
+        _write_json_atomic(summary, out / SUMMARY_FILE)
+    return RunResult(output_dir=out, summary=summary, losses=losses)
