@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import optiplug
+from optiplug.measure import optimizer_state_bytes, tensor_bytes
 from optiplug.testing import TokenBlocks, tiny_llama
 from optiplug_badam import state_bytes
 from optiplug_badam.config import BAdamConfig
@@ -102,8 +103,7 @@ def test_measured_state_equals_the_analytic_value(dtype):
     step(model, optimizer)
     masters = optimizer.master_weights()
     assert len(masters) == (0 if dtype == torch.float32 else 9)  # a float32 weight is its own master copy
-    measured = sum(t.numel() * t.element_size() for t in optimizer.state_tensors())
-    assert measured == state_bytes(shapes, BAdamConfig())
+    assert optimizer_state_bytes(optimizer) == state_bytes(shapes, BAdamConfig())
 
 
 def test_badam_holds_a_third_more_state_on_float32_weights():
@@ -120,9 +120,8 @@ def test_badam_holds_a_third_more_state_on_float32_weights():
             switch_mode="ascending",
         )
         step(reference_model, reference)
-    tensors = [v for s in reference.base_optimizer.state.values() for v in s.values()] + list(reference.param_idx2hp.values())
-    theirs = sum(t.numel() * t.element_size() for t in tensors)
-    mine = sum(t.numel() * t.element_size() for t in ours.state_tensors())
+    theirs = optimizer_state_bytes(reference) + tensor_bytes(list(reference.param_idx2hp.values()))
+    mine = optimizer_state_bytes(ours)
     steps = 4 * 9  # one float32 `step` per parameter
     assert (theirs - steps) / (mine - steps) == 1.5
 
@@ -133,7 +132,9 @@ def test_a_switch_frees_the_previous_block_without_gc_collect():
     gc.disable()
     try:
         step(model, optimizer)
-        held = [weakref.ref(t) for t in optimizer.state_tensors()]
+        state = [t for s in optimizer.base_optimizer.state.values() for t in s.values()]
+        held = [weakref.ref(t) for t in state + optimizer.master_weights()]
+        del state
         assert len(held) == 4 * 9  # exp_avg, exp_avg_sq, step, master copy
         step(model, optimizer)  # the switch
         assert optimizer.active_block == 1

@@ -214,13 +214,19 @@ class BlockAdamW(BlockOptimizer):
         """The float32 copies of the active block's weights that are not float32 themselves."""
         return [high for low, high in self._pairs() if high is not low]
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the optimizer holds besides the model: AdamW's state and the master weights."""
-        state = [v for s in self.base_optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return state + self.master_weights()
+    def _base_indices(self) -> dict[int, int]:
+        """``id(tensor) -> index`` as the base optimizer's ``state_dict`` numbers its parameters."""
+        params = [p for group in self.base_optimizer.param_groups for p in group["params"]]
+        return {id(p): i for i, p in enumerate(params)}
 
     def state_dict(self) -> dict[str, Any]:
+        """The base AdamW's ``state_dict`` with each master copy under its parameter's state
+        (``"master_weight"``), and the block schedule under ``"badam"``."""
         state = self.base_optimizer.state_dict()
+        index = self._base_indices()
+        for master in self.master_weights():  # a new dict: the ones in `state` are the live AdamW states
+            i = index[id(master)]
+            state["state"][i] = {**state["state"].get(i, {}), "master_weight": master.detach()}
         state["badam"] = {
             "mode": "layer",
             "global_step": self.global_step,
@@ -229,7 +235,6 @@ class BlockAdamW(BlockOptimizer):
             "next_block": self.current_block_idx,
             "block_order": list(self.block_order),
             "param_groups": _hyperparameters(self.param_groups),
-            "master_weights": [w.detach() for w in self.master_weights()],
         }
         return state
 
@@ -243,6 +248,9 @@ class BlockAdamW(BlockOptimizer):
                 f"badam: the checkpoint was saved with {extra['num_blocks']} blocks and this run has {self.block_num}: "
                 "resume with the same model and optimizer.blocks"
             )
+        per_param = {i: dict(values) for i, values in state_dict["state"].items()}
+        saved = {i: values.pop("master_weight") for i, values in per_param.items() if "master_weight" in values}
+        state_dict["state"] = {i: values for i, values in per_param.items() if values}
         self.global_step = extra["global_step"]
         self.block_order = [int(i) for i in extra["block_order"]]
         if self.ds_zero3_enabled:
@@ -256,15 +264,16 @@ class BlockAdamW(BlockOptimizer):
             return
         self._activate(int(extra["active_block"]))
         self.current_block_idx = int(extra["next_block"])
-        masters, saved = self.master_weights(), extra["master_weights"]
-        if [tuple(m.shape) for m in masters] != [tuple(s.shape) for s in saved]:
+        index = self._base_indices()
+        masters = {index[id(m)]: m for m in self.master_weights()}
+        if sorted(masters) != sorted(saved) or any(masters[i].shape != saved[i].shape for i in masters):
             raise optiplug.CheckpointError(
                 "badam: the checkpoint's master weights do not match the active block's parameters: resume with the "
                 "same model, dtype and optimizer settings"
             )
         with torch.no_grad():
-            for master, value in zip(masters, saved):
-                master.copy_(value)
+            for i, master in masters.items():
+                master.copy_(saved[i])
         self.base_optimizer.load_state_dict(state_dict)
         for group, hyperparameters in zip(self.param_groups, extra["param_groups"]):
             group.update(hyperparameters)
@@ -342,10 +351,6 @@ class RatioAdam(BlockOptimizerRatio):
             self.sparse_dict[param]["seed"] = torch.randint(0, 1000, (1,)).item()
         self.attach()
         torch.optim.Optimizer.__init__(self, param_groups, dict(lr=lr, betas=betas, eps=eps))
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """Every tensor the optimizer holds besides the model: Adam's state of the updated entries."""
-        return [v for s in self.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
