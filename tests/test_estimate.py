@@ -11,23 +11,12 @@ import pytest
 
 import optiplug
 from optiplug.estimate import Estimate, estimate, format_bytes
+from optiplug.measure import optimizer_state_bytes
 from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
 LLAMA_7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
 )
-
-
-def _optimizer_state_bytes(optimizer) -> int:
-    try:
-        from optiplug.measure import optimizer_state_bytes
-    except ImportError:  # TODO: remove once optiplug.measure lands
-        import torch
-
-        def optimizer_state_bytes(opt):
-            return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                       if isinstance(v, torch.Tensor))
-    return optimizer_state_bytes(optimizer)
 
 
 def _tensors() -> int:
@@ -124,7 +113,7 @@ def test_estimated_state_equals_a_real_optimizers_state(name, tiny_dir, tmp_path
         return
     finetuning = _accepted_finetuning(name, tmp_path)
     [row] = estimate(_run(tiny_dir, optimizer=name, finetuning=finetuning))
-    measured = _optimizer_state_bytes(_stepped_optimizer(name, finetuning, tmp_path))
+    measured = optimizer_state_bytes(_stepped_optimizer(name, finetuning, tmp_path))
     assert measured > 0 or row.state_bytes == 0, f"{name}: no optimizer state after two steps"
     assert row.state_bytes == measured, f"{name} ({finetuning['type']}): estimated {row.state_bytes} B, measured {measured} B"
 
