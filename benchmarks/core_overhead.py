@@ -8,8 +8,8 @@ Reported: steps/s of the training loop as 1 / the median time between consecutiv
 (set-up excluded; a median shrugs off the moments when other work takes the CPU), the ratio
 OptiTrainer / Trainer as the median of the ratios of runs made back to back (target >= 0.99),
 the median whole ``train()`` wall time ratio (set-up included), and whether both produced the
-same losses (they must: the settings are the same). torch runs on one thread, which keeps a shared machine's
-load from multiplying into thread contention.
+same losses (they must: the settings are the same). torch runs on one thread, which keeps a
+shared machine's load from multiplying into thread contention.
 """
 
 from __future__ import annotations
