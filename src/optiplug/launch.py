@@ -1,0 +1,66 @@
+"""``optiplug train --nproc N``: hand the run to PyTorch's standard launcher.
+
+optiplug has no process management of its own. ``--nproc N`` runs exactly what a user would
+type::
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m optiplug train CONFIG ...
+
+and returns its exit code. torchrun starts the processes, sets ``RANK``/``WORLD_SIZE``/
+``MASTER_ADDR``, and the Trainer (through accelerate) joins the process group: NCCL on GPUs,
+gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from optiplug.errors import ConfigError
+
+__all__ = ["torchrun_command", "relaunch_with_torchrun", "under_launcher"]
+
+
+def under_launcher() -> bool:
+    """True inside a process started by torchrun, accelerate launch, deepspeed or mpirun-style launchers."""
+    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def torchrun_command(nproc: int, argv_items: Sequence[str]) -> list[str]:
+    """The torchrun command line that runs ``optiplug train ARGV_ITEMS`` in ``nproc`` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "optiplug",
+        "train",
+        *argv_items,
+    ]
+
+
+def relaunch_with_torchrun(nproc: int, argv_items: list[str]) -> int:
+    """Run ``optiplug train`` under torchrun with ``nproc`` local processes and wait for it.
+
+    Args:
+        nproc: processes to start on this machine (one per GPU, or CPU processes using gloo).
+        argv_items: the config file and ``key=value`` overrides, as given to ``optiplug train``.
+
+    Returns:
+        torchrun's exit code (non-zero when any process failed).
+
+    Raises:
+        ConfigError: ``nproc`` is below 1, or this process was itself started by a launcher.
+    """
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    if under_launcher():
+        raise ConfigError(
+            "--nproc starts torchrun, but this process already runs under a launcher (LOCAL_RANK/WORLD_SIZE set); "
+            "drop --nproc and let the launcher set the number of processes"
+        )
+    return subprocess.call(torchrun_command(nproc, argv_items))
