@@ -1,0 +1,107 @@
+"""GaLore AdamW: galore-torch's ``GaLoreAdamW`` update, batched with torch's foreach kernels.
+
+The arithmetic is galore-torch's, operation for operation (``exp_avg.mul_(b1).add_(g, 1 - b1)``,
+``denom = sqrt(exp_avg_sq) + eps``, ``step_size = lr * sqrt(bc2) / bc1``, the projected-back
+update times ``scale``, weight decay ``p -= lr * wd * p`` after the update), so with the
+``svd`` projection the results are bit-identical to galore-torch's per-tensor loop. torch's
+fused AdamW kernel cannot be used: it places ``eps`` differently (``sqrt(v / bc2) + eps``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from galore_torch import GaLoreAdamW as _GaLoreTorchAdamW
+
+from optiplug_galore.base import GaLoreMixin, bias_corrected_step_size
+from optiplug_galore.projector import project, project_back
+
+_CHUNK_ELEMENTS = 1 << 25  # bounds the foreach temporaries (denominators, updates) to ~2 x 128 MiB in float32
+
+
+def _chunks(sizes: list[int]) -> Iterator[list[int]]:
+    """Consecutive index ranges of at most ``_CHUNK_ELEMENTS`` elements (at least one tensor each)."""
+    chunk: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if chunk and total + size > _CHUNK_ELEMENTS:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(i)
+        total += size
+    if chunk:
+        yield chunk
+
+
+class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
+    """AdamW on low-rank projections of the targeted weights' gradients (and plain AdamW elsewhere).
+
+    A parameter group with a ``rank`` key is projected; its other GaLore keys are
+    ``update_proj_gap``, ``scale``, ``proj_type``, ``projection``, ``oversampling``,
+    ``power_iterations`` and ``seed``. Per parameter the state holds ``step`` (an int),
+    ``exp_avg``/``exp_avg_sq`` (low-rank for projected weights) and the projection tensors.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+    ):
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, no_deprecation_warning=True
+        )
+        self._init_galore()
+
+    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        projected = "rank" in group
+        grads, exp_avgs, exp_avg_sqs, steps, states = [], [], [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("GaLore AdamW does not support sparse gradients")
+            state = self.state[p]
+            step = state.setdefault("step", 0)
+            grad = project(state, p.grad, group, self._index(p), step) if projected else p.grad
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad)
+                state["exp_avg_sq"] = torch.zeros_like(grad)
+            state["step"] = step + 1
+            grads.append(grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(step + 1)
+            states.append(state)
+
+        sizes = [g.numel() for g in grads]
+        for chunk in _chunks(sizes):
+            g = [grads[i] for i in chunk]
+            m = [exp_avgs[i] for i in chunk]
+            v = [exp_avg_sqs[i] for i in chunk]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, g, alpha=1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            updates = torch._foreach_div(m, denom)
+            del denom
+            if projected:
+                updates = [project_back(states[i], u, group) for i, u in zip(chunk, updates)]
+            by_step: dict[int, list[int]] = defaultdict(list)
+            for j, i in enumerate(chunk):
+                by_step[steps[i]].append(j)
+            for step, members in by_step.items():
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    step_size = bias_corrected_step_size(group["lr"], beta1, beta2, step)
+                torch._foreach_add_([params[chunk[j]] for j in members], [updates[j] for j in members], alpha=-step_size)
+            del updates
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])

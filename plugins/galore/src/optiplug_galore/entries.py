@@ -1,0 +1,251 @@
+"""Factories, checks, patches and analytic state sizes of the GaLore entries.
+
+torch, galore-torch and bitsandbytes are imported inside the functions, never at import time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import optiplug
+from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
+from optiplug_galore.shapes import low_rank_shape, projector_numel
+from optiplug_galore.targets import target_parameters, target_shapes
+
+_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projection", "oversampling", "power_iterations", "seed")
+
+
+# ---- building -------------------------------------------------------------------------------
+
+
+def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str, Any]]:
+    """Non-projected then projected parameters, each split into decay and no-decay (empty groups dropped).
+
+    Projected groups carry the GaLore settings (``rank``, ``update_proj_gap``, ...).
+    """
+    targets = set(target_parameters(ctx.model, cfg.target_modules))
+    decay = ctx.decay_parameter_names()
+    buckets: dict[tuple[bool, bool], list] = {(t, d): [] for t in (False, True) for d in (True, False)}
+    for name, param in ctx.named_parameters():
+        buckets[(name in targets, name in decay)].append(param)
+    galore = {key: getattr(cfg, key) for key in _GALORE_KEYS}
+    groups = []
+    for (targeted, decays), params in buckets.items():
+        if params:
+            group = {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0}
+            groups.append({**group, **galore} if targeted else group)
+    return groups
+
+
+def _finish(optimizer: Any, ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> Any:
+    if cfg.layerwise:
+        trainer = ctx.trainer
+        accelerator = getattr(trainer, "accelerator", None)
+        should_sync = None
+        if accelerator is not None:
+            import weakref
+
+            ref = weakref.ref(accelerator)
+
+            def should_sync() -> bool:
+                acc = ref()
+                return True if acc is None else bool(acc.sync_gradients)
+
+        optimizer.enable_layerwise(
+            accumulation_steps=ctx.gradient_accumulation_steps, should_sync=should_sync, max_grad_norm=ctx.max_grad_norm
+        )
+    return optimizer
+
+
+def build_adamw(ctx: optiplug.BuildContext, cfg: GaLoreAdamWConfig):
+    from optiplug_galore.adamw import GaLoreAdamW
+
+    optimizer = GaLoreAdamW(param_groups(ctx, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return _finish(optimizer, ctx, cfg)
+
+
+def build_adafactor(ctx: optiplug.BuildContext, cfg: GaLoreAdafactorConfig):
+    from optiplug_galore.adafactor import GaLoreAdafactor
+
+    optimizer = GaLoreAdafactor(
+        param_groups(ctx, cfg),
+        lr=cfg.lr,
+        eps=cfg.eps,
+        clip_threshold=cfg.clip_threshold,
+        decay_rate=cfg.decay_rate,
+        beta1=cfg.beta1,
+        weight_decay=cfg.weight_decay,
+    )
+    return _finish(optimizer, ctx, cfg)
+
+
+def build_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig):
+    from optiplug_galore.adamw8bit import GaLoreAdamW8bit
+
+    optimizer = GaLoreAdamW8bit(
+        param_groups(ctx, cfg),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        min_8bit_size=cfg.min_8bit_size,
+    )
+    return _finish(optimizer, ctx, cfg)
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
+    """The setups GaLore cannot train, each refused with one sentence saying what to do instead."""
+    name = cfg.name
+    if ctx.distributed in ("deepspeed", "fsdp"):
+        engine = "DeepSpeed" if ctx.distributed == "deepspeed" else "FSDP"
+        raise optiplug.ConfigError(
+            f"{name} projects whole weight matrices, which {engine} splits into shards; train with DDP or a single process"
+        )
+    if ctx.uses_adapters:
+        raise optiplug.ConfigError(
+            f"{name} trains full weight matrices through low-rank projections, and the model is a PEFT adapter "
+            f"model whose trainable weights are already low-rank; use adamw for adapters"
+        )
+    if cfg.layerwise and ctx.distributed != "none":
+        raise optiplug.ConfigError(
+            f"{name} with layerwise: true steps each parameter during backward, before DDP has averaged its "
+            f"gradient across the {ctx.world_size} processes; set layerwise: false for distributed training"
+        )
+    if cfg.layerwise and getattr(ctx.args, "fp16", False):
+        raise optiplug.ConfigError(
+            f"{name} with layerwise: true cannot train in fp16, whose loss scaling unscales gradients only after "
+            f"backward; use bf16 or set layerwise: false"
+        )
+    target_parameters(ctx.model, cfg.target_modules)
+
+
+def check_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig) -> None:
+    check(ctx, cfg)
+    device = next((p.device for _, p in ctx.named_parameters()), None)
+    if device is None:
+        return
+    problem = _bnb_8bit_problem(str(device))
+    if problem:
+        raise optiplug.ConfigError(adamw8bit_refusal(str(device), problem))
+
+
+def adamw8bit_refusal(device: str, problem: str) -> str:
+    """The one sentence ``galore_adamw8bit``'s check says where bitsandbytes cannot run."""
+    return (
+        f"galore_adamw8bit: bitsandbytes cannot run its 8-bit AdamW on the model's device ({device}) here "
+        f"({problem}); use galore_adamw instead"
+    )
+
+
+_BNB_PROBES: dict[str, str | None] = {}
+
+
+def _bnb_8bit_problem(device: str) -> str | None:
+    """Why bitsandbytes' 8-bit AdamW cannot step a tensor on ``device`` (None when it can); probed once per device."""
+    if device not in _BNB_PROBES:
+        import torch
+
+        try:
+            import bitsandbytes as bnb
+
+            param = torch.nn.Parameter(torch.ones(512, device=device))
+            param.grad = torch.ones_like(param)
+            bnb.optim.AdamW8bit([param], lr=1e-3, min_8bit_size=1).step()
+            _BNB_PROBES[device] = None
+        except Exception as error:  # any failure means "cannot run here"; the message carries the cause
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _BNB_PROBES[device] = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    return _BNB_PROBES[device]
+
+
+# ---- patches --------------------------------------------------------------------------------
+
+
+def _make_clip_grad_norm(accelerator: Any, original: Any):
+    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any):
+        from optiplug_galore.base import layerwise_owner
+
+        params = list(parameters) if not hasattr(parameters, "grad") else [parameters]
+        owner = layerwise_owner(params)
+        if owner is None:
+            return original(params, max_norm, norm_type, **kwargs)
+        return owner.layerwise_grad_norm()
+
+    return clip_grad_norm_
+
+
+def patches(cfg: GaLoreConfig) -> list[optiplug.Patch]:
+    """Layerwise mode: the Trainer's clipping call returns the true global norm of the gradients
+    the hooks already consumed (and clipped per parameter), instead of the 0 of no gradients."""
+    if not cfg.layerwise:
+        return []
+    return [
+        optiplug.Patch(
+            "accelerator",
+            "clip_grad_norm_",
+            _make_clip_grad_norm,
+            "layerwise GaLore steps and frees each gradient during backward (clipped per parameter); "
+            "report the global norm they had",
+        )
+    ]
+
+
+# ---- analytic state sizes -------------------------------------------------------------------
+
+
+def _projected(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreConfig):
+    targets = target_shapes(shapes, cfg.target_modules)
+    return [(s, s.name in targets) for s in shapes]
+
+
+def adamw_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdamWConfig) -> int:
+    """Two moments (low-rank for projected weights) plus the projection matrices, at the weights' dtype.
+
+    ``step`` is a Python int (no tensor).
+    """
+    total = 0
+    for s, projected in _projected(shapes, cfg):
+        if projected:
+            low = math.prod(low_rank_shape(s.shape, cfg.rank, cfg.proj_type))
+            total += (2 * low + projector_numel(s.shape, cfg.rank, cfg.proj_type)) * s.itemsize
+        else:
+            total += 2 * s.numel * s.itemsize
+    return total
+
+
+def adafactor_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdafactorConfig) -> int:
+    """Factored second moments (row and column) of each matrix, full ones of vectors, the optional first
+    moment, a scalar RMS, and the projection matrices; in float32 for half-precision weights."""
+    total = 0
+    for s, projected in _projected(shapes, cfg):
+        size = max(s.itemsize, 4)  # galore-torch's Adafactor works on float32 gradients of half-precision weights
+        shape = low_rank_shape(s.shape, cfg.rank, cfg.proj_type) if projected else tuple(s.shape)
+        numel = math.prod(shape)
+        elements = numel if cfg.beta1 is not None else 0
+        elements += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else numel
+        elements += 1  # RMS
+        if projected:
+            elements += projector_numel(s.shape, cfg.rank, cfg.proj_type)
+        total += elements * size
+    return total
+
+
+def adamw8bit_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdamW8bitConfig) -> int:
+    """bitsandbytes' states: two uint8 tensors plus two float32 block maxima per 256 elements, or two float32
+    tensors below ``min_8bit_size`` elements; the two shared 256-entry quantisation maps once; projections."""
+    total, quantized = 0, False
+    for s, projected in _projected(shapes, cfg):
+        numel = math.prod(low_rank_shape(s.shape, cfg.rank, cfg.proj_type)) if projected else s.numel
+        if numel < cfg.min_8bit_size:
+            total += 2 * 4 * numel
+        else:
+            quantized = True
+            total += 2 * numel + 2 * 4 * math.ceil(numel / 256)
+        if projected:
+            total += projector_numel(s.shape, cfg.rank, cfg.proj_type) * s.itemsize
+    return total + (2 * 256 * 4 if quantized else 0)
