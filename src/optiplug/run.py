@@ -10,16 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optiplug.config import EMBEDDED, FinetuningConfig, ModelConfig, RunConfig, apply_overrides, load_config, validate_config
+from optiplug.config import EMBEDDED, ModelConfig, RunConfig, apply_overrides, load_config, validate_config
 from optiplug.errors import ConfigError
 
-__all__ = ["RunResult", "train", "apply_finetuning", "default_training_arguments", "SUMMARY_FILE"]
+__all__ = ["RunResult", "train", "default_training_arguments", "SUMMARY_FILE"]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
@@ -137,31 +136,6 @@ def _load_model(cfg: ModelConfig, seed: int):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.name_or_path: cannot load a causal LM from {name!r}: {str(error).splitlines()[0]}") from None
-
-
-def apply_finetuning(model: Any, finetuning: FinetuningConfig) -> None:
-    """Set ``requires_grad`` as ``finetuning`` says: all parameters (``full``), or only those a
-    ``trainable`` regex finds with ``re.search`` (``freeze``).
-
-    Raises:
-        ConfigError: a pattern is not a valid regular expression or matches no parameter name.
-    """
-    if finetuning.type == "full":
-        return
-    try:
-        patterns = [re.compile(p) for p in finetuning.trainable]
-    except re.error as error:
-        raise ConfigError(f"finetuning.trainable: {error.pattern!r} is not a valid regular expression ({error})") from None
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not any(pattern.search(name) for name in names):
-            shown = [repr(n) for n in names]
-            examples = ", ".join(shown[:2] + ["...", shown[-1]] if len(shown) > 3 else shown)
-            raise ConfigError(
-                f"finetuning.trainable: {pattern.pattern!r} matches no parameter name; names look like {examples}"
-            )
-    for name, param in model.named_parameters():
-        param.requires_grad_(any(pattern.search(name) for pattern in patterns))
 
 
 def _check_fits(model: Any, dataset: Any) -> None:
@@ -290,6 +264,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     """
     from transformers import default_data_collator
 
+    from optiplug.adapters import BASE_MODEL_DIR, apply_finetuning
     from optiplug.data import load_dataset
     from optiplug.trainer import OptiTrainer
 
@@ -297,8 +272,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     args = _training_arguments(cfg)
     tokenizer = _load_tokenizer(cfg.model)
     dataset = load_dataset(cfg.data, tokenizer)
-    model = _load_model(cfg.model, args.seed)
-    apply_finetuning(model, cfg.finetuning)
+    model = apply_finetuning(_load_model(cfg.model, args.seed), cfg.finetuning)
     _check_fits(model, dataset)
     trainer = OptiTrainer(
         model=model,
@@ -321,6 +295,9 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     train_time = time.perf_counter() - start
 
     trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
+    if main and cfg.finetuning.type == "lora" and (cfg.model.name_or_path == EMBEDDED or cfg.model.from_scratch):
+        # The adapter needs its base model, which is not on disk: rebuild it (same seed, same weights).
+        _load_model(cfg.model, args.seed).save_pretrained(str(out / BASE_MODEL_DIR))
     losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
     summary = _summary(cfg, trainer, dataset, losses, train_time)
     if main:
