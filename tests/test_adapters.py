@@ -335,3 +335,40 @@ def test_badam_with_lora_trains_only_the_lora_parameters_of_the_active_block(tmp
     assert {n for n in changed if ".lora_B." in n} == {
         n for n in before if ".layers.0." in n and ".lora_B." in n
     }
+
+
+# ---- optiplug train -----------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_optiplug_train_pissa_run_writes_a_converted_adapter_for_the_saved_original_base(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from optiplug.adapters import BASE_MODEL_DIR
+    from optiplug.run import _load_model
+
+    result = optiplug.train(
+        EXAMPLES / "lora-pissa.yaml",
+        [f"training.output_dir={tmp_path}", "training.max_steps=3", "training.logging_steps=1",
+         "data.max_blocks=32", "data.block_size=32", "finetuning.init=pissa", "finetuning.r=4"],
+    )  # fmt: skip
+    out = result.output_dir
+    for sub in ("", PISSA_INIT_DIR, PISSA_TRAINED_DIR, PISSA_CONVERTED_DIR):
+        assert (out / sub / "adapter_model.safetensors").is_file(), sub
+    assert (out / "summary.json").is_file() and not (out / "model.safetensors").exists()
+    assert result.summary["trainable_parameters"] < result.summary["parameters"] / 10
+
+    original = _load_model(optiplug.ModelConfig(), seed=42)
+    base = AutoModelForCausalLM.from_pretrained(out / BASE_MODEL_DIR)
+    assert base.state_dict().keys() == original.state_dict().keys()
+    for name, tensor in base.state_dict().items():
+        assert tensor.equal(original.state_dict()[name]), name  # the original weights, not PiSSA's residual
+
+    ids = batch() % 2048
+    # the run's own adapter re-decomposes the original base (full SVD): the trained PiSSA model
+    trained = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / BASE_MODEL_DIR), out), ids)
+    converted = logits(PeftModel.from_pretrained(base, out / PISSA_CONVERTED_DIR), ids)
+    assert (converted - trained).abs().max().item() < 1e-5 * trained.abs().max().item()
+    assert not converted.equal(logits(original, ids))
