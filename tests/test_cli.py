@@ -77,7 +77,7 @@ def test_validate_ok_and_errors(capsys, tmp_path):
     code, _, err = run_cli(capsys, "validate", str(good), "training.per_device_train_batch_size=lots")
     assert code == 1 and err == "optiplug: training.per_device_train_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'lots')\n"
     code, _, err = run_cli(capsys, "validate", str(good), "training.save_strategy=sometimes")
-    assert code == 1 and err.startswith("optiplug: training: TrainingArguments rejects the training section: sometimes is not a valid SaveStrategy")
+    assert code == 1 and err.startswith("optiplug: training.save_strategy: sometimes is not a valid SaveStrategy")
     code, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.yaml"))
     assert code == 1 and err == f"optiplug: config file '{tmp_path / 'missing.yaml'}' does not exist\n"
 

@@ -7,6 +7,7 @@ User errors print one line (``optiplug: ...``) and exit 1, without a traceback. 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Optional
 
@@ -60,7 +61,7 @@ def train(
     from optiplug.run import train as run_train
 
     result = run_train(config)
-    if result is not None and getattr(result, "output_dir", None):
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only the main process speaks
         typer.echo(f"optiplug: done, outputs in {result.output_dir}", err=True)
 
 

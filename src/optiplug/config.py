@@ -42,14 +42,14 @@ EMBEDDED = "embedded"
 class OptimizerConfig(BaseModel):
     """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     name: str
 
 
 class SchedulerConfig(BaseModel):
     """Base of every scheduler config. Subclasses declare ``name: Literal["..."] = "..."``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     name: str
 
 
@@ -67,6 +67,8 @@ def _adapter(kind: str, generation: int) -> TypeAdapter:
     from optiplug.registry import list_optimizers, list_schedulers
 
     rows = list_optimizers() if kind == "optimizer" else list_schedulers()
+    for row in rows:  # the bases defer schema building (fast `optiplug list`); build them once they are used
+        row.entry.config.model_rebuild()
     return TypeAdapter(_union_of([row.entry.config for row in rows]))
 
 

@@ -118,10 +118,22 @@ class BuildContext:
 
     @property
     def distributed(self) -> str:
-        """``"none"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``."""
+        """``"none"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``: what the engine really runs.
+
+        Inside a Trainer this is what accelerate enabled (on a machine without GPUs accelerate
+        runs ``training.fsdp`` as plain DDP, so that reads ``"ddp"``); outside one, it is read
+        from the arguments, and a model whose parameters are DTensors counts as FSDP.
+        """
+        trainer = self.trainer
+        if trainer is not None and getattr(trainer, "accelerator", None) is not None:
+            if getattr(trainer, "is_deepspeed_enabled", False):
+                return "deepspeed"
+            if getattr(trainer, "is_fsdp_enabled", False):
+                return "fsdp"
+            return "ddp" if self.world_size > 1 else "none"
         if getattr(self.args, "deepspeed", None):
             return "deepspeed"
-        if getattr(self.args, "fsdp", None):
+        if getattr(self.args, "fsdp", None) or any(type(p).__name__ == "DTensor" for _, p in self.named_parameters()):
             return "fsdp"
         return "ddp" if self.world_size > 1 else "none"
 

@@ -46,12 +46,28 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
         kwargs["adam_epsilon"] = optimizer.eps
     kwargs.setdefault("output_dir", tempfile.gettempdir())
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return TrainingArguments(**kwargs)
+        return _make(TrainingArguments, kwargs)
     except (TypeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # Name the key: retry with one given key at a time (only on this error path).
+        base = {k: v for k, v in kwargs.items() if k not in config.training}
+        for key, value in config.training.items():
+            try:
+                _make(TrainingArguments, {**base, key: value})
+            except (TypeError, ValueError) as single:
+                detail = str(single).strip().splitlines()[0] if str(single).strip() else type(single).__name__
+                raise ConfigError(f"training.{key}: {detail}") from None
         raise ConfigError(f"training: TrainingArguments rejects the training section: {message}") from None
+
+
+def _make(cls: type, kwargs: dict[str, Any]) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls(**kwargs)
+
+
+# Annotations narrower than what TrainingArguments accepts and documents (``fsdp=True`` + ``fsdp_config``).
+_ACCEPTED: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
 
 
 def _check_types(cls: type, values: dict[str, Any]) -> None:
@@ -61,6 +77,7 @@ def _check_types(cls: type, values: dict[str, Any]) -> None:
     from pydantic import TypeAdapter, ValidationError
 
     hints = typing.get_type_hints(cls)
+    hints.update(_ACCEPTED)
     for key, value in values.items():
         try:
             adapter = TypeAdapter(hints[key])
