@@ -11,6 +11,7 @@ length of ``train()`` applies the entry's patches and callbacks, undoing them on
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from transformers import Trainer
@@ -25,6 +26,8 @@ from optiplug.plugins import get_plugin_manager
 from optiplug.registry import OptimizerEntry, get_entry, get_scheduler_entry
 
 __all__ = ["OptiTrainerMixin", "OptiTrainer"]
+
+logger = logging.getLogger(__name__)
 
 
 def _optimizer_from_args(args: Any) -> OptimizerConfig:
@@ -125,6 +128,8 @@ class OptiTrainerMixin:
         return self.lr_scheduler
 
     def train(self, *args: Any, **kwargs: Any):
+        if getattr(self.args, "fsdp", None) and not getattr(self, "is_fsdp_enabled", False):
+            logger.warning("training.fsdp is set but accelerate runs plain DDP here: FSDP needs GPUs")
         self.check_optimizer()
         entry, cfg = self.optimizer_entry, self.optimizer_config
         callbacks = list(entry.callbacks(cfg)) if entry.callbacks else []
