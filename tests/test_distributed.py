@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import optiplug
-from optiplug.launch import relaunch_with_torchrun, torchrun_command
+from optiplug.launch import check_engine_launch, relaunch_with_torchrun, torchrun_command
 
 HERE = Path(__file__).resolve()
 STEPS = 4  # optimizer steps of every worker run; checkpoints at STEPS // 2
@@ -231,34 +231,34 @@ def test_nproc_below_one_is_refused():
 # ---- optiplug train under the launchers -------------------------------------------------------
 
 
+EXAMPLES = HERE.parents[1] / "examples"
+
+
 @pytest.fixture(scope="module")
-def run_config(tmp_path_factory) -> Path:
-    """A YAML run: a 2-layer, hidden-32 Llama from scratch with the embedded tokenizer and corpus."""
+def tiny(tmp_path_factory) -> list[str]:
+    """Overrides that shrink an example run: a 2-layer, hidden-32 Llama from scratch, short blocks, STEPS steps."""
     from transformers import LlamaConfig
 
-    root = tmp_path_factory.mktemp("dist")
+    root = tmp_path_factory.mktemp("tiny")
     LlamaConfig(
         vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1, pad_token_id=2,
     ).save_pretrained(root / "model")  # fmt: skip
-    config = {
-        "model": {"name_or_path": str(root / "model"), "tokenizer": "embedded", "from_scratch": True},
-        "data": {"block_size": 16, "max_blocks": 128},
-        "training": {"max_steps": STEPS, "per_device_train_batch_size": B, "logging_steps": 1, "seed": 0,
-                     "data_seed": 0, "disable_tqdm": True, "ddp_find_unused_parameters": False},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-    }  # fmt: skip
-    path = root / "run.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
+    return [
+        f"model.name_or_path={root / 'model'}", "model.tokenizer=embedded", "model.from_scratch=true",
+        "data.block_size=16", "data.max_blocks=128", f"training.max_steps={STEPS}",
+        f"training.per_device_train_batch_size={B}", "training.logging_steps=1", "training.seed=0",
+        "training.data_seed=0", "training.disable_tqdm=true",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def reference(run_config) -> list[float]:
-    """Per-step losses of one process with batch 2B."""
-    out = run_config.parent / "single"
-    result = optiplug.train(run_config, [f"training.output_dir={out}", f"training.per_device_train_batch_size={2 * B}"])
+def reference(tiny, tmp_path_factory) -> list[float]:
+    """Per-step losses of examples/ddp.yaml in one process with batch 2B."""
+    out = tmp_path_factory.mktemp("single")
+    result = optiplug.train(EXAMPLES / "ddp.yaml", [*tiny, f"training.output_dir={out}",
+                                                    f"training.per_device_train_batch_size={2 * B}"])  # fmt: skip
     assert result.summary["world_size"] == 1
     return [loss for _, loss in result.losses]
 
@@ -270,11 +270,10 @@ def summary_and_losses(out: Path) -> tuple[dict, list[float]]:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_twice_the_batch(run_config, reference):
-    out = run_config.parent / "torchrun"
-    logs = run_config.parent / "torchrun-logs"
-    result = ok(torchrun("--log-dir", str(logs), "--tee", "3", "-m", "optiplug", "train", str(run_config),
-                         f"training.output_dir={out}", cwd=run_config.parent))  # fmt: skip
+def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tiny, reference, tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    result = ok(torchrun("--log-dir", str(logs), "--tee", "3", "-m", "optiplug", "train", str(EXAMPLES / "ddp.yaml"),
+                         *tiny, f"training.output_dir={out}", cwd=tmp_path))  # fmt: skip
     summary, losses = summary_and_losses(out)
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert summary["tokens"] == STEPS * 2 * B * 16
@@ -288,11 +287,13 @@ def test_torchrun_two_processes_match_one_process_with_twice_the_batch(run_confi
 
 
 @pytest.mark.slow
-def test_accelerate_launch_multi_gpu_runs_two_gloo_processes_on_cpu(run_config, reference):
-    out = run_config.parent / "accelerate"
+def test_accelerate_launch_multi_gpu_trains_the_fsdp_example_as_ddp_on_cpu(tiny, reference, tmp_path):
+    """``--multi_gpu`` on a machine without GPUs starts torchrun with gloo; FSDP needs GPUs, so
+    examples/fsdp.yaml trains as DDP here, with the same losses as one process with twice the batch."""
+    out = tmp_path / "out"
     ok(launch("accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "optiplug", "train", str(run_config),
-              f"training.output_dir={out}", cwd=run_config.parent))  # fmt: skip
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "optiplug", "train",
+              str(EXAMPLES / "fsdp.yaml"), *tiny, f"training.output_dir={out}", cwd=tmp_path))  # fmt: skip
     summary, losses = summary_and_losses(out)
     assert summary["world_size"] == 2
     assert_same_losses(losses, reference)
@@ -309,15 +310,30 @@ def test_accelerate_launch_cpu_with_two_processes_silently_runs_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_nproc_refusal_is_one_line_before_any_step(run_config):
-    out = run_config.parent / "refused"
-    result = launch(sys.executable, "-m", "optiplug", "train", str(run_config), "--nproc", "2",
+def test_nproc_refusal_is_one_line_before_any_step(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = launch(sys.executable, "-m", "optiplug", "train", str(EXAMPLES / "ddp.yaml"), *tiny, "--nproc", "2",
                     "optimizer.name=galore_adamw", "optimizer.layerwise=true", f"training.output_dir={out}",
-                    cwd=run_config.parent)  # fmt: skip
+                    cwd=tmp_path)  # fmt: skip
     assert result.returncode != 0
     assert f"optiplug: {DDP_REFUSALS['galore_adamw:layerwise']}\n" in result.stderr
     assert "ConfigError" not in result.stderr and "'loss'" not in result.stdout
     assert not (out / "summary.json").exists() and not (out / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize(("key", "engine"), [("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")])
+def test_fsdp_and_deepspeed_need_a_launcher(monkeypatch, key, engine):
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(optiplug.ConfigError) as error:
+        check_engine_launch({key: "full_shard" if key == "fsdp" else "examples/deepspeed-zero2.json"})
+    assert str(error.value) == (
+        f"training.{key}: {engine} runs in processes started by a launcher, and this one was not: run "
+        "`optiplug train CONFIG --nproc N` or `torchrun --nproc_per_node N -m optiplug train CONFIG`"
+    )
+    check_engine_launch({"ddp_backend": "gloo"})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    check_engine_launch({key: "full_shard"})
 
 
 # ---- every optimizer under DDP, the checks under FSDP and DeepSpeed, FSDP2, resume ----------

@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from optiplug.errors import ConfigError
 
-__all__ = ["torchrun_command", "relaunch_with_torchrun", "under_launcher"]
+__all__ = ["torchrun_command", "relaunch_with_torchrun", "under_launcher", "check_engine_launch"]
+
+_ENGINES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 
 
 def under_launcher() -> bool:
@@ -64,3 +67,26 @@ def relaunch_with_torchrun(nproc: int, argv_items: list[str]) -> int:
             "drop --nproc and let the launcher set the number of processes"
         )
     return subprocess.call(torchrun_command(nproc, argv_items))
+
+
+def check_engine_launch(training: Mapping[str, Any]) -> None:
+    """Refuse FSDP or DeepSpeed in a process that no launcher started, before anything is built.
+
+    Without a launcher transformers fails deep inside (``Using fsdp only works in distributed
+    training``; DeepSpeed looks for MPI and raises ``No module named 'mpi4py'``).
+
+    Args:
+        training: the run config's ``training`` section.
+
+    Raises:
+        ConfigError: ``training.fsdp`` or ``training.deepspeed`` is set and the process was not
+            started by torchrun, accelerate launch or deepspeed.
+    """
+    if under_launcher():
+        return
+    for key, engine in _ENGINES.items():
+        if training.get(key):
+            raise ConfigError(
+                f"training.{key}: {engine} runs in processes started by a launcher, and this one was not: run "
+                f"`optiplug train CONFIG --nproc N` or `torchrun --nproc_per_node N -m optiplug train CONFIG`"
+            )
