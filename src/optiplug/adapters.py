@@ -38,11 +38,14 @@ __all__ = [
     "freeze",
     "is_lora_model",
     "lora_config",
+    "BASE_MODEL_DIR",
     "PISSA_INIT_DIR",
     "PISSA_TRAINED_DIR",
     "PISSA_CONVERTED_DIR",
 ]
 
+BASE_MODEL_DIR = "base_model"
+"""Where ``optiplug train`` saves a LoRA run's base model when it is not on disk (embedded or from scratch)."""
 PISSA_INIT_DIR = "pissa_init"
 PISSA_TRAINED_DIR = "pissa_trained"
 PISSA_CONVERTED_DIR = "pissa_converted"
