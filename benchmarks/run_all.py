@@ -130,7 +130,8 @@ def _number(value: Any) -> bool:
 
 
 def chart_spec(data: dict[str, Any]) -> dict[str, Any] | None:
-    """The chart to draw: the result's own ``chart``, else a bar chart of its ``ratio`` columns by its first text column."""
+    """The chart to draw: the result's own ``chart``, else a bar chart of its ratio columns (``*ratio*``, ``vs_*``)
+    labelled by its text columns that vary."""
     rows = data["rows"]
     if not rows:
         return None
@@ -141,10 +142,11 @@ def chart_spec(data: dict[str, Any]) -> dict[str, Any] | None:
                 "logy": bool(spec.get("logy", False)), "target": spec.get("target")}  # fmt: skip
     columns = list(rows[0])
     text = [c for c in columns if all(isinstance(r.get(c), str) for r in rows)]
-    ratios = [c for c in columns if "ratio" in c and all(_number(r.get(c)) for r in rows)]
-    if not text or not ratios:
+    varying = [c for c in text if len({r[c] for r in rows}) > 1] or text[:1]
+    ratios = [c for c in columns if ("ratio" in c or c.startswith("vs_")) and all(_number(r.get(c)) for r in rows)]
+    if not varying or not ratios:
         return None
-    return {"kind": "bar", "x": text[0], "y": ratios, "ylabel": "ratio", "logy": False, "target": None}
+    return {"kind": "bar", "x": varying, "y": ratios, "ylabel": "ratio", "logy": False, "target": None}
 
 
 def draw_chart(name: str, data: dict[str, Any], spec: dict[str, Any], path: Path) -> bool:
@@ -154,17 +156,24 @@ def draw_chart(name: str, data: dict[str, Any], spec: dict[str, Any], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["rows"] if spec["x"] in r]
+    xs = [spec["x"]] if isinstance(spec["x"], str) else list(spec["x"])
+    rows = [r for r in data["rows"] if all(x in r for x in xs)]
     ys = [y for y in spec["y"] if any(_number(r.get(y)) for r in rows)]
     if not rows or not ys:
         return False
-    labels = [str(r[spec["x"]]) for r in rows]
+    labels = [" / ".join(str(r[x]) for x in xs) for r in rows]
+    if len(set(labels)) < len(labels):  # tell the rows apart by the first other column that does
+        for column in (c for c in rows[0] if c not in xs and c not in ys):
+            extended = [f"{label}, {column}={_cell(r.get(column))}" for label, r in zip(labels, rows)]
+            if len(set(extended)) == len(extended):
+                labels = extended
+                break
     fig, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) * max(1, len(ys)) + 2), 4))
-    if spec["kind"] == "line" and all(_number(r[spec["x"]]) for r in rows):
+    if spec["kind"] == "line" and len(xs) == 1 and all(_number(r[xs[0]]) for r in rows):
         for y in ys:
-            points = [(r[spec["x"]], r[y]) for r in rows if _number(r.get(y))]
+            points = [(r[xs[0]], r[y]) for r in rows if _number(r.get(y))]
             axes.plot(*zip(*points), marker="o", label=y)
-        axes.set_xlabel(spec["x"])
+        axes.set_xlabel(xs[0])
     else:
         width = 0.8 / len(ys)
         for i, y in enumerate(ys):
