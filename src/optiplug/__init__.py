@@ -53,6 +53,8 @@ _LAZY = {
     "build_optimizer": "optiplug.factory",
     "build_scheduler": "optiplug.factory",
     "train": "optiplug.run",
+    "apply_finetuning": "optiplug.adapters",
+    "PissaConvertCallback": "optiplug.adapters",
 }
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "ModelConfig",
     "OptiTrainer",
     "OptiTrainerMixin",
+    "PissaConvertCallback",
     "OptimizerConfig",
     "OptimizerEntry",
     "OptiplugError",
@@ -78,6 +81,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerEntry",
     "UnknownNameError",
+    "apply_finetuning",
     "build_optimizer",
     "build_scheduler",
     "get_entry",
