@@ -67,6 +67,7 @@ def blocks_per_step(mode: str, steps: int, **fields) -> list[int]:
         ("descending", {}, [2, 1, 1, 0, 0, 2, 2]),
         ("ascending", {"start_block": 1}, [1, 2, 2, 0, 0, 1, 1]),
         ("fixed", {"start_block": 2}, [2, 2, 2, 2, 2, 2, 2]),
+        ("fixed", {}, [0, 0, 0, 0, 0, 0, 0]),  # badam leaves the block unset here and fails
         ("ascending", {"switch_every": -1}, [0, 0, 0, 0, 0, 0, 0]),
     ],
 )
@@ -195,3 +196,17 @@ def test_lora_trains_only_the_active_blocks_adapters():
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert len(trainable) == 4 and all(f"layers.{block}." in n and "lora_" in n for n in trainable)
         step(model, optimizer)
+
+
+def test_ratio_mode_on_a_model_without_embedding_or_head():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    optimizer = optiplug.build_optimizer(model, {"name": "badam", "mode": "ratio", "update_ratio": 0.5})
+    assert optimizer.frozen == []
+    x = torch.randn(8, 16)
+    model(x).square().mean().backward()
+    optimizer.step()
+    assert all(p.grad.is_sparse for p in model.parameters())
+    optimizer.zero_grad()
+    optimizer.release()
+    model(x).square().mean().backward()
+    assert not any(p.grad.is_sparse for p in model.parameters()), "release() removes the gradient hooks"
