@@ -51,6 +51,8 @@ class BAdamTrainerCallback(BAdamCallback):
     def on_step_end(self, args, state, control, **kwargs):
         optimizer = _badam_optimizer(kwargs.get("optimizer"))
         if optimizer is not None:
+            if hasattr(optimizer, "switch_if_due"):
+                optimizer.switch_if_due()
             self._log_switches(optimizer, state)
 
     def on_train_end(self, args, state, control, **kwargs):

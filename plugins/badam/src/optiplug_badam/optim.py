@@ -17,12 +17,16 @@ What changes, and why:
 * Weight decay. badam rebuilds its groups at every switch with the base optimizer's default
   weight decay for every parameter, norms included; here the decay group is transformers'
   (no decay on biases and norms) with the configured value.
+* DeepSpeed ZeRO-3. DeepSpeed copies the updated float32 partitions back into the model only
+  after the optimizer's step returns, and badam switches blocks inside it, re-partitioning from
+  weights not yet updated: each block's last step is lost. Here the switch waits for the end of
+  the step (``switch_if_due``, called by the callback) and keeps the schedule's learning rate.
 * No ``print``: activations are recorded in ``switches`` and logged by the callback.
 * Set-up that can be undone: ``release()`` gives back what the optimizer changed on the model
   (``requires_grad`` flags, ratio mode's gradient hooks) and ``attach()`` applies it again.
 
-Everything else (the update itself, block order, DeepSpeed ZeRO-3 handling, sparse masks)
-is badam's own code.
+Everything else (the update itself, block order, DeepSpeed ZeRO-3 re-partitioning, sparse
+masks) is badam's own code.
 """
 
 from __future__ import annotations
@@ -123,11 +127,25 @@ class BlockAdamW(BlockOptimizer):
 
     # ---- block switching ----
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self.ds_zero3_enabled:
-            self.step_ds_zero3(*args, **kwargs)
-        else:
+        if not self.ds_zero3_enabled:
             self.step_single_gpu(*args, **kwargs)
-        if (self.global_step + 1) % self.switch_block_every == 0:
+            if (self.global_step + 1) % self.switch_block_every == 0:
+                self.switch_trainable_params()
+            return
+        # DeepSpeed ZeRO-3 calls this once per parameter group, and copies the updated float32
+        # partitions back into the model only after the last call returns. badam switches inside
+        # that last call, re-partitioning from weights not yet updated: the block's last step is
+        # lost. The switch is left for switch_if_due(), which the callback calls at the step's end.
+        self.step_ds_zero3(*args, **kwargs)
+        if abs(self.global_step - round(self.global_step)) < 1e-6:  # a whole step: every group stepped
+            self.global_step = round(self.global_step)
+            if (self.global_step + 1) % self.switch_block_every == 0:
+                self.switch_due = True
+
+    def switch_if_due(self) -> None:
+        """Under DeepSpeed ZeRO-3, switch blocks once the step is complete (called by the callback)."""
+        if getattr(self, "switch_due", False):
+            self.switch_due = False
             self.switch_trainable_params()
 
     def switch_trainable_params(self, verbose: int | None = None) -> None:
@@ -149,7 +167,11 @@ class BlockAdamW(BlockOptimizer):
         self.active_block = index
         self.active_param_prefixs = self.block_prefix_list[index] + self.active_modules
         if self.ds_zero3_enabled:
+            # badam's ZeRO-3 switch builds new groups with the constructor's learning rate; keep the schedule's.
+            schedule = {k: v for k, v in self.param_groups[0].items() if k in ("lr", "initial_lr")}
             self._switch_trainable_params_zero3(0)
+            for group in self.param_groups:
+                group.update(schedule)
         else:
             self._switch_trainable_params_single_gpu(0)
         self.base_optimizer.state = defaultdict(dict)
