@@ -135,7 +135,7 @@ def layer_run(tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("optiplug_badam")
+    logger = logging.getLogger("transformers.trainer.badam")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.INFO)

@@ -7,7 +7,9 @@ from typing import Any
 
 from badam import BAdamCallback
 
-logger = logging.getLogger("optiplug_badam")
+# A child of the Trainer's own logger: switches show where and when the Trainer's info lines do
+# (``training.log_level: info``), through transformers' handler.
+logger = logging.getLogger("transformers.trainer.badam")
 _MISSING = object()
 
 
@@ -25,7 +27,7 @@ def _badam_optimizer(optimizer: Any) -> Any:
 class BAdamTrainerCallback(BAdamCallback):
     """badam's ``BAdamCallback`` (ZeRO-3 wiring, input-grad handling for activation checkpointing), and:
 
-    * logs each block activation (step and block) on the ``optiplug_badam`` logger;
+    * logs each block activation (step and block) on the Trainer's logger (``transformers.trainer.badam``, INFO);
     * at the end of training, undoes what badam's callback and the optimizer changed on the
       model: the replaced ``gradient_checkpointing_enable``, the removed input-grad hook, the
       ``requires_grad`` flags and ratio mode's gradient hooks. A later ``train()`` applies them again.
