@@ -27,6 +27,7 @@ def _badam_optimizer(optimizer: Any) -> Any:
 class BAdamTrainerCallback(BAdamCallback):
     """badam's ``BAdamCallback`` (ZeRO-3 wiring, input-grad handling for activation checkpointing), and:
 
+    * under DeepSpeed ZeRO-3, makes the block switch due at a step once that step is complete;
     * logs each block activation (step and block) on the Trainer's logger (``transformers.trainer.badam``, INFO);
     * at the end of training, undoes what badam's callback and the optimizer changed on the
       model: the replaced ``gradient_checkpointing_enable``, the removed input-grad hook, the

@@ -10,8 +10,8 @@ What changes, and why:
   ``collections.defaultdict``, which ``torch.load(weights_only=True)`` refuses. Both
   ``state_dict()`` here add a ``"badam"`` entry of tensors and plain types that
   ``load_state_dict()`` restores.
-* Costs that change no loss. A float32 weight is its own master copy (badam clones it, a
-  third more state for the same values); a block switch does not run ``gc.collect()``
+* Costs that change no loss. A float32 weight is its own master copy (badam clones it: half
+  as much state again, for the same values); a block switch does not run ``gc.collect()``
   (nothing it frees is in a reference cycle; see the tests); ``torch.cuda.empty_cache()`` runs
   at switches, not after every step.
 * Weight decay. badam rebuilds its groups at every switch with the base optimizer's default
@@ -113,6 +113,7 @@ class BlockAdamW(BlockOptimizer):
         self.block_order: list[int] = []
         self.switches: list[tuple[int, int]] = []
         self.active_block: int | None = None
+        self.switch_due = False  # DeepSpeed ZeRO-3 only: a switch waiting for the end of the step
         if start_block is not None:
             self.current_block_idx = start_block
         elif switch_mode == "descending":
@@ -144,7 +145,7 @@ class BlockAdamW(BlockOptimizer):
 
     def switch_if_due(self) -> None:
         """Under DeepSpeed ZeRO-3, switch blocks once the step is complete (called by the callback)."""
-        if getattr(self, "switch_due", False):
+        if self.switch_due:
             self.switch_due = False
             self.switch_trainable_params()
 
