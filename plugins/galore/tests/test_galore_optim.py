@@ -234,3 +234,14 @@ def test_randomized_falls_back_to_the_exact_svd_on_small_matrices(real_gradients
     generator = torch.Generator().manual_seed(0)
     left, right = projector.randomized_bases(grad, 250, False, True, oversampling=8, power_iterations=2, generator=generator)
     assert left is None and torch.equal(right, projector.svd_bases(grad, 250, False, True)[1])
+
+
+def test_reverse_std_with_the_rank_at_the_matrix_size_steps():
+    """galore-torch infers the side to project back from the low-rank shape, which fails here
+    ("mat1 and mat2 shapes cannot be multiplied (32x80 and 32x32)"); the side is decided once from the weight."""
+    param = torch.nn.Parameter(torch.randn(32, 80))
+    optimizer = GaLoreAdamW([{"params": [param], "rank": 32, "update_proj_gap": 2, "scale": 1.0, "proj_type": "reverse_std"}])
+    param.grad = torch.randn(32, 80)
+    optimizer.step()
+    assert optimizer.state[param][projector.RIGHT].shape == (32, 80)
+    assert optimizer.state[param]["exp_avg"].shape == (32, 32)

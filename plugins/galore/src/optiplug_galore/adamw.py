@@ -5,6 +5,11 @@ The arithmetic is galore-torch's, operation for operation (``exp_avg.mul_(b1).ad
 update times ``scale``, weight decay ``p -= lr * wd * p`` after the update), so with the
 ``svd`` projection the results are bit-identical to galore-torch's per-tensor loop. torch's
 fused AdamW kernel cannot be used: it places ``eps`` differently (``sqrt(v / bc2) + eps``).
+
+What is faster than galore-torch without changing a bit: the parameters that are not projected
+(embeddings, norms, head) go through torch's foreach kernels; a projected weight's full-size
+update is written into one buffer per weight shape, reused for the whole step, and scaled in
+place (galore-torch allocates two full-size temporaries per weight per step).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from galore_torch import GaLoreAdamW as _GaLoreTorchAdamW
 from optiplug_galore.base import GaLoreMixin, bias_corrected_step_size
 from optiplug_galore.projector import project, project_back
 
-_CHUNK_ELEMENTS = 1 << 25  # bounds the foreach temporaries (denominators, updates) to ~2 x 128 MiB in float32
+_CHUNK_ELEMENTS = 1 << 22  # bounds the foreach temporaries (denominators, updates) to 2 x 16 MiB in float32
 
 
 def _chunks(sizes: list[int]) -> Iterator[list[int]]:
@@ -60,27 +65,58 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
         self._init_galore()
 
     def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        projected = "rank" in group
-        grads, exp_avgs, exp_avg_sqs, steps, states = [], [], [], [], []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("GaLore AdamW does not support sparse gradients")
+        if "rank" in group:
+            self._step_projected(group, params)
+        else:
+            self._step_foreach(group, params)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+    def _step_size(self, group: dict[str, Any], step: int) -> float:
+        beta1, beta2 = group["betas"]
+        return bias_corrected_step_size(group["lr"], beta1, beta2, step) if group["correct_bias"] else group["lr"]
+
+    def _moments(self, state: dict[str, Any], grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+        return state["exp_avg"], state["exp_avg_sq"], state["step"]
+
+    def _step_projected(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        # One parameter at a time, as galore-torch: its small low-rank tensors stay in cache through the
+        # element-wise chain, and the two matrix products dominate anyway.
+        beta1, beta2 = group["betas"]
+        buffers: dict[tuple, torch.Tensor] = {}  # one full-size output per weight shape for the whole step
+        for p in params:
             state = self.state[p]
             step = state.setdefault("step", 0)
-            grad = project(state, p.grad, group, self._index(p), step) if projected else p.grad
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(grad)
-                state["exp_avg_sq"] = torch.zeros_like(grad)
-            state["step"] = step + 1
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(step + 1)
-            states.append(state)
+            grad = project(state, p.grad, group, self._index(p), step)
+            exp_avg, exp_avg_sq, step = self._moments(state, grad)
+            exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().add_(group["eps"])
+            key = (p.shape, grad.dtype, p.device)
+            if key not in buffers:
+                buffers[key] = torch.empty(p.shape, dtype=grad.dtype, device=p.device)
+            update = project_back(state, exp_avg / denom, group, out=buffers[key])
+            p.add_(update, alpha=-self._step_size(group, step))
 
-        sizes = [g.numel() for g in grads]
-        for chunk in _chunks(sizes):
+    def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            state.setdefault("step", 0)
+            exp_avg, exp_avg_sq, step = self._moments(state, p.grad)
+            grads.append(p.grad)
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
+            steps.append(step)
+        for chunk in _chunks([g.numel() for g in grads]):
             g = [grads[i] for i in chunk]
             m = [exp_avgs[i] for i in chunk]
             v = [exp_avg_sqs[i] for i in chunk]
@@ -92,16 +128,10 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
             torch._foreach_add_(denom, group["eps"])
             updates = torch._foreach_div(m, denom)
             del denom
-            if projected:
-                updates = [project_back(states[i], u, group) for i, u in zip(chunk, updates)]
             by_step: dict[int, list[int]] = defaultdict(list)
             for j, i in enumerate(chunk):
                 by_step[steps[i]].append(j)
             for step, members in by_step.items():
-                step_size = group["lr"]
-                if group["correct_bias"]:
-                    step_size = bias_corrected_step_size(group["lr"], beta1, beta2, step)
-                torch._foreach_add_([params[chunk[j]] for j in members], [updates[j] for j in members], alpha=-step_size)
-            del updates
-        if group["weight_decay"] > 0.0:
-            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+                torch._foreach_add_(
+                    [params[chunk[j]] for j in members], [updates[j] for j in members], alpha=-self._step_size(group, step)
+                )

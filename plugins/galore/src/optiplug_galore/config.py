@@ -38,7 +38,7 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         "'randomized' (a randomized range finder; falls back to the exact SVD when rank + oversampling "
         "reaches the smaller side of a matrix).",
     )
-    oversampling: int = Field(8, ge=0, description="Randomized projection: extra test vectors beyond the rank.")
+    oversampling: int = Field(16, ge=0, description="Randomized projection: extra test vectors beyond the rank.")
     power_iterations: int = Field(2, ge=0, description="Randomized projection: power iterations (each one QR-orthonormalised).")
     seed: int = Field(0, ge=0, description="Randomized projection: seed of the Gaussian test matrices.")
     layerwise: bool = Field(

@@ -87,7 +87,7 @@ def refresh(state: MutableMapping[str, Any], grad: torch.Tensor, group: dict[str
             group["rank"],
             left,
             right,
-            oversampling=group.get("oversampling", 8),
+            oversampling=group.get("oversampling", 16),
             power_iterations=group.get("power_iterations", 2),
             generator=generator,
         )
@@ -118,14 +118,18 @@ def project(
     return low
 
 
-def project_back(state: MutableMapping[str, Any], low: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-    """The full-rank update of a low-rank one, times ``scale``."""
-    full = low
-    if LEFT in state:
-        full = torch.matmul(state[LEFT], full)
-    if RIGHT in state:
-        full = torch.matmul(full, state[RIGHT])
-    return full.mul_(group["scale"]) if full is not low else full * group["scale"]
+def project_back(
+    state: MutableMapping[str, Any], low: torch.Tensor, group: dict[str, Any], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The full-rank update of a low-rank one, times ``scale`` (written into ``out`` when given)."""
+    left, right = state.get(LEFT), state.get(RIGHT)
+    if left is not None and right is not None:
+        full = torch.matmul(torch.matmul(left, low), right, out=out)
+    elif left is not None:
+        full = torch.matmul(left, low, out=out)
+    else:
+        full = torch.matmul(low, right, out=out)
+    return full.mul_(group["scale"])
 
 
 def projection_error(grad: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> float:
