@@ -104,6 +104,7 @@ def measure(setup: dict[str, int], workdir: Path) -> dict:
 
 def main() -> None:
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         runs = _common.interleaved(
             {name: (lambda s=setup: measure(s, Path(tmp))) for name, setup in SETUPS.items()}, REPETITIONS
@@ -134,12 +135,13 @@ def main() -> None:
         f"Models: " + "; ".join(f"{s}: {_common.MODEL_SIZES[s].describe()}" for s in SIZES) + ". "
         f"Steps/s = 1 / median time between step ends after warm-up, median over {REPETITIONS} interleaved runs "
         f"of each set-up, each in fresh processes. Loss parity compares DDP's per-step losses with one process "
-        f"(same seed, data and global batch). {os.cpu_count()} CPUs, shared with other work: ratios are "
-        f"meaningful, absolute numbers less so. Took {time.perf_counter() - started:.0f} s."
+        f"(same seed, data and global batch). {os.cpu_count()} CPUs; 1-minute load average {load_before:.1f} "
+        f"before and {os.getloadavg()[0]:.1f} after: on a shared machine other work takes CPU time unevenly, so "
+        f"steps/s and even the ratios vary from run to run; parity does not. Took {time.perf_counter() - started:.0f} s."
     )
     path = _common.write_results(
         _common.script_name(__file__), "2-process DDP (torchrun, gloo) vs 1 process on CPU: adamw",
-        rows, notes, machine=_common.machine(),
+        rows, notes, machine={**_common.machine(), "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         chart={"x": ["model", "setup"], "y": ["samples_per_s"], "kind": "bar", "logy": True, "ylabel": "samples/s"},
     )  # fmt: skip
     print(notes)

@@ -341,10 +341,19 @@ def test_fsdp_and_deepspeed_need_a_launcher(monkeypatch, key, engine):
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("matrix")
+    """The one launch of the matrix worker; under pytest-xdist the workers share it (one launch per session)."""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "distributed-matrix"  # this session's, shared by the workers
+    else:
+        root = tmp_path_factory.mktemp("matrix")
     spec = {"keys": matrix_keys(), "engines": ["fsdp", "zero2", "zero3"] if HAS_DEEPSPEED else ["fsdp"]}
-    (root / "spec.json").write_text(json.dumps(spec))
-    ok(torchrun(str(HERE), "matrix", str(root), cwd=root))
+    with FileLock(f"{root}.lock"):
+        if not (root / "result.json").exists():
+            root.mkdir(exist_ok=True)
+            (root / "spec.json").write_text(json.dumps(spec))
+            ok(torchrun(str(HERE), "matrix", str(root), cwd=root))
     return {"root": root, "spec": spec, **json.loads((root / "result.json").read_text())}
 
 
