@@ -30,11 +30,11 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 MAX_POSITIONS = 1024
 
 MODEL = {
-    "hidden_size": 192,
-    "intermediate_size": 512,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 6,
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
     "tie_word_embeddings": True,
 }
 

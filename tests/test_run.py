@@ -14,6 +14,15 @@ from optiplug.data import assets_dir
 from optiplug.measure import optimizer_state_bytes, peak_rss_bytes, tensor_bytes
 from optiplug.run import SUMMARY_FILE
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread, and far faster on a loaded machine (no spinning OpenMP threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 FAST = [
     "data.block_size=16",
     "data.max_blocks=32",
@@ -53,7 +62,7 @@ def test_embedded_run_writes_every_output(tmp_path):
     assert summary["train_time_s"] > 0
     assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_time_s"], rel=1e-2)
     assert summary["peak_rss_bytes"] > 100 * 2**20
-    assert summary["parameters"] == summary["trainable_parameters"] > 1_000_000
+    assert summary["parameters"] == summary["trainable_parameters"] > 500_000
 
     model = optiplug.run._load_model(RunConfig().model, 42)  # the same seed: the same initial weights
     assert summary["optimizer_state_bytes"] == _adamw_state_bytes(model)
@@ -201,8 +210,8 @@ def test_freeze_pattern_that_matches_nothing(tmp_path):
                                   "finetuning.type=freeze", "finetuning.trainable=[mlp, attn_out]",
                                   f"training.output_dir={tmp_path / 'run'}"])  # fmt: skip
     assert str(info.value) == (
-        "finetuning.trainable: 'attn_out' matches no parameter name; names look like "
-        "'model.embed_tokens.weight', 'model.layers.0.self_attn.q_proj.weight', ..., 'lm_head.weight'"
+        "finetuning.trainable: 'attn_out' matches no parameter name; names look like: "
+        "model.embed_tokens.weight, model.layers.0.self_attn.q_proj.weight, lm_head.weight"
     )
     assert not (tmp_path / "run").exists()
 

@@ -22,7 +22,7 @@ __all__ = ["RunResult", "train", "default_training_arguments", "SUMMARY_FILE"]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
-DEFAULT_MAX_STEPS = 120
+DEFAULT_MAX_STEPS = 400
 
 
 @dataclasses.dataclass
