@@ -269,7 +269,18 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     from optiplug.trainer import OptiTrainer
 
     cfg = _resolve_config(config, overrides)
+    from optiplug.launch import check_engine_launch
+
+    check_engine_launch(cfg.training)  # FSDP/DeepSpeed without a launcher: one line, not a traceback
     args = _training_arguments(cfg)
+    if args.deepspeed:
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            # On CPU accelerate creates the gloo group but not deepspeed.comm, and ZeRO-3's
+            # zero.Init (entered by from_pretrained/from_config) would see a world size of 1.
+            deepspeed.init_distributed()
+    resume = args.resume_from_checkpoint
     tokenizer = _load_tokenizer(cfg.model)
     dataset = load_dataset(cfg.data, tokenizer)
     model = apply_finetuning(_load_model(cfg.model, args.seed), cfg.finetuning)
@@ -291,7 +302,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     if main:
         (out / SUMMARY_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     train_time = time.perf_counter() - start
 
     trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
