@@ -271,3 +271,30 @@ def test_build_optimizer_and_scheduler_in_a_plain_loop():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_optimizer_log_values_join_the_log_records(temp_plugin, tmp_path):
+    class Reporting:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            def build(ctx, cfg):
+                import torch
+
+                class SGDWithReport(torch.optim.SGD):
+                    def log_values(self):
+                        return {"sgd_groups": float(len(self.param_groups))}
+
+                return SGDWithReport(ctx.param_groups(0.0), lr=cfg.lr)
+
+            register(optiplug.OptimizerEntry(config=ReportingConfig, build=build))
+
+    temp_plugin(Reporting(), "reporting")
+    trainer, _ = _make(tmp_path, "reporting_sgd", max_steps=2)
+    trainer.train()
+    records = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["sgd_groups"] for h in records] == [2.0, 2.0]
+
+
+class ReportingConfig(optiplug.OptimizerConfig):
+    name: Literal["reporting_sgd"] = "reporting_sgd"
+    lr: float = 0.01

@@ -127,6 +127,14 @@ class OptiTrainerMixin:
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # An optimizer may report values of its own (``log_values() -> dict``), e.g. BAdam's active block.
+        raw = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
+        extra = getattr(raw, "log_values", None)
+        if callable(extra) and "loss" in logs:
+            logs = {**logs, **extra()}
+        return super().log(logs, *args, **kwargs)
+
     def train(self, *args: Any, **kwargs: Any):
         if getattr(self.args, "fsdp", None) and not getattr(self, "is_fsdp_enabled", False):
             logger.warning("training.fsdp is set but accelerate runs plain DDP here: FSDP needs GPUs")

@@ -197,7 +197,8 @@ def test_block_switches_are_logged_not_printed(layer_run):
         "badam: block 0 of 2 active from step 6 (model.layers.0.)",
         "badam: block 1 of 2 active from step 9 (model.layers.1.)",
     ]
-    assert "trainable" not in stdout and "block" not in stdout
+    assert "trainable" not in stdout
+    assert all(line.startswith("{") for line in stdout.splitlines() if "block" in line)  # only the Trainer's log records
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -355,3 +356,9 @@ def test_resume_reproduces_the_uninterrupted_run(name, tmp_path):
         resumed.train(resume_from_checkpoint=str(checkpoint))
         after = {step: loss for step, loss in logged_losses(resumed).items() if step > point}
         assert after == {step: uninterrupted[step] for step in range(point + 1, steps + 1)}, f"resumed at {point}"
+
+
+def test_active_block_joins_the_trainer_log_records(layer_run):
+    trainer = layer_run[0]
+    blocks = [h["badam_active_block"] for h in trainer.state.log_history if "loss" in h]
+    assert len(blocks) == 8 and blocks[0] == 0.0 and set(blocks) == {0.0, 1.0}

@@ -242,6 +242,10 @@ class BlockAdamW(BlockOptimizer):
         params = [p for group in self.base_optimizer.param_groups for p in group["params"]]
         return {id(p): i for i, p in enumerate(params)}
 
+    def log_values(self) -> dict[str, float]:
+        """Joins each Trainer log record (optiplug's optimizer ``log_values`` convention)."""
+        return {"badam_active_block": float(self.active_block if self.active_block is not None else -1)}
+
     def state_dict(self) -> dict[str, Any]:
         """The base AdamW's ``state_dict`` with each master copy under its parameter's state
         (``"master_weight"``), and the block schedule under ``"badam"``."""
