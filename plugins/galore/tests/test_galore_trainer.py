@@ -174,7 +174,6 @@ def test_resume_between_two_projection_refreshes_is_exact(tmp_path, layerwise):
     assert len(state["state"]) == n_params
 
 
-@pytest.mark.slow
 def test_randomized_training_loss_is_within_one_percent_of_the_svd_run(tmp_path):
     losses = {}
     for projection in ("svd", "randomized"):

@@ -43,7 +43,7 @@ class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):
             self.to_gpu()
             self.initialized = True
         for p in params:
-            gindex, pindex, index = self._positions[p]
+            gindex, pindex, index = self._position(p)
             state = self.state[p]
             if "rank" not in group:
                 if "state1" not in state:

@@ -69,6 +69,9 @@ class GaLoreMixin:
 
     def _init_galore(self) -> None:
         self._layerwise: _Layerwise | None = None
+        self._init_galore_positions()
+
+    def _init_galore_positions(self) -> None:
         self._positions: dict[torch.Tensor, tuple[int, int, int]] = {}
         flat = 0
         for gindex, group in enumerate(self.param_groups):
@@ -76,9 +79,15 @@ class GaLoreMixin:
                 self._positions[p] = (gindex, pindex, flat)
                 flat += 1
 
+    def _position(self, p: torch.Tensor) -> tuple[int, int, int]:
+        """``(group index, index in the group, index in the optimizer)`` of a parameter."""
+        if p not in self._positions:  # a group added with add_param_group
+            self._init_galore_positions()
+        return self._positions[p]
+
     def _index(self, p: torch.Tensor) -> int:
         """The parameter's position in the optimizer (seeds its randomized projections)."""
-        return self._positions[p][2]
+        return self._position(p)[2]
 
     # ---- stepping ----
     def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -161,7 +170,7 @@ class GaLoreMixin:
             lw.norm_step, lw.norm_squares = step, square
         else:
             lw.norm_squares = lw.norm_squares + square
-        gindex = self._positions[p][0]
+        gindex = self._position(p)[0]
         with torch.no_grad():
             self._step_params(self.param_groups[gindex], [p])
         p.grad = None

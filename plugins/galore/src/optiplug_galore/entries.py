@@ -6,6 +6,7 @@ torch, galore-torch and bitsandbytes are imported inside the functions, never at
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,8 +46,6 @@ def _finish(optimizer: Any, ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> An
         accelerator = getattr(trainer, "accelerator", None)
         should_sync = None
         if accelerator is not None:
-            import weakref
-
             ref = weakref.ref(accelerator)
 
             def should_sync() -> bool:
