@@ -269,21 +269,66 @@ def summary_and_losses(out: Path) -> tuple[dict, list[float]]:
     return summary, [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_twice_the_batch(tiny, reference, tmp_path):
-    out, logs = tmp_path / "out", tmp_path / "logs"
+@pytest.fixture(scope="module")
+def torchrun_run(tiny, tmp_path_factory) -> dict[str, Any]:
+    """examples/ddp.yaml under ``torchrun --nproc_per_node 2``, a checkpoint every STEPS // 2 steps."""
+    root = tmp_path_factory.mktemp("torchrun")
+    out, logs = root / "out", root / "logs"
     result = ok(torchrun("--log-dir", str(logs), "--tee", "3", "-m", "optiplug", "train", str(EXAMPLES / "ddp.yaml"),
-                         *tiny, f"training.output_dir={out}", cwd=tmp_path))  # fmt: skip
+                         *tiny, f"training.output_dir={out}", "training.save_strategy=steps",
+                         f"training.save_steps={STEPS // 2}", cwd=root))  # fmt: skip
+    return {"out": out, "logs": logs, "result": result}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_with_twice_the_batch(torchrun_run, reference):
+    out, logs, result = torchrun_run["out"], torchrun_run["logs"], torchrun_run["result"]
     summary, losses = summary_and_losses(out)
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
     assert summary["tokens"] == STEPS * 2 * B * 16
     assert_same_losses(losses, reference)
     assert (out / "model.safetensors").is_file() and (out / "loss.png").is_file()
-    # logs are not duplicated: only rank 0 prints the Trainer's log lines
+    assert {p.name for p in (out / f"checkpoint-{STEPS // 2}").glob("rng_state_*.pth")} == {
+        "rng_state_0.pth", "rng_state_1.pth"}  # fmt: skip
+    # logs are not duplicated: only rank 0 prints the Trainer's log lines and the closing line
     rank_out = {p.parent.name: p.read_text() for p in logs.rglob("stdout.log")}
+    rank_err = {p.parent.name: p.read_text() for p in logs.rglob("stderr.log")}
     assert set(rank_out) == {"0", "1"}
     assert rank_out["0"].count("'loss'") == STEPS and rank_out["1"].count("'loss'") == 0
     assert result.stdout.count("'loss'") == STEPS
+    assert "optiplug: done" in rank_err["0"] and "optiplug: done" not in rank_err["1"]
+
+
+@pytest.mark.slow
+def test_resume_with_the_same_launcher_reproduces_the_uninterrupted_run(torchrun_run, tiny, tmp_path):
+    """Checkpoint at STEPS // 2 of a 2-process run, resumed by ``optiplug train --nproc 2`` (torchrun)."""
+    out = tmp_path / "out"
+    checkpoint = torchrun_run["out"] / f"checkpoint-{STEPS // 2}"
+    ok(launch(sys.executable, "-m", "optiplug", "train", str(EXAMPLES / "ddp.yaml"), *tiny, "--nproc", "2",
+              f"training.output_dir={out}", f"training.resume_from_checkpoint={checkpoint}", cwd=tmp_path))  # fmt: skip
+    state = json.loads((out / "trainer_state.json").read_text())
+    resumed = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h and h["step"] > STEPS // 2}
+    _, uninterrupted = summary_and_losses(torchrun_run["out"])
+    assert sorted(resumed) == list(range(STEPS // 2 + 1, STEPS + 1))
+    assert_same_losses([resumed[step] for step in sorted(resumed)], uninterrupted[STEPS // 2 :])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
+def test_deepspeed_zero3_example_trains_badam_under_torchrun(tiny, tmp_path):
+    """The ZeRO-3 recipe as documented (run from the repository root), BAdam's distributed mode, on CPU."""
+    out = tmp_path / "out"
+    ok(torchrun("-m", "optiplug", "train", "examples/deepspeed-zero3.yaml", *tiny, f"training.output_dir={out}",
+                "optimizer.name=badam", "optimizer.switch_every=2", cwd=HERE.parents[1], timeout=900))  # fmt: skip
+    summary, losses = summary_and_losses(out)
+    assert summary["world_size"] == 2 and summary["optimizer"]["name"] == "badam" and summary["steps"] == STEPS
+    assert len(losses) == STEPS and all(math.isfinite(loss) for loss in losses)
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    saved = load_file(out / "model.safetensors")  # gathered from the ZeRO-3 partitions, not empty shards
+    expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
+    assert sum(t.numel() for t in saved.values()) == sum(p.numel() for p in expected.parameters())
 
 
 @pytest.mark.slow
@@ -407,7 +452,8 @@ def test_fsdp2_sharded_parameters_take_the_same_steps(matrix):
 
 
 @pytest.mark.slow
-def test_resume_under_two_processes_reproduces_the_uninterrupted_run(matrix):
+def test_optimizer_states_resume_exactly_under_ddp(matrix):
+    """adamw and GaLore (projections in the optimizer state) resumed from a 2-process checkpoint."""
     root = matrix["root"]
     ok(torchrun(str(HERE), "resume", str(root), cwd=root))
     resumed = json.loads((root / "resumed.json").read_text())
