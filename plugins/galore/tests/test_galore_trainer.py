@@ -39,7 +39,8 @@ def _raw(trainer):
     return unwrap_optimizer(trainer.optimizer)
 
 
-def test_svd_losses_equal_transformers_galore_adamw_exactly(tmp_path):
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_svd_losses_equal_transformers_exactly(tmp_path, name):
     from transformers import Trainer
 
     with warnings.catch_warnings():
@@ -50,7 +51,7 @@ def test_svd_losses_equal_transformers_galore_adamw_exactly(tmp_path):
                 tmp_path / "transformers",
                 max_steps=8,
                 learning_rate=3e-3,
-                optim="galore_adamw",
+                optim=name,
                 optim_target_modules=LINEAR,
                 optim_args="rank=8,update_proj_gap=3,scale=0.25,proj_type=std",
             ),
@@ -61,7 +62,7 @@ def test_svd_losses_equal_transformers_galore_adamw_exactly(tmp_path):
         model=tiny_llama(hidden=64),
         args=training_args(tmp_path / "optiplug", max_steps=8, learning_rate=3e-3),
         train_dataset=TokenBlocks(n=64),
-        optimizer=_galore(target_modules=LINEAR, scale=0.25, proj_type="std", projection="svd"),
+        optimizer=_galore(name=name, target_modules=LINEAR, scale=0.25, proj_type="std", projection="svd"),
     )
     ours.train()
     assert logged_losses(ours) == logged_losses(reference)

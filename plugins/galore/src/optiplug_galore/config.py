@@ -24,7 +24,9 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         "the output head), a regex matched against the full module name, or a list (a module is selected "
         "when an item occurs in its name or fully matches it as a regex, as transformers' optim_target_modules).",
     )
-    rank: int = Field(128, gt=0, description="Rank of the projection (capped at the smaller side of each matrix).")
+    rank: int = Field(
+        128, gt=0, description="Rank of the projection, capped at the smaller side of each matrix (at the cap it saves no memory)."
+    )
     update_proj_gap: int = Field(200, gt=0, description="Recompute each projection every this many optimizer steps.")
     scale: float = Field(0.25, gt=0, description="Factor applied to the update projected back to full rank.")
     proj_type: ProjType = Field(
