@@ -58,7 +58,7 @@ def default_training_arguments() -> dict[str, Any]:
         "output_dir": DEFAULT_OUTPUT_DIR,
         "max_steps": DEFAULT_MAX_STEPS,
         "per_device_train_batch_size": 16,
-        "logging_steps": 5,
+        "logging_steps": 10,
         "logging_first_step": True,
         "save_strategy": "no",
         "report_to": "none",
