@@ -314,7 +314,8 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     if main:
         out.mkdir(parents=True, exist_ok=True)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
-        title = f"{cfg.optimizer.name} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
+        lr = getattr(cfg.optimizer, "lr", None)
+        title = f"{cfg.optimizer.name}{f' (lr {lr:g})' if lr else ''} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
         _plot_losses(losses, title, out / "loss.png")
         _write_json_atomic(summary, out / SUMMARY_FILE)
     return RunResult(output_dir=out, summary=summary, losses=losses)
