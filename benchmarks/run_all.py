@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         columns.extend(key for key in row if key not in columns)
     if not columns:
         return "_(no rows)_"
-    numeric = {c for c in columns if all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows)}
+    numeric = {
+        c for c in columns
+        if all(isinstance(r.get(c), (int, float)) or r.get(c) is None for r in rows) and any(r.get(c) is not None for r in rows)
+    }  # fmt: skip
     lines = [
         "| " + " | ".join(columns) + " |",
         "| " + " | ".join("---:" if c in numeric else "---" for c in columns) + " |",
@@ -168,8 +172,15 @@ def draw_chart(name: str, data: dict[str, Any], spec: dict[str, Any], path: Path
             if len(set(extended)) == len(extended):
                 labels = extended
                 break
-    fig, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) * max(1, len(ys)) + 2), 4))
-    if spec["kind"] == "line" and len(xs) == 1 and all(_number(r[xs[0]]) for r in rows):
+    line = spec["kind"] == "line" and len(xs) == 1 and all(_number(r[xs[0]]) for r in rows)
+    # many or long labels read better on horizontal bars
+    horizontal = not line and (len(rows) * len(ys) > 12 or max(map(len, labels)) > 24)
+    if horizontal:
+        fig, axes = plt.subplots(figsize=(9, max(2.8, 1.4 + 0.32 * len(rows) * len(ys))))
+    else:
+        fig, axes = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) * len(ys) + 2), 4))
+    value_axis = "x" if horizontal else "y"
+    if line:
         for y in ys:
             points = [(r[xs[0]], r[y]) for r in rows if _number(r.get(y))]
             axes.plot(*zip(*points), marker="o", label=y)
@@ -179,16 +190,24 @@ def draw_chart(name: str, data: dict[str, Any], spec: dict[str, Any], path: Path
         for i, y in enumerate(ys):
             values = [r[y] if _number(r.get(y)) else 0.0 for r in rows]
             positions = [p + (i - (len(ys) - 1) / 2) * width for p in range(len(rows))]
-            axes.bar(positions, values, width=width, label=y)
-        axes.set_xticks(range(len(rows)), labels, rotation=20 if max(map(len, labels)) > 10 else 0, ha="right"
-                        if max(map(len, labels)) > 10 else "center")  # fmt: skip
+            if horizontal:
+                axes.barh(positions, values, height=width, label=y)
+            else:
+                axes.bar(positions, values, width=width, label=y)
+        if horizontal:
+            axes.set_yticks(range(len(rows)), labels)
+            axes.invert_yaxis()
+        else:
+            tilt = max(map(len, labels)) > 10
+            axes.set_xticks(range(len(rows)), labels, rotation=20 if tilt else 0, ha="right" if tilt else "center")
     if _number(spec.get("target")):
-        axes.axhline(spec["target"], color="grey", linestyle="--", linewidth=1, label=f"target {spec['target']}")
+        mark = axes.axvline if horizontal else axes.axhline
+        mark(spec["target"], color="grey", linestyle="--", linewidth=1, label=f"target {spec['target']}")
     if spec.get("logy"):
-        axes.set_yscale("log")
-    axes.set_ylabel(spec.get("ylabel") or (ys[0] if len(ys) == 1 else ""))
-    axes.set_title(data["title"], fontsize=10)
-    axes.grid(alpha=0.3, axis="y")
+        (axes.set_xscale if horizontal else axes.set_yscale)("log")
+    (axes.set_xlabel if horizontal else axes.set_ylabel)(spec.get("ylabel") or (ys[0] if len(ys) == 1 else ""))
+    axes.set_title(textwrap.fill(data["title"], 70), fontsize=10)
+    axes.grid(alpha=0.3, axis=value_axis)
     if len(ys) > 1 or _number(spec.get("target")):
         axes.legend(fontsize=8)
     fig.tight_layout()
@@ -337,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {**previous, **run_scripts(selected, args.timeout)}
         _common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         RUNS.write_text(json.dumps(runs, indent=2) + "\n")
-    runs = {name: run for name, run in runs.items() if name in available}
+    runs = {name: runs[name] for name in available if name in runs}
     problems = write_report(runs)
     print(f"wrote {DOC.relative_to(ROOT)}")
     for problem in problems:
