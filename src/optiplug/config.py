@@ -145,7 +145,7 @@ def parse_scheduler(value: Any, **fields: Any) -> SchedulerConfig:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on first use: `optiplug list` stays fast
 
 
 class ModelConfig(_Section):
