@@ -296,9 +296,7 @@ def write_report(runs: dict[str, dict[str, Any]]) -> list[str]:
         out.append("")
     out += [model_sizes_section()]
     for name, data in results:
-        out += [f"## {data['title']}", "", f"`benchmarks/{name}.py`" + (
-            f" — {runs[name]['status']}, {runs[name]['wall_s']} s, finished {runs[name]['finished']}" if name in runs else ""
-        ), ""]  # fmt: skip
+        out += [f"## {data['title']}", "", f"`benchmarks/{name}.py`", ""]
         notes = data["notes"] if isinstance(data["notes"], str) else " ".join(map(str, data["notes"]))
         if notes:
             out += [notes, ""]
