@@ -55,7 +55,9 @@ def test_override_on_an_absent_section_configures_the_default():
 
 def test_configs_are_frozen_and_forbid_extra_fields():
     config = parse_optimizer("adamw")
-    with pytest.raises(Exception):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.lr = 1.0  # type: ignore[misc]
     with pytest.raises(optiplug.ConfigError) as info:
         parse_optimizer({"name": "adamw", "lrr": 1.0})

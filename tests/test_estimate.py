@@ -189,7 +189,7 @@ def test_an_entry_without_state_bytes_shows_na(tiny_dir, temp_plugin):
     class Plugin:
         @optiplug.hookimpl
         def register_optimizers(self, register):
-            register(optiplug.OptimizerEntry(PlainConfig, lambda ctx, cfg: None, "no state_bytes"))
+            register(optiplug.OptimizerEntry(config=PlainConfig, build=lambda ctx, cfg: None, summary="no state_bytes"))
 
     temp_plugin(Plugin(), "plain-sgd-test")
     rows = _by_name(estimate(_run(tiny_dir), ["plain_sgd_test", "adamw"]))

@@ -72,3 +72,18 @@ def test_resume_every_optimizer_reproduces_the_uninterrupted_run(name, tmp_path)
     assert sorted(after) == list(range(steps // 2 + 1, steps + 1))
     for step, loss in after.items():
         assert loss == reference[step], f"{name}: step {step}: resumed {loss} != uninterrupted {reference[step]}"
+
+
+FIRST_PARTY = {"optiplug-badam", "optiplug-galore", "optiplug-loraplus"}
+# Optimizers of this repository that these plain-model tests may skip, and why (their tests live elsewhere).
+EXPECTED_REFUSALS = {"loraplus": "trains LoRA adapters only: covered on a LoRA model in tests/test_adapters.py"}
+
+
+def test_skips_above_are_only_the_expected_refusals():
+    """The parametrizations above skip what an entry's check refuses; a wrong refusal must not hide here."""
+    rows = optiplug.list_optimizers()
+    assert {"badam", "galore_adamw", "galore_adafactor", "galore_adamw8bit", "loraplus"} <= {r.name for r in rows}
+    assert optiplug.plugins.plugin_failures() == []
+    ours = {r.name for r in rows if r.plugin.startswith("optiplug:") or r.plugin in FIRST_PARTY}
+    skipped = {p.values[0] for p in every_optimizer() if not isinstance(p, str)}
+    assert skipped & ours == set(EXPECTED_REFUSALS)

@@ -61,7 +61,22 @@ def test_duplicate_name_names_both_plugins(temp_plugin):
     message = str(info.value)
     assert "optimizer 'demo_sgd' is registered twice" in message
     assert "'acme-one'" in message and "'acme-two'" in message
-    assert "OPTIPLUG_DISABLE_PLUGINS=" in message
+    assert message.endswith("uninstall one")  # run-time plugins: no environment variable can turn them off
+
+
+def test_a_plugin_whose_register_hook_raises_is_left_out(temp_plugin):
+    class Raising:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=DemoConfig, build=build_demo))
+            raise RuntimeError("cannot register today")
+
+    temp_plugin(Raising(), "raising-plugin")
+    with pytest.warns(RuntimeWarning, match="plugin 'raising-plugin' was left out"):
+        names = {r.name for r in optiplug.list_optimizers()}
+    assert "adamw" in names and "demo_sgd" not in names  # its partial registration is dropped too
+    causes = {f.name: f.cause for f in plugin_failures()}
+    assert causes["raising-plugin"] == "register_optimizers raised RuntimeError: cannot register today"
 
 
 def test_unknown_name_suggests_close_matches():
@@ -98,8 +113,13 @@ def test_register_rejects_wrong_entry_type(temp_plugin):
             register({"name": "oops"})
 
     temp_plugin(Bad(), "bad-entry")
-    with pytest.raises(optiplug.PluginError, match="plugin 'bad-entry' registered .* as a optimizer; expected optiplug.OptimizerEntry"):
-        optiplug.list_optimizers()
+    with pytest.warns(RuntimeWarning, match="plugin 'bad-entry' was left out"):
+        assert "adamw" in {r.name for r in optiplug.list_optimizers()}
+    causes = {f.name: f.cause for f in plugin_failures()}
+    assert causes["bad-entry"] == (
+        "register_optimizers raised PluginError: plugin 'bad-entry' registered {'name': 'oops'} as a optimizer; "
+        "expected optiplug.OptimizerEntry"
+    )
 
 
 def test_misspelled_hook_is_reported():
@@ -185,6 +205,29 @@ def test_entry_point_plugins_load_and_failures_are_isolated(site_dir):
     assert "unknown hook(s) register_optimisers (misspelled?)" in failures["acme-typo"]
     info = {p.name: p for p in optiplug.plugins.loaded_plugins()}
     assert info["acme-good"].version == "1.2.3" and info["acme-good"].hooks == ("register_optimizers",)
+
+
+def test_duplicate_from_entry_points_names_the_deny_list_value(site_dir):
+    _write_distribution(site_dir, "acme-good", "ep_good", GOOD_PLUGIN)
+    twin = site_dir / "twin"
+    twin.mkdir()
+    (site_dir / "ep_twin.py").write_text(textwrap.dedent(GOOD_PLUGIN))
+    _write_distribution(twin, "acme-twin", "ep_twin_unused", "")
+    (next(twin.glob("*.dist-info")) / "entry_points.txt").write_text("[optiplug]\ntwin = ep_twin\n")
+    import sys as _sys
+
+    _sys.path.insert(0, str(twin))
+    try:
+        reload_plugins()
+        with pytest.raises(optiplug.DuplicateNameError) as info:
+            optiplug.list_optimizers()
+    finally:
+        _sys.path.remove(str(twin))
+        _sys.modules.pop("ep_twin", None)
+    assert str(info.value) == (
+        "optimizer 'ep_sgd' is registered twice, by plugins 'acme-good' and 'acme-twin': uninstall one, "
+        "or set OPTIPLUG_DISABLE_PLUGINS=twin"
+    )
 
 
 def test_allow_and_deny_lists(site_dir, monkeypatch):

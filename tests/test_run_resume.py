@@ -28,3 +28,15 @@ def test_engines_without_a_launcher_are_one_clear_error(tmp_path):
     with pytest.raises(optiplug.ConfigError, match=r"training.fsdp: .* runs in processes started by a launcher"):
         optiplug.train(None, [*SMALL, f"training.output_dir={tmp_path}", "training.fsdp=full_shard"])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_missing_checkpoint_is_one_clear_error_before_anything_is_written(tmp_path):
+    import pytest
+
+    out = tmp_path / "out"
+    with pytest.raises(optiplug.CheckpointError) as info:
+        optiplug.train(None, [*SMALL, f"training.output_dir={out}", f"training.resume_from_checkpoint={tmp_path / 'nope'}"])
+    assert str(info.value) == (
+        f"training.resume_from_checkpoint: '{tmp_path / 'nope'}' does not exist; give a checkpoint-N directory of an earlier run"
+    )
+    assert not out.exists()

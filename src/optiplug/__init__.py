@@ -33,6 +33,7 @@ from optiplug.hookspecs import hookimpl, hookspec
 from optiplug.patches import Patch
 from optiplug.registry import (
     OptimizerEntry,
+    Registered,
     SchedulerEntry,
     get_entry,
     get_scheduler_entry,
@@ -75,6 +76,7 @@ __all__ = [
     "ParamShape",
     "Patch",
     "PluginError",
+    "Registered",
     "RunConfig",
     "SaveProcessorCallback",
     "ScheduleContext",

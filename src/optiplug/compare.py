@@ -277,10 +277,17 @@ def compare(
         raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
     for name in names:
         get_entry(name)
-    if config is not None and not Path(config).is_file():
-        raise ConfigError(f"config file {str(config)!r} does not exist")
+    from optiplug.config import load_config
+
+    for name in names:  # every run's config is valid before any run starts or anything is written
+        load_config(config, [*overrides, f"optimizer.name={name}", f"training.max_steps={steps}"])
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output: {str(output)!r} is a file; choose a directory")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output: cannot create {str(output)!r}: {error.strerror}") from None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs: list[CompareRun] = []
     with _Progress(names, steps, enabled=progress) as display:

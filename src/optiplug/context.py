@@ -51,6 +51,18 @@ class ParamShape:
         ]
 
 
+def _read_json(path: str) -> dict:
+    import json
+
+    from optiplug.errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"training.deepspeed: cannot read the DeepSpeed config {path!r}: {error}") from None
+
+
 @dataclass
 class BuildContext:
     """Passed to an entry's ``build(ctx, cfg)`` and ``check(ctx, cfg)``.
@@ -64,7 +76,7 @@ class BuildContext:
     model: nn.Module
     trainer: Trainer | None = None
     args: TrainingArguments | None = None
-    _decay: set[str] | None = field(default=None, repr=False)
+    _decay: set[str] | None = field(default=None, init=False, repr=False)
 
     # ---- parameters ----
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -111,9 +123,7 @@ class BuildContext:
         plugin = getattr(self.args, "hf_deepspeed_config", None)
         config = getattr(plugin, "config", None)
         if config is None:
-            import json
-
-            config = ds if isinstance(ds, dict) else json.loads(open(ds).read())
+            config = ds if isinstance(ds, dict) else _read_json(ds)
         return int(config.get("zero_optimization", {}).get("stage", 0))
 
     @property

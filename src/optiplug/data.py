@@ -79,6 +79,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"data.path: {str(path)!r} is not UTF-8 text (bad byte at offset {error.start})") from None
+    except OSError as error:
+        raise ConfigError(f"data.path: cannot read {str(path)!r}: {error.strerror or error}") from None
 
 
 def _field_of(record: Any, field: str, where: str) -> str:

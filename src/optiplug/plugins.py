@@ -64,6 +64,7 @@ _pm: pluggy.PluginManager | None = None
 _failures: list[PluginFailure] = []
 _infos: dict[str, PluginInfo] = {}
 _generation = 0
+_deny_names: dict[str, str] = {}  # plugin name -> the name OPTIPLUG_DISABLE_PLUGINS matches
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -141,6 +142,7 @@ def _load() -> pluggy.PluginManager:
             continue
         version = ep.dist.version if ep.dist is not None else None
         infos[name] = PluginInfo(name, dist, version, _hooks_of(pm, plugin))
+        _deny_names[name] = ep.name
     for failure in failures:
         warnings.warn(f"optiplug: plugin {failure.name!r} was not loaded: {failure.cause}", RuntimeWarning, stacklevel=3)
     _failures[:] = failures
@@ -164,6 +166,20 @@ def plugins_generation() -> int:
     """A counter that changes whenever the set of plugins changes (registry caches key on it)."""
     get_plugin_manager()
     return _generation
+
+
+def record_failure(name: str, cause: str) -> None:
+    """Record (and warn about) a plugin that broke after loading, e.g. its register hook raised."""
+    if any(f.name == name and f.cause == cause for f in _failures):
+        return
+    _failures.append(PluginFailure(name, cause))
+    warnings.warn(f"optiplug: plugin {name!r} was left out: {cause}", RuntimeWarning, stacklevel=3)
+
+
+def deny_list_name(name: str) -> str | None:
+    """The name ``OPTIPLUG_DISABLE_PLUGINS`` matches for plugin ``name`` (None: not an entry-point plugin)."""
+    get_plugin_manager()
+    return _deny_names.get(name)
 
 
 def plugin_failures() -> list[PluginFailure]:

@@ -67,7 +67,7 @@ def _check_requires(kind: str, name: str, requires: Sequence[str]) -> None:
             ) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimizerEntry(Generic[C]):
     """One optimizer a plugin offers.
 
@@ -108,7 +108,7 @@ class OptimizerEntry(Generic[C]):
         _check_requires("optimizer", self.name, self.requires)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SchedulerEntry(Generic[C]):
     """One learning-rate scheduler a plugin offers.
 
@@ -159,8 +159,16 @@ class _Tables:
 _cache: tuple[int, _Tables] | None = None
 
 
+def _duplicate_message(kind: str, name: str, first: str, second: str) -> str:
+    from optiplug.plugins import deny_list_name
+
+    message = f"{kind} {name!r} is registered twice, by plugins {first!r} and {second!r}: uninstall one"
+    deny = deny_list_name(second) or deny_list_name(first)
+    return message + (f", or set OPTIPLUG_DISABLE_PLUGINS={deny}" if deny else "")
+
+
 def _collect() -> _Tables:
-    from optiplug.plugins import get_plugin_manager, plugins_generation
+    from optiplug.plugins import get_plugin_manager, plugins_generation, record_failure
 
     global _cache
     generation = plugins_generation()
@@ -177,10 +185,7 @@ def _collect() -> _Tables:
                 )
             previous = table.get(entry.name)
             if previous is not None:
-                raise DuplicateNameError(
-                    f"{kind} {entry.name!r} is registered twice, by plugins {previous.plugin!r} and {plugin!r}: "
-                    f"uninstall one, or set OPTIPLUG_DISABLE_PLUGINS={plugin}"
-                )
+                raise DuplicateNameError(_duplicate_message(kind, entry.name, previous.plugin, plugin))
             table[entry.name] = Registered(kind, entry, plugin)
 
         return register
@@ -189,10 +194,22 @@ def _collect() -> _Tables:
         (pm.hook.register_optimizers, "optimizer", tables.optimizers, OptimizerEntry),
         (pm.hook.register_schedulers, "scheduler", tables.schedulers, SchedulerEntry),
     ):
-        # Call each implementation on its own so every name is recorded with its plugin.
-        for impl in reversed(hook.get_hookimpls()):
+        # Call each implementation on its own so every name is recorded with its plugin, and a
+        # plugin whose hook raises is reported and left out while the others still register.
+        for impl in hook.get_hookimpls():  # registration order: the default plugin first
             plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
-            impl.function(register=make_register(kind, table, entry_type, plugin))
+            scratch: dict[str, Registered] = {}
+            try:
+                impl.function(register=make_register(kind, scratch, entry_type, plugin))
+            except DuplicateNameError:
+                raise
+            except Exception as error:  # a broken plugin must not break every command
+                record_failure(plugin, f"register_{kind}s raised {type(error).__name__}: {error}")
+                continue
+            for name, row in scratch.items():
+                if name in table:
+                    raise DuplicateNameError(_duplicate_message(kind, name, table[name].plugin, plugin))
+                table[name] = row
     _cache = (generation, tables)
     return tables
 

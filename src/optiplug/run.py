@@ -79,10 +79,26 @@ def _training_arguments(cfg: RunConfig):
     if "num_train_epochs" in cfg.training and "max_steps" not in cfg.training:
         del defaults["max_steps"]
     args = training_arguments(cfg, defaults)
+    _check_resume(args)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"training.output_dir: {args.output_dir!r} is a file; choose a directory")
     return args
+
+
+def _check_resume(args: Any) -> None:
+    """A checkpoint to resume from must exist before anything is loaded or written."""
+    checkpoint = args.resume_from_checkpoint
+    if checkpoint is None:
+        return
+    path = Path(checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        from optiplug.errors import CheckpointError
+
+        what = "does not exist" if not path.exists() else "is not a Trainer checkpoint (no trainer_state.json)"
+        raise CheckpointError(
+            f"training.resume_from_checkpoint: {checkpoint!r} {what}; give a checkpoint-N directory of an earlier run"
+        )
 
 
 def _local_dir(name: str, field: str) -> Path:

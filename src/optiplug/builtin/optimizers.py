@@ -253,11 +253,11 @@ def build_adamax(ctx: BuildContext, cfg: AdamaxConfig):
 
 @hookimpl
 def register_optimizers(register):
-    register(OptimizerEntry(AdamWConfig, build_adamw, "AdamW, torch (fused where supported)", state_bytes=adam_state_bytes))
-    register(OptimizerEntry(AdamConfig, build_adam, "Adam, torch", state_bytes=adam_state_bytes))
-    register(OptimizerEntry(SGDConfig, build_sgd, "SGD with momentum, torch", state_bytes=sgd_state_bytes))
-    register(OptimizerEntry(AdagradConfig, build_adagrad, "Adagrad, torch", state_bytes=one_moment_state_bytes))
-    register(OptimizerEntry(RMSpropConfig, build_rmsprop, "RMSprop, torch", state_bytes=rmsprop_state_bytes))
-    register(OptimizerEntry(RAdamConfig, build_radam, "RAdam, torch", state_bytes=adam_state_bytes))
-    register(OptimizerEntry(NAdamConfig, build_nadam, "NAdam, torch", state_bytes=nadam_state_bytes))
-    register(OptimizerEntry(AdamaxConfig, build_adamax, "Adamax, torch", state_bytes=adam_state_bytes))
+    register(OptimizerEntry(config=AdamWConfig, build=build_adamw, summary="AdamW, torch (fused where supported)", state_bytes=adam_state_bytes))
+    register(OptimizerEntry(config=AdamConfig, build=build_adam, summary="Adam, torch", state_bytes=adam_state_bytes))
+    register(OptimizerEntry(config=SGDConfig, build=build_sgd, summary="SGD with momentum, torch", state_bytes=sgd_state_bytes))
+    register(OptimizerEntry(config=AdagradConfig, build=build_adagrad, summary="Adagrad, torch", state_bytes=one_moment_state_bytes))
+    register(OptimizerEntry(config=RMSpropConfig, build=build_rmsprop, summary="RMSprop, torch", state_bytes=rmsprop_state_bytes))
+    register(OptimizerEntry(config=RAdamConfig, build=build_radam, summary="RAdam, torch", state_bytes=adam_state_bytes))
+    register(OptimizerEntry(config=NAdamConfig, build=build_nadam, summary="NAdam, torch", state_bytes=nadam_state_bytes))
+    register(OptimizerEntry(config=AdamaxConfig, build=build_adamax, summary="Adamax, torch", state_bytes=adam_state_bytes))

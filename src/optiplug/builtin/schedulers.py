@@ -196,13 +196,13 @@ def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
 
 @hookimpl
 def register_schedulers(register):
-    register(SchedulerEntry(LinearConfig, build_linear, "linear decay to 0 after warmup"))
-    register(SchedulerEntry(CosineConfig, build_cosine, "cosine decay to 0 after warmup"))
-    register(SchedulerEntry(CosineWithRestartsConfig, build_cosine_with_restarts, "cosine with hard restarts"))
-    register(SchedulerEntry(PolynomialConfig, build_polynomial, "polynomial decay to lr_end"))
-    register(SchedulerEntry(ConstantConfig, build_constant, "constant learning rate"))
-    register(SchedulerEntry(ConstantWithWarmupConfig, build_constant_with_warmup, "constant after warmup"))
-    register(SchedulerEntry(InverseSqrtConfig, build_inverse_sqrt, "inverse square-root decay"))
-    register(SchedulerEntry(CosineWithMinLrConfig, build_cosine_with_min_lr, "cosine decay to a floor"))
-    register(SchedulerEntry(WarmupStableDecayConfig, build_wsd, "warmup, stable, decay (WSD)"))
-    register(SchedulerEntry(ReduceLROnPlateauConfig, build_plateau, "reduce on plateau of the eval metric"))
+    register(SchedulerEntry(config=LinearConfig, build=build_linear, summary="linear decay to 0 after warmup"))
+    register(SchedulerEntry(config=CosineConfig, build=build_cosine, summary="cosine decay to 0 after warmup"))
+    register(SchedulerEntry(config=CosineWithRestartsConfig, build=build_cosine_with_restarts, summary="cosine with hard restarts"))
+    register(SchedulerEntry(config=PolynomialConfig, build=build_polynomial, summary="polynomial decay to lr_end"))
+    register(SchedulerEntry(config=ConstantConfig, build=build_constant, summary="constant learning rate"))
+    register(SchedulerEntry(config=ConstantWithWarmupConfig, build=build_constant_with_warmup, summary="constant after warmup"))
+    register(SchedulerEntry(config=InverseSqrtConfig, build=build_inverse_sqrt, summary="inverse square-root decay"))
+    register(SchedulerEntry(config=CosineWithMinLrConfig, build=build_cosine_with_min_lr, summary="cosine decay to a floor"))
+    register(SchedulerEntry(config=WarmupStableDecayConfig, build=build_wsd, summary="warmup, stable, decay (WSD)"))
+    register(SchedulerEntry(config=ReduceLROnPlateauConfig, build=build_plateau, summary="reduce on plateau of the eval metric"))
