@@ -153,3 +153,26 @@ def test_compare_runs_each_optimizer_and_reports_the_failed_one(tmp_path):
     assert runs["adamw"].optimizer_state_bytes == runs["adam"].optimizer_state_bytes
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_config_no_run_can_use_fails_before_anything_is_written(tmp_path):
+    out = tmp_path / "cmp"
+    result = subprocess.run(
+        [PY, "-m", "optiplug", "compare", "optimizer.lr=abc", "--optimizers", "adamw,sgd", "--steps", "2",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("optiplug: optimizer.lr: Input should be a valid number")
+    assert not out.exists()
+
+
+def test_output_that_is_a_file_is_refused(tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    result = subprocess.run(
+        [PY, "-m", "optiplug", "compare", "--optimizers", "adamw", "--steps", "2", "--output", str(afile)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"optiplug: --output: '{afile}' is a file; choose a directory"

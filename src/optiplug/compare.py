@@ -279,8 +279,16 @@ def compare(
         get_entry(name)
     from optiplug.config import load_config
 
-    for name in names:  # every run's config is valid before any run starts or anything is written
-        load_config(config, [*overrides, f"optimizer.name={name}", f"training.max_steps={steps}"])
+    # A config no run can use is one error before anything runs or is written; a field that only
+    # some optimizers lack fails just those runs (reported with the others' results).
+    problems = []
+    for name in names:
+        try:
+            load_config(config, [*overrides, f"optimizer.name={name}", f"training.max_steps={steps}"])
+        except ConfigError as error:
+            problems.append(error)
+    if problems and len(problems) == len(names):
+        raise problems[0]
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output: {str(output)!r} is a file; choose a directory")
