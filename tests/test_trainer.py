@@ -298,3 +298,14 @@ def test_optimizer_log_values_join_the_log_records(temp_plugin, tmp_path):
 class ReportingConfig(optiplug.OptimizerConfig):
     name: Literal["reporting_sgd"] = "reporting_sgd"
     lr: float = 0.01
+
+
+def test_a_training_argument_the_optimizer_overrides_is_reported(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="optiplug.trainer"):
+        optiplug.OptiTrainer(
+            model=tiny_llama(), args=training_args(tmp_path, learning_rate=0.5), train_dataset=TokenBlocks(8),
+            optimizer={"name": "adamw", "lr": 0.001},
+        )
+    assert "TrainingArguments.learning_rate=0.5 is not used: the optimizer config's value 0.001 is" in caplog.text

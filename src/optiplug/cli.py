@@ -195,21 +195,15 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
         typer.echo(f"FAILED {f.name}: {f.cause}")
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules exist: estimate and compare."""
-    import importlib
+def _register_commands() -> None:
+    """``estimate`` and ``compare`` live in their own modules (imported here; they import torch lazily)."""
+    from optiplug import compare, estimate
 
-    for name in ("estimate", "compare"):
-        try:
-            module = importlib.import_module(f"optiplug.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"optiplug.{name}":
-                raise
-            continue
-        app.command(name)(module.command)
+    app.command("estimate")(estimate.command)
+    app.command("compare")(compare.command)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,6 +53,23 @@ def _scheduler_from_args(args: Any) -> SchedulerConfig:
     return parse_scheduler(name, **fields)
 
 
+def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
+    """Say so when TrainingArguments set a value the optimizer config overrides (one source of truth)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
+    betas = getattr(cfg, "betas", None) or (None, None)
+    owned = {"learning_rate": getattr(cfg, "lr", None), "weight_decay": getattr(cfg, "weight_decay", None),
+             "adam_beta1": betas[0], "adam_beta2": betas[1], "adam_epsilon": getattr(cfg, "eps", None)}
+    for key, value in owned.items():
+        given = getattr(args, key, None)
+        if value is not None and given != defaults.get(key) and given != value:
+            logger.warning(
+                "TrainingArguments.%s=%r is not used: the optimizer config's value %r is (set it in the optimizer)",
+                key, given, value,
+            )
+
+
 class OptiTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass to take optimizer and scheduler from the registry.
 
@@ -90,6 +107,8 @@ class OptiTrainerMixin:
             _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)
         )
         self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
+        if optimizer is not None:
+            _warn_ignored_arguments(self.args, self.optimizer_config)
         for callback in self._plugin_callbacks():
             self.add_callback(callback)
         if processor is not None:
