@@ -20,6 +20,8 @@ def test_resume_from_checkpoint_reproduces_the_run(tmp_path):
     after = {step: loss for step, loss in resumed.losses if step > 3}
     assert sorted(after) == [4, 5, 6]
     assert all(after[step] == reference[step] for step in after), (after, reference)
+    assert resumed.summary["steps"] == 6
+    assert resumed.summary["tokens"] == full.summary["tokens"] // 2  # throughput counts this session's 3 steps
 
 
 def test_engines_without_a_launcher_are_one_clear_error(tmp_path):

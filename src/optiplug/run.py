@@ -207,7 +207,9 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
     from optiplug.measure import optimizer_state_bytes, peak_rss_bytes
 
     args, state, model = trainer.args, trainer.state, trainer.model
-    tokens = state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    # Throughput counts only this session's steps (a resumed run starts at the checkpoint's step).
+    session_steps = state.global_step - int(getattr(trainer, "_initial_global_step", 0) or 0)
+    tokens = session_steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     tokens *= dataset.block_size
     train_loss = [e["train_loss"] for e in state.log_history if "train_loss" in e]
     return {
@@ -226,7 +228,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
         "steps": state.global_step,
         "tokens": tokens,
         "train_time_s": round(train_time, 3),
-        "steps_per_second": round(state.global_step / train_time, 3) if train_time > 0 else None,
+        "steps_per_second": round(session_steps / train_time, 3) if train_time > 0 else None,
         "tokens_per_second": round(tokens / train_time, 1) if train_time > 0 else None,
         "first_loss": losses[0][1] if losses else None,
         "final_loss": losses[-1][1] if losses else None,
