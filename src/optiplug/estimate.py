@@ -174,12 +174,13 @@ def estimate_shapes(shapes: ModelShapes, optimizers: Sequence[OptimizerConfig]) 
     for cfg in optimizers:
         entry = get_entry(cfg.name)
         state = None if entry.state_bytes is None else int(entry.state_bytes(shapes.trainable, cfg))
-        fixed = shapes.weights_bytes + shapes.gradient_bytes
+        grads = shapes.gradient_bytes if entry.grad_bytes is None else int(entry.grad_bytes(shapes.trainable, cfg))
+        fixed = shapes.weights_bytes + grads
         rows.append(
             Estimate(
                 optimizer=cfg.name,
                 weights_bytes=shapes.weights_bytes,
-                gradient_bytes=shapes.gradient_bytes,
+                gradient_bytes=grads,
                 state_bytes=state,
                 total_bytes=None if state is None else fixed + state,
                 total_params=shapes.total_params,

@@ -84,6 +84,9 @@ class OptimizerEntry(Generic[C]):
         requires: distributions the optimizer needs (``"galore-torch"``), for the install hint.
         state_bytes: ``state_bytes(shapes, cfg) -> int``, the analytic optimizer-state size
             for the trainable parameters ``shapes`` (a sequence of :class:`ParamShape`).
+        grad_bytes: ``grad_bytes(shapes, cfg) -> int``, the peak gradient memory when the
+            optimizer holds gradients for only some parameters at a time (block-wise
+            optimizers); None means every trainable parameter has a gradient.
     """
 
     config: type[C]
@@ -94,6 +97,7 @@ class OptimizerEntry(Generic[C]):
     check: Callable[[BuildContext, C], None] | None = None
     requires: tuple[str, ...] = ()
     state_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
+    grad_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
 
     def __post_init__(self) -> None:
         _name_of(self.config, OptimizerConfig, "optimizer")

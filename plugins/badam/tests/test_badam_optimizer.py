@@ -210,3 +210,21 @@ def test_ratio_mode_on_a_model_without_embedding_or_head():
     optimizer.release()
     model(x).square().mean().backward()
     assert not any(p.grad.is_sparse for p in model.parameters()), "release() removes the gradient hooks"
+
+
+def test_grad_bytes_is_the_gradient_memory_of_the_active_block():
+    import optiplug
+    from optiplug.testing import TokenBlocks, tiny_llama
+
+    model = tiny_llama()
+    entry = optiplug.get_entry("badam")
+    cfg = entry.config(switch_every=2)
+    expected = entry.grad_bytes(optiplug.ParamShape.of_model(model), cfg)
+    optimizer = optiplug.build_optimizer(model, cfg)
+    batch = TokenBlocks(4)[0]
+    model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss.backward()
+    held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    assert held == expected > 0  # the two layer blocks of the tiny Llama are the same size
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert expected < total / 2
+    assert optimizer is not None

@@ -124,6 +124,23 @@ def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> int:
     return max(block_bytes(index) for index in range(len(plan.blocks)))
 
 
+def grad_bytes(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> int:
+    """Peak gradient memory: layer mode holds gradients for the largest block only (the others do not
+    require grad); ratio mode computes every gradient (its hooks sparsify them afterwards)."""
+    if cfg.mode == "ratio":
+        return sum(s.numel * s.itemsize for s in shapes)
+    names = [shape.name for shape in shapes]
+    plan = plan_blocks(names, cfg)
+    by_name = {shape.name: shape for shape in shapes}
+    lora = any("lora" in name for name in names)
+
+    def block_bytes(index: int) -> int:
+        members = plan.members(index, names, cfg.active_modules)
+        return sum(by_name[n].numel * by_name[n].itemsize for n in members if not lora or "lora" in n)
+
+    return max(block_bytes(index) for index in range(len(plan.blocks)))
+
+
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
@@ -136,5 +153,6 @@ def register_optimizers(register: Any) -> None:
             check=check,
             requires=("badam",),
             state_bytes=state_bytes,
+            grad_bytes=grad_bytes,
         )
     )
