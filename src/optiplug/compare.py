@@ -26,6 +26,7 @@ from typing import Any, Optional
 import typer
 
 from optiplug.errors import ConfigError, OptiplugError
+from optiplug.measure import high_water_mark_bytes, maxrss_bytes
 from optiplug.registry import get_entry
 
 __all__ = ["ProcessResult", "CompareRun", "run_process", "train_command", "compare", "command"]
@@ -67,23 +68,6 @@ class ProcessResult:
         return f"exited with status {self.returncode} and no output"
 
 
-def _maxrss_bytes(rusage: Any) -> int:
-    # Linux reports KiB, macOS bytes
-    return int(rusage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
-
-
-def _high_water_mark(pid: int) -> int | None:
-    """``VmHWM`` of a running Linux process: the peak RSS of its current program only."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def run_process(
     cmd: Sequence[str],
     log_path: str | Path,
@@ -117,13 +101,13 @@ def run_process(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
         # read after the spawn: a vfork child's pages before exec count in this process's peak too
-        inherited = _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
+        inherited = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
         try:
             while True:
                 pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                hwm = _high_water_mark(proc.pid)
+                hwm = high_water_mark_bytes(proc.pid)
                 if hwm is not None:
                     sampled = max(sampled or 0, hwm)
                 elapsed = time.perf_counter() - start
@@ -138,7 +122,7 @@ def run_process(
             raise
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    reported = _maxrss_bytes(rusage)
+    reported = maxrss_bytes(rusage)
     peak = reported if reported > inherited else sampled
     return ProcessResult(proc.returncode, wall, peak, log_path)
 

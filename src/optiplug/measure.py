@@ -6,7 +6,7 @@ import resource
 import sys
 from typing import Any
 
-__all__ = ["optimizer_state_bytes", "tensor_bytes", "peak_rss_bytes"]
+__all__ = ["optimizer_state_bytes", "tensor_bytes", "peak_rss_bytes", "high_water_mark_bytes", "maxrss_bytes"]
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -51,20 +51,30 @@ def optimizer_state_bytes(optimizer: Any) -> int:
     return tensor_bytes(optimizer.state_dict().get("state", {}))
 
 
+def maxrss_bytes(rusage: Any) -> int:
+    """``ru_maxrss`` of a ``resource.getrusage`` result in bytes (macOS reports bytes, Linux KiB)."""
+    return int(rusage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
+def high_water_mark_bytes(pid: int | str = "self") -> int | None:
+    """``VmHWM`` of a Linux process (the peak RSS of its current program only), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_bytes() -> int:
     """The peak resident memory of this program so far, in bytes.
 
     On Linux this is ``VmHWM`` from ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` also
     keeps the high-water mark of the process image before ``exec``, so a run started from a
     large parent (a benchmark, a test) would report the parent's memory. Elsewhere it is
-    ``ru_maxrss`` (bytes on macOS, KiB on other systems).
+    ``ru_maxrss``.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    peak = high_water_mark_bytes()
+    return peak if peak is not None else maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF))
