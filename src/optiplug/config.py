@@ -62,22 +62,24 @@ def _union_of(classes: list[type]) -> Any:
     return Annotated[Union[tuple(classes)], Field(discriminator="name")]  # noqa: UP007
 
 
-@functools.lru_cache(maxsize=8)
-def _adapter(kind: str, generation: int) -> TypeAdapter:
+def _configs(kind: str) -> list[type]:
     from optiplug.registry import list_optimizers, list_schedulers
 
     rows = list_optimizers() if kind == "optimizer" else list_schedulers()
-    for row in rows:  # the bases defer schema building (fast `optiplug list`); build them once they are used
-        row.entry.config.model_rebuild()
-    return TypeAdapter(_union_of([row.entry.config for row in rows]))
+    return [row.entry.config for row in rows]
+
+
+@functools.lru_cache(maxsize=8)
+def _adapter(kind: str, generation: int) -> TypeAdapter:
+    configs = _configs(kind)
+    for config in configs:  # the bases defer schema building (fast `optiplug list`); build them once they are used
+        config.model_rebuild()
+    return TypeAdapter(_union_of(configs))
 
 
 def config_union(kind: str) -> Any:
     """The ``Annotated[Union[...], Field(discriminator="name")]`` of every registered config of ``kind``."""
-    from optiplug.registry import list_optimizers, list_schedulers
-
-    rows = list_optimizers() if kind == "optimizer" else list_schedulers()
-    return _union_of([row.entry.config for row in rows])
+    return _union_of(_configs(kind))
 
 
 def format_validation_error(error: ValidationError, prefix: str = "", tag: str | None = None) -> str:
