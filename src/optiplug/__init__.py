@@ -29,6 +29,20 @@ from optiplug.errors import (
     PluginError,
     UnknownNameError,
 )
+from optiplug.helpers import (
+    STEP_BYTES,
+    TRAINING_ARGUMENT_FIELDS,
+    AdamFields,
+    Betas,
+    Kernel,
+    LearningRate,
+    adam_state_bytes,
+    kernel_kwargs,
+    moment_bytes,
+    optimizer_state_bytes,
+    tensor_bytes,
+    unwrap_optimizer,
+)
 from optiplug.hookspecs import hookimpl, hookspec
 from optiplug.patches import Patch
 from optiplug.registry import (
@@ -59,6 +73,18 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdamFields",
+    "Betas",
+    "Kernel",
+    "LearningRate",
+    "STEP_BYTES",
+    "TRAINING_ARGUMENT_FIELDS",
+    "adam_state_bytes",
+    "kernel_kwargs",
+    "moment_bytes",
+    "optimizer_state_bytes",
+    "tensor_bytes",
+    "unwrap_optimizer",
     "BuildContext",
     "CheckpointError",
     "ConfigError",

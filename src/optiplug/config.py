@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator
 
+from optiplug.configs import OptimizerConfig, SchedulerConfig, format_validation_error
 from optiplug.errors import ConfigError
 
 __all__ = [
@@ -37,20 +38,6 @@ __all__ = [
 
 EMBEDDED = "embedded"
 """``model.name_or_path`` / ``data.path`` value for the tiny model and corpus shipped in the package."""
-
-
-class OptimizerConfig(BaseModel):
-    """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    name: str
-
-
-class SchedulerConfig(BaseModel):
-    """Base of every scheduler config. Subclasses declare ``name: Literal["..."] = "..."``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    name: str
 
 
 # ---- the discriminated unions, built from the registry -------------------------------------
@@ -80,27 +67,6 @@ def _adapter(kind: str, generation: int) -> TypeAdapter:
 def config_union(kind: str) -> Any:
     """The ``Annotated[Union[...], Field(discriminator="name")]`` of every registered config of ``kind``."""
     return _union_of(_configs(kind))
-
-
-def format_validation_error(error: ValidationError, prefix: str = "", tag: str | None = None) -> str:
-    """One line per problem: ``optimizer.rank: Input should be greater than 0 (got -4)``."""
-    lines = []
-    for problem in error.errors(include_url=False):
-        loc = [str(part) for part in problem["loc"]]
-        # drop the union tag pydantic inserts for discriminated unions (``optimizer.galore_adamw.rank``)
-        if tag is not None and loc and loc[0] == tag:
-            loc = loc[1:]
-        where = ".".join([p for p in [prefix, *loc] if p]) or "config"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown field; check the spelling (`optiplug show NAME` lists the fields)"
-        elif problem["type"] == "missing":
-            message = "required field is missing"
-        got = problem.get("input")
-        if problem["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
-            message += f" (got {got!r})"
-        lines.append(f"{where}: {message}")
-    return "\n  ".join(lines)
 
 
 def _parse(kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> Any:
