@@ -176,7 +176,7 @@ def run_child(cmd: Sequence[str], *, timeout: float | None = None, env: dict[str
     """
     import tempfile
 
-    from optiplug.compare import run_process
+    from optiplug.app.compare import run_process
 
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "child.log"

@@ -42,7 +42,8 @@ def child(kind: str, model_dir: str) -> None:
     from transformers import LlamaForCausalLM
 
     import optiplug
-    from optiplug.measure import optimizer_state_bytes, peak_rss_bytes
+    from optiplug.helpers import optimizer_state_bytes
+    from optiplug.app.measure import peak_rss_bytes
 
     torch.set_num_threads(1)
     after_imports = _rss()
@@ -61,7 +62,7 @@ def child(kind: str, model_dir: str) -> None:
             trainer.train()
     state = optimizer_state_bytes(trainer.optimizer)
     if kind == "badam-reference":
-        from optiplug.measure import tensor_bytes
+        from optiplug.helpers import tensor_bytes
 
         state += tensor_bytes(list(trainer.optimizer.optimizer.param_idx2hp.values()))
     print(json.dumps({

@@ -2,7 +2,7 @@
 
 The ``27M`` model (8 decoder layers, so 8 blocks), in float32 and in bfloat16. For every
 optimizer the state is measured after a step by summing the tensors of its state
-(``optiplug.measure.optimizer_state_bytes``: every tensor in ``state_dict()["state"]``); BAdam
+(``optiplug.optimizer_state_bytes``: every tensor in ``state_dict()["state"]``); BAdam
 is measured on every block in turn and its largest block is reported. Next to it:
 
 * ``analytic``: the entry's ``state_bytes`` (what ``optiplug estimate`` shows);
@@ -37,7 +37,7 @@ def one_step(model, optimizer, step) -> None:
 
 def per_block(model, optimizer, extra=lambda opt: 0) -> list[int]:
     """State bytes after a step on each block (stepping without badam's own switch, then switching)."""
-    from optiplug.measure import optimizer_state_bytes
+    from optiplug.helpers import optimizer_state_bytes
 
     sizes = []
     for _ in range(optimizer.block_num):
@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     import optiplug
-    from optiplug.measure import optimizer_state_bytes, tensor_bytes
+    from optiplug.helpers import optimizer_state_bytes, tensor_bytes
 
     torch.set_num_threads(1)
     adamw_entry, badam_entry = optiplug.get_entry("adamw"), optiplug.get_entry("badam")

@@ -46,7 +46,7 @@ def main() -> None:
         "python -c pass": [py, "-c", "pass"],
     }
     leak = subprocess.run(
-        [py, "-c", "import sys; from optiplug.cli import main\ntry: main(['list'])\nexcept SystemExit: pass\n"
+        [py, "-c", "import sys; from optiplug.app.cli import main\ntry: main(['list'])\nexcept SystemExit: pass\n"
          "print('LEAK', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)"],
         capture_output=True, text=True,
     ).stderr  # fmt: skip

@@ -26,7 +26,8 @@ CHILD = """
 import json, tempfile
 import torch
 import _common, optiplug
-from optiplug.measure import optimizer_state_bytes, peak_rss_bytes
+from optiplug.helpers import optimizer_state_bytes
+from optiplug.app.measure import peak_rss_bytes
 torch.set_num_threads(1)
 model = _common.build_model("100M", seed=0, dtype="bfloat16")
 data = _common.TokenDataset(n=16, vocab=2048)
@@ -37,7 +38,7 @@ with tempfile.TemporaryDirectory() as tmp:
         train_dataset=data, optimizer=json.loads({optimizer!r}),
     )
     trainer.train()
-from optiplug.factory import unwrap_optimizer
+from optiplug.helpers import unwrap_optimizer
 print(json.dumps({{"baseline": baseline, "state": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
                   "params": sum(p.numel() for p in model.parameters())}}))
 """

@@ -32,7 +32,7 @@ def measure(dtype: str, section: dict) -> tuple[int, int]:
     import torch
 
     import optiplug
-    from optiplug.measure import optimizer_state_bytes
+    from optiplug.helpers import optimizer_state_bytes
 
     model = _common.build_model(SIZE, seed=0, dtype=dtype)
     cfg = optiplug.RunConfig(optimizer=section).optimizer

@@ -45,7 +45,7 @@ def scripts() -> list[Path]:
 
 def run_scripts(selected: list[Path], timeout: float) -> dict[str, dict[str, Any]]:
     """Run each script in its own process, in order; return what happened to each."""
-    from optiplug.compare import run_process
+    from optiplug.app.compare import run_process
 
     runs: dict[str, dict[str, Any]] = {}
     for i, script in enumerate(selected, 1):

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.adapters import (
+from optiplug.app.adapters import (
     PISSA_CONVERTED_DIR,
     PISSA_INIT_DIR,
     PISSA_TRAINED_DIR,
     PissaConvertCallback,
+    pissa_callbacks,
     apply_finetuning,
 )
-from optiplug.config import FinetuningConfig, validate_config
+from optiplug.app.config import FinetuningConfig, validate_config
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 pytest.importorskip("peft")
@@ -45,7 +46,8 @@ def logits(model, ids):
 
 
 def make_trainer(output_dir, model, optimizer="adamw", run_config=None, **args):
-    return optiplug.OptiTrainer(
+    """A trainer with the callbacks `optiplug train` adds for ``run_config``'s fine-tuning section."""
+    trainer = optiplug.OptiTrainer(
         model=model,
         args=training_args(output_dir, **args),
         train_dataset=TokenBlocks(n=32, distinct=4),
@@ -53,6 +55,9 @@ def make_trainer(output_dir, model, optimizer="adamw", run_config=None, **args):
         scheduler={"name": "cosine", "warmup_steps": 2},
         run_config=run_config,
     )
+    for callback in pissa_callbacks(trainer, run_config.finetuning) if run_config is not None else ():
+        trainer.add_callback(callback)
+    return trainer
 
 
 # ---- the finetuning section -----------------------------------------------------------------
@@ -178,7 +183,7 @@ def test_pissa_converted_adapter_on_the_original_base_reproduces_the_trained_mod
     assert not residual.equal(original["model.layers.0.self_attn.q_proj.weight"])  # PiSSA moved the principal part
 
     run = make_trainer(tmp_path, model, {"name": "adamw", "lr": 1e-2}, run_config=config, max_steps=4)
-    assert [type(c) for c in run.callback_handler.callbacks].count(PissaConvertCallback) == 1  # from the hook
+    assert [type(c) for c in run.callback_handler.callbacks].count(PissaConvertCallback) == 1  # added as optiplug train adds it
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     run.train()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pissa")) == [
@@ -346,8 +351,8 @@ def test_optiplug_train_pissa_run_writes_a_converted_adapter_for_the_saved_origi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from optiplug.adapters import BASE_MODEL_DIR
-    from optiplug.run import _load_model
+    from optiplug.app.adapters import BASE_MODEL_DIR
+    from optiplug.app.run import _load_model
 
     result = optiplug.train(
         EXAMPLES / "lora-pissa.yaml",

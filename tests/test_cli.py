@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from optiplug.cli import main
+from optiplug.app.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -103,7 +103,7 @@ def test_plugins_command(capsys):
 def test_light_commands_do_not_import_torch_or_transformers(command):
     code = (
         "import sys\n"
-        "from optiplug.cli import main\n"
+        "from optiplug.app.cli import main\n"
         f"try:\n    main({command!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
@@ -116,7 +116,7 @@ def test_light_commands_do_not_import_torch_or_transformers(command):
 
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from optiplug.cli import main; main()", "train", str(tmp_path / "nope.yaml")],
+        [sys.executable, "-c", "from optiplug.app.cli import main; main()", "train", str(tmp_path / "nope.yaml")],
         capture_output=True, text=True,
     )
     assert result.returncode == 1

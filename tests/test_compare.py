@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.compare import CompareRun, ProcessResult, compare, read_run, run_process
+from optiplug.app.compare import CompareRun, ProcessResult, compare, read_run, run_process
 
 PY = sys.executable
 
@@ -30,7 +30,7 @@ def test_run_process_measures_the_childs_own_peak_memory(tmp_path):
 def test_peak_memory_is_the_childs_own_under_a_large_parent(tmp_path):
     # ru_maxrss alone would report the parent's 400 MiB for a child that never uses it
     code = (
-        "import sys; sys.path[:0] = {path!r}; from optiplug.compare import run_process\n"
+        "import sys; sys.path[:0] = {path!r}; from optiplug.app.compare import run_process\n"
         "big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096])\n"
         "r = run_process([sys.executable, '-c', 'import time; time.sleep(0.3)'], {log!r})\n"
         "print(r.peak_rss_bytes)"

@@ -1,4 +1,4 @@
-"""optiplug.data: documents from files, token blocks, and the errors a user can cause."""
+"""optiplug.app.data: documents from files, token blocks, and the errors a user can cause."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optiplug import ConfigError, DataConfig
-from optiplug.data import TokenBlocks, assets_dir, load_dataset, read_documents, resolve_paths, tokenize_blocks
+from optiplug.app.data import TokenBlocks, assets_dir, load_dataset, read_documents, resolve_paths, tokenize_blocks
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import optiplug
-from optiplug.launch import check_engine_launch, relaunch_with_torchrun, torchrun_command
+from optiplug.app.launch import check_engine_launch, relaunch_with_torchrun, torchrun_command
 
 HERE = Path(__file__).resolve()
 STEPS = 4  # optimizer steps of every worker run; checkpoints at STEPS // 2

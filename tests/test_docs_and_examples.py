@@ -73,7 +73,7 @@ def test_every_registered_optimizer_has_a_runnable_example():
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_is_valid(path):
     config = optiplug.load_config(path)
-    from optiplug.validation import check_training_section
+    from optiplug.app.validation import check_training_section
 
     check_training_section(config)
     assert config.training.get("output_dir", "").startswith("outputs/")

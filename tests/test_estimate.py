@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.estimate import Estimate, estimate, format_bytes
-from optiplug.measure import optimizer_state_bytes
+from optiplug.app.estimate import Estimate, estimate, format_bytes
+from optiplug.helpers import optimizer_state_bytes
 from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
 LLAMA_7B = dict(
@@ -57,7 +57,7 @@ LORA = {"type": "lora", "r": 4}
 
 
 def _model(finetuning: dict):
-    from optiplug.adapters import apply_finetuning
+    from optiplug.app.adapters import apply_finetuning
 
     return apply_finetuning(tiny_llama(), finetuning)
 
@@ -101,7 +101,7 @@ def _stepped_optimizer(name: str, finetuning: dict, tmp_path: Path):
         model=model, args=training_args(tmp_path, max_steps=2, logging_steps=10), train_dataset=data, optimizer=name
     )
     trainer.train()
-    from optiplug.factory import unwrap_optimizer
+    from optiplug.helpers import unwrap_optimizer
 
     return unwrap_optimizer(trainer.optimizer)
 
@@ -159,7 +159,7 @@ def test_freeze_pattern_that_matches_nothing_is_an_error(tiny_dir):
 
 
 def test_lora_counts_the_adapter_as_trainable_on_meta_as_on_the_real_model(tiny_dir):
-    from optiplug.estimate import model_shapes
+    from optiplug.app.estimate import model_shapes
 
     real = _model({**LORA, "init": "pissa"})
     shapes = model_shapes(_run(tiny_dir, finetuning={**LORA, "init": "pissa"}))  # PiSSA's SVD is skipped on meta
@@ -254,13 +254,13 @@ def test_directory_without_config_json_is_an_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def llama7b(llama7b_dir):
-    from optiplug.estimate import model_shapes
+    from optiplug.app.estimate import model_shapes
 
     return model_shapes(_run(llama7b_dir))
 
 
 def test_llama7b_adamw_holds_two_float32_moments_per_parameter(llama7b):
-    from optiplug.estimate import estimate_shapes
+    from optiplug.app.estimate import estimate_shapes
 
     [row] = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer])
     assert row.total_params == 6_738_415_616
@@ -275,7 +275,7 @@ def _installed(name: str, plugin: str) -> None:
 
 
 def test_llama7b_galore_rank_1024_cuts_optimizer_state_by_about_65_percent(llama7b):
-    from optiplug.estimate import estimate_shapes
+    from optiplug.app.estimate import estimate_shapes
 
     _installed("galore_adamw", "galore")
     adamw, galore = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer, optiplug.RunConfig(
@@ -285,7 +285,7 @@ def test_llama7b_galore_rank_1024_cuts_optimizer_state_by_about_65_percent(llama
 
 
 def test_llama7b_badam_with_32_blocks_holds_the_state_of_one_block(llama7b):
-    from optiplug.estimate import estimate_shapes
+    from optiplug.app.estimate import estimate_shapes
 
     _installed("badam", "badam")
     [badam] = estimate_shapes(llama7b, [optiplug.RunConfig(optimizer={"name": "badam"}).optimizer])
@@ -303,7 +303,7 @@ def _invoke(*argv: str):
     import typer
     from typer.testing import CliRunner
 
-    from optiplug import estimate as module
+    from optiplug.app import estimate as module
 
     app = typer.Typer()
     app.command("estimate")(module.command)
@@ -338,7 +338,7 @@ def test_command_rejects_an_empty_optimizer_list(tiny_dir):
 
 def test_importing_the_commands_does_not_import_torch():
     code = (
-        "import sys, optiplug.estimate, optiplug.compare; "
+        "import sys, optiplug.app.estimate, optiplug.app.compare; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

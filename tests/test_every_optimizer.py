@@ -83,7 +83,7 @@ def test_skips_above_are_only_the_expected_refusals():
     """The parametrizations above skip what an entry's check refuses; a wrong refusal must not hide here."""
     rows = optiplug.list_optimizers()
     assert {"badam", "galore_adamw", "galore_adafactor", "galore_adamw8bit", "loraplus"} <= {r.name for r in rows}
-    assert optiplug.plugins.plugin_failures() == []
+    assert optiplug.registry.plugin_failures() == []
     ours = {r.name for r in rows if r.plugin.startswith("optiplug:") or r.plugin in FIRST_PARTY}
     skipped = {p.values[0] for p in every_optimizer() if not isinstance(p, str)}
     assert skipped & ours == set(EXPECTED_REFUSALS)

@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 import optiplug
-from optiplug.plugins import plugin_failures, reload_plugins
+from optiplug.registry import plugin_failures, reload_plugins
 
 
 class DemoConfig(optiplug.OptimizerConfig):
@@ -47,21 +47,29 @@ def test_registered_plugin_is_recorded_and_removed(temp_plugin):
     row = next(r for r in optiplug.list_optimizers() if r.name == "demo_sgd")
     assert row.plugin == "demo-plugin"
     assert optiplug.get_entry("demo_sgd").summary == "demo"
-    from optiplug.plugins import unregister_plugin
+    from optiplug.registry import unregister_plugin
 
     unregister_plugin("demo-plugin")
     assert "demo_sgd" not in {r.name for r in optiplug.list_optimizers()}
 
 
-def test_duplicate_name_names_both_plugins(temp_plugin):
+def test_duplicate_name_names_both_plugins_and_blocks_only_that_name(temp_plugin):
     temp_plugin(make_plugin(), "acme-one")
     temp_plugin(make_plugin(), "acme-two")
+    with pytest.warns(RuntimeWarning, match="'demo_sgd' is registered twice"):
+        names = {r.name for r in optiplug.list_optimizers()}
+    assert "demo_sgd" not in names and "adamw" in names  # every other name keeps working
     with pytest.raises(optiplug.DuplicateNameError) as info:
-        optiplug.list_optimizers()
+        optiplug.get_entry("demo_sgd")
     message = str(info.value)
     assert "optimizer 'demo_sgd' is registered twice" in message
     assert "'acme-one'" in message and "'acme-two'" in message
     assert message.endswith("uninstall one")  # run-time plugins: no environment variable can turn them off
+    with pytest.raises(optiplug.DuplicateNameError):
+        optiplug.parse_optimizer({"name": "demo_sgd"})
+    assert optiplug.parse_optimizer("adamw").name == "adamw"
+    failures = {f.name: f.cause for f in optiplug.registry.plugin_failures()}
+    assert "registered twice" in failures["acme-two"]
 
 
 def test_a_plugin_whose_register_hook_raises_is_left_out(temp_plugin):
@@ -128,7 +136,7 @@ def test_misspelled_hook_is_reported():
         def register_optimiser(self, register):  # British spelling: not a hook
             pass
 
-    from optiplug.plugins import register_plugin
+    from optiplug.registry import register_plugin
 
     with pytest.raises(optiplug.PluginError) as info:
         register_plugin(Typo(), "typo-plugin")
@@ -203,7 +211,7 @@ def test_entry_point_plugins_load_and_failures_are_isolated(site_dir):
     failures = {f.name: f.cause for f in plugin_failures()}
     assert failures["acme-broken"] == "failed to import 'ep_broken': RuntimeError: boom at import"
     assert "unknown hook(s) register_optimisers (misspelled?)" in failures["acme-typo"]
-    info = {p.name: p for p in optiplug.plugins.loaded_plugins()}
+    info = {p.name: p for p in optiplug.registry.loaded_plugins()}
     assert info["acme-good"].version == "1.2.3" and info["acme-good"].hooks == ("register_optimizers",)
 
 
@@ -219,8 +227,8 @@ def test_duplicate_from_entry_points_names_the_deny_list_value(site_dir):
     _sys.path.insert(0, str(twin))
     try:
         reload_plugins()
-        with pytest.raises(optiplug.DuplicateNameError) as info:
-            optiplug.list_optimizers()
+        with pytest.warns(RuntimeWarning, match="registered twice"), pytest.raises(optiplug.DuplicateNameError) as info:
+            optiplug.get_entry("ep_sgd")
     finally:
         _sys.path.remove(str(twin))
         _sys.modules.pop("ep_twin", None)

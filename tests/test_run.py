@@ -1,4 +1,4 @@
-"""optiplug.train, the main job: outputs, validation before writing, local models and data; optiplug.measure."""
+"""optiplug.train, the main job: outputs, validation before writing, local models and data; optiplug.app.measure."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 
 import optiplug
 from optiplug import ConfigError, RunConfig
-from optiplug.data import assets_dir
-from optiplug.measure import optimizer_state_bytes, peak_rss_bytes, tensor_bytes
-from optiplug.run import SUMMARY_FILE
+from optiplug.app.data import assets_dir
+from optiplug.helpers import optimizer_state_bytes, tensor_bytes
+from optiplug.app.measure import peak_rss_bytes
+from optiplug.app.run import SUMMARY_FILE
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -64,7 +65,7 @@ def test_embedded_run_writes_every_output(tmp_path):
     assert summary["peak_rss_bytes"] > 100 * 2**20
     assert summary["parameters"] == summary["trainable_parameters"] > 500_000
 
-    model = optiplug.run._load_model(RunConfig().model, 42)  # the same seed: the same initial weights
+    model = optiplug.app.run._load_model(RunConfig().model, 42)  # the same seed: the same initial weights
     assert summary["optimizer_state_bytes"] == _adamw_state_bytes(model)
 
     state = json.loads((out / "trainer_state.json").read_text())
@@ -222,7 +223,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     data = optiplug.DataConfig(block_size=16, max_blocks=4)
     from transformers import AutoTokenizer
 
-    from optiplug.data import load_dataset
+    from optiplug.app.data import load_dataset
 
     top = int(load_dataset(data, AutoTokenizer.from_pretrained(model_dir)).blocks.max())
     with pytest.raises(ConfigError) as info:
@@ -234,7 +235,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     )
 
 
-# ---- optiplug.measure -----------------------------------------------------------------------
+# ---- optiplug.app.measure -----------------------------------------------------------------------
 
 
 def test_optimizer_state_bytes_counts_each_storage_once():

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.plugins import reload_plugins
+from optiplug.registry import reload_plugins
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 DIST = Path(__file__).parent / "plugin_dist"
@@ -52,7 +52,7 @@ def installed(site, monkeypatch):
 def test_discovered_through_its_entry_point(installed):
     row = next(r for r in optiplug.list_optimizers() if r.name == "lion")
     assert row.plugin == "optiplug-testlion"
-    info = {p.name: p for p in optiplug.plugins.loaded_plugins()}["optiplug-testlion"]
+    info = {p.name: p for p in optiplug.registry.loaded_plugins()}["optiplug-testlion"]
     assert info.version == "0.3.0" and info.hooks == ("register_optimizers",)
 
 

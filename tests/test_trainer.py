@@ -176,7 +176,7 @@ def test_mixin_composes_with_another_trainer_subclass(patched, tmp_path):
 
 def test_scheduler_is_built_on_the_raw_optimizer(tmp_path):
     trainer, _ = _make(tmp_path, "adamw", max_steps=2)
-    trainer.scheduler_config = optiplug.config.parse_scheduler("linear")
+    trainer.scheduler_config = optiplug.parse_scheduler("linear")
     trainer.train()
     assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
     assert trainer.lr_scheduler.optimizer is trainer.optimizer.optimizer

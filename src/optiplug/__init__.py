@@ -1,7 +1,9 @@
 """optiplug: a pluggable optimizer and scheduler registry for transformers' Trainer.
 
-Importing this package does not import torch or transformers; the trainer and builders are
-loaded on first use.
+Two layers. The plugin contract and the Trainer integration (configs, entries, hookspecs, the
+registry, helpers, the factory, the trainer mixin) are imported here; the app on top
+(``optiplug.app``: the run config, the main job, the CLI, estimate, compare) is reached through
+the names in ``_LAZY``. Importing this package does not import torch or transformers.
 """
 
 from __future__ import annotations
@@ -10,15 +12,7 @@ import importlib
 import logging
 from typing import Any
 
-from optiplug.config import (
-    DataConfig,
-    FinetuningConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RunConfig,
-    SchedulerConfig,
-    load_config,
-)
+from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
 from optiplug.errors import (
     CheckpointError,
@@ -45,14 +39,14 @@ from optiplug.helpers import (
 )
 from optiplug.hookspecs import hookimpl, hookspec
 from optiplug.patches import Patch
+from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
 from optiplug.registry import (
-    OptimizerEntry,
-    Registered,
-    SchedulerEntry,
     get_entry,
     get_scheduler_entry,
     list_optimizers,
     list_schedulers,
+    parse_optimizer,
+    parse_scheduler,
 )
 
 __version__ = "0.1.0"
@@ -62,14 +56,22 @@ __version__ = "0.1.0"
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _LAZY = {
+    # the contract's Trainer side (imports transformers)
     "OptiTrainer": "optiplug.trainer",
     "OptiTrainerMixin": "optiplug.trainer",
     "SaveProcessorCallback": "optiplug.callbacks",
     "build_optimizer": "optiplug.factory",
     "build_scheduler": "optiplug.factory",
-    "train": "optiplug.run",
-    "apply_finetuning": "optiplug.adapters",
-    "PissaConvertCallback": "optiplug.adapters",
+    # the app
+    "RunConfig": "optiplug.app.config",
+    "ModelConfig": "optiplug.app.config",
+    "DataConfig": "optiplug.app.config",
+    "FinetuningConfig": "optiplug.app.config",
+    "load_config": "optiplug.app.config",
+    "train": "optiplug.app.run",
+    "RunResult": "optiplug.app.run",
+    "apply_finetuning": "optiplug.app.adapters",
+    "PissaConvertCallback": "optiplug.app.adapters",
 }
 
 __all__ = [
@@ -114,6 +116,9 @@ __all__ = [
     "build_scheduler",
     "get_entry",
     "get_scheduler_entry",
+    "parse_optimizer",
+    "parse_scheduler",
+    "RunResult",
     "hookimpl",
     "hookspec",
     "list_optimizers",

@@ -1,5 +1,5 @@
 """``python -m optiplug``: the same as the ``optiplug`` command."""
 
-from optiplug.cli import main
+from optiplug.app.cli import main
 
 main()

@@ -7,22 +7,75 @@ an error, not a silent default.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import types
+import typing
+from typing import Any
 
-__all__ = ["OptimizerConfig", "SchedulerConfig", "format_validation_error"]
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+__all__ = ["OptimizerConfig", "SchedulerConfig", "ScalarFields", "coerce_scalar", "format_validation_error"]
 
 
-class OptimizerConfig(BaseModel):
+def _leaf_types(annotation: Any) -> set[type]:
+    """The plain types an annotation admits: ``int | None`` -> {int, NoneType}; ``Literal["a"]`` -> {str}."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _leaf_types(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return {type(value) for value in typing.get_args(annotation)}
+    if origin is typing.Union or origin is types.UnionType:
+        return set().union(*(_leaf_types(arg) for arg in typing.get_args(annotation)))
+    if isinstance(annotation, type):
+        return {annotation}
+    return {object}  # a container or anything else: leave the value to pydantic
+
+
+def coerce_scalar(annotation: Any, value: Any) -> Any:
+    """Fit a value read from YAML or the command line to the field's type, before pydantic validates it.
+
+    - A number for a field that takes text but no number becomes the text the user typed
+      (``run_name=1e3`` -> ``"1e3"``; YAML numbers carry ``source_text``).
+    - A boolean for a numeric field is refused (pydantic would read ``true`` as 1).
+
+    Raises:
+        ValueError: a boolean given for a number.
+    """
+    leaves = _leaf_types(annotation)
+    numeric = leaves & {int, float}
+    if isinstance(value, bool):
+        if numeric and bool not in leaves and object not in leaves:
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        return value
+    if isinstance(value, (int, float)) and str in leaves and not numeric and object not in leaves:
+        return getattr(value, "source_text", None) or str(value)
+    return value
+
+
+class ScalarFields(BaseModel):
+    """A model whose fields get :func:`coerce_scalar` before validation; numbers must be finite."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coerce_scalars(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: coerce_scalar(fields[key].annotation, value) if key in fields else value for key, value in data.items()}
+
+
+class OptimizerConfig(ScalarFields):
     """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, allow_inf_nan=False)
     name: str
 
 
-class SchedulerConfig(BaseModel):
+class SchedulerConfig(ScalarFields):
     """Base of every scheduler config. Subclasses declare ``name: Literal["..."] = "..."``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, allow_inf_nan=False)
     name: str
 
 

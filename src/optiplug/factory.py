@@ -6,16 +6,18 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from optiplug.config import OptimizerConfig, SchedulerConfig, parse_optimizer, parse_scheduler
+from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ScheduleContext
+from optiplug.entries import OptimizerEntry
 from optiplug.errors import MissingDependencyError
-from optiplug.registry import OptimizerEntry, get_entry, get_scheduler_entry
+from optiplug.helpers import unwrap_optimizer
+from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["build_optimizer", "build_scheduler", "unwrap_optimizer"]
+__all__ = ["build_from_entry", "build_optimizer", "build_scheduler"]
 
 
 @contextlib.contextmanager
@@ -30,8 +32,9 @@ def _missing_modules_named(kind: str, name: str, requires: tuple[str, ...]) -> I
 
 
 def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerConfig, *, check: bool = True):
-    """Check requirements (and the entry's ``check``), then call its factory."""
-    entry.check_requires()
+    """Check requirements and run the entry's ``check`` (unless ``check=False``: the caller did), then call its factory."""
+    if check:
+        entry.check_requires()
     with _missing_modules_named("optimizer", entry.name, entry.requires):
         if check and entry.check is not None:
             entry.check(ctx, cfg)
@@ -55,13 +58,6 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict | Non
     cfg = parse_optimizer(config, **fields)
     entry = get_entry(cfg.name)
     return build_from_entry(entry, BuildContext(model=model), cfg)
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The raw optimizer under accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def build_scheduler(

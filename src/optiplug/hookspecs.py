@@ -9,8 +9,7 @@ import pluggy
 if TYPE_CHECKING:  # only for type checkers: importing optiplug must not import transformers
     from transformers import Trainer, TrainerCallback
 
-    from optiplug.config import RunConfig
-    from optiplug.registry import OptimizerEntry, SchedulerEntry
+    from optiplug.entries import OptimizerEntry, SchedulerEntry
 
 hookspec = pluggy.HookspecMarker("optiplug")
 hookimpl = pluggy.HookimplMarker("optiplug")
@@ -27,6 +26,6 @@ def register_schedulers(register: Callable[[SchedulerEntry], None]) -> None:
 
 
 @hookspec
-def trainer_callbacks(trainer: Trainer, config: RunConfig | None) -> list[TrainerCallback] | None:
-    """Return callbacks to add to every optiplug trainer, whatever the optimizer (``config`` is None outside ``optiplug train``)."""
+def trainer_callbacks(trainer: Trainer, config: Any) -> list[TrainerCallback] | None:
+    """Return callbacks to add to every optiplug trainer, whatever the optimizer (``config``: the run config of ``optiplug train``, else None)."""
 

@@ -1,249 +1,433 @@
-"""Registry entries and lookups.
+"""The registry: one object that owns the plugin manager, the registered entries and the config unions.
 
-A plugin describes each optimizer with one frozen :class:`OptimizerEntry` (and each scheduler
-with a :class:`SchedulerEntry`) and hands it to the ``register`` callable its hook receives.
-The registry key is the ``Literal`` default of the config class's ``name`` field.
+Plugins load once, lazily, on first use: the default plugin first (registered by module path,
+exactly like an external plugin), then the entry points of group ``optiplug``.
+
+Environment variables:
+    OPTIPLUG_LOAD_PLUGINS: comma-separated allow-list of entry-point plugins (entry-point or
+        distribution names); set but empty loads only the default plugin.
+    OPTIPLUG_DISABLE_PLUGINS: comma-separated deny-list (pluggy's ``set_blocked``).
+
+A plugin that fails to import, implements a hook that does not exist (a misspelling), or whose
+``register_*`` hook raises is recorded in :meth:`Registry.failures` with its name and cause,
+reported as a warning, and left out; every other plugin still loads. A name registered by two
+plugins is unusable (selecting it raises :class:`DuplicateNameError` naming both) while every
+other name keeps working.
+
+The registry also owns parsing: :meth:`Registry.parse` turns a name, a mapping or a config
+object into the registered config class, through one discriminated union per kind.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
-import typing
-from collections.abc import Callable, Sequence
+import os
+import threading
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Annotated, Any, Union
 
-from optiplug.config import OptimizerConfig, SchedulerConfig
-from optiplug.errors import DuplicateNameError, MissingDependencyError, PluginError, UnknownNameError
+import pluggy
+from pydantic import Field, ValidationError
 
-if TYPE_CHECKING:
-    from optiplug.context import BuildContext, ParamShape, ScheduleContext
-    from optiplug.patches import Patch
+from optiplug import hookspecs
+from optiplug.configs import OptimizerConfig, SchedulerConfig, format_validation_error
+from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
+from optiplug.errors import ConfigError, DuplicateNameError, PluginError, UnknownNameError
 
 __all__ = [
-    "OptimizerEntry",
-    "SchedulerEntry",
-    "Registered",
+    "DEFAULT_PLUGIN",
+    "DEFAULT_PLUGIN_MODULES",
+    "ENTRY_POINT_GROUP",
+    "PluginFailure",
+    "PluginInfo",
+    "Registry",
     "get_entry",
+    "get_plugin_manager",
     "get_scheduler_entry",
     "list_optimizers",
     "list_schedulers",
+    "loaded_plugins",
+    "lookup",
     "optimizer_names",
+    "parse_optimizer",
+    "parse_scheduler",
+    "plugin_failures",
+    "register_plugin",
+    "registry",
+    "reload_plugins",
     "scheduler_names",
+    "unregister_plugin",
 ]
 
-C = TypeVar("C")
+ENTRY_POINT_GROUP = "optiplug"
+DEFAULT_PLUGIN = "optiplug"
+DEFAULT_PLUGIN_MODULES = ("optiplug.builtin.optimizers", "optiplug.builtin.schedulers")
+"""The default plugin, by module path. Each module may name its default entry in ``DEFAULT``."""
 
-
-def _name_of(config: type, base: type, kind: str) -> str:
-    """The registry key: the ``Literal`` default of ``config.name``."""
-    if not (isinstance(config, type) and issubclass(config, base)):
-        raise PluginError(f"{kind} entry config {config!r} must be a subclass of optiplug.{base.__name__}")
-    name_field = config.model_fields.get("name")
-    literal = typing.get_args(name_field.annotation) if name_field is not None else ()
-    if (
-        name_field is None
-        or typing.get_origin(name_field.annotation) is not typing.Literal
-        or len(literal) != 1
-        or name_field.default != literal[0]
-    ):
-        raise PluginError(
-            f"{kind} config {config.__qualname__} must declare its name as "
-            f'`name: Literal["..."] = "..."` (one literal, equal to the default)'
-        )
-    return str(literal[0])
-
-
-def _check_requires(kind: str, name: str, requires: Sequence[str]) -> None:
-    for requirement in requires:
-        dist = requirement.split(";")[0].strip()
-        for sep in "<>=!~[ ":
-            dist = dist.split(sep)[0]
-        try:
-            importlib.metadata.distribution(dist)
-        except importlib.metadata.PackageNotFoundError:
-            raise MissingDependencyError(
-                f"{kind} {name!r} needs the package {dist!r}, which is not installed: pip install '{requirement}'"
-            ) from None
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimizerEntry(Generic[C]):
-    """One optimizer a plugin offers.
-
-    Attributes:
-        config: the pydantic config class (a subclass of :class:`OptimizerConfig`); its
-            ``name`` literal is the registry key.
-        build: ``build(ctx, cfg) -> torch.optim.Optimizer``. Import heavy packages inside it.
-        summary: one line for ``optiplug list``.
-        callbacks: ``callbacks(cfg) -> list[TrainerCallback]`` added to the trainer when this
-            optimizer is selected, and only then.
-        patches: ``patches(cfg) -> list[Patch]`` applied for the length of ``train()``.
-        check: ``check(ctx, cfg)`` raises :class:`ConfigError` when the setup (distributed
-            engine, gradient accumulation, adapters, ...) is one this optimizer cannot train.
-        requires: distributions the optimizer needs (``"galore-torch"``), for the install hint.
-        state_bytes: ``state_bytes(shapes, cfg) -> int``, the analytic optimizer-state size
-            for the trainable parameters ``shapes`` (a sequence of :class:`ParamShape`).
-        grad_bytes: ``grad_bytes(shapes, cfg) -> int``, the peak gradient memory when the
-            optimizer holds gradients for only some parameters at a time (block-wise
-            optimizers); None means every trainable parameter has a gradient.
-    """
-
-    config: type[C]
-    build: Callable[[BuildContext, C], Any]
-    summary: str = ""
-    callbacks: Callable[[C], list[Any]] | None = None
-    patches: Callable[[C], list[Patch]] | None = None
-    check: Callable[[BuildContext, C], None] | None = None
-    requires: tuple[str, ...] = ()
-    state_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
-    grad_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
-
-    def __post_init__(self) -> None:
-        _name_of(self.config, OptimizerConfig, "optimizer")
-        object.__setattr__(self, "requires", tuple(self.requires))
-
-    @property
-    def name(self) -> str:
-        return _name_of(self.config, OptimizerConfig, "optimizer")
-
-    def check_requires(self) -> None:
-        """Raise :class:`MissingDependencyError` naming the first required package not installed."""
-        _check_requires("optimizer", self.name, self.requires)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SchedulerEntry(Generic[C]):
-    """One learning-rate scheduler a plugin offers.
-
-    Attributes:
-        config: the pydantic config class (a subclass of :class:`SchedulerConfig`).
-        build: ``build(ctx, cfg) -> LRScheduler``; ``ctx`` is a :class:`ScheduleContext`.
-        summary: one line for ``optiplug list``.
-        requires: distributions the scheduler needs.
-    """
-
-    config: type[C]
-    build: Callable[[ScheduleContext, C], Any]
-    summary: str = ""
-    requires: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        _name_of(self.config, SchedulerConfig, "scheduler")
-        object.__setattr__(self, "requires", tuple(self.requires))
-
-    @property
-    def name(self) -> str:
-        return _name_of(self.config, SchedulerConfig, "scheduler")
-
-    def check_requires(self) -> None:
-        """Raise :class:`MissingDependencyError` naming the first required package not installed."""
-        _check_requires("scheduler", self.name, self.requires)
+KINDS = ("optimizer", "scheduler")
+_BASES: dict[str, type] = {"optimizer": OptimizerConfig, "scheduler": SchedulerConfig}
+_ENTRY_TYPES: dict[str, type] = {"optimizer": OptimizerEntry, "scheduler": SchedulerEntry}
 
 
 @dataclass(frozen=True)
-class Registered:
-    """A registry row: the entry and the plugin that registered it."""
+class PluginFailure:
+    """A plugin (or a name it registered) that was left out: its name and why."""
 
-    kind: str
-    entry: Any
-    plugin: str
+    name: str
+    cause: str
 
-    @property
-    def name(self) -> str:
-        return self.entry.name
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """A loaded plugin: its name, the distribution and version it came from, and the hooks it implements."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
 
 
 @dataclass
 class _Tables:
-    optimizers: dict[str, Registered] = field(default_factory=dict)
-    schedulers: dict[str, Registered] = field(default_factory=dict)
+    """What the register hooks produced: rows by kind and name, and names registered twice."""
+
+    rows: dict[str, dict[str, Registered]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    duplicates: dict[tuple[str, str], str] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)
 
 
-_cache: tuple[int, _Tables] | None = None
+def _env_list(name: str) -> set[str] | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def _duplicate_message(kind: str, name: str, first: str, second: str) -> str:
-    from optiplug.plugins import deny_list_name
-
-    message = f"{kind} {name!r} is registered twice, by plugins {first!r} and {second!r}: uninstall one"
-    deny = deny_list_name(second) or deny_list_name(first)
-    return message + (f", or set OPTIPLUG_DISABLE_PLUGINS={deny}" if deny else "")
+def _union_of(classes: list[type]) -> Any:
+    if len(classes) == 1:
+        return classes[0]
+    return Annotated[Union[tuple(classes)], Field(discriminator="name")]  # noqa: UP007 - a runtime tuple of classes
 
 
-def _collect() -> _Tables:
-    from optiplug.plugins import get_plugin_manager, plugins_generation, record_failure
+class Registry:
+    """The plugin manager, the entries it registered, and the config unions built from them.
 
-    global _cache
-    generation = plugins_generation()
-    if _cache is not None and _cache[0] == generation:
-        return _cache[1]
-    pm = get_plugin_manager()
-    tables = _Tables()
+    One instance, :data:`registry`, serves the process; tests may build their own.
+    """
 
-    def make_register(kind: str, table: dict[str, Registered], entry_type: type, plugin: str):
+    def __init__(self, group: str = ENTRY_POINT_GROUP, default_modules: tuple[str, ...] = DEFAULT_PLUGIN_MODULES):
+        self.group = group
+        self.default_modules = default_modules
+        self._lock = threading.RLock()
+        self._pm: pluggy.PluginManager | None = None
+        self._failures: list[PluginFailure] = []
+        self._infos: dict[str, PluginInfo] = {}
+        self._deny_names: dict[str, str] = {}  # plugin name -> the name OPTIPLUG_DISABLE_PLUGINS matches
+        self._defaults: dict[str, str] = {}
+        self._tables: _Tables | None = None
+        self._unions: dict[str, Any] = {}
+
+    # ---- loading ------------------------------------------------------------------------------
+    @property
+    def plugin_manager(self) -> pluggy.PluginManager:
+        """The pluggy plugin manager, loading the plugins on first use."""
+        if self._pm is None:
+            with self._lock:
+                if self._pm is None:
+                    self._pm = self._load()
+        return self._pm
+
+    def _hooks_of(self, pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
+        return tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
+
+    def _register_checked(self, pm: pluggy.PluginManager, plugin: Any, name: str) -> str | None:
+        """Register ``plugin``; on a contract violation, unregister it and return the cause."""
+        try:
+            pm.register(plugin, name=name)
+        except Exception as error:  # pluggy.PluginValidationError, ValueError for a duplicate name
+            return f"{type(error).__name__}: {error}"
+        unknown = [hook.name for hook in pm.get_hookcallers(plugin) or () if hook.spec is None]
+        if unknown:
+            pm.unregister(plugin)
+            known = ", ".join(sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "optiplug_spec")))
+            return f"implements unknown hook(s) {', '.join(sorted(unknown))} (misspelled?); the hooks are: {known}"
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            pm.unregister(plugin)
+            return str(error)
+        return None
+
+    def _load(self) -> pluggy.PluginManager:
+        pm = pluggy.PluginManager(self.group)
+        pm.add_hookspecs(hookspecs)
+        self._failures, self._infos, self._deny_names, self._defaults = [], {}, {}, {}
+        self._tables, self._unions = None, {}
+        try:
+            own_version: str | None = importlib.metadata.version("optiplug")
+        except importlib.metadata.PackageNotFoundError:
+            own_version = None
+        for path in self.default_modules:
+            module = importlib.import_module(path)
+            name = f"{DEFAULT_PLUGIN}:{path.rsplit('.', 1)[-1]}"
+            pm.register(module, name=name)
+            self._infos[name] = PluginInfo(name, "optiplug", own_version, self._hooks_of(pm, module))
+            for kind, hook in (("optimizer", "register_optimizers"), ("scheduler", "register_schedulers")):
+                if getattr(module, "DEFAULT", None) and hasattr(module, hook):
+                    self._defaults[kind] = module.DEFAULT
+
+        allow = _env_list("OPTIPLUG_LOAD_PLUGINS")
+        for blocked in _env_list("OPTIPLUG_DISABLE_PLUGINS") or ():
+            pm.set_blocked(blocked)
+        failures: list[PluginFailure] = []
+        seen: set[str] = set()
+        for ep in sorted(importlib.metadata.entry_points(group=self.group), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else None
+            labels = {ep.name} | ({dist} if dist else set())
+            if allow is not None and not labels & allow:
+                continue
+            if any(pm.is_blocked(label) for label in labels):
+                continue
+            name = dist or ep.name
+            if name in seen or pm.has_plugin(name):
+                name = f"{name}:{ep.name}"
+            if name in seen:  # the same entry point reached twice (e.g. duplicate metadata on sys.path)
+                continue
+            seen.add(name)
+            try:
+                plugin = ep.load()
+            except Exception as error:
+                cause = f"{type(error).__name__}: {error}"
+                failures.append(PluginFailure(name, f"failed to import {ep.value!r}: {cause}"))
+                continue
+            problem = self._register_checked(pm, plugin, name)
+            if problem:
+                failures.append(PluginFailure(name, problem))
+                continue
+            version = ep.dist.version if ep.dist is not None else None
+            self._infos[name] = PluginInfo(name, dist, version, self._hooks_of(pm, plugin))
+            self._deny_names[name] = ep.name
+        for failure in failures:
+            warnings.warn(f"optiplug: plugin {failure.name!r} was not loaded: {failure.cause}", RuntimeWarning, stacklevel=4)
+        self._failures = failures
+        return pm
+
+    def reload(self) -> None:
+        """Forget the loaded plugins; the next lookup loads them again (reading the environment again)."""
+        with self._lock:
+            self._pm = None
+            self._tables = None
+            self._unions = {}
+
+    def register_plugin(self, plugin: Any, name: str) -> None:
+        """Register a plugin object (a module or an instance with ``@hookimpl`` methods) at run time.
+
+        Raises:
+            PluginError: the plugin implements an unknown hook or its name is taken.
+        """
+        pm = self.plugin_manager
+        with self._lock:
+            problem = self._register_checked(pm, plugin, name)
+            if problem:
+                raise PluginError(f"plugin {name!r} cannot be registered: {problem}")
+            self._infos[name] = PluginInfo(name, None, None, self._hooks_of(pm, plugin))
+            self._changed()
+
+    def unregister_plugin(self, name: str) -> None:
+        """Remove a plugin registered under ``name`` (no error if there is none)."""
+        pm = self.plugin_manager
+        with self._lock:
+            if pm.has_plugin(name):
+                pm.unregister(name=name)
+            self._infos.pop(name, None)
+            self._failures = [f for f in self._failures if f.name != name]
+            self._changed()
+
+    def _changed(self) -> None:
+        self._tables = None
+        self._unions = {}
+
+    # ---- plugins ------------------------------------------------------------------------------
+    def plugins(self) -> list[PluginInfo]:
+        """Every loaded plugin, the default plugin's modules first."""
+        self.plugin_manager
+        return list(self._infos.values())
+
+    def failures(self) -> list[PluginFailure]:
+        """Plugins (or names) left out, with their causes: import failures, broken hooks, duplicates."""
+        self._collect()
+        return list(self._failures)
+
+    def deny_list_name(self, name: str) -> str | None:
+        """The name ``OPTIPLUG_DISABLE_PLUGINS`` matches for plugin ``name`` (None: not an entry-point plugin)."""
+        self.plugin_manager
+        return self._deny_names.get(name)
+
+    def _record_failure(self, name: str, cause: str) -> None:
+        if any(f.name == name and f.cause == cause for f in self._failures):
+            return
+        self._failures.append(PluginFailure(name, cause))
+        warnings.warn(f"optiplug: {cause}" if cause.startswith(("optimizer", "scheduler")) else
+                      f"optiplug: plugin {name!r} was left out: {cause}", RuntimeWarning, stacklevel=5)
+
+    # ---- entries ------------------------------------------------------------------------------
+    def _duplicate_message(self, kind: str, name: str, first: str, second: str) -> str:
+        message = f"{kind} {name!r} is registered twice, by plugins {first!r} and {second!r}: uninstall one"
+        deny = self.deny_list_name(second) or self.deny_list_name(first)
+        return message + (f", or set OPTIPLUG_DISABLE_PLUGINS={deny}" if deny else "")
+
+    def _collect(self) -> _Tables:
+        pm = self.plugin_manager
+        tables = self._tables
+        if tables is not None:
+            return tables
+        with self._lock:
+            tables = _Tables(defaults=dict(self._defaults))
+            for kind in KINDS:
+                hook = getattr(pm.hook, f"register_{kind}s")
+                table = tables.rows[kind]
+                # Call each implementation on its own so every name is recorded with its plugin, and a
+                # plugin whose hook raises is reported and left out while the others still register.
+                for impl in hook.get_hookimpls():  # registration order: the default plugin first
+                    plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+                    scratch: dict[str, Registered] = {}
+                    try:
+                        impl.function(register=self._make_register(kind, scratch, plugin))
+                    except Exception as error:  # a broken plugin must not break every command
+                        self._record_failure(plugin, f"register_{kind}s raised {type(error).__name__}: {error}")
+                        continue
+                    for name, row in scratch.items():
+                        if (kind, name) in tables.duplicates:
+                            continue
+                        if name in table:
+                            message = self._duplicate_message(kind, name, table.pop(name).plugin, plugin)
+                            tables.duplicates[(kind, name)] = message
+                            self._record_failure(plugin, message)
+                            continue
+                        table[name] = row
+            self._tables = tables
+        return tables
+
+    def _make_register(self, kind: str, scratch: dict[str, Registered], plugin: str) -> Callable[[Any], None]:
+        entry_type = _ENTRY_TYPES[kind]
+
         def register(entry: Any) -> None:
             if not isinstance(entry, entry_type):
                 raise PluginError(
                     f"plugin {plugin!r} registered {entry!r} as a {kind}; expected optiplug.{entry_type.__name__}"
                 )
-            previous = table.get(entry.name)
-            if previous is not None:
-                raise DuplicateNameError(_duplicate_message(kind, entry.name, previous.plugin, plugin))
-            table[entry.name] = Registered(kind, entry, plugin)
+            if entry.name in scratch:
+                raise DuplicateNameError(f"plugin {plugin!r} registered the {kind} {entry.name!r} twice")
+            scratch[entry.name] = Registered(kind, entry, plugin)
 
         return register
 
-    for hook, kind, table, entry_type in (
-        (pm.hook.register_optimizers, "optimizer", tables.optimizers, OptimizerEntry),
-        (pm.hook.register_schedulers, "scheduler", tables.schedulers, SchedulerEntry),
-    ):
-        # Call each implementation on its own so every name is recorded with its plugin, and a
-        # plugin whose hook raises is reported and left out while the others still register.
-        for impl in hook.get_hookimpls():  # registration order: the default plugin first
-            plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
-            scratch: dict[str, Registered] = {}
-            try:
-                impl.function(register=make_register(kind, scratch, entry_type, plugin))
-            except DuplicateNameError:
-                raise
-            except Exception as error:  # a broken plugin must not break every command
-                record_failure(plugin, f"register_{kind}s raised {type(error).__name__}: {error}")
-                continue
-            for name, row in scratch.items():
-                if name in table:
-                    raise DuplicateNameError(_duplicate_message(kind, name, table[name].plugin, plugin))
-                table[name] = row
-    _cache = (generation, tables)
-    return tables
+    def rows(self, kind: str) -> list[Registered]:
+        """Every registered entry of ``kind`` (``"optimizer"`` or ``"scheduler"``), sorted by name."""
+        return [row for _, row in sorted(self._collect().rows[kind].items())]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._collect().rows[kind])
+
+    def lookup(self, kind: str, name: str) -> Registered:
+        """The registry row for ``name``.
+
+        Raises:
+            UnknownNameError: no plugin registered ``name`` (the message suggests close names).
+            DuplicateNameError: two plugins registered ``name``.
+        """
+        tables = self._collect()
+        table = tables.rows[kind]
+        try:
+            return table[name]
+        except (KeyError, TypeError):
+            message = tables.duplicates.get((kind, name)) if isinstance(name, str) else None
+            if message:
+                raise DuplicateNameError(message) from None
+            raise UnknownNameError(kind, name, table) from None
+
+    def default_name(self, kind: str) -> str:
+        """The default plugin's default ``kind`` (what a section without a name selects)."""
+        self.plugin_manager
+        try:
+            return self._defaults[kind]
+        except KeyError:
+            raise PluginError(f"the default plugin names no default {kind}") from None
+
+    # ---- parsing ------------------------------------------------------------------------------
+    def union(self, kind: str) -> Any:
+        """``Annotated[Union[...], Field(discriminator="name")]`` of every registered config of ``kind`` (cached)."""
+        union = self._unions.get(kind)
+        if union is None:
+            union = self._unions[kind] = _union_of([row.entry.config for row in self.rows(kind)])
+        return union
+
+    def parse(self, kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> Any:
+        """Validate ``value`` (a registered name, a mapping with ``name``, a config object, or None for
+        the default) with ``fields`` on top, into the registered config class.
+
+        Raises:
+            UnknownNameError, DuplicateNameError, ConfigError (one line per invalid field).
+        """
+        base = _BASES[kind]
+        if isinstance(value, base) and not fields:
+            self.lookup(kind, value.name)  # a config object must still name a registered entry
+            return value
+        if isinstance(value, base):
+            value = value.model_dump()
+        elif isinstance(value, str):
+            value = {"name": value}
+        elif value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{kind}: expected a mapping with a 'name' key or a name, got {type(value).__name__}")
+        value = {**value, **(fields or {})}
+        if "name" not in value:  # a section without a name configures the default entry
+            value["name"] = self.default_name(kind)
+        # The discriminator selects exactly this class: validating with it alone skips building the whole union.
+        config = self.lookup(kind, value["name"]).entry.config
+        try:
+            return config.model_validate(value)
+        except ValidationError as error:
+            raise ConfigError(format_validation_error(error, kind)) from None
+
+
+registry = Registry()
+"""The process-wide registry."""
+
+
+# ---- the module-level API: the registry's methods, as plugin authors and the app call them ------
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, loading the plugins on first use."""
+    return registry.plugin_manager
 
 
 def list_optimizers() -> list[Registered]:
     """Every registered optimizer, sorted by name."""
-    return [r for _, r in sorted(_collect().optimizers.items())]
+    return registry.rows("optimizer")
 
 
 def list_schedulers() -> list[Registered]:
     """Every registered scheduler, sorted by name."""
-    return [r for _, r in sorted(_collect().schedulers.items())]
+    return registry.rows("scheduler")
 
 
 def optimizer_names() -> list[str]:
-    return sorted(_collect().optimizers)
+    return registry.names("optimizer")
 
 
 def scheduler_names() -> list[str]:
-    return sorted(_collect().schedulers)
+    return registry.names("scheduler")
 
 
 def lookup(kind: str, name: str) -> Registered:
     """The registry row for ``name``; ``kind`` is ``"optimizer"`` or ``"scheduler"``."""
-    tables = _collect()
-    table = tables.optimizers if kind == "optimizer" else tables.schedulers
-    try:
-        return table[name]
-    except (KeyError, TypeError):
-        raise UnknownNameError(kind, name, table) from None
+    return registry.lookup(kind, name)
 
 
 def get_entry(name: str) -> OptimizerEntry:
@@ -252,9 +436,44 @@ def get_entry(name: str) -> OptimizerEntry:
     Raises:
         UnknownNameError: no plugin registered ``name`` (the message suggests close names).
     """
-    return lookup("optimizer", name).entry
+    return registry.lookup("optimizer", name).entry
 
 
 def get_scheduler_entry(name: str) -> SchedulerEntry:
     """The :class:`SchedulerEntry` registered as ``name``."""
-    return lookup("scheduler", name).entry
+    return registry.lookup("scheduler", name).entry
+
+
+def parse_optimizer(value: Any, **fields: Any) -> OptimizerConfig:
+    """Validate ``value`` (a name, a mapping with ``name``, a config object or None) into its optimizer config."""
+    return registry.parse("optimizer", value, fields)
+
+
+def parse_scheduler(value: Any, **fields: Any) -> SchedulerConfig:
+    """Validate ``value`` (a name, a mapping with ``name``, a config object or None) into its scheduler config."""
+    return registry.parse("scheduler", value, fields)
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins (or names) that were left out, with their causes."""
+    return registry.failures()
+
+
+def loaded_plugins() -> list[PluginInfo]:
+    """Every loaded plugin, the default plugin's modules first."""
+    return registry.plugins()
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Register a plugin object at run time (see :meth:`Registry.register_plugin`)."""
+    registry.register_plugin(plugin, name)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered under ``name`` (no error if there is none)."""
+    registry.unregister_plugin(name)
+
+
+def reload_plugins() -> None:
+    """Forget the loaded plugins; the next lookup loads them again (reads the environment again)."""
+    registry.reload()

@@ -82,7 +82,7 @@ def logged_losses(trainer) -> dict[int, float]:
 @pytest.fixture
 def temp_plugin() -> Iterator:
     """Register plugin objects for one test: ``temp_plugin(obj, name)``; all are unregistered after."""
-    from optiplug.plugins import register_plugin, unregister_plugin
+    from optiplug.registry import register_plugin, unregister_plugin
 
     names: list[str] = []
 

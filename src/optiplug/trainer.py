@@ -17,13 +17,14 @@ from typing import Any
 from transformers import Trainer
 
 from optiplug.callbacks import SaveProcessorCallback
-from optiplug.config import OptimizerConfig, SchedulerConfig, parse_optimizer, parse_scheduler
+from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext
+from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
-from optiplug.factory import build_from_entry, build_scheduler, unwrap_optimizer
+from optiplug.factory import build_from_entry, build_scheduler
+from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.patches import applied
-from optiplug.plugins import get_plugin_manager
-from optiplug.registry import OptimizerEntry, get_entry, get_scheduler_entry
+from optiplug.registry import get_entry, get_plugin_manager, get_scheduler_entry, parse_optimizer, parse_scheduler, registry
 
 __all__ = ["OptiTrainerMixin", "OptiTrainer"]
 
@@ -31,17 +32,18 @@ logger = logging.getLogger(__name__)
 
 
 def _optimizer_from_args(args: Any) -> OptimizerConfig:
-    """The default optimizer with the learning rate, betas, eps and weight decay of ``args``."""
-    from optiplug.builtin import DEFAULT_OPTIMIZER
-
-    entry = get_entry(DEFAULT_OPTIMIZER)
-    wanted = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        "weight_decay": args.weight_decay,
-    }
-    return parse_optimizer(DEFAULT_OPTIMIZER, **{k: v for k, v in wanted.items() if k in entry.config.model_fields})
+    """The default optimizer with the ``TrainingArguments`` values it owns (learning rate, betas, eps, weight decay)."""
+    name = registry.default_name("optimizer")
+    fields = get_entry(name).config.model_fields
+    wanted: dict[str, Any] = {}
+    for key, (field, index) in TRAINING_ARGUMENT_FIELDS.items():
+        if field not in fields:
+            continue
+        if index is None:
+            wanted[field] = getattr(args, key)
+        else:
+            wanted.setdefault(field, list(fields[field].default))[index] = getattr(args, key)
+    return parse_optimizer(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in wanted.items()})
 
 
 def _scheduler_from_args(args: Any) -> SchedulerConfig:
@@ -58,15 +60,14 @@ def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
     import dataclasses
 
     defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
-    betas = getattr(cfg, "betas", None) or (None, None)
-    owned = {"learning_rate": getattr(cfg, "lr", None), "weight_decay": getattr(cfg, "weight_decay", None),
-             "adam_beta1": betas[0], "adam_beta2": betas[1], "adam_epsilon": getattr(cfg, "eps", None)}
-    for key, value in owned.items():
-        given = getattr(args, key, None)
+    for key in TRAINING_ARGUMENT_FIELDS:
+        value, given = training_argument_value(cfg, key), getattr(args, key, None)
         if value is not None and given != defaults.get(key) and given != value:
             logger.warning(
                 "TrainingArguments.%s=%r is not used: the optimizer config's value %r is (set it in the optimizer)",
-                key, given, value,
+                key,
+                given,
+                value,
             )
 
 
@@ -123,14 +124,23 @@ class OptiTrainerMixin:
         return BuildContext(model=self.model if model is None else model, trainer=self, args=self.args)
 
     def check_optimizer(self) -> None:
-        """Run the selected entry's requirement and compatibility checks (raises :class:`ConfigError`)."""
-        entry = self.optimizer_entry
+        """Run the selected entry's requirement and compatibility checks, once (raises :class:`ConfigError`).
+
+        ``optiplug train`` calls it before writing anything; ``train()`` and ``create_optimizer()``
+        call it again, which does nothing unless the optimizer was changed in between.
+        """
+        entry, cfg = self.optimizer_entry, self.optimizer_config
+        checked = getattr(self, "_optiplug_checked", None)
+        if checked is not None and checked[0] is entry and checked[1] is cfg:
+            return
         entry.check_requires()
         if entry.check is not None:
-            entry.check(self.optiplug_context(), self.optimizer_config)
+            entry.check(self.optiplug_context(), cfg)
+        self._optiplug_checked = (entry, cfg)
 
     def create_optimizer(self, model: Any = None):
         if self.optimizer is None:
+            self.check_optimizer()
             ctx = self.optiplug_context(model)
             self.optimizer = build_from_entry(self.optimizer_entry, ctx, self.optimizer_config, check=False)
         return self.optimizer

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import optiplug
-from optiplug.config import parse_optimizer
+from optiplug.registry import parse_optimizer
 from optiplug_badam import state_bytes
 from optiplug_badam.blocks import infer_blocks, plan_blocks
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import optiplug
-from optiplug.measure import optimizer_state_bytes, tensor_bytes
+from optiplug.helpers import optimizer_state_bytes, tensor_bytes
 from optiplug.testing import TokenBlocks, tiny_llama
 from optiplug_badam import state_bytes
 from optiplug_badam.config import BAdamConfig

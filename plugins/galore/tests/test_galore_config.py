@@ -189,7 +189,7 @@ def test_check_refuses_a_peft_adapter_model():
     ids=["adamw-full", "adamw-reverse-mlp", "adamw-bf16", "adafactor-beta1-bf16", "adafactor-left", "8bit"],
 )
 def test_state_bytes_equals_the_measured_state(fields, dtype):
-    from optiplug.measure import optimizer_state_bytes
+    from optiplug.helpers import optimizer_state_bytes
 
     model = tiny_llama().to(dtype)
     cfg = optiplug.RunConfig(optimizer=fields).optimizer

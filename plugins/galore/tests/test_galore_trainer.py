@@ -34,7 +34,7 @@ def _history(trainer, key):
 
 
 def _raw(trainer):
-    from optiplug.factory import unwrap_optimizer
+    from optiplug.helpers import unwrap_optimizer
 
     return unwrap_optimizer(trainer.optimizer)
 

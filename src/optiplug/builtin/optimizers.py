@@ -11,94 +11,48 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from optiplug.config import OptimizerConfig
+from optiplug.configs import OptimizerConfig
 from optiplug.context import BuildContext, ParamShape
+from optiplug.entries import OptimizerEntry
+from optiplug.helpers import AdamFields, Kernel, LearningRate, adam_state_bytes, kernel_kwargs, moment_bytes
 from optiplug.hookspecs import hookimpl
-from optiplug.registry import OptimizerEntry
 
-Betas = tuple[float, float]
-STEP_BYTES = 4  # torch keeps `step` as a float32 scalar tensor per parameter
+DEFAULT = "adamw"
+"""What an optimizer section without a name selects."""
 
-
-def _check_betas(betas: Betas) -> Betas:
-    if not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"betas must each be in [0, 1), got {betas}")
-    return betas
+_KERNEL_HELP = "Kernel: 'fused' (one kernel), 'foreach' (batched), 'for-loop', or 'auto' (fused where supported)."
 
 
-class _AdamFamily(OptimizerConfig):
-    lr: float = Field(1e-3, gt=0, description="Learning rate (the peak of the schedule).")
-    betas: Betas = Field((0.9, 0.999), description="Coefficients of the running averages of the gradient and its square.")
-    eps: float = Field(1e-8, gt=0, description="Term added to the denominator for numerical stability.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not applied to biases and norms).")
-
-    @model_validator(mode="after")
-    def _betas_in_range(self):
-        _check_betas(self.betas)
-        return self
-
-
-Implementation = Literal["auto", "fused", "foreach", "for-loop"]
-
-
-def _implementation_kwargs(choice: str, params: list) -> dict:
-    """torch's ``fused``/``foreach`` flags for ``choice``; ``auto`` picks fused where torch supports it."""
-    if choice == "fused":
-        return {"fused": True}
-    if choice == "foreach":
-        return {"foreach": True, "fused": False}
-    if choice == "for-loop":
-        return {"foreach": False, "fused": False}
-    import torch
-
-    fusable = all(
-        p.device.type in ("cpu", "cuda", "mps", "xpu") and torch.is_floating_point(p) for p in params
-    )
-    # Fused is the fastest correct path on CPU and GPU (measured in benchmarks/); transformers defaults to it too.
-    return {"fused": True} if fusable and params else {}
-
-
-def _all_params(groups: list[dict]) -> list:
-    return [p for g in groups for p in g["params"]]
-
-
-class AdamWConfig(_AdamFamily):
+class AdamWConfig(AdamFields):
     """AdamW (decoupled weight decay), torch.optim.AdamW."""
 
     name: Literal["adamw"] = "adamw"
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
     amsgrad: bool = False
-    implementation: Implementation = Field(
-        "auto", description="Kernel: 'fused' (one kernel), 'foreach' (batched), 'for-loop', or 'auto' (fused where supported)."
-    )
+    implementation: Kernel = Field("auto", description=_KERNEL_HELP)
 
 
 def build_adamw(ctx: BuildContext, cfg: AdamWConfig):
     import torch
 
     groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = _implementation_kwargs(cfg.implementation, _all_params(groups))
+    kwargs = kernel_kwargs(cfg.implementation, groups)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
 
 
-def adam_state_bytes(shapes: Sequence[ParamShape], cfg: AdamWConfig) -> int:
-    moments = 3 if getattr(cfg, "amsgrad", False) else 2
-    return sum(moments * s.numel * s.itemsize + STEP_BYTES for s in shapes)
-
-
-class AdamConfig(_AdamFamily):
+class AdamConfig(AdamFields):
     """Adam (L2 weight decay added to the gradient), torch.optim.Adam."""
 
     name: Literal["adam"] = "adam"
     amsgrad: bool = False
-    implementation: Implementation = "auto"
+    implementation: Kernel = Field("auto", description=_KERNEL_HELP)
 
 
 def build_adam(ctx: BuildContext, cfg: AdamConfig):
     import torch
 
     groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = _implementation_kwargs(cfg.implementation, _all_params(groups))
+    kwargs = kernel_kwargs(cfg.implementation, groups)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
 
 
@@ -106,7 +60,7 @@ class SGDConfig(OptimizerConfig):
     """Stochastic gradient descent with optional (Nesterov) momentum, torch.optim.SGD."""
 
     name: Literal["sgd"] = "sgd"
-    lr: float = Field(1e-2, gt=0, description="Learning rate.")
+    lr: LearningRate = 1e-2
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum factor (0 keeps no optimizer state).")
     dampening: float = Field(0.0, ge=0, le=1)
     nesterov: bool = False
@@ -139,7 +93,7 @@ class AdagradConfig(OptimizerConfig):
     """Adagrad, torch.optim.Adagrad."""
 
     name: Literal["adagrad"] = "adagrad"
-    lr: float = Field(1e-2, gt=0)
+    lr: LearningRate = 1e-2
     lr_decay: float = Field(0.0, ge=0)
     initial_accumulator_value: float = Field(0.0, ge=0)
     eps: float = Field(1e-10, gt=0)
@@ -159,14 +113,14 @@ def build_adagrad(ctx: BuildContext, cfg: AdagradConfig):
 
 
 def one_moment_state_bytes(shapes: Sequence[ParamShape], cfg: OptimizerConfig) -> int:
-    return sum(s.numel * s.itemsize + STEP_BYTES for s in shapes)
+    return moment_bytes(shapes, 1)
 
 
 class RMSpropConfig(OptimizerConfig):
     """RMSprop, torch.optim.RMSprop."""
 
     name: Literal["rmsprop"] = "rmsprop"
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     alpha: float = Field(0.99, gt=0, lt=1, description="Smoothing constant of the squared-gradient average.")
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -188,11 +142,10 @@ def build_rmsprop(ctx: BuildContext, cfg: RMSpropConfig):
 
 
 def rmsprop_state_bytes(shapes: Sequence[ParamShape], cfg: RMSpropConfig) -> int:
-    per_element = 1 + (cfg.momentum > 0) + cfg.centered
-    return sum(per_element * s.numel * s.itemsize + STEP_BYTES for s in shapes)
+    return moment_bytes(shapes, 1 + (cfg.momentum > 0) + cfg.centered)
 
 
-class RAdamConfig(_AdamFamily):
+class RAdamConfig(AdamFields):
     """Rectified Adam, torch.optim.RAdam."""
 
     name: Literal["radam"] = "radam"
@@ -211,11 +164,11 @@ def build_radam(ctx: BuildContext, cfg: RAdamConfig):
     )
 
 
-class NAdamConfig(_AdamFamily):
+class NAdamConfig(AdamFields):
     """Adam with Nesterov momentum, torch.optim.NAdam."""
 
     name: Literal["nadam"] = "nadam"
-    lr: float = Field(2e-3, gt=0)
+    lr: LearningRate = 2e-3
     momentum_decay: float = Field(4e-3, ge=0)
     decoupled_weight_decay: bool = False
 
@@ -235,14 +188,14 @@ def build_nadam(ctx: BuildContext, cfg: NAdamConfig):
 
 def nadam_state_bytes(shapes: Sequence[ParamShape], cfg: NAdamConfig) -> int:
     # exp_avg, exp_avg_sq, plus float32 scalars `step` and `mu_product`
-    return sum(2 * s.numel * s.itemsize + 2 * STEP_BYTES for s in shapes)
+    return moment_bytes(shapes, 2, scalars=2)
 
 
-class AdamaxConfig(_AdamFamily):
+class AdamaxConfig(AdamFields):
     """Adamax (Adam with the infinity norm), torch.optim.Adamax."""
 
     name: Literal["adamax"] = "adamax"
-    lr: float = Field(2e-3, gt=0)
+    lr: LearningRate = 2e-3
 
 
 def build_adamax(ctx: BuildContext, cfg: AdamaxConfig):

@@ -10,10 +10,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from optiplug.config import SchedulerConfig
+from optiplug.configs import SchedulerConfig
 from optiplug.context import ScheduleContext
+from optiplug.entries import SchedulerEntry
 from optiplug.hookspecs import hookimpl
-from optiplug.registry import SchedulerEntry
+
+DEFAULT = "cosine"
+"""What a scheduler section without a name selects."""
 
 
 class _Warmup(SchedulerConfig):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from optiplug.config import EMBEDDED, DataConfig
+from optiplug.app.config import EMBEDDED, DataConfig
 from optiplug.errors import ConfigError
 
 __all__ = ["EXTENSIONS", "TokenBlocks", "assets_dir", "load_dataset", "read_documents", "resolve_paths", "tokenize_blocks"]
@@ -32,7 +32,7 @@ _BATCH = 256  # documents tokenized per call
 
 def assets_dir() -> Path:
     """The directory of the embedded assets (corpus, tokenizer, model config)."""
-    return Path(__file__).resolve().parent / "assets"
+    return Path(__file__).resolve().parent.parent / "assets"
 
 
 def resolve_paths(path: str | Sequence[str]) -> list[Path]:

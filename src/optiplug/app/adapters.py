@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from optiplug.config import FinetuningConfig
+from optiplug.app.config import FinetuningConfig
 from optiplug.errors import CheckpointError, ConfigError, MissingDependencyError
 from optiplug.params import ALL_LINEAR, match_modules
 
@@ -237,3 +237,21 @@ def _plain_lora_config(model: Any, adapter_name: str) -> Any:
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path") or None
     return config
+
+
+def pissa_callbacks(trainer: Any, finetuning: FinetuningConfig) -> list[Any]:
+    """The callbacks ``optiplug train`` adds for ``finetuning``: PiSSA-to-LoRA conversion when ``pissa_convert`` is set.
+
+    Raises:
+        ConfigError: the conversion needs whole weights, and FSDP or ZeRO-3 shards them; or the
+            model is not a PiSSA-initialised LoRA model.
+    """
+    if finetuning.type != "lora" or not finetuning.pissa_convert:
+        return []
+    ctx = trainer.optiplug_context()
+    if ctx.distributed == "fsdp" or ctx.deepspeed_stage == 3:
+        raise ConfigError(
+            f"finetuning.pissa_convert needs whole weights on each process, which {ctx.distributed} "
+            f"{'ZeRO-3 ' if ctx.deepspeed_stage == 3 else ''}shards: convert after training, or train without sharding"
+        )
+    return [PissaConvertCallback(trainer.model)]

@@ -1,9 +1,12 @@
-"""Configs: the pydantic bases plugins subclass, the run config, YAML loading and overrides.
+"""The run config (``RunConfig``: model, data, training, optimizer, scheduler, finetuning), YAML and overrides.
 
-After plugins load, the optimizer and scheduler sections are validated through one
-discriminated union per kind, built from the registry (``Field(discriminator="name")``).
-YAML files, ``a.b=value`` command-line overrides and the Python API all go through it. A
-config can only select registered names: there is no import-path escape hatch.
+The optimizer and scheduler sections are parsed by the registry (:meth:`Registry.parse`) into
+the registered config classes; YAML files, ``a.b=value`` command-line overrides and the Python
+API all go through it. A config can only select registered names: there is no import-path
+escape hatch.
+
+Values are read by YAML 1.2's core schema (:mod:`optiplug.app.values`): ``no``, ``yes``, ``on``
+and ``off`` are text (``save_strategy: no``), ``5e-1`` is a number.
 """
 
 from __future__ import annotations
@@ -12,19 +15,20 @@ import copy
 import functools
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator
 
-from optiplug.configs import OptimizerConfig, SchedulerConfig, format_validation_error
+from optiplug.app.values import load_yaml, scalar
+from optiplug.configs import OptimizerConfig, ScalarFields, SchedulerConfig, format_validation_error
 from optiplug.errors import ConfigError
+from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value
+from optiplug.registry import parse_optimizer, parse_scheduler, registry
 
 __all__ = [
-    "OptimizerConfig",
-    "SchedulerConfig",
     "ModelConfig",
     "DataConfig",
     "FinetuningConfig",
@@ -32,88 +36,23 @@ __all__ = [
     "EMBEDDED",
     "load_config",
     "apply_overrides",
-    "parse_optimizer",
-    "parse_scheduler",
+    "read_yaml",
+    "run_config_schema",
+    "validate_config",
+    "resolve_config",
+    "split_config_and_overrides",
 ]
 
 EMBEDDED = "embedded"
 """``model.name_or_path`` / ``data.path`` value for the tiny model and corpus shipped in the package."""
 
 
-# ---- the discriminated unions, built from the registry -------------------------------------
-
-
-def _union_of(classes: list[type]) -> Any:
-    if len(classes) == 1:
-        return classes[0]
-    return Annotated[Union[tuple(classes)], Field(discriminator="name")]  # noqa: UP007
-
-
-def _configs(kind: str) -> list[type]:
-    from optiplug.registry import list_optimizers, list_schedulers
-
-    rows = list_optimizers() if kind == "optimizer" else list_schedulers()
-    return [row.entry.config for row in rows]
-
-
-@functools.lru_cache(maxsize=8)
-def _adapter(kind: str, generation: int) -> TypeAdapter:
-    configs = _configs(kind)
-    for config in configs:  # the bases defer schema building (fast `optiplug list`); build them once they are used
-        config.model_rebuild()
-    return TypeAdapter(_union_of(configs))
-
-
-def config_union(kind: str) -> Any:
-    """The ``Annotated[Union[...], Field(discriminator="name")]`` of every registered config of ``kind``."""
-    return _union_of(_configs(kind))
-
-
-def _parse(kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> Any:
-    from optiplug.plugins import plugins_generation
-    from optiplug.registry import lookup
-
-    base = OptimizerConfig if kind == "optimizer" else SchedulerConfig
-    if isinstance(value, base) and not fields:
-        lookup(kind, value.name)  # a config object must still name a registered entry
-        return value
-    if isinstance(value, base):
-        value = value.model_dump()
-    elif isinstance(value, str):
-        value = {"name": value}
-    elif value is None:
-        from optiplug.builtin import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
-
-        value = {"name": DEFAULT_OPTIMIZER if kind == "optimizer" else DEFAULT_SCHEDULER}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{kind}: expected a mapping with a 'name' key or a name, got {type(value).__name__}")
-    value = {**value, **(fields or {})}
-    if "name" not in value:  # a section without a name configures the default entry
-        from optiplug.builtin import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
-
-        value["name"] = DEFAULT_OPTIMIZER if kind == "optimizer" else DEFAULT_SCHEDULER
-    lookup(kind, value["name"])  # unknown name -> UnknownNameError with suggestions
-    try:
-        return _adapter(kind, plugins_generation()).validate_python(value)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, kind, tag=str(value["name"]))) from None
-
-
-def parse_optimizer(value: Any, **fields: Any) -> OptimizerConfig:
-    """Validate ``value`` (a name, a mapping with ``name``, or a config object) into its optimizer config."""
-    return _parse("optimizer", value, fields)
-
-
-def parse_scheduler(value: Any, **fields: Any) -> SchedulerConfig:
-    """Validate ``value`` (a name, a mapping with ``name``, or a config object) into its scheduler config."""
-    return _parse("scheduler", value, fields)
-
-
 # ---- the run config -------------------------------------------------------------------------
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)  # built on first use: `optiplug list` stays fast
+class _Section(ScalarFields):
+    # built on first use: `optiplug list` stays fast
+    model_config = ConfigDict(extra="forbid", defer_build=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -233,14 +172,7 @@ _LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "init", "pissa_conver
 _LORA_INIT = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*")
 
 
-# Keys of TrainingArguments that the optimizer/scheduler sections own, with the field that owns them.
-_OWNED_BY_OPTIMIZER = {
-    "learning_rate": "lr",
-    "weight_decay": "weight_decay",
-    "adam_beta1": ("betas", 0),
-    "adam_beta2": ("betas", 1),
-    "adam_epsilon": "eps",
-}
+# Keys of TrainingArguments that the scheduler section owns (the optimizer's: helpers.TRAINING_ARGUMENT_FIELDS).
 _OWNED_BY_SCHEDULER = {"warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio"}
 _NEVER_IN_TRAINING = {
     "optim": "optimizer.name",
@@ -249,13 +181,6 @@ _NEVER_IN_TRAINING = {
     "lr_scheduler_type": "scheduler.name",
     "lr_scheduler_kwargs": "the scheduler section",
 }
-
-
-def _owned_value(cfg: BaseModel, field: str | tuple[str, int]) -> Any:
-    if isinstance(field, tuple):
-        value = getattr(cfg, field[0], None)
-        return None if value is None else value[field[1]]
-    return getattr(cfg, field, None)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -292,33 +217,31 @@ class RunConfig(_Section):
         for key, where in _NEVER_IN_TRAINING.items():
             if key in self.training:
                 raise ConfigError(f"training.{key}: set this in {where}, not in the training section")
-        for owners, section in ((_OWNED_BY_OPTIMIZER, self.optimizer), (_OWNED_BY_SCHEDULER, self.scheduler)):
-            kind = "optimizer" if section is self.optimizer else "scheduler"
-            for key, field in owners.items():
-                if key not in self.training:
-                    continue
-                owned = _owned_value(section, field)
-                label = field if isinstance(field, str) else f"{field[0]}[{field[1]}]"
-                if owned is None:
-                    raise ConfigError(
-                        f"training.{key}: {kind} {section.name!r} has no {label}; remove it from the training section"
-                    )
-                if not _same(owned, self.training[key]):
-                    raise ConfigError(
-                        f"training.{key}={self.training[key]!r} conflicts with {kind}.{label}={owned!r}: "
-                        f"set it in the {kind} section only"
-                    )
+        owned: list[tuple[str, str, Any, str]] = []  # (training key, kind, value in the section, field label)
+        for key, (field, index) in TRAINING_ARGUMENT_FIELDS.items():
+            label = field if index is None else f"{field}[{index}]"
+            owned.append((key, "optimizer", training_argument_value(self.optimizer, key), label))
+        for key, field in _OWNED_BY_SCHEDULER.items():
+            owned.append((key, "scheduler", getattr(self.scheduler, field, None), field))
+        for key, kind, value, label in owned:
+            if key not in self.training:
+                continue
+            section = self.optimizer if kind == "optimizer" else self.scheduler
+            if value is None:
+                raise ConfigError(
+                    f"training.{key}: {kind} {section.name!r} has no {label}; remove it from the training section"
+                )
+            if not _same(value, self.training[key]):
+                raise ConfigError(
+                    f"training.{key}={self.training[key]!r} conflicts with {kind}.{label}={value!r}: "
+                    f"set it in the {kind} section only"
+                )
         return self
 
 
 # ---- loading --------------------------------------------------------------------------------
 
 
-def _yaml_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -327,7 +250,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     path = [part for part in key.strip().split(".")]
     if not sep or not all(path):
         raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optimizer.lr=3e-4")
-    return path, _yaml_scalar(raw)
+    return path, scalar(raw)
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -366,7 +289,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -414,7 +337,31 @@ def run_config_schema() -> dict[str, Any]:
     model = create_model(
         "RunConfig",
         __base__=RunConfig,
-        optimizer=(config_union("optimizer"), Field(default_factory=lambda: parse_optimizer(None))),
-        scheduler=(config_union("scheduler"), Field(default_factory=lambda: parse_scheduler(None))),
+        optimizer=(registry.union("optimizer"), Field(default_factory=lambda: parse_optimizer(None))),
+        scheduler=(registry.union("scheduler"), Field(default_factory=lambda: parse_scheduler(None))),
     )
     return model.model_json_schema()
+
+
+def resolve_config(config: RunConfig | str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """A :class:`RunConfig` from a config object, a YAML file or None (the embedded default), plus overrides."""
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        return validate_config(apply_overrides(config.model_dump(), overrides))
+    if config is not None and not isinstance(config, (str, Path)):
+        raise ConfigError(
+            f"expected a RunConfig, a YAML file path or None, got {type(config).__name__}"
+            + (": build one with optiplug.RunConfig(**mapping)" if isinstance(config, Mapping) else "")
+        )
+    return load_config(config, overrides)
+
+
+def split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``["run.yaml", "a.b=1"]`` -> ``("run.yaml", ["a.b=1"])``: an optional config file, then overrides."""
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    bad = [item for item in items if "=" not in item]
+    if bad:
+        raise ConfigError(f"expected KEY=VALUE overrides after the config file, got {bad[0]!r}")
+    return None, list(items)

@@ -20,10 +20,19 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from optiplug.config import EMBEDDED, FinetuningConfig, ModelConfig, OptimizerConfig, RunConfig, load_config, parse_optimizer
+from optiplug.app.config import (
+    EMBEDDED,
+    FinetuningConfig,
+    ModelConfig,
+    RunConfig,
+    load_config,
+    resolve_config,
+    split_config_and_overrides,
+)
+from optiplug.configs import OptimizerConfig
 from optiplug.context import ParamShape
 from optiplug.errors import ConfigError
-from optiplug.registry import get_entry
+from optiplug.registry import get_entry, parse_optimizer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -127,7 +136,7 @@ def meta_model(model: ModelConfig, finetuning: FinetuningConfig | None = None) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from optiplug.adapters import apply_finetuning
+    from optiplug.app.adapters import apply_finetuning
 
     path = resolve_model_dir(model)
     try:
@@ -201,14 +210,13 @@ def estimate(
         config: a :class:`RunConfig`, a YAML file, or None for the embedded default run.
         optimizers: optimizers to compare (names, mappings or configs); by default the run's own.
             A bare name equal to the run's optimizer keeps the run's configured fields.
-        overrides: ``"a.b=value"`` strings applied when ``config`` is a file or None.
+        overrides: ``"a.b=value"`` strings applied on top of ``config``.
 
     Raises:
         ConfigError: the model cannot be found offline, or a config value is invalid.
         UnknownNameError: an optimizer name is not registered.
     """
-    if not isinstance(config, RunConfig):
-        config = load_config(config, overrides)
+    config = resolve_config(config, overrides)
     configs = _optimizer_configs(config, optimizers)  # unknown names fail before the model is built
     return estimate_shapes(model_shapes(config), configs)
 
@@ -233,15 +241,6 @@ def _format_count(value: int) -> str:
         if value >= scale:
             return f"{value / scale:.2f}{unit}"
     return str(value)
-
-
-def _split_items(items: Sequence[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], list(items[1:])
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        raise ConfigError(f"expected KEY=VALUE overrides after the config file, got {bad[0]!r}")
-    return None, list(items)
 
 
 def _print_table(rows: list[Estimate], config: RunConfig) -> None:
@@ -288,7 +287,7 @@ def command(
 
     Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`, `optiplug estimate model.dtype=bfloat16 --json`.
     """
-    path, overrides = _split_items(list(items or []))
+    path, overrides = split_config_and_overrides(list(items or []))
     config = load_config(path, overrides)
     names = [name.strip() for name in optimizers.split(",") if name.strip()] if optimizers else None
     if optimizers is not None and not names:

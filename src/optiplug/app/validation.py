@@ -8,8 +8,12 @@ import tempfile
 import warnings
 from typing import Any
 
-from optiplug.config import RunConfig
+from pydantic import ConfigDict
+
+from optiplug.app.config import RunConfig
+from optiplug.configs import coerce_scalar
 from optiplug.errors import ConfigError
+from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value
 
 __all__ = ["check_training_section", "training_arguments"]
 
@@ -31,27 +35,21 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"training.{key}: not an argument of transformers.TrainingArguments.{hint}")
-    _check_types(TrainingArguments, config.training)
+    training = _check_types(TrainingArguments, config.training)
     kwargs = dict(defaults or {})
-    kwargs.update(config.training)
-    optimizer = config.optimizer
-    if getattr(optimizer, "lr", None) is not None:
-        kwargs["learning_rate"] = optimizer.lr
-    if getattr(optimizer, "weight_decay", None) is not None:
-        kwargs["weight_decay"] = optimizer.weight_decay
-    betas = getattr(optimizer, "betas", None)
-    if isinstance(betas, tuple) and len(betas) == 2:
-        kwargs["adam_beta1"], kwargs["adam_beta2"] = betas
-    if getattr(optimizer, "eps", None) is not None:
-        kwargs["adam_epsilon"] = optimizer.eps
+    kwargs.update(training)
+    for key in TRAINING_ARGUMENT_FIELDS:
+        value = training_argument_value(config.optimizer, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kwargs[key] = value
     kwargs.setdefault("output_dir", tempfile.gettempdir())
     try:
         return _make(TrainingArguments, kwargs)
     except (TypeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         # Name the key: retry with one given key at a time (only on this error path).
-        base = {k: v for k, v in kwargs.items() if k not in config.training}
-        for key, value in config.training.items():
+        base = {k: v for k, v in kwargs.items() if k not in training}
+        for key, value in training.items():
             try:
                 _make(TrainingArguments, {**base, key: value})
             except (TypeError, ValueError) as single:
@@ -70,17 +68,25 @@ def _make(cls: type, kwargs: dict[str, Any]) -> Any:
 _ACCEPTED: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
 
 
-def _check_types(cls: type, values: dict[str, Any]) -> None:
-    """Type-check values against the dataclass's annotations (the dataclass itself does not)."""
+def _check_types(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Type-check values against the dataclass's annotations (the dataclass itself does not).
+
+    Returns the values fitted to their fields (:func:`coerce_scalar`: text fields keep the text typed).
+    """
     import typing
 
     from pydantic import TypeAdapter, ValidationError
 
     hints = typing.get_type_hints(cls)
     hints.update(_ACCEPTED)
+    fitted: dict[str, Any] = {}
     for key, value in values.items():
         try:
-            adapter = TypeAdapter(hints[key])
+            value = fitted[key] = coerce_scalar(hints[key], value)
+        except ValueError as error:
+            raise ConfigError(f"training.{key}: {error}") from None
+        try:
+            adapter = TypeAdapter(hints[key], config=ConfigDict(allow_inf_nan=False))
         except Exception:  # an annotation pydantic cannot express: TrainingArguments checks it itself
             continue
         try:
@@ -88,6 +94,7 @@ def _check_types(cls: type, values: dict[str, Any]) -> None:
         except ValidationError as error:
             message = error.errors(include_url=False)[0]["msg"]
             raise ConfigError(f"training.{key}: {message} (got {value!r})") from None
+    return fitted
 
 
 def check_training_section(config: RunConfig) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import typer
 
 from optiplug.errors import ConfigError, OptiplugError
-from optiplug.measure import high_water_mark_bytes, maxrss_bytes
+from optiplug.app.measure import high_water_mark_bytes, maxrss_bytes
 from optiplug.registry import get_entry
 
 __all__ = ["ProcessResult", "CompareRun", "run_process", "train_command", "compare", "command"]
@@ -261,7 +261,7 @@ def compare(
         raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
     for name in names:
         get_entry(name)
-    from optiplug.config import load_config
+    from optiplug.app.config import load_config
 
     # A config no run can use is one error before anything runs or is written; a field that only
     # some optimizers lack fails just those runs (reported with the others' results).
@@ -361,7 +361,7 @@ def print_table(runs: list[CompareRun]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from optiplug.estimate import format_bytes
+    from optiplug.app.estimate import format_bytes
 
     table = Table()
     for column in ("optimizer", "final loss", "steps/s", "tokens/s", "optimizer state", "peak RSS", "wall s"):
@@ -452,9 +452,9 @@ def command(
 
     Example: `optiplug compare examples/adamw.yaml --optimizers adamw,sgd,badam --steps 30`.
     """
-    from optiplug.estimate import _split_items
+    from optiplug.app.config import split_config_and_overrides
 
-    path, overrides = _split_items(list(items or []))
+    path, overrides = split_config_and_overrides(list(items or []))
     names = [name.strip() for name in optimizers.split(",") if name.strip()]
     runs = compare(path, names, steps, output, overrides)
     print_table(runs)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optiplug.config import EMBEDDED, ModelConfig, RunConfig, apply_overrides, load_config, validate_config
+from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
 from optiplug.errors import ConfigError
 
 __all__ = ["RunResult", "train", "default_training_arguments", "SUMMARY_FILE"]
@@ -73,7 +73,7 @@ def default_training_arguments() -> dict[str, Any]:
 
 def _training_arguments(cfg: RunConfig):
     """``TrainingArguments`` from the defaults and the ``training`` section (the optimizer's lr etc. copied in)."""
-    from optiplug.validation import training_arguments
+    from optiplug.app.validation import training_arguments
 
     defaults = default_training_arguments()
     if "num_train_epochs" in cfg.training and "max_steps" not in cfg.training:
@@ -124,7 +124,7 @@ def _local_dir(name: str, field: str) -> Path:
 def _load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    from optiplug.data import assets_dir
+    from optiplug.app.data import assets_dir
 
     name = cfg.tokenizer or cfg.name_or_path
     field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
@@ -139,7 +139,7 @@ def _load_model(cfg: ModelConfig, seed: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    from optiplug.data import assets_dir
+    from optiplug.app.data import assets_dir
 
     dtype = getattr(torch, cfg.dtype)
     name = cfg.name_or_path
@@ -202,9 +202,8 @@ def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
 
 
 def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int, float]], train_time: float) -> dict:
-    import optiplug
-    from optiplug.factory import unwrap_optimizer
-    from optiplug.measure import optimizer_state_bytes, peak_rss_bytes
+    from optiplug.app.measure import peak_rss_bytes
+    from optiplug.helpers import optimizer_state_bytes, unwrap_optimizer
 
     args, state, model = trainer.args, trainer.state, trainer.model
     # Throughput counts only this session's steps (a resumed run starts at the checkpoint's step).
@@ -213,7 +212,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
     tokens *= dataset.block_size
     train_loss = [e["train_loss"] for e in state.log_history if "train_loss" in e]
     return {
-        "optiplug_version": optiplug.__version__,
+        "optiplug_version": _version(),
         "model": cfg.model.name_or_path,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -240,15 +239,16 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
     }
 
 
+def _version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("optiplug")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 # ---- the job --------------------------------------------------------------------------------
-
-
-def _resolve_config(config: RunConfig | str | Path | None, overrides: Sequence[str]) -> RunConfig:
-    if isinstance(config, RunConfig):
-        if not overrides:
-            return config
-        return validate_config(apply_overrides(config.model_dump(), overrides))
-    return load_config(config, overrides)
 
 
 def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
@@ -282,12 +282,12 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     """
     from transformers import default_data_collator
 
-    from optiplug.adapters import BASE_MODEL_DIR, apply_finetuning
-    from optiplug.data import load_dataset
+    from optiplug.app.adapters import BASE_MODEL_DIR, apply_finetuning, pissa_callbacks
+    from optiplug.app.data import load_dataset
     from optiplug.trainer import OptiTrainer
 
-    cfg = _resolve_config(config, overrides)
-    from optiplug.launch import check_engine_launch
+    cfg = resolve_config(config, overrides)
+    from optiplug.app.launch import check_engine_launch
 
     check_engine_launch(cfg.training)  # FSDP/DeepSpeed without a launcher: one line, not a traceback
     args = _training_arguments(cfg)
@@ -313,6 +313,8 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
         scheduler=cfg.scheduler,
         run_config=cfg,
     )
+    for callback in pissa_callbacks(trainer, cfg.finetuning):
+        trainer.add_callback(callback)
     trainer.check_optimizer()
 
     out = Path(args.output_dir)

@@ -29,15 +29,6 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    bad = [item for item in items if "=" not in item]
-    if bad:
-        _fail(f"expected KEY=VALUE overrides after the config file, got {bad[0]!r}")
-    return None, items
-
-
 @app.command()
 def train(
     items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
@@ -50,15 +41,17 @@ def train(
     Examples: `optiplug train`, `optiplug train examples/adamw.yaml optimizer.lr=3e-4`,
     `optiplug train optimizer.name=sgd training.max_steps=50`.
     """
-    path, overrides = _split_config_and_overrides(list(items or []))
-    from optiplug.config import load_config
+    from optiplug.app.config import split_config_and_overrides
+
+    path, overrides = split_config_and_overrides(list(items or []))
+    from optiplug.app.config import load_config
 
     config = load_config(path, overrides)  # validate before starting anything
     if nproc > 1:
-        from optiplug.launch import relaunch_with_torchrun
+        from optiplug.app.launch import relaunch_with_torchrun
 
         raise typer.Exit(relaunch_with_torchrun(nproc, list(items or [])))
-    from optiplug.run import train as run_train
+    from optiplug.app.run import train as run_train
 
     result = run_train(config)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only the main process speaks
@@ -98,7 +91,7 @@ def list_(
 
 
 def _warn_failures() -> None:
-    from optiplug.plugins import plugin_failures
+    from optiplug.registry import plugin_failures
 
     failures = plugin_failures()
     if failures:
@@ -155,7 +148,7 @@ def schema(
     indent: int = typer.Option(2, help="JSON indentation."),
 ) -> None:
     """Print the JSON Schema of the run config (every registered optimizer and scheduler), for editor completion."""
-    from optiplug.config import run_config_schema
+    from optiplug.app.config import run_config_schema
 
     typer.echo(json.dumps(run_config_schema(), indent=indent))
 
@@ -165,11 +158,13 @@ def validate(
     items: list[str] = typer.Argument(..., metavar="CONFIG [KEY=VALUE]...", help="A YAML run config, then overrides."),
 ) -> None:
     """Check every section of a config (the training section against TrainingArguments) without training."""
-    path, overrides = _split_config_and_overrides(items)
+    from optiplug.app.config import split_config_and_overrides
+
+    path, overrides = split_config_and_overrides(items)
     if path is None:
         _fail("validate needs a config file")
-    from optiplug.config import load_config
-    from optiplug.validation import check_training_section
+    from optiplug.app.config import load_config
+    from optiplug.app.validation import check_training_section
 
     config = load_config(path, overrides)
     check_training_section(config)
@@ -179,7 +174,7 @@ def validate(
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List loaded plugins with their versions and hooks, and plugins that failed to load with the cause."""
-    from optiplug.plugins import loaded_plugins, plugin_failures
+    from optiplug.registry import loaded_plugins, plugin_failures
 
     loaded, failed = loaded_plugins(), plugin_failures()
     if as_json:
@@ -197,7 +192,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 def _register_commands() -> None:
     """``estimate`` and ``compare`` live in their own modules (imported here; they import torch lazily)."""
-    from optiplug import compare, estimate
+    from optiplug.app import compare, estimate
 
     app.command("estimate")(estimate.command)
     app.command("compare")(compare.command)
