@@ -1,0 +1,138 @@
+"""optiplug-schedulefree: schedule-free AdamW, SGD and RAdam (the ``schedulefree`` package) as optiplug optimizers.
+
+``schedule_free_adamw``, ``schedule_free_sgd`` and ``schedule_free_radam`` (transformers' names)
+bring with them what the Trainer gets wrong: every saved model (each checkpoint, the output
+directory) holds the averaged weights x, saving and evaluating never change the training run,
+resume is exact and ``weights_only``-safe, and a learning-rate schedule on top of the optimizer's
+own warmup is refused. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optiplug
+
+from optiplug_schedulefree.config import (
+    ScheduleFreeAdamWConfig,
+    ScheduleFreeConfig,
+    ScheduleFreeRAdamConfig,
+    ScheduleFreeSGDConfig,
+)
+
+__all__ = ["ScheduleFreeAdamWConfig", "ScheduleFreeRAdamConfig", "ScheduleFreeSGDConfig", "register_optimizers"]
+__version__ = "0.1.0"
+
+
+def build(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> Any:
+    """Build the schedule-free optimizer ``cfg`` names (an exact-switch subclass of schedulefree's)."""
+    from optiplug_schedulefree.optim import build_schedule_free
+
+    return build_schedule_free(ctx, cfg)
+
+
+def scheduler_name(ctx: optiplug.BuildContext) -> str | None:
+    """The learning-rate scheduler the run will use: the OptiTrainer's scheduler section, else
+    ``TrainingArguments.lr_scheduler_type`` (what a plain Trainer builds), else None (no trainer)."""
+    config = getattr(ctx.trainer, "scheduler_config", None)
+    if config is not None:
+        return str(config.name)
+    if ctx.args is not None:
+        kind = ctx.args.lr_scheduler_type
+        return str(getattr(kind, "value", kind))
+    return None
+
+
+def check(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> None:
+    """Refuse, before the first step, what schedule-free cannot train here (each with what to change)."""
+    name = cfg.name
+    warmup = (
+        "RAdam's rectification is its warmup"
+        if name == "schedule_free_radam"
+        else "warm up with optimizer.warmup_steps"
+    )
+    schedule = scheduler_name(ctx)
+    if schedule is not None and schedule != "constant":
+        raise optiplug.ConfigError(
+            f"{name}: the learning-rate scheduler must be 'constant', not {schedule!r}: schedule-free replaces the "
+            f"schedule (and {warmup}), so another scheduler would change the learning rate a second time; "
+            "set scheduler.name to constant"
+        )
+    args = ctx.args
+    if args is not None and (getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0)):
+        raise optiplug.ConfigError(
+            f"{name}: TrainingArguments warmup_steps/warmup_ratio are set but the constant scheduler ignores them: "
+            f"{warmup}, and leave the Trainer's warmup at 0"
+        )
+    if ctx.distributed in ("deepspeed", "fsdp"):
+        raise optiplug.ConfigError(
+            f"{name}: {ctx.distributed} is not supported: under it each process holds a shard of the parameters and "
+            "the switch between the training point y and the saved weights x is not wired through it; train with "
+            "one process or DDP"
+        )
+
+
+def callbacks(cfg: ScheduleFreeConfig) -> list[Any]:
+    """The callback that leaves the model at x when training ends."""
+    from optiplug_schedulefree.callback import ScheduleFreeCallback
+
+    return [ScheduleFreeCallback()]
+
+
+def _saving_x(trainer: Any, original: Any) -> Any:
+    from optiplug_schedulefree.callback import saving_x
+
+    return saving_x(trainer, original)
+
+
+def _x_before_loading_best(trainer: Any, original: Any) -> Any:
+    from optiplug_schedulefree.callback import x_before_loading_best
+
+    return x_before_loading_best(trainer, original)
+
+
+def patches(cfg: ScheduleFreeConfig) -> list[optiplug.Patch]:
+    """The trainer's ``save_model`` writes x; ``_load_best_model`` keeps y aside before loading the best x."""
+    return [
+        optiplug.Patch(
+            target="",
+            attribute="save_model",
+            make=_saving_x,
+            reason=f"{cfg.name}: every checkpoint and the output directory hold x (eval mode around the save; y "
+            "restored bit for bit)",
+        ),
+        optiplug.Patch(
+            target="",
+            attribute="_load_best_model",
+            make=_x_before_loading_best,
+            reason=f"{cfg.name}: keep y aside before load_best_model_at_end writes the best x into the model",
+        ),
+    ]
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: ScheduleFreeConfig) -> int:
+    """Per parameter: z, y (in the state dict; aside while the model holds x) and, for AdamW and RAdam, the
+    second moment. No per-parameter step (the step count is in the parameter groups)."""
+    buffers = 2 if cfg.name == "schedule_free_sgd" else 3
+    return optiplug.moment_bytes(shapes, buffers, scalars=0)
+
+
+def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.OptimizerEntry:
+    return optiplug.OptimizerEntry(
+        config=config,
+        build=build,
+        summary=summary,
+        callbacks=callbacks,
+        patches=patches,
+        check=check,
+        requires=("schedulefree",),
+        state_bytes=state_bytes,
+    )
+
+
+@optiplug.hookimpl
+def register_optimizers(register: Any) -> None:
+    register(_entry(ScheduleFreeAdamWConfig, "Schedule-free AdamW (schedulefree): saves x, exact resume"))
+    register(_entry(ScheduleFreeSGDConfig, "Schedule-free SGD (schedulefree): saves x, exact resume"))
+    register(_entry(ScheduleFreeRAdamConfig, "Schedule-free RAdam (schedulefree): saves x, exact resume"))
