@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from optiplug_schedulefree.optim import schedule_free_optimizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import optiplug
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
-from optiplug_schedulefree.optim import schedule_free_optimizer
 
 NAMES = ["schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam"]
 SETTINGS = {

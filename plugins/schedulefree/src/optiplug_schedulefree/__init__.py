@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import optiplug
-
 from optiplug_schedulefree.config import (
     ScheduleFreeAdamWConfig,
     ScheduleFreeConfig,
@@ -47,29 +46,27 @@ def scheduler_name(ctx: optiplug.BuildContext) -> str | None:
 def check(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> None:
     """Refuse, before the first step, what schedule-free cannot train here (each with what to change)."""
     name = cfg.name
-    warmup = (
-        "RAdam's rectification is its warmup"
-        if name == "schedule_free_radam"
-        else "warm up with optimizer.warmup_steps"
-    )
+    warmup = "RAdam's rectification" if name == "schedule_free_radam" else "optimizer.warmup_steps"
     schedule = scheduler_name(ctx)
     if schedule is not None and schedule != "constant":
         raise optiplug.ConfigError(
-            f"{name}: the learning-rate scheduler must be 'constant', not {schedule!r}: schedule-free replaces the "
-            f"schedule (and {warmup}), so another scheduler would change the learning rate a second time; "
+            f"{name}: the learning-rate scheduler must be 'constant', not {schedule!r}: schedule-free needs no "
+            f"schedule and warms up by itself ({warmup}), so another scheduler would change the learning rate a second "
+            "time; "
             "set scheduler.name to constant"
         )
     args = ctx.args
-    if args is not None and (getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0)):
+    if args is not None and (getattr(args, "warmup_steps", None) or getattr(args, "warmup_ratio", None)):
         raise optiplug.ConfigError(
-            f"{name}: TrainingArguments warmup_steps/warmup_ratio are set but the constant scheduler ignores them: "
-            f"{warmup}, and leave the Trainer's warmup at 0"
+            f"{name}: the Trainer's warmup_steps/warmup_ratio are set, and the constant scheduler ignores them: the "
+            f"optimizer warms up by itself ({warmup}); set the Trainer's warmup to 0"
         )
-    if ctx.distributed in ("deepspeed", "fsdp"):
+    engine = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}.get(ctx.distributed)
+    if engine is not None:
         raise optiplug.ConfigError(
-            f"{name}: {ctx.distributed} is not supported: under it each process holds a shard of the parameters and "
-            "the switch between the training point y and the saved weights x is not wired through it; train with "
-            "one process or DDP"
+            f"{name}: {engine} is not supported: it shards the parameters the optimizer steps, and the exact switch "
+            "between the training point y and the saved weights x (and the y kept in checkpoints) is not wired "
+            "through its shards; train in one process or with DDP"
         )
 
 

@@ -134,14 +134,18 @@ def schedule_free_optimizer(optimizer: Any) -> ExactSwitch | None:
 def build_schedule_free(ctx: optiplug.BuildContext, cfg: Any) -> ExactSwitch:
     """Build the optimizer ``cfg`` names on ``ctx``'s trainable parameters (decay / no-decay groups)."""
     groups = ctx.param_groups(cfg.weight_decay)
-    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, r=cfg.r, weight_lr_power=cfg.weight_lr_power)
-    common["foreach"] = cfg.foreach
+    common: dict[str, Any] = dict(
+        lr=cfg.lr, weight_decay=cfg.weight_decay, r=cfg.r, weight_lr_power=cfg.weight_lr_power, foreach=cfg.foreach
+    )
+    # Keyword dicts: schedulefree has no type hints, so a type checker sees torch.optim.Optimizer's signature.
+    extra: dict[str, Any]
     if cfg.name == "schedule_free_adamw":
-        return ExactAdamWScheduleFree(groups, betas=cfg.betas, eps=cfg.eps, warmup_steps=cfg.warmup_steps, **common)
+        extra = dict(betas=cfg.betas, eps=cfg.eps, warmup_steps=cfg.warmup_steps)
+        return ExactAdamWScheduleFree(groups, **common, **extra)
     if cfg.name == "schedule_free_radam":
-        return ExactRAdamScheduleFree(
-            groups, betas=cfg.betas, eps=cfg.eps, silent_sgd_phase=cfg.silent_sgd_phase, **common
-        )
+        extra = dict(betas=cfg.betas, eps=cfg.eps, silent_sgd_phase=cfg.silent_sgd_phase)
+        return ExactRAdamScheduleFree(groups, **common, **extra)
     if cfg.name == "schedule_free_sgd":
-        return ExactSGDScheduleFree(groups, momentum=cfg.momentum, warmup_steps=cfg.warmup_steps, **common)
+        extra = dict(momentum=cfg.momentum, warmup_steps=cfg.warmup_steps)
+        return ExactSGDScheduleFree(groups, **common, **extra)
     raise ValueError(f"not a schedule-free optimizer: {cfg.name!r}")
