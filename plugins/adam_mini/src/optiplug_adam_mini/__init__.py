@@ -1,0 +1,110 @@
+"""optiplug-adam-mini: Adam-mini (Zhang et al. 2024) as an optiplug optimizer named ``adam_mini``.
+
+Adam-mini keeps Adam's first moment but one second-moment value per block of weights (per attention
+head, per row, per norm) instead of one per weight, so its state is about half of AdamW's. Selecting
+``optimizer: {name: adam_mini}`` builds adam-mini's ``Adam_mini`` with the hidden size and heads read
+from the model's config, its prints sent to a logger, and a check that refuses, before the first
+step, the models and launches it cannot train. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import optiplug
+from optiplug_adam_mini.layout import Layout, block_kind, check_partition, layout_of, second_moments, state_bytes_for
+
+__all__ = [
+    "AdamMiniConfig",
+    "Layout",
+    "block_kind",
+    "build",
+    "check",
+    "layout_of",
+    "register_optimizers",
+    "second_moments",
+    "state_bytes_for",
+]
+__version__ = "0.1.0"
+
+
+class AdamMiniConfig(optiplug.AdamFields):
+    """Adam-mini: Adam with one second-moment value per block (head, row, norm) instead of per weight.
+
+    The blocks come from the model: query and key weights get one learning rate per attention head,
+    embedding, output head, value, attention-output and MLP weights one per row, norms one per tensor,
+    biases plain Adam. The hidden size and head counts are read from the model's config.
+    """
+
+    name: Literal["adam_mini"] = "adam_mini"
+
+
+def _sharded_refusal(ctx: optiplug.BuildContext) -> str | None:
+    """Why this launch shards what adam-mini needs whole (ZeRO 1-3, FSDP), or None (one process, DDP, ZeRO-0)."""
+    where = ctx.distributed
+    if where == "deepspeed" and (ctx.deepspeed_stage or 0) > 0:
+        return (
+            f"adam_mini cannot train under DeepSpeed ZeRO stage {ctx.deepspeed_stage}: ZeRO hands the optimizer "
+            "flat 1-D partitions of the weights, and adam-mini's per-head and per-row blocks need the weight "
+            "matrices (it fails at the first step); set zero_optimization.stage to 0, or train with DDP or in one "
+            "process"
+        )
+    if where == "fsdp":
+        return (
+            "adam_mini cannot train under FSDP: FSDP hands the optimizer shards of flattened weights, and adam-mini's "
+            "per-head and per-row blocks need the weight matrices (it fails at the first step); train with DDP "
+            "(drop training.fsdp) or in one process"
+        )
+    return None
+
+
+def check(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> None:
+    """Refuse, before the first step, what adam-mini cannot train: sharded engines, adapters, models it cannot split."""
+    refusal = _sharded_refusal(ctx)
+    if refusal is not None:
+        raise optiplug.ConfigError(refusal)
+    if ctx.uses_adapters:
+        raise optiplug.ConfigError(
+            "adam_mini trains full weights: LoRA adapter matrices (lora_A, lora_B) are not the attention heads and "
+            "rows it partitions (it fails on them at the first step); use full fine-tuning, or adamw or loraplus "
+            "for adapters"
+        )
+    named = ctx.named_parameters()
+    if not named:
+        raise optiplug.ConfigError(
+            "adam_mini: the model has no trainable parameters; unfreeze some or pick another model"
+        )
+    check_partition(((name, tuple(param.shape)) for name, param in named), layout_of(ctx.model))
+
+
+def build(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> Any:
+    """adam-mini's ``Adam_mini`` (quiet subclass) over the trainable parameters, laid out from the model's config."""
+    from optiplug_adam_mini.optim import AdamMini
+
+    layout = layout_of(ctx.model)
+    named = ctx.named_parameters()
+    check_partition(((name, tuple(param.shape)) for name, param in named), layout)
+    config = getattr(ctx.model, "config", None)
+    return AdamMini(
+        named,
+        layout,
+        decay=ctx.decay_parameter_names(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        tied_output=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+@optiplug.hookimpl
+def register_optimizers(register: Any) -> None:
+    register(
+        optiplug.OptimizerEntry(
+            config=AdamMiniConfig,
+            build=build,
+            summary="Adam-mini: one second moment per head/row/norm block (adam-mini), about half AdamW's state",
+            check=check,
+            requires=("adam-mini",),
+        )
+    )
