@@ -1,0 +1,121 @@
+"""The ``muon`` entry's factory, compatibility check and analytic state size (torch only inside functions)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import optiplug
+from optiplug_muon.config import MuonConfig
+from optiplug_muon.routing import TRANSPOSED_MODULES, Routing
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# A child of the Trainer's logger: the routing line shows where the Trainer's own info lines do
+# (``training.log_level: info``), and in every Python program that enables INFO logging.
+logger = logging.getLogger("transformers.trainer.muon")
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Qualified names of the output head's parameters (``get_output_embeddings``), when the model has one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if head is None:
+        return set()
+    ids = {id(p) for p in head.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def routing(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Routing:
+    """The split of ``ctx``'s trainable parameters between Muon and AdamW."""
+    return Routing.of(optiplug.ParamShape.of_model(ctx.model), cfg.adamw_patterns, _head_names(ctx.model))
+
+
+def _no_muon_message(route: Routing) -> str:
+    return (
+        f"muon: no trainable parameter reaches Muon (all {len(route.adamw)} are kept on AdamW: not 2-D, embeddings, "
+        "the output head, or matched by optimizer.adamw_patterns); train 2-D weight matrices (full fine-tuning, or "
+        "unfreeze the attention/MLP projections), narrow optimizer.adamw_patterns, or use optimizer.name=adamw"
+    )
+
+
+def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
+    """Refuse setups where Muon cannot do what it says, each with one sentence saying what to change.
+
+    Raises:
+        optiplug.ConfigError: a LoRA (PEFT) model; DeepSpeed or FSDP; no parameter routed to Muon.
+    """
+    if ctx.uses_adapters:
+        raise optiplug.ConfigError(
+            "muon: this is a LoRA (PEFT) model, and Muon orthogonalizes the update of each whole weight matrix, "
+            "not of its thin adapter factors (separately orthogonalized A and B do not give an orthogonal update "
+            "of B @ A, and adjust_lr's sqrt(fan_out/fan_in) scales a d x r factor's step by sqrt(d/r)): "
+            "fine-tune the full model with muon, or train the adapters with adamw or loraplus"
+        )
+    engine = ctx.distributed
+    if engine == "deepspeed":
+        raise optiplug.ConfigError(
+            f"muon: DeepSpeed ZeRO (stage {ctx.deepspeed_stage}) hands the optimizer flattened 1-D parameter "
+            "partitions, so no weight matrix would reach Muon (it would silently run AdamW on everything): "
+            "train without training.deepspeed (DDP or a single process)"
+        )
+    if engine == "fsdp":
+        raise optiplug.ConfigError(
+            "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and "
+            "Muon must orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
+        )
+    route = routing(ctx, cfg)
+    if not route.muon:
+        raise optiplug.ConfigError(_no_muon_message(route))
+
+
+def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
+    """``MuonWithAdamW`` over the model's trainable parameters, split by :func:`routing`."""
+    from optiplug_muon.optim import MuonWithAdamW
+
+    route = routing(ctx, cfg)
+    if not route.muon:  # also when the check was skipped: never a silent AdamW-only run
+        raise optiplug.ConfigError(_no_muon_message(route))
+    parameters = dict(ctx.named_parameters())
+    muon_names = [s.name for s in route.muon]
+    transposed = {s.name for s in route.muon if s.module_type in TRANSPOSED_MODULES}
+    plain = [n for n in muon_names if n not in transposed]
+    flipped = [n for n in muon_names if n in transposed]
+    muon_groups = [
+        {"params": [parameters[n] for n in names], "transposed": flag}
+        for flag, names in ((False, plain), (True, flipped))
+        if names
+    ]
+    on_muon = {id(parameters[n]) for n in muon_names}
+    adamw_groups = []
+    for group in ctx.param_groups(cfg.weight_decay):  # the core's decay rule: no decay on norms and biases
+        params = [p for p in group["params"] if id(p) not in on_muon]
+        if params:
+            adamw_groups.append({**group, "params": params})
+    optimizer = MuonWithAdamW(
+        muon_groups,
+        adamw_groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        ns_coefficients=cfg.ns_coefficients,
+        ns_eps=cfg.ns_eps,
+        ns_steps=cfg.ns_steps,
+        adjust_lr=cfg.adjust_lr,
+        weight_decay=cfg.weight_decay,
+        adamw_lr=cfg.adamw_lr,
+        adamw_betas=cfg.adamw_betas,
+        adamw_eps=cfg.adamw_eps,
+        adamw_kernel=optiplug.kernel_kwargs(cfg.kernel, adamw_groups) if adamw_groups else None,
+    )
+    optimizer.routing = route
+    logger.info("%s", route.summary())
+    return optimizer
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: MuonConfig) -> int:
+    """One momentum buffer per Muon matrix (torch's Muon keeps no step); AdamW's two moments and step elsewhere."""
+    route = Routing.of(shapes, cfg.adamw_patterns)
+    return optiplug.moment_bytes(route.muon, 1, scalars=0) + optiplug.adam_state_bytes(route.adamw)
