@@ -14,6 +14,7 @@ with :func:`write_results`; ``benchmarks/run_all.py`` turns those files into ``d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -185,10 +186,8 @@ def run_child(cmd: Sequence[str], *, timeout: float | None = None, env: dict[str
     result = None
     lines = [line for line in output.splitlines() if line.strip()]
     if lines:
-        try:
+        with contextlib.suppress(ValueError):
             result = json.loads(lines[-1])
-        except ValueError:
-            pass
     return ChildRun(process.returncode, process.wall_seconds, process.peak_rss_bytes, output, result)
 
 

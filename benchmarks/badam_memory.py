@@ -42,8 +42,8 @@ def child(kind: str, model_dir: str) -> None:
     from transformers import LlamaForCausalLM
 
     import optiplug
-    from optiplug.helpers import optimizer_state_bytes
     from optiplug.app.measure import peak_rss_bytes
+    from optiplug.helpers import optimizer_state_bytes
 
     torch.set_num_threads(1)
     after_imports = _rss()
@@ -56,7 +56,11 @@ def child(kind: str, model_dir: str) -> None:
         if kind == "badam-reference":
             trainer = _badam.reference_trainer(model, args, data, switch_every=SWITCH_EVERY)
         else:
-            optimizer = {"name": "badam", "switch_every": SWITCH_EVERY, "lr": 1e-4} if kind == "badam" else {"name": "adamw", "lr": 1e-4}
+            optimizer = (
+                {"name": "badam", "switch_every": SWITCH_EVERY, "lr": 1e-4}
+                if kind == "badam"
+                else {"name": "adamw", "lr": 1e-4}
+            )
             trainer = optiplug.OptiTrainer(model=model, args=args, train_dataset=data, optimizer=optimizer)
         with _badam.quiet():
             trainer.train()

@@ -82,7 +82,9 @@ def main() -> None:
         del plugin
 
         model = _badam.build_model(SIZE, dtype)
-        reference = _badam.reference_optimizer(model, _common.training_args("/tmp/optiplug-badam-bench"), switch_every=10**9)
+        reference = _badam.reference_optimizer(
+            model, _common.training_args("/tmp/optiplug-badam-bench"), switch_every=10**9
+        )
         reference_sizes = per_block(model, reference, lambda opt: tensor_bytes(list(opt.param_idx2hp.values())))
         del reference, model
 

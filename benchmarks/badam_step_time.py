@@ -73,7 +73,9 @@ class Candidate:
             self.times.append(time.perf_counter() - start)
             self.switch_times.append(self._switching)
             self.losses.append(loss.item())
-            self.state_bytes = max(self.state_bytes, optimizer_state_bytes(self.optimizer) + self.extra_state(self.optimizer))
+            self.state_bytes = max(
+                self.state_bytes, optimizer_state_bytes(self.optimizer) + self.extra_state(self.optimizer)
+            )
 
 
 def main() -> None:
@@ -155,7 +157,9 @@ def main() -> None:
     compute_only = round(rows[1]["mean_step_without_switches_s"] / rows[0]["mean_step_without_switches_s"], 3)
     reference_vs_adamw = rows[2]["vs_adamw"]
     plugin_vs_reference = rows[1]["vs_reference"]
-    switch_ratio = round(statistics.median(switch[candidates[1].name]) / statistics.median(switch[candidates[2].name]), 4)
+    switch_ratio = round(
+        statistics.median(switch[candidates[1].name]) / statistics.median(switch[candidates[2].name]), 4
+    )
     print(rows, same_losses, switch_ratio, flush=True)
     _common.write_results(
         _common.script_name(__file__),
@@ -174,7 +178,11 @@ def main() -> None:
             f"Plugin and reference losses identical at every step: {same_losses}."
         ),
         targets={
-            "plugin_vs_reference_step_time": {"target": "<= 1.0", "value": plugin_vs_reference, "met": plugin_vs_reference <= 1.0},
+            "plugin_vs_reference_step_time": {
+                "target": "<= 1.0",
+                "value": plugin_vs_reference,
+                "met": plugin_vs_reference <= 1.0,
+            },
             "same_losses_as_reference": {"target": "identical", "value": same_losses, "met": same_losses},
         },
         chart={"x": "optimizer", "y": ["mean_step_s"], "kind": "bar", "ylabel": "seconds per step"},

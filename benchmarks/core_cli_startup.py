@@ -55,7 +55,11 @@ def main() -> None:
         _wall(cmd)
     times = _common.interleaved({name: (lambda cmd=cmd: _wall(cmd)) for name, cmd in commands.items()}, REPETITIONS)
     medians = {name: _common.median(values) for name, values in times.items()}
-    base, reference, cli = medians["python -c pass"], medians["python -c 'import transformers'"], medians["optiplug list"]
+    base, reference, cli = (
+        medians["python -c pass"],
+        medians["python -c 'import transformers'"],
+        medians["optiplug list"],
+    )
     ratio = cli / reference
     net = (cli - base) / (reference - base)
     rows = [

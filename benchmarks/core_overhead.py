@@ -42,8 +42,9 @@ def _step_timer():
 
 def run(kind: str, data, output_dir: str) -> dict:
     """One training run; returns loop steps/s, train() seconds and the final loss."""
-    import optiplug
     from transformers import Trainer
+
+    import optiplug
 
     model = _common.build_model(SIZE, seed=0)
     args = _common.training_args(
@@ -52,7 +53,9 @@ def run(kind: str, data, output_dir: str) -> dict:
     )  # fmt: skip
     timer = _step_timer()
     if kind == "OptiTrainer":
-        trainer = optiplug.OptiTrainer(model=model, args=args, train_dataset=data, optimizer={"name": "adamw", "lr": LR})
+        trainer = optiplug.OptiTrainer(
+            model=model, args=args, train_dataset=data, optimizer={"name": "adamw", "lr": LR}
+        )
     else:
         trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.add_callback(timer)

@@ -70,7 +70,9 @@ def worker(out: Path) -> None:
             logging_strategy="steps", logging_steps=1, ddp_find_unused_parameters=False,
         )  # fmt: skip
         timer = StepTimer()
-        trainer = optiplug.OptiTrainer(model=model, args=args, train_dataset=data, optimizer={"name": "adamw", "lr": 1e-3})
+        trainer = optiplug.OptiTrainer(
+            model=model, args=args, train_dataset=data, optimizer={"name": "adamw", "lr": 1e-3}
+        )
         trainer.add_callback(timer)
         trainer.train()
         gaps = [b - a for a, b in zip(timer.ends[plan["warmup"] :], timer.ends[plan["warmup"] + 1 :])]

@@ -70,8 +70,11 @@ def main() -> None:
     notes = (
         f"'100M' model ({params:,} parameters, {_common.MODEL_SIZES['100M'].describe()}) in bfloat16, {STEPS} steps of "
         f"4 x 128 tokens, each run in its own process. training_added = peak RSS minus the peak after building the model. "
-        + "; ".join(f"{r['run']}: peak {r['peak_rss_mib']} MiB, added {r['training_added_mib']} MiB "
-                    f"({r['added_vs_adamw']:.2f}x adamw's)" for r in rows)  # fmt: skip
+        + "; ".join(
+            f"{r['run']}: peak {r['peak_rss_mib']} MiB, added {r['training_added_mib']} MiB "
+            f"({r['added_vs_adamw']:.2f}x adamw's)"
+            for r in rows
+        )
         + ". One torch thread."
     )
     _common.write_results(

@@ -24,12 +24,13 @@ CONFIGS = [  # (label, dtype, optimizer section)
     ("galore_adamw rank 128", "bfloat16", {"name": "galore_adamw", "rank": 128}),
     ("galore_adafactor rank 128", "bfloat16", {"name": "galore_adafactor", "rank": 128}),
 ]
-LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+LLAMA_7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+)
 
 
 def measure(dtype: str, section: dict) -> tuple[int, int]:
     """(measured, analytic) state bytes after two real training steps."""
-    import torch
 
     import optiplug
     from optiplug.helpers import optimizer_state_bytes

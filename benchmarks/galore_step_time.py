@@ -111,7 +111,11 @@ def main() -> None:
         f"Model '{SIZE}' ({size.parameters():,} parameters: {size.describe()}), random gradients, rank {RANK} on the "
         f"attention and MLP weights, {(GAP - 1) * ROUNDS} normal and {ROUNDS} refresh steps per optimizer after the first, medians, "
         f"one torch thread. Ratios are against transformers' galore_adamw (galore-torch). "
-        + (f"Slower than galore-torch: {', '.join(slower)}." if slower else "optiplug-galore is nowhere slower than galore-torch.")
+        + (
+            f"Slower than galore-torch: {', '.join(slower)}."
+            if slower
+            else "optiplug-galore is nowhere slower than galore-torch."
+        )
     )
     _common.write_results(
         _common.script_name(__file__),

@@ -54,7 +54,9 @@ def run_scripts(selected: list[Path], timeout: float) -> dict[str, dict[str, Any
         print(f"[{i}/{len(selected)}] {script.name} ...", flush=True)
         started = time.time()
         process = run_process([sys.executable, str(script)], LOGS / f"{script.stem}.log", cwd=ROOT, timeout=timeout)
-        wrote = result_file.exists() and result_file.stat().st_mtime != before and result_file.stat().st_mtime >= started
+        wrote = (
+            result_file.exists() and result_file.stat().st_mtime != before and result_file.stat().st_mtime >= started
+        )
         status = "ok" if process.returncode == 0 and wrote else "failed"
         error = None
         if process.returncode != 0:
@@ -223,7 +225,9 @@ def _targets(data: dict[str, Any]) -> list[str]:
         if isinstance(target, dict):
             met = target.get("met")
             verdict = "met" if met else ("**not met**" if met is not None else "")
-            lines.append(f"- target `{key}` {target.get('target', '')}: measured {_cell(target.get('value'))} {verdict}".rstrip())
+            lines.append(
+                f"- target `{key}` {target.get('target', '')}: measured {_cell(target.get('value'))} {verdict}".rstrip()
+            )
     return lines
 
 
@@ -242,9 +246,7 @@ def model_sizes_section() -> str:
         "untied embedding and head as in Llama-2, and a small vocabulary so that, as in a real 7B model, the "
         "transformer blocks' linear layers hold nearly all weights (Llama-2-7B: embedding + head 3.9%). "
         "The names are size classes: `100M` has 88.1M parameters. "
-        f"Sequences are {_common.SEQ_LEN} tokens unless a section says otherwise.\n\n"
-        + markdown_table(rows)
-        + "\n"
+        f"Sequences are {_common.SEQ_LEN} tokens unless a section says otherwise.\n\n" + markdown_table(rows) + "\n"
     )
 
 
@@ -302,7 +304,7 @@ def write_report(runs: dict[str, dict[str, Any]]) -> list[str]:
             out += [notes, ""]
         target_lines = _targets(data)
         if target_lines:
-            out += target_lines + [""]
+            out += [*target_lines, ""]
         out += [markdown_table(data["rows"]), ""]
         spec = chart_spec(data)
         image = IMG / f"{name}.png"

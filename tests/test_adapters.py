@@ -14,8 +14,8 @@ from optiplug.app.adapters import (
     PISSA_INIT_DIR,
     PISSA_TRAINED_DIR,
     PissaConvertCallback,
-    pissa_callbacks,
     apply_finetuning,
+    pissa_callbacks,
 )
 from optiplug.app.config import FinetuningConfig, validate_config
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
@@ -66,18 +66,42 @@ def make_trainer(output_dir, model, optimizer="adamw", run_config=None, **args):
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"type": "lora", "pissa_convert": True}, "finetuning: pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is 'default')"),
-        ({"type": "lora", "init": "gaussian", "pissa_convert": True}, "finetuning: pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is 'gaussian')"),
-        ({"type": "lora", "init": "pissa_niter_0"}, "finetuning.init: expected 'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N a positive integer (got 'pissa_niter_0')"),
-        ({"type": "lora", "init": "svd"}, "finetuning.init: expected 'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N a positive integer (got 'svd')"),
+        (
+            {"type": "lora", "pissa_convert": True},
+            "finetuning: pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is 'default')",
+        ),
+        (
+            {"type": "lora", "init": "gaussian", "pissa_convert": True},
+            "finetuning: pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is 'gaussian')",
+        ),
+        (
+            {"type": "lora", "init": "pissa_niter_0"},
+            "finetuning.init: expected 'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N a positive integer (got 'pissa_niter_0')",
+        ),
+        (
+            {"type": "lora", "init": "svd"},
+            "finetuning.init: expected 'default', 'gaussian', 'pissa' or 'pissa_niter_N' with N a positive integer (got 'svd')",
+        ),
         ({"type": "full", "r": 16}, "finetuning: 'r' is only used with type 'lora'"),
-        ({"type": "freeze", "trainable": ["norm"], "init": "pissa", "pissa_convert": True}, "finetuning: 'init', 'pissa_convert' are only used with type 'lora'"),
+        (
+            {"type": "freeze", "trainable": ["norm"], "init": "pissa", "pissa_convert": True},
+            "finetuning: 'init', 'pissa_convert' are only used with type 'lora'",
+        ),
         ({"type": "lora", "trainable": ["norm"]}, "finetuning: 'trainable' is only used with type 'freeze'"),
         ({"type": "lora", "r": 0}, "finetuning.r: Input should be greater than 0 (got 0)"),
         ({"type": "lora", "dropout": 1.0}, "finetuning.dropout: Input should be less than 1 (got 1.0)"),
-        ({"type": "lora", "target_modules": []}, "finetuning.target_modules: expected a non-empty list of module names, a regex or 'all-linear'"),
-        ({"type": "lora", "target_modules": "(q|v_proj"}, "finetuning.target_modules: '(q|v_proj' is not a valid regular expression: missing ), unterminated subpattern at position 0 (got '(q|v_proj')"),
-        ({"type": "lora", "rank": 8}, "finetuning.rank: unknown field; check the spelling (`optiplug show NAME` lists the fields)"),
+        (
+            {"type": "lora", "target_modules": []},
+            "finetuning.target_modules: expected a non-empty list of module names, a regex or 'all-linear'",
+        ),
+        (
+            {"type": "lora", "target_modules": "(q|v_proj"},
+            "finetuning.target_modules: '(q|v_proj' is not a valid regular expression: missing ), unterminated subpattern at position 0 (got '(q|v_proj')",
+        ),
+        (
+            {"type": "lora", "rank": 8},
+            "finetuning.rank: unknown field; check the spelling (`optiplug show NAME` lists the fields)",
+        ),
         ({"type": "qlora"}, "finetuning.type: Input should be 'full', 'freeze' or 'lora' (got 'qlora')"),
     ],
 )
@@ -150,8 +174,10 @@ def test_freeze_trains_only_the_named_modules(tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
-        "model.layers.1.mlp.down_proj.weight", "model.norm.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
     }
     run = make_trainer(tmp_path, model, {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}, max_steps=4)
     run.train()
@@ -183,11 +209,15 @@ def test_pissa_converted_adapter_on_the_original_base_reproduces_the_trained_mod
     assert not residual.equal(original["model.layers.0.self_attn.q_proj.weight"])  # PiSSA moved the principal part
 
     run = make_trainer(tmp_path, model, {"name": "adamw", "lr": 1e-2}, run_config=config, max_steps=4)
-    assert [type(c) for c in run.callback_handler.callbacks].count(PissaConvertCallback) == 1  # added as optiplug train adds it
+    assert [type(c) for c in run.callback_handler.callbacks].count(
+        PissaConvertCallback
+    ) == 1  # added as optiplug train adds it
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     run.train()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pissa")) == [
-        PISSA_CONVERTED_DIR, PISSA_INIT_DIR, PISSA_TRAINED_DIR
+        PISSA_CONVERTED_DIR,
+        PISSA_INIT_DIR,
+        PISSA_TRAINED_DIR,
     ]
     # the conversion leaves the trained model as it was: one adapter, the same trainable flags
     assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
@@ -225,8 +255,15 @@ def test_pissa_convert_after_resuming_in_a_fresh_directory_uses_the_true_initial
 
     config = validate_config({"finetuning": {"type": "lora", "r": 4, "init": "pissa", "pissa_convert": True}})
     first = apply_finetuning(tiny_llama(), config.finetuning)
-    make_trainer(tmp_path / "a", first, {"name": "adamw", "lr": 1e-2}, run_config=config,
-                 max_steps=4, save_strategy="steps", save_steps=2).train()
+    make_trainer(
+        tmp_path / "a",
+        first,
+        {"name": "adamw", "lr": 1e-2},
+        run_config=config,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    ).train()
     second = apply_finetuning(tiny_llama(), config.finetuning)
     resumed = make_trainer(tmp_path / "b", second, {"name": "adamw", "lr": 1e-2}, run_config=config, max_steps=4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
@@ -297,7 +334,9 @@ def test_resume_every_optimizer_with_lora_reproduces_the_uninterrupted_run(name,
     import torch
 
     steps = 6
-    full = make_trainer(tmp_path / "full", lora_llama(), name, max_steps=steps, save_strategy="steps", save_steps=steps // 2)
+    full = make_trainer(
+        tmp_path / "full", lora_llama(), name, max_steps=steps, save_strategy="steps", save_steps=steps // 2
+    )
     full.train()
     reference = logged_losses(full)
     checkpoint = Path(tmp_path / "full" / f"checkpoint-{steps // 2}")
@@ -337,9 +376,7 @@ def test_badam_with_lora_trains_only_the_lora_parameters_of_the_active_block(tmp
     changed = {n for n, p in model.named_parameters() if not p.detach().equal(before[n])}
     assert changed, "badam trained nothing"
     assert all(".layers.0." in n and ".lora_" in n for n in changed), sorted(changed)
-    assert {n for n in changed if ".lora_B." in n} == {
-        n for n in before if ".layers.0." in n and ".lora_B." in n
-    }
+    assert {n for n in changed if ".lora_B." in n} == {n for n in before if ".layers.0." in n and ".lora_B." in n}
 
 
 # ---- optiplug train -----------------------------------------------------------------------------

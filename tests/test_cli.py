@@ -71,11 +71,19 @@ def test_validate_ok_and_errors(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "validate", str(good))
     assert code == 0 and out == f"{good}: ok (optimizer sgd, scheduler cosine)\n"
     code, _, err = run_cli(capsys, "validate", str(good), "training.max_stepz=3")
-    assert code == 1 and err == "optiplug: training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?\n"
+    assert (
+        code == 1
+        and err
+        == "optiplug: training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?\n"
+    )
     code, _, err = run_cli(capsys, "validate", str(good), "training.lr_scheduler_kwargs={}")
     assert code == 1 and "set this in the scheduler section" in err
     code, _, err = run_cli(capsys, "validate", str(good), "training.per_device_train_batch_size=lots")
-    assert code == 1 and err == "optiplug: training.per_device_train_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'lots')\n"
+    assert (
+        code == 1
+        and err
+        == "optiplug: training.per_device_train_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'lots')\n"
+    )
     code, _, err = run_cli(capsys, "validate", str(good), "training.save_strategy=sometimes")
     assert code == 1 and err.startswith("optiplug: training.save_strategy: sometimes is not a valid SaveStrategy")
     code, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.yaml"))
@@ -117,7 +125,8 @@ def test_light_commands_do_not_import_torch_or_transformers(command):
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "from optiplug.app.cli import main; main()", "train", str(tmp_path / "nope.yaml")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"optiplug: config file '{tmp_path / 'nope.yaml'}' does not exist"

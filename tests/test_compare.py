@@ -139,7 +139,10 @@ def test_compare_runs_each_optimizer_and_reports_the_failed_one(tmp_path):
     runs = {run["optimizer"]: CompareRun(**run) for run in data["runs"]}
     assert list(runs) == ["adamw", "sgd", "adam"]
     assert runs["sgd"].ok is False
-    assert runs["sgd"].error == "optimizer.amsgrad: unknown field; check the spelling (`optiplug show NAME` lists the fields)"
+    assert (
+        runs["sgd"].error
+        == "optimizer.amsgrad: unknown field; check the spelling (`optiplug show NAME` lists the fields)"
+    )
     assert "sgd failed: optimizer.amsgrad: unknown field" in result.stdout
     for name in ("adamw", "adam"):
         run = runs[name]

@@ -22,7 +22,9 @@ def test_defaults_are_the_default_plugin():
 
 
 def test_yaml_selects_a_registered_optimizer(tmp_path):
-    path = write(tmp_path, "optimizer: {name: sgd, lr: 0.05, momentum: 0.5}\nscheduler: {name: linear, warmup_ratio: 0.1}\n")
+    path = write(
+        tmp_path, "optimizer: {name: sgd, lr: 0.05, momentum: 0.5}\nscheduler: {name: linear, warmup_ratio: 0.1}\n"
+    )
     config = load_config(path)
     assert type(config.optimizer).__name__ == "SGDConfig"
     assert config.optimizer.lr == 0.05 and config.optimizer.momentum == 0.5
@@ -31,8 +33,16 @@ def test_yaml_selects_a_registered_optimizer(tmp_path):
 
 def test_override_values_are_yaml_scalars(tmp_path):
     path = write(tmp_path, "optimizer: {name: adamw}\ntraining: {max_steps: 10}\n")
-    config = load_config(path, ["optimizer.lr=3e-4", "optimizer.betas=[0.9, 0.95]", "training.bf16=false",
-                                "training.output_dir=out dir", "data.block_size=64"])
+    config = load_config(
+        path,
+        [
+            "optimizer.lr=3e-4",
+            "optimizer.betas=[0.9, 0.95]",
+            "training.bf16=false",
+            "training.output_dir=out dir",
+            "data.block_size=64",
+        ],
+    )
     assert config.optimizer.lr == 3e-4 and config.optimizer.betas == (0.9, 0.95)
     assert config.training == {"max_steps": 10, "bf16": False, "output_dir": "out dir"}
     assert config.data.block_size == 64
@@ -72,16 +82,34 @@ def test_configs_are_frozen_and_forbid_extra_fields():
         (["scheduler.name=cosin"], "unknown scheduler 'cosin'. Did you mean 'cosine'"),
         (["optimizer.lr=-1"], "optimizer.lr: Input should be greater than 0 (got -1)"),
         (["optimizer.betas=[0.9, 1.5]"], "optimizer.betas.1: Input should be less than 1 (got 1.5)"),
-        (["optimizer.lr=fast"], "optimizer.lr: Input should be a valid number, unable to parse string as a number (got 'fast')"),
-        (["scheduler.warmup_steps=3", "scheduler.warmup_ratio=0.1"], "scheduler: set warmup_steps or warmup_ratio, not both"),
+        (
+            ["optimizer.lr=fast"],
+            "optimizer.lr: Input should be a valid number, unable to parse string as a number (got 'fast')",
+        ),
+        (
+            ["scheduler.warmup_steps=3", "scheduler.warmup_ratio=0.1"],
+            "scheduler: set warmup_steps or warmup_ratio, not both",
+        ),
         (["data.block_size=0"], "data.block_size: Input should be greater than 0 (got 0)"),
         (["model.dtype=float8"], "model.dtype: Input should be 'float32', 'bfloat16' or 'float16' (got 'float8')"),
-        (["finetuning.type=freeze"], "finetuning: type 'freeze' needs 'trainable': the parameter-name patterns to train"),
+        (
+            ["finetuning.type=freeze"],
+            "finetuning: type 'freeze' needs 'trainable': the parameter-name patterns to train",
+        ),
         (["trainin.max_steps=3"], "trainin: unknown field; check the spelling"),
-        (["training.learning_rate=0.5"], "training.learning_rate=0.5 conflicts with optimizer.lr=0.001: set it in the optimizer section only"),
+        (
+            ["training.learning_rate=0.5"],
+            "training.learning_rate=0.5 conflicts with optimizer.lr=0.001: set it in the optimizer section only",
+        ),
         (["training.optim=adamw_torch"], "training.optim: set this in optimizer.name, not in the training section"),
-        (["training.lr_scheduler_type=linear"], "training.lr_scheduler_type: set this in scheduler.name, not in the training section"),
-        (["optimizer.name=sgd", "training.adam_beta1=0.8"], "training.adam_beta1: optimizer 'sgd' has no betas[0]; remove it from the training section"),
+        (
+            ["training.lr_scheduler_type=linear"],
+            "training.lr_scheduler_type: set this in scheduler.name, not in the training section",
+        ),
+        (
+            ["optimizer.name=sgd", "training.adam_beta1=0.8"],
+            "training.adam_beta1: optimizer 'sgd' has no betas[0]; remove it from the training section",
+        ),
         (["optimizer.lr"], "override 'optimizer.lr': expected KEY=VALUE with a dotted key, e.g. optimizer.lr=3e-4"),
     ],
 )
@@ -99,7 +127,10 @@ def test_an_agreeing_training_value_is_accepted():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("- a\n- b\n", "must be a mapping of sections (model, data, training, optimizer, scheduler, finetuning), not a list"),
+        (
+            "- a\n- b\n",
+            "must be a mapping of sections (model, data, training, optimizer, scheduler, finetuning), not a list",
+        ),
         ("optimizer: {name: adamw\n", "is not valid YAML at line 2, column 1"),
         ("just a string", "must be a mapping of sections"),
         ("!!python/object/apply:os.system ['echo pwned']\n", "is not valid YAML"),
@@ -121,7 +152,7 @@ def test_missing_config_file(tmp_path):
 def test_no_import_path_escape_hatch():
     with pytest.raises(optiplug.UnknownNameError):
         load_config(None, ["optimizer.name=torch.optim.SGD"])
-    with pytest.raises(optiplug.ConfigError, match="optimizer._component_: unknown field"):
+    with pytest.raises(optiplug.ConfigError, match=r"optimizer\._component_: unknown field"):
         load_config(None, ["optimizer._component_=torch.optim.SGD"])
 
 

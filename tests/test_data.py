@@ -68,7 +68,7 @@ def test_documents_are_joined_with_eos(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("first document")
     (tmp_path / "b.txt").write_text("second document")
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    expected = ids("first document") + [tokenizer.eos_token_id] + ids("second document")
+    expected = [*ids("first document"), tokenizer.eos_token_id, *ids("second document")]
     dataset = load_dataset(_data(tmp_path, block_size=len(expected)), tokenizer)
     assert dataset.blocks.tolist() == [expected]
     assert dataset.total_tokens == len(expected)

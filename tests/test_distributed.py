@@ -61,7 +61,9 @@ DDP_REFUSALS = {
 
 
 def _galore_sharded(name: str, engine: str) -> str:
-    return f"{name} projects whole weight matrices, which {engine} splits into shards; train with DDP or a single process"
+    return (
+        f"{name} projects whole weight matrices, which {engine} splits into shards; train with DDP or a single process"
+    )
 
 
 ENGINE_CHECKS = {
@@ -505,7 +507,10 @@ def _fsdp2_losses(name: str) -> dict[str, Any]:
     for step in range(STEPS):
         batch = torch.stack([data[i]["input_ids"] for i in range(step * world * B, (step + 1) * world * B)])
         mine = batch[rank * B : (rank + 1) * B]
-        for key, model, optimizer, ids in (("sharded", sharded, optimizers[0], mine), ("single", single, optimizers[1], batch)):
+        for key, model, optimizer, ids in (
+            ("sharded", sharded, optimizers[0], mine),
+            ("single", single, optimizers[1], batch),
+        ):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()

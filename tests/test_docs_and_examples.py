@@ -92,7 +92,12 @@ def test_every_example_trains(path, tmp_path):
         pytest.skip(str(error))
     result = optiplug.train(
         path,
-        [f"training.output_dir={tmp_path}", "training.max_steps=3", "training.logging_steps=1",
-         "data.max_blocks=48", "data.block_size=64"],
+        [
+            f"training.output_dir={tmp_path}",
+            "training.max_steps=3",
+            "training.logging_steps=1",
+            "data.max_blocks=48",
+            "data.block_size=64",
+        ],
     )
     assert result.summary["steps"] == 3

@@ -116,7 +116,9 @@ def test_estimated_state_equals_a_real_optimizers_state(name, tiny_dir, tmp_path
     [row] = estimate(_run(tiny_dir, optimizer=name, finetuning=finetuning))
     measured = optimizer_state_bytes(_stepped_optimizer(name, finetuning, tmp_path))
     assert measured > 0 or row.state_bytes == 0, f"{name}: no optimizer state after two steps"
-    assert row.state_bytes == measured, f"{name} ({finetuning['type']}): estimated {row.state_bytes} B, measured {measured} B"
+    assert row.state_bytes == measured, (
+        f"{name} ({finetuning['type']}): estimated {row.state_bytes} B, measured {measured} B"
+    )
 
 
 def test_estimate_of_the_meta_model_matches_the_real_model(tiny_dir):
@@ -278,8 +280,13 @@ def test_llama7b_galore_rank_1024_cuts_optimizer_state_by_about_65_percent(llama
     from optiplug.app.estimate import estimate_shapes
 
     _installed("galore_adamw", "galore")
-    adamw, galore = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer, optiplug.RunConfig(
-        optimizer={"name": "galore_adamw", "rank": 1024}).optimizer])
+    adamw, galore = estimate_shapes(
+        llama7b,
+        [
+            optiplug.RunConfig().optimizer,
+            optiplug.RunConfig(optimizer={"name": "galore_adamw", "rank": 1024}).optimizer,
+        ],
+    )
     cut = 1 - galore.state_bytes / adamw.state_bytes
     assert 0.62 <= cut <= 0.68, f"GaLore rank 1024 cuts the optimizer state by {cut:.1%}"
 
@@ -318,7 +325,11 @@ def test_command_prints_a_table(llama7b_dir):
     assert lines[0] == f"{llama7b_dir} (bfloat16, full fine-tuning): 6.74B parameters, 6.74B trainable"
     adamw = next(line for line in lines if "adamw" in line)
     assert [cell.strip() for cell in re.split(r"[│|]", adamw) if cell.strip()] == [
-        "adamw", "12.55 GiB", "12.55 GiB", "25.10 GiB", "50.21 GiB"
+        "adamw",
+        "12.55 GiB",
+        "12.55 GiB",
+        "25.10 GiB",
+        "50.21 GiB",
     ]
 
 
@@ -333,7 +344,9 @@ def test_command_json(tiny_dir):
 
 def test_command_rejects_an_empty_optimizer_list(tiny_dir):
     result = _invoke(f"model.name_or_path={tiny_dir}", "--optimizers", ",")
-    assert str(result.exception) == "--optimizers: expected comma-separated optimizer names, e.g. --optimizers adamw,sgd"
+    assert (
+        str(result.exception) == "--optimizers: expected comma-separated optimizer names, e.g. --optimizers adamw,sgd"
+    )
 
 
 def test_importing_the_commands_does_not_import_torch():

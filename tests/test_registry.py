@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import textwrap
-import types
 from typing import Literal
 
 import pytest
@@ -37,8 +36,18 @@ def test_default_plugin_registers_optimizers_and_schedulers():
     names = {row.name for row in optiplug.list_optimizers()}
     assert {"adamw", "sgd", "adam", "adagrad", "rmsprop"} <= names
     schedulers = {row.name for row in optiplug.list_schedulers()}
-    assert {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-            "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau"} <= schedulers
+    assert {
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        "cosine_with_min_lr",
+        "warmup_stable_decay",
+        "reduce_lr_on_plateau",
+    } <= schedulers
     assert optiplug.get_entry("adamw").config.model_fields["name"].default == "adamw"
 
 
@@ -110,7 +119,7 @@ def test_entry_config_must_declare_a_literal_name():
     class NotAConfig:
         pass
 
-    with pytest.raises(optiplug.PluginError, match="must be a subclass of optiplug.OptimizerConfig"):
+    with pytest.raises(optiplug.PluginError, match=r"must be a subclass of optiplug\.OptimizerConfig"):
         optiplug.OptimizerEntry(config=NotAConfig, build=build_demo)
 
 
@@ -298,5 +307,8 @@ def test_import_error_inside_a_factory_becomes_a_clear_message(temp_plugin):
     temp_plugin(Plugin(), "lazy-plugin")
     from optiplug.testing import tiny_llama
 
-    with pytest.raises(optiplug.MissingDependencyError, match=r"optimizer 'lazy_missing' needs the module 'not_installed_module_xyz', which is not installed: pip install 'not_installed_module_xyz'"):
+    with pytest.raises(
+        optiplug.MissingDependencyError,
+        match=r"optimizer 'lazy_missing' needs the module 'not_installed_module_xyz', which is not installed: pip install 'not_installed_module_xyz'",
+    ):
         optiplug.build_optimizer(tiny_llama(), "lazy_missing")

@@ -11,9 +11,10 @@ import torch
 import optiplug
 from optiplug import ConfigError, RunConfig
 from optiplug.app.data import assets_dir
-from optiplug.helpers import optimizer_state_bytes, tensor_bytes
 from optiplug.app.measure import peak_rss_bytes
 from optiplug.app.run import SUMMARY_FILE
+from optiplug.helpers import optimizer_state_bytes, tensor_bytes
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

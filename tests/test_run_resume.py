@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import optiplug
 
-SMALL = ["data.block_size=32", "data.max_blocks=64", "training.per_device_train_batch_size=4", "training.logging_steps=1"]
+SMALL = [
+    "data.block_size=32",
+    "data.max_blocks=64",
+    "training.per_device_train_batch_size=4",
+    "training.logging_steps=1",
+]
 
 
 def test_resume_from_checkpoint_reproduces_the_run(tmp_path):
     full = optiplug.train(
-        None, [*SMALL, f"training.output_dir={tmp_path / 'full'}", "training.max_steps=6",
-               "training.save_strategy=steps", "training.save_steps=3"],
+        None,
+        [
+            *SMALL,
+            f"training.output_dir={tmp_path / 'full'}",
+            "training.max_steps=6",
+            "training.save_strategy=steps",
+            "training.save_steps=3",
+        ],
     )
     resumed = optiplug.train(
-        None, [*SMALL, f"training.output_dir={tmp_path / 'resumed'}", "training.max_steps=6",
-               f"training.resume_from_checkpoint={tmp_path / 'full' / 'checkpoint-3'}"],
+        None,
+        [
+            *SMALL,
+            f"training.output_dir={tmp_path / 'resumed'}",
+            "training.max_steps=6",
+            f"training.resume_from_checkpoint={tmp_path / 'full' / 'checkpoint-3'}",
+        ],
     )
     reference = dict(full.losses)
     after = {step: loss for step, loss in resumed.losses if step > 3}
@@ -37,7 +53,9 @@ def test_a_missing_checkpoint_is_one_clear_error_before_anything_is_written(tmp_
 
     out = tmp_path / "out"
     with pytest.raises(optiplug.CheckpointError) as info:
-        optiplug.train(None, [*SMALL, f"training.output_dir={out}", f"training.resume_from_checkpoint={tmp_path / 'nope'}"])
+        optiplug.train(
+            None, [*SMALL, f"training.output_dir={out}", f"training.resume_from_checkpoint={tmp_path / 'nope'}"]
+        )
     assert str(info.value) == (
         f"training.resume_from_checkpoint: '{tmp_path / 'nope'}' does not exist; give a checkpoint-N directory of an earlier run"
     )

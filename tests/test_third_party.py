@@ -29,7 +29,18 @@ def site(tmp_path_factory) -> Path:
     shutil.copytree(DIST, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
     )
     assert (target / "optiplug_testlion-0.3.0.dist-info" / "entry_points.txt").is_file()
@@ -62,8 +73,11 @@ def test_selected_by_a_yaml_config_and_trains(installed, tmp_path):
     config = optiplug.load_config(path)
     assert type(config.optimizer).__module__ == "optiplug_testlion"
     trainer = optiplug.OptiTrainer(
-        model=tiny_llama(), args=training_args(tmp_path, max_steps=8), train_dataset=TokenBlocks(32, distinct=4),
-        optimizer=config.optimizer, scheduler=config.scheduler,
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=8),
+        train_dataset=TokenBlocks(32, distinct=4),
+        optimizer=config.optimizer,
+        scheduler=config.scheduler,
     )
     trainer.train()
     assert type(trainer.optimizer.optimizer).__name__ == "Lion"

@@ -56,7 +56,9 @@ def _patched_clip(accelerator, original):
 
 def _check(ctx, cfg):
     if cfg.refuse_accumulation and ctx.gradient_accumulation_steps > 1:
-        raise optiplug.ConfigError("patched_sgd cannot accumulate gradients: set training.gradient_accumulation_steps=1")
+        raise optiplug.ConfigError(
+            "patched_sgd cannot accumulate gradients: set training.gradient_accumulation_steps=1"
+        )
 
 
 def _build(ctx, cfg):
@@ -148,7 +150,10 @@ def test_check_fails_before_any_step(patched, tmp_path):
     trainer, seen = _make(
         tmp_path, {"name": "patched_sgd", "refuse_accumulation": True}, max_steps=2, gradient_accumulation_steps=2
     )
-    with pytest.raises(optiplug.ConfigError, match="patched_sgd cannot accumulate gradients: set training.gradient_accumulation_steps=1"):
+    with pytest.raises(
+        optiplug.ConfigError,
+        match=r"patched_sgd cannot accumulate gradients: set training\.gradient_accumulation_steps=1",
+    ):
         trainer.train()
     assert seen.steps == 0 and trainer.optimizer is None
 
@@ -185,7 +190,9 @@ def test_scheduler_is_built_on_the_raw_optimizer(tmp_path):
 def test_defaults_follow_training_arguments(tmp_path):
     trainer = optiplug.OptiTrainer(
         model=tiny_llama(),
-        args=training_args(tmp_path, learning_rate=0.003, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=2, max_steps=4),
+        args=training_args(
+            tmp_path, learning_rate=0.003, weight_decay=0.1, lr_scheduler_type="linear", warmup_steps=2, max_steps=4
+        ),
         train_dataset=TokenBlocks(16),
     )
     assert trainer.optimizer_config.name == "adamw" and trainer.optimizer_config.lr == 0.003
@@ -202,7 +209,9 @@ def test_optimizers_argument_is_refused(tmp_path):
     model = tiny_llama()
     with pytest.raises(optiplug.ConfigError, match="pass optimizer= and scheduler="):
         optiplug.OptiTrainer(
-            model=model, args=training_args(tmp_path), train_dataset=TokenBlocks(8),
+            model=model,
+            args=training_args(tmp_path),
+            train_dataset=TokenBlocks(8),
             optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
         )
 
@@ -211,7 +220,9 @@ def test_optiplug_matches_a_plain_trainer_with_the_same_adamw(tmp_path):
     common = dict(max_steps=5, learning_rate=2e-3, weight_decay=0.01, lr_scheduler_type="cosine", warmup_steps=1)
     plain = Trainer(model=tiny_llama(), args=training_args(tmp_path / "plain", **common), train_dataset=TokenBlocks(32))
     plain.train()
-    ours = optiplug.OptiTrainer(model=tiny_llama(), args=training_args(tmp_path / "ours", **common), train_dataset=TokenBlocks(32))
+    ours = optiplug.OptiTrainer(
+        model=tiny_llama(), args=training_args(tmp_path / "ours", **common), train_dataset=TokenBlocks(32)
+    )
     ours.train()
     assert logged_losses(ours) == logged_losses(plain)
 
@@ -242,8 +253,10 @@ def test_save_processor_callback_writes_into_checkpoints_and_output(tmp_path):
             (pathlib.Path(path) / "processor.json").write_text("{}")
 
     trainer = optiplug.OptiTrainer(
-        model=tiny_llama(), args=training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
-        train_dataset=TokenBlocks(8), processor=FakeProcessor(),
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1),
+        train_dataset=TokenBlocks(8),
+        processor=FakeProcessor(),
     )
     trainer.train()
     assert (tmp_path / "checkpoint-1" / "processor.json").is_file()
@@ -305,7 +318,9 @@ def test_a_training_argument_the_optimizer_overrides_is_reported(tmp_path, caplo
 
     with caplog.at_level(logging.WARNING, logger="optiplug.trainer"):
         optiplug.OptiTrainer(
-            model=tiny_llama(), args=training_args(tmp_path, learning_rate=0.5), train_dataset=TokenBlocks(8),
+            model=tiny_llama(),
+            args=training_args(tmp_path, learning_rate=0.5),
+            train_dataset=TokenBlocks(8),
             optimizer={"name": "adamw", "lr": 0.001},
         )
     assert "TrainingArguments.learning_rate=0.5 is not used: the optimizer config's value 0.001 is" in caplog.text

@@ -14,6 +14,7 @@ from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
+from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
 from optiplug.errors import (
     CheckpointError,
     ConfigError,
@@ -39,7 +40,6 @@ from optiplug.helpers import (
 )
 from optiplug.hookspecs import hookimpl, hookspec
 from optiplug.patches import Patch
-from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
 from optiplug.registry import (
     get_entry,
     get_scheduler_entry,
@@ -75,56 +75,56 @@ _LAZY = {
 }
 
 __all__ = [
-    "AdamFields",
-    "Betas",
-    "Kernel",
-    "LearningRate",
     "STEP_BYTES",
     "TRAINING_ARGUMENT_FIELDS",
-    "adam_state_bytes",
-    "kernel_kwargs",
-    "moment_bytes",
-    "optimizer_state_bytes",
-    "tensor_bytes",
-    "unwrap_optimizer",
+    "AdamFields",
+    "Betas",
     "BuildContext",
     "CheckpointError",
     "ConfigError",
     "DataConfig",
     "DuplicateNameError",
     "FinetuningConfig",
+    "Kernel",
+    "LearningRate",
     "MissingDependencyError",
     "ModelConfig",
     "OptiTrainer",
     "OptiTrainerMixin",
-    "PissaConvertCallback",
     "OptimizerConfig",
     "OptimizerEntry",
     "OptiplugError",
     "ParamShape",
     "Patch",
+    "PissaConvertCallback",
     "PluginError",
     "Registered",
     "RunConfig",
+    "RunResult",
     "SaveProcessorCallback",
     "ScheduleContext",
     "SchedulerConfig",
     "SchedulerEntry",
     "UnknownNameError",
+    "adam_state_bytes",
     "apply_finetuning",
     "build_optimizer",
     "build_scheduler",
     "get_entry",
     "get_scheduler_entry",
-    "parse_optimizer",
-    "parse_scheduler",
-    "RunResult",
     "hookimpl",
     "hookspec",
+    "kernel_kwargs",
     "list_optimizers",
     "list_schedulers",
     "load_config",
+    "moment_bytes",
+    "optimizer_state_bytes",
+    "parse_optimizer",
+    "parse_scheduler",
+    "tensor_bytes",
     "train",
+    "unwrap_optimizer",
 ]
 
 

@@ -23,7 +23,9 @@ class SaveProcessorCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
-            self.processor.save_pretrained(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+            self.processor.save_pretrained(
+                os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if args.should_save:

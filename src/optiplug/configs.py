@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-__all__ = ["OptimizerConfig", "SchedulerConfig", "ScalarFields", "coerce_scalar", "format_validation_error"]
+__all__ = ["OptimizerConfig", "ScalarFields", "SchedulerConfig", "coerce_scalar", "format_validation_error"]
 
 
 def _leaf_types(annotation: Any) -> set[type]:
@@ -62,7 +62,9 @@ class ScalarFields(BaseModel):
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        return {key: coerce_scalar(fields[key].annotation, value) if key in fields else value for key, value in data.items()}
+        return {
+            key: coerce_scalar(fields[key].annotation, value) if key in fields else value for key, value in data.items()
+        }
 
 
 class OptimizerConfig(ScalarFields):

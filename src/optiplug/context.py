@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import Trainer, TrainingArguments
 
-__all__ = ["BuildContext", "ScheduleContext", "ParamShape"]
+__all__ = ["BuildContext", "ParamShape", "ScheduleContext"]
 
 
 @dataclass(frozen=True)

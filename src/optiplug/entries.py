@@ -20,16 +20,16 @@ if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape, ScheduleContext
     from optiplug.patches import Patch
 
-__all__ = ["OptimizerEntry", "SchedulerEntry", "Registered", "name_of"]
+__all__ = ["OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
 
 C = TypeVar("C")
 
 
-def name_of(config: type, base: type, kind: str) -> str:
+def name_of(config: Any, base: type, kind: str) -> str:
     """The registry key: the ``Literal`` default of ``config.name``."""
     if not (isinstance(config, type) and issubclass(config, base)):
         raise PluginError(f"{kind} entry config {config!r} must be a subclass of optiplug.{base.__name__}")
-    name_field = config.model_fields.get("name")
+    name_field = typing.cast("type[OptimizerConfig]", config).model_fields.get("name")
     literal = typing.get_args(name_field.annotation) if name_field is not None else ()
     if (
         name_field is None
@@ -142,5 +142,3 @@ class Registered:
     @property
     def name(self) -> str:
         return self.entry.name
-
-

@@ -10,13 +10,13 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
-    "OptiplugError",
+    "CheckpointError",
     "ConfigError",
-    "UnknownNameError",
     "DuplicateNameError",
     "MissingDependencyError",
+    "OptiplugError",
     "PluginError",
-    "CheckpointError",
+    "UnknownNameError",
 ]
 
 
@@ -40,9 +40,7 @@ class UnknownNameError(ConfigError, KeyError):
         close = difflib.get_close_matches(str(name), self.registered, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(self.registered) or "(none)"
-        super().__init__(
-            f"unknown {kind} {name!r}.{hint}\n  registered: {listing} (see `optiplug list`)"
-        )
+        super().__init__(f"unknown {kind} {name!r}.{hint}\n  registered: {listing} (see `optiplug list`)")
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0])

@@ -32,7 +32,10 @@ def _missing_modules_named(kind: str, name: str, requires: tuple[str, ...]) -> I
 
 
 def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerConfig, *, check: bool = True):
-    """Check requirements and run the entry's ``check`` (unless ``check=False``: the caller did), then call its factory."""
+    """Check requirements and run the entry's ``check``, then call its factory.
+
+    ``check=False`` skips both: the caller (the trainer) ran them already.
+    """
     if check:
         entry.check_requires()
     with _missing_modules_named("optimizer", entry.name, entry.requires):

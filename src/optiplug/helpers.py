@@ -29,12 +29,12 @@ if TYPE_CHECKING:
     from optiplug.context import ParamShape
 
 __all__ = [
+    "STEP_BYTES",
+    "TRAINING_ARGUMENT_FIELDS",
     "AdamFields",
     "Betas",
     "Kernel",
     "LearningRate",
-    "STEP_BYTES",
-    "TRAINING_ARGUMENT_FIELDS",
     "adam_state_bytes",
     "kernel_kwargs",
     "moment_bytes",
@@ -50,13 +50,16 @@ Betas = Annotated[
 ]
 """Two betas, each in [0, 1): the type carries the check, so a new default keeps it."""
 
-LearningRate = Annotated[float, Field(gt=0.0, allow_inf_nan=False, description="Learning rate (the peak of the schedule).")]
+LearningRate = Annotated[
+    float, Field(gt=0.0, allow_inf_nan=False, description="Learning rate (the peak of the schedule).")
+]
 """A finite learning rate > 0."""
 
 Kernel = Literal["auto", "fused", "foreach", "for-loop"]
 """torch's implementation choice: one fused kernel, batched ``foreach`` kernels, or a Python loop."""
 
-# Devices torch.optim's fused Adam/AdamW/SGD kernels support (torch/optim/optimizer.py `_get_fused_kernels_supported_devices`).
+# Devices torch.optim's fused Adam/AdamW/SGD kernels support
+# (torch/optim/optimizer.py `_get_fused_kernels_supported_devices`).
 _FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 

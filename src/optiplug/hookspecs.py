@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -27,5 +28,4 @@ def register_schedulers(register: Callable[[SchedulerEntry], None]) -> None:
 
 @hookspec
 def trainer_callbacks(trainer: Trainer, config: Any) -> list[TrainerCallback] | None:
-    """Return callbacks to add to every optiplug trainer, whatever the optimizer (``config``: the run config of ``optiplug train``, else None)."""
-
+    """Return callbacks for every optiplug trainer, whatever the optimizer (``config``: the run config, or None)."""

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["decay_parameter_names", "param_groups", "match_modules", "ALL_LINEAR"]
+__all__ = ["ALL_LINEAR", "decay_parameter_names", "match_modules", "param_groups"]
 
 ALL_LINEAR = "all-linear"
 
@@ -38,7 +38,8 @@ def param_groups(
 
     ``options`` (``lr=...``, ...) are added to both groups.
     """
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in named_parameters:
         if param.requires_grad:
             (decay if name in decay_names else no_decay).append(param)
@@ -68,7 +69,7 @@ def match_modules(
     module_types = module_types or (nn.Linear,)
     candidates = [(name, m) for name, m in model.named_modules() if name and isinstance(m, module_types)]
     if targets == ALL_LINEAR:
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output = getattr(model, "get_output_embeddings", lambda: None)()
         chosen = [name for name, m in candidates if m is not output]
     elif isinstance(targets, str):
         try:

@@ -68,8 +68,8 @@ DEFAULT_PLUGIN_MODULES = ("optiplug.builtin.optimizers", "optiplug.builtin.sched
 """The default plugin, by module path. Each module may name its default entry in ``DEFAULT``."""
 
 KINDS = ("optimizer", "scheduler")
-_BASES: dict[str, type] = {"optimizer": OptimizerConfig, "scheduler": SchedulerConfig}
-_ENTRY_TYPES: dict[str, type] = {"optimizer": OptimizerEntry, "scheduler": SchedulerEntry}
+_BASES: dict[str, type[Any]] = {"optimizer": OptimizerConfig, "scheduler": SchedulerConfig}
+_ENTRY_TYPES: dict[str, type[Any]] = {"optimizer": OptimizerEntry, "scheduler": SchedulerEntry}
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _env_list(name: str) -> set[str] | None:
 def _union_of(classes: list[type]) -> Any:
     if len(classes) == 1:
         return classes[0]
-    return Annotated[Union[tuple(classes)], Field(discriminator="name")]  # noqa: UP007 - a runtime tuple of classes
+    return Annotated[Union[tuple(classes)], Field(discriminator="name")]
 
 
 class Registry:
@@ -139,6 +139,10 @@ class Registry:
                 if self._pm is None:
                     self._pm = self._load()
         return self._pm
+
+    def _load_once(self) -> None:
+        """Load the plugins if they are not loaded yet."""
+        _ = self.plugin_manager
 
     def _hooks_of(self, pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
         return tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
@@ -211,7 +215,9 @@ class Registry:
             self._infos[name] = PluginInfo(name, dist, version, self._hooks_of(pm, plugin))
             self._deny_names[name] = ep.name
         for failure in failures:
-            warnings.warn(f"optiplug: plugin {failure.name!r} was not loaded: {failure.cause}", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"optiplug: plugin {failure.name!r} was not loaded: {failure.cause}", RuntimeWarning, stacklevel=4
+            )
         self._failures = failures
         return pm
 
@@ -253,7 +259,7 @@ class Registry:
     # ---- plugins ------------------------------------------------------------------------------
     def plugins(self) -> list[PluginInfo]:
         """Every loaded plugin, the default plugin's modules first."""
-        self.plugin_manager
+        self._load_once()
         return list(self._infos.values())
 
     def failures(self) -> list[PluginFailure]:
@@ -263,15 +269,20 @@ class Registry:
 
     def deny_list_name(self, name: str) -> str | None:
         """The name ``OPTIPLUG_DISABLE_PLUGINS`` matches for plugin ``name`` (None: not an entry-point plugin)."""
-        self.plugin_manager
+        self._load_once()
         return self._deny_names.get(name)
 
     def _record_failure(self, name: str, cause: str) -> None:
         if any(f.name == name and f.cause == cause for f in self._failures):
             return
         self._failures.append(PluginFailure(name, cause))
-        warnings.warn(f"optiplug: {cause}" if cause.startswith(("optimizer", "scheduler")) else
-                      f"optiplug: plugin {name!r} was left out: {cause}", RuntimeWarning, stacklevel=5)
+        warnings.warn(
+            f"optiplug: {cause}"
+            if cause.startswith(("optimizer", "scheduler"))
+            else f"optiplug: plugin {name!r} was left out: {cause}",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     # ---- entries ------------------------------------------------------------------------------
     def _duplicate_message(self, kind: str, name: str, first: str, second: str) -> str:
@@ -351,7 +362,7 @@ class Registry:
 
     def default_name(self, kind: str) -> str:
         """The default plugin's default ``kind`` (what a section without a name selects)."""
-        self.plugin_manager
+        self._load_once()
         try:
             return self._defaults[kind]
         except KeyError:

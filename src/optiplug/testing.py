@@ -9,6 +9,7 @@ Use them from a plugin's own tests::
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -57,7 +58,7 @@ def training_args(output_dir, **overrides):
     """CPU TrainingArguments for short deterministic test runs (6 steps, batch 4, log every step)."""
     from transformers import TrainingArguments
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         max_steps=6,
         per_device_train_batch_size=4,

@@ -12,7 +12,7 @@ length of ``train()`` applies the entry's patches and callbacks, undoing them on
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer
 
@@ -24,9 +24,16 @@ from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.patches import applied
-from optiplug.registry import get_entry, get_plugin_manager, get_scheduler_entry, parse_optimizer, parse_scheduler, registry
+from optiplug.registry import (
+    get_entry,
+    get_plugin_manager,
+    get_scheduler_entry,
+    parse_optimizer,
+    parse_scheduler,
+    registry,
+)
 
-__all__ = ["OptiTrainerMixin", "OptiTrainer"]
+__all__ = ["OptiTrainer", "OptiTrainerMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,13 @@ def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
             )
 
 
-class OptiTrainerMixin:
+if TYPE_CHECKING:  # type checkers see the Trainer the mixin is mixed into
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class OptiTrainerMixin(_TrainerBase):
     """Mix into a ``transformers.Trainer`` subclass to take optimizer and scheduler from the registry.
 
     Args:
@@ -121,7 +134,10 @@ class OptiTrainerMixin:
 
     def optiplug_context(self, model: Any = None) -> BuildContext:
         """The :class:`BuildContext` the entry's ``check`` and ``build`` see."""
-        return BuildContext(model=self.model if model is None else model, trainer=self, args=self.args)
+        model = self.model if model is None else model
+        if model is None:
+            raise ConfigError("the trainer has no model: pass model= to the trainer")
+        return BuildContext(model=model, trainer=self, args=self.args)
 
     def check_optimizer(self) -> None:
         """Run the selected entry's requirement and compatibility checks, once (raises :class:`ConfigError`).

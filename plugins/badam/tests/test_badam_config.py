@@ -6,15 +6,19 @@ import subprocess
 import sys
 
 import pytest
-
-import optiplug
-from optiplug.registry import parse_optimizer
 from optiplug_badam import state_bytes
 from optiplug_badam.blocks import infer_blocks, plan_blocks
 
+import optiplug
+from optiplug.registry import parse_optimizer
+
 LLAMA = [
     "model.embed_tokens.weight",
-    *[f"model.layers.{i}.{part}" for i in range(3) for part in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")],
+    *[
+        f"model.layers.{i}.{part}"
+        for i in range(3)
+        for part in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")
+    ],
     "model.norm.weight",
     "lm_head.weight",
 ]
@@ -32,7 +36,13 @@ def test_registered_through_the_entry_point_without_importing_torch():
 
 def test_defaults():
     cfg = parse_optimizer("badam")
-    assert (cfg.mode, cfg.switch_mode, cfg.switch_every, cfg.lr, cfg.weight_decay) == ("layer", "ascending", 50, 1e-3, 0.0)
+    assert (cfg.mode, cfg.switch_mode, cfg.switch_every, cfg.lr, cfg.weight_decay) == (
+        "layer",
+        "ascending",
+        50,
+        1e-3,
+        0.0,
+    )
     assert cfg.blocks is None and cfg.active_modules == ()
 
 
@@ -40,19 +50,40 @@ def test_defaults():
     ("fields", "message"),
     [
         ({"mode": "ratio", "switch_mode": "random"}, "switch_mode is only used with mode 'layer' (mode is 'ratio')"),
-        ({"mode": "ratio", "blocks": [["x"]], "start_block": 0}, "start_block, blocks are only used with mode 'layer' (mode is 'ratio')"),
+        (
+            {"mode": "ratio", "blocks": [["x"]], "start_block": 0},
+            "start_block, blocks are only used with mode 'layer' (mode is 'ratio')",
+        ),
         ({"update_ratio": 0.2}, "update_ratio is only used with mode 'ratio' (mode is 'layer')"),
-        ({"mode": "ratio", "weight_decay": 0.1}, "mode 'ratio' applies no weight decay (badam's sparse Adam has none): set weight_decay to 0"),
+        (
+            {"mode": "ratio", "weight_decay": 0.1},
+            "mode 'ratio' applies no weight decay (badam's sparse Adam has none): set weight_decay to 0",
+        ),
         ({"switch_every": 0}, "switch_every must be a positive number of steps or -1 (never), got 0"),
         ({"switch_every": -2}, "switch_every must be a positive number of steps or -1 (never), got -2"),
-        ({"switch_mode": "random", "start_block": 1}, "start_block cannot be combined with switch_mode 'random' (the order is drawn at random)"),
+        (
+            {"switch_mode": "random", "start_block": 1},
+            "start_block cannot be combined with switch_mode 'random' (the order is drawn at random)",
+        ),
         ({"blocks": []}, "blocks must be a non-empty list of non-empty lists of parameter-name prefixes"),
-        ({"blocks": [["model.layers.0."], []]}, "blocks must be a non-empty list of non-empty lists of parameter-name prefixes"),
-        ({"blocks": [["model.layers.0.", ""]]}, "blocks must not contain empty prefixes (an empty string matches every parameter)"),
-        ({"blocks": [["a"]], "include_lm_head": True}, "include_lm_head only shapes the inferred blocks; with explicit blocks, list the parameters"),
+        (
+            {"blocks": [["model.layers.0."], []]},
+            "blocks must be a non-empty list of non-empty lists of parameter-name prefixes",
+        ),
+        (
+            {"blocks": [["model.layers.0.", ""]]},
+            "blocks must not contain empty prefixes (an empty string matches every parameter)",
+        ),
+        (
+            {"blocks": [["a"]], "include_lm_head": True},
+            "include_lm_head only shapes the inferred blocks; with explicit blocks, list the parameters",
+        ),
         ({"active_modules": [""]}, "active_modules must not contain empty prefixes"),
         ({"betas": [0.9, 1.0]}, "betas must each be in [0, 1), got (0.9, 1.0)"),
-        ({"mask_mode": "diagonal", "mode": "ratio"}, "mask_mode: Input should be 'adjacent' or 'scatter' (got 'diagonal')"),
+        (
+            {"mask_mode": "diagonal", "mode": "ratio"},
+            "mask_mode: Input should be 'adjacent' or 'scatter' (got 'diagonal')",
+        ),
     ],
 )
 def test_config_errors(fields, message):
@@ -73,16 +104,33 @@ def test_inferred_blocks_follow_badam_on_llama_names():
 
 
 def test_inferred_blocks_on_peft_and_gpt2_names():
-    peft = [f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in range(2) for ab in "AB"]
-    assert infer_blocks(peft, False, False) == [["base_model.model.model.layers.0."], ["base_model.model.model.layers.1."]]
-    gpt2 = ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.ln_f.weight"]
-    assert infer_blocks(gpt2, False, True) == [["transformer.h.0."], ["transformer.h.1."], ["transformer.wte.weight", "transformer.ln_f.weight"]]
+    peft = [
+        f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in range(2) for ab in "AB"
+    ]
+    assert infer_blocks(peft, False, False) == [
+        ["base_model.model.model.layers.0."],
+        ["base_model.model.model.layers.1."],
+    ]
+    gpt2 = [
+        "transformer.wte.weight",
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.1.mlp.c_fc.weight",
+        "transformer.ln_f.weight",
+    ]
+    assert infer_blocks(gpt2, False, True) == [
+        ["transformer.h.0."],
+        ["transformer.h.1."],
+        ["transformer.wte.weight", "transformer.ln_f.weight"],
+    ]
 
 
 def test_plan_names_what_is_never_trained():
     plan = plan_blocks(LLAMA, parse_optimizer("badam"))
     assert plan.never_trained == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    plan = plan_blocks(LLAMA, parse_optimizer({"name": "badam", "include_embedding": True, "active_modules": ["lm_head", "model.norm."]}))
+    plan = plan_blocks(
+        LLAMA,
+        parse_optimizer({"name": "badam", "include_embedding": True, "active_modules": ["lm_head", "model.norm."]}),
+    )
     assert plan.never_trained == [] and len(plan.blocks) == 4
 
 

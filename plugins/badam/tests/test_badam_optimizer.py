@@ -9,13 +9,13 @@ import weakref
 
 import pytest
 import torch
+from optiplug_badam import state_bytes
+from optiplug_badam.config import BAdamConfig
+from optiplug_badam.optim import BlockAdamW, RatioAdam
 
 import optiplug
 from optiplug.helpers import optimizer_state_bytes, tensor_bytes
 from optiplug.testing import TokenBlocks, tiny_llama
-from optiplug_badam import state_bytes
-from optiplug_badam.config import BAdamConfig
-from optiplug_badam.optim import BlockAdamW, RatioAdam
 
 pytestmark = pytest.mark.filterwarnings("ignore:badam. .* never updated:UserWarning")
 
@@ -188,7 +188,9 @@ def test_ratio_state_loads_with_weights_only(tmp_path):
 
 def test_lora_trains_only_the_active_blocks_adapters():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(layers=2), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = peft.get_peft_model(
+        tiny_llama(layers=2), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
     optimizer = optiplug.build_optimizer(model, {"name": "badam", "switch_every": 2})
     assert isinstance(optimizer, BlockAdamW) and optimizer.lora_mode
     assert optimizer.block_prefix_list == [["base_model.model.model.layers.0."], ["base_model.model.model.layers.1."]]

@@ -12,11 +12,11 @@ from types import MethodType
 
 import pytest
 import torch
+from optiplug_badam.callback import BAdamTrainerCallback
 from transformers import Trainer, TrainerCallback
 
 import optiplug
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
-from optiplug_badam.callback import BAdamTrainerCallback
 
 pytestmark = pytest.mark.filterwarnings("ignore:badam. .* never updated:UserWarning")
 
@@ -181,7 +181,10 @@ def test_patch_and_callback_only_during_training_with_badam(layer_run, tmp_path)
 
     probe = Probe()
     other = optiplug.OptiTrainer(
-        model=tiny_llama(), args=training_args(tmp_path, max_steps=2), train_dataset=TokenBlocks(n=8), optimizer="adamw",
+        model=tiny_llama(),
+        args=training_args(tmp_path, max_steps=2),
+        train_dataset=TokenBlocks(n=8),
+        optimizer="adamw",
         callbacks=[probe],
     )
     probe.trainer = other
@@ -198,7 +201,9 @@ def test_block_switches_are_logged_not_printed(layer_run):
         "badam: block 1 of 2 active from step 9 (model.layers.1.)",
     ]
     assert "trainable" not in stdout
-    assert all(line.startswith("{") for line in stdout.splitlines() if "block" in line)  # only the Trainer's log records
+    assert all(
+        line.startswith("{") for line in stdout.splitlines() if "block" in line
+    )  # only the Trainer's log records
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -332,7 +337,10 @@ def test_non_reentrant_activation_checkpointing_trains(tmp_path):
 # short), ratio mode moves its window at step 3; the other points are in the middle of a block.
 RESUME = {
     "layer-ascending": (dict(mode="layer", switch_mode="ascending", switch_every=3), (2, 4)),
-    "layer-descending-bf16": (dict(mode="layer", switch_mode="descending", switch_every=3, dtype=torch.bfloat16), (2, 4)),
+    "layer-descending-bf16": (
+        dict(mode="layer", switch_mode="descending", switch_every=3, dtype=torch.bfloat16),
+        (2, 4),
+    ),
     "layer-random-bf16": (dict(mode="layer", switch_mode="random", switch_every=3, dtype=torch.bfloat16), (2, 4)),
     "layer-fixed": (dict(mode="layer", switch_mode="fixed", start_block=1, switch_every=3), (2, 4)),
     "ratio-adjacent": (dict(mode="ratio", mask_mode="adjacent", switch_every=3), (3, 4)),

@@ -31,8 +31,12 @@ def train(output_dir: Path, batch: int, **arguments) -> dict[int, float]:
     import optiplug
     from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
-    args = training_args(output_dir, max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=1e-3, **arguments)
-    trainer = optiplug.OptiTrainer(model=tiny_llama(seed=0), args=args, train_dataset=TokenBlocks(n=64), optimizer=OPTIMIZER)
+    args = training_args(
+        output_dir, max_steps=STEPS, per_device_train_batch_size=batch, learning_rate=1e-3, **arguments
+    )
+    trainer = optiplug.OptiTrainer(
+        model=tiny_llama(seed=0), args=args, train_dataset=TokenBlocks(n=64), optimizer=OPTIMIZER
+    )
     trainer.train()
     return logged_losses(trainer)
 
@@ -44,7 +48,16 @@ def test_zero3_two_processes_match_one_process_with_twice_the_batch(tmp_path):
     # badam switches inside DeepSpeed's step, before DeepSpeed copies the update back into the model,
     # so each block's last step was lost (the first block's only step with switch_every 2): the
     # losses from step 2 on differ by ~2e-4. The plugin switches at the step's end instead.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from optiplug_galore import projector
 from optiplug_galore.adafactor import GaLoreAdafactor
 from optiplug_galore.adamw import GaLoreAdamW
@@ -141,7 +140,6 @@ def test_adamw8bit_runs_here_and_matches_bitsandbytes():
     step exactly as ``bnb.optim.AdamW8bit``; projected ones exactly as bitsandbytes' update of the
     projected gradient, projected back, then decayed (galore-torch's algorithm)."""
     import bitsandbytes as bnb
-
     from optiplug_galore.adamw8bit import GaLoreAdamW8bit
 
     reference, ours = _params([(64, 96), (128, 64), (4096,)]), _params([(64, 96), (128, 64), (4096,)])
@@ -196,13 +194,20 @@ def real_gradients():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
-    return {n.split(".")[-2]: p.grad for n, p in model.named_parameters() if n.startswith("model.layers.0") and p.dim() == 2}
+    return {
+        n.split(".")[-2]: p.grad for n, p in model.named_parameters() if n.startswith("model.layers.0") and p.dim() == 2
+    }
 
 
 def test_randomized_projection_error_is_within_5_percent_of_the_svd(real_gradients):
@@ -210,7 +215,9 @@ def test_randomized_projection_error_is_within_5_percent_of_the_svd(real_gradien
         left, right = projector.sides(grad.shape, "std")
         exact = projector.projection_error(grad, *projector.svd_bases(grad, 16, left, right))
         generator = torch.Generator().manual_seed(0)
-        bases = projector.randomized_bases(grad, 16, left, right, oversampling=8, power_iterations=2, generator=generator)
+        bases = projector.randomized_bases(
+            grad, 16, left, right, oversampling=8, power_iterations=2, generator=generator
+        )
         approx = projector.projection_error(grad, *bases)
         assert exact <= approx <= 1.05 * exact, f"{name}: randomized {approx:.4f} vs svd {exact:.4f}"
         basis = bases[0] if left else bases[1].T
@@ -232,7 +239,9 @@ def test_randomized_projection_is_seeded_by_parameter_and_step(real_gradients):
 def test_randomized_falls_back_to_the_exact_svd_on_small_matrices(real_gradients):
     grad = real_gradients["q_proj"]  # 256 x 256: rank 250 + 8 oversampling >= 256
     generator = torch.Generator().manual_seed(0)
-    left, right = projector.randomized_bases(grad, 250, False, True, oversampling=8, power_iterations=2, generator=generator)
+    left, right = projector.randomized_bases(
+        grad, 250, False, True, oversampling=8, power_iterations=2, generator=generator
+    )
     assert left is None and torch.equal(right, projector.svd_bases(grad, 250, False, True)[1])
 
 
@@ -240,7 +249,9 @@ def test_reverse_std_with_the_rank_at_the_matrix_size_steps():
     """galore-torch infers the side to project back from the low-rank shape, which fails here
     ("mat1 and mat2 shapes cannot be multiplied (32x80 and 32x32)"); the side is decided once from the weight."""
     param = torch.nn.Parameter(torch.randn(32, 80))
-    optimizer = GaLoreAdamW([{"params": [param], "rank": 32, "update_proj_gap": 2, "scale": 1.0, "proj_type": "reverse_std"}])
+    optimizer = GaLoreAdamW(
+        [{"params": [param], "rank": 32, "update_proj_gap": 2, "scale": 1.0, "proj_type": "reverse_std"}]
+    )
     param.grad = torch.randn(32, 80)
     optimizer.step()
     assert optimizer.state[param][projector.RIGHT].shape == (32, 80)

@@ -94,7 +94,9 @@ def test_layerwise_with_accumulation_matches_the_whole_model_step(tmp_path):
         runs[layerwise] = trainer
     whole, layerwise = runs[False], runs[True]
     assert _raw(layerwise).layerwise and not _raw(whole).layerwise
-    assert list(logged_losses(layerwise).values()) == pytest.approx(list(logged_losses(whole).values()), rel=1e-6, abs=0)
+    assert list(logged_losses(layerwise).values()) == pytest.approx(
+        list(logged_losses(whole).values()), rel=1e-6, abs=0
+    )
     assert _history(layerwise, "grad_norm") == pytest.approx(_history(whole, "grad_norm"), rel=1e-5)
     # every parameter's own step used the scheduled learning rate of its optimizer step (warmup 2, then cosine)
     scheduled = _history(whole, "learning_rate")
@@ -139,7 +141,7 @@ def test_layerwise_outside_a_trainer_counts_backward_passes(tmp_path):
     layerwise = optiplug.get_entry("galore_adamw").build(optiplug.BuildContext(model=model, args=args), cfg)
     whole = optiplug.build_optimizer(twin, _galore(lr=1e-2))
     data = TokenBlocks(n=8)
-    for step in range(3):
+    for _step in range(3):
         for micro in range(2):
             batch = torch.stack([data[2 * micro + i]["input_ids"] for i in range(2)])
             model(input_ids=batch, labels=batch).loss.backward()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from optiplug_loraplus import LoraPlusConfig, loraplus_groups
 
 import optiplug
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
-from optiplug_loraplus import LoraPlusConfig, loraplus_groups
 
 pytest.importorskip("peft")
 
@@ -76,7 +76,9 @@ def test_refused_without_lora(tmp_path):
 def test_refused_for_a_peft_adapter_that_is_not_lora():
     from peft import IA3Config, get_peft_model
 
-    model = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = get_peft_model(
+        tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     entry = optiplug.get_entry("loraplus")
     with pytest.raises(optiplug.ConfigError) as error:
         entry.check(optiplug.BuildContext(model=model), entry.config())

@@ -33,15 +33,15 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "BASE_MODEL_DIR",
+    "PISSA_CONVERTED_DIR",
+    "PISSA_INIT_DIR",
+    "PISSA_TRAINED_DIR",
     "PissaConvertCallback",
     "apply_finetuning",
     "freeze",
     "is_lora_model",
     "lora_config",
-    "BASE_MODEL_DIR",
-    "PISSA_INIT_DIR",
-    "PISSA_TRAINED_DIR",
-    "PISSA_CONVERTED_DIR",
 ]
 
 BASE_MODEL_DIR = "base_model"
@@ -125,7 +125,8 @@ def _target_module_names(model: nn.Module, targets: str | list[str]) -> list[str
 def lora_config(model: nn.Module, finetuning: FinetuningConfig) -> Any:
     """The ``peft.LoraConfig`` for ``finetuning`` on ``model`` (target modules resolved to full names)."""
     peft = _peft()
-    init: bool | str = {"default": True, "gaussian": "gaussian"}.get(finetuning.init, finetuning.init)
+    inits: dict[str, bool | str] = {"default": True, "gaussian": "gaussian"}
+    init = inits.get(finetuning.init, finetuning.init)
     return peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=finetuning.r,
@@ -193,6 +194,7 @@ class PissaConvertCallback(TrainerCallback):
 
         config = _plain_lora_config(model, self.adapter_name)
         os.makedirs(directory, exist_ok=True)
+        assert self.initial is not None  # taken at the start of training
         save_file(self.initial, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(directory)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -31,8 +31,10 @@ def _fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def train(
-    items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
-        None, metavar="[CONFIG] [KEY=VALUE]...", help="A YAML run config (default: the embedded tiny run), then overrides."
+    items: list[str] | None = typer.Argument(
+        None,
+        metavar="[CONFIG] [KEY=VALUE]...",
+        help="A YAML run config (default: the embedded tiny run), then overrides.",
     ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (delegates to torchrun)."),
 ) -> None:
@@ -62,8 +64,13 @@ def _rows() -> list[dict[str, Any]]:
     from optiplug.registry import list_optimizers, list_schedulers
 
     return [
-        {"name": row.name, "kind": row.kind, "plugin": row.plugin, "summary": row.entry.summary,
-         "requires": list(row.entry.requires)}
+        {
+            "name": row.name,
+            "kind": row.kind,
+            "plugin": row.plugin,
+            "summary": row.entry.summary,
+            "requires": list(row.entry.requires),
+        }
         for row in [*list_optimizers(), *list_schedulers()]
     ]
 
@@ -71,7 +78,7 @@ def _rows() -> list[dict[str, Any]]:
 @app.command("list")
 def list_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="Only 'optimizer' or 'scheduler'."),  # noqa: UP007
+    kind: str | None = typer.Option(None, "--kind", help="Only 'optimizer' or 'scheduler'."),
 ) -> None:
     """List registered optimizers and schedulers with the plugin that registered each."""
     rows = _rows()
@@ -178,14 +185,24 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
     loaded, failed = loaded_plugins(), plugin_failures()
     if as_json:
-        typer.echo(json.dumps({
-            "loaded": [{"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)} for p in loaded],
-            "failed": [{"name": f.name, "cause": f.cause} for f in failed],
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "loaded": [
+                        {"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
+                        for p in loaded
+                    ],
+                    "failed": [{"name": f.name, "cause": f.cause} for f in failed],
+                },
+                indent=2,
+            )
+        )
         return
     for p in loaded:
         version = f" {p.version}" if p.version else ""
-        typer.echo(f"{p.name} ({p.distribution or 'registered at run time'}{version}): {', '.join(p.hooks) or 'no hooks'}")
+        typer.echo(
+            f"{p.name} ({p.distribution or 'registered at run time'}{version}): {', '.join(p.hooks) or 'no hooks'}"
+        )
     for f in failed:
         typer.echo(f"FAILED {f.name}: {f.cause}")
 

@@ -21,15 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-from optiplug.errors import ConfigError, OptiplugError
 from optiplug.app.measure import high_water_mark_bytes, maxrss_bytes
+from optiplug.errors import ConfigError, OptiplugError
 from optiplug.registry import get_entry
 
-__all__ = ["ProcessResult", "CompareRun", "run_process", "train_command", "compare", "command"]
+__all__ = ["CompareRun", "ProcessResult", "command", "compare", "run_process", "train_command"]
 
 
 # ---- running a child process and measuring its peak memory ----------------------------------
@@ -99,7 +99,9 @@ def run_process(
     sampled: int | None = None
     start = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd
+        )
         # read after the spawn: a vfork child's pages before exec count in this process's peak too
         inherited = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
         try:
@@ -161,7 +163,9 @@ class CompareRun:
     losses: list[list[float]] = field(default_factory=list)
 
 
-def train_command(config: str | Path | None, optimizer: str, steps: int, output_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
+def train_command(
+    config: str | Path | None, optimizer: str, steps: int, output_dir: Path, overrides: Sequence[str] = ()
+) -> list[str]:
     """The ``python -m optiplug train ...`` command line of one compare run.
 
     Compare logs every step (for the curves); the user's overrides come next, and the optimizer,
@@ -209,7 +213,7 @@ def read_run(optimizer: str, output_dir: Path, process: ProcessResult) -> Compar
     state = _read_json(output_dir / "trainer_state.json")
     history = state.get("log_history") or summary.get("log_history") or []
     run.losses = [[h["step"], h["loss"]] for h in history if "loss" in h and "step" in h]
-    final = next((h for h in reversed(history) if "train_steps_per_second" in h), {})
+    final: dict[str, Any] = next((h for h in reversed(history) if "train_steps_per_second" in h), {})
     run.final_loss = _first(summary, "final_loss")
     if run.final_loss is None and run.losses:
         run.final_loss = run.losses[-1][1]
@@ -310,7 +314,14 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.progress = Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -348,7 +359,9 @@ class _Progress:
         self._last_read = 0.0
         if self.enabled:
             status = "done" if run.ok else "[red]failed[/red]"
-            self.progress.update(self.task, completed=self.steps if run.ok else None, description=f"{run.optimizer}: {status}")
+            self.progress.update(
+                self.task, completed=self.steps if run.ok else None, description=f"{run.optimizer}: {status}"
+            )
             self.progress.advance(self.overall)
 
 
@@ -368,10 +381,11 @@ def print_table(runs: list[CompareRun]) -> None:
         table.add_column(column, justify="left" if column == "optimizer" else "right", no_wrap=True)
     for run in runs:
         if run.ok:
+            state = format_bytes(run.optimizer_state_bytes) if run.optimizer_state_bytes is not None else "-"
+            peak = format_bytes(run.peak_rss_bytes) if run.peak_rss_bytes is not None else "-"
             table.add_row(
                 run.optimizer, _fmt(run.final_loss, ".4f"), _fmt(run.steps_per_second, ".2f"),
-                _fmt(run.tokens_per_second, ",.0f"), format_bytes(run.optimizer_state_bytes) if run.optimizer_state_bytes is not None else "-",
-                format_bytes(run.peak_rss_bytes) if run.peak_rss_bytes is not None else "-", f"{run.wall_seconds:.1f}",
+                _fmt(run.tokens_per_second, ",.0f"), state, peak, f"{run.wall_seconds:.1f}",
             )  # fmt: skip
         else:
             table.add_row(run.optimizer, "[red]failed[/red]", "", "", "", "", f"{run.wall_seconds:.1f}")
@@ -379,8 +393,12 @@ def print_table(runs: list[CompareRun]) -> None:
     console.print(table)
     for run in runs:
         if not run.ok:
-            console.print(f"{run.optimizer} failed: {run.error} (log: {Path(run.output_dir) / 'compare.log'})",
-                          soft_wrap=True, markup=False, highlight=False)
+            console.print(
+                f"{run.optimizer} failed: {run.error} (log: {Path(run.output_dir) / 'compare.log'})",
+                soft_wrap=True,
+                markup=False,
+                highlight=False,
+            )
 
 
 def write_outputs(
@@ -408,8 +426,14 @@ def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
     for run in runs:
         if run.losses:
             steps, losses = zip(*run.losses)
-            curves.plot(steps, losses, label=run.optimizer, linewidth=1.5, marker="o" if len(steps) <= 30 else None,
-                        markersize=3)
+            curves.plot(
+                steps,
+                losses,
+                label=run.optimizer,
+                linewidth=1.5,
+                marker="o" if len(steps) <= 30 else None,
+                markersize=3,
+            )
     curves.set(xlabel="step", ylabel="training loss", title="loss")
     curves.grid(alpha=0.3)
     if any(run.losses for run in runs):
@@ -437,13 +461,17 @@ def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
 
 
 def command(
-    items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
-        None, metavar="[CONFIG] [KEY=VALUE]...", help="A YAML run config (default: the embedded tiny run), then overrides for every run."
+    items: list[str] | None = typer.Argument(
+        None,
+        metavar="[CONFIG] [KEY=VALUE]...",
+        help="A YAML run config (default: the embedded tiny run), then overrides for every run.",
     ),
     optimizers: str = typer.Option(..., "--optimizers", help="Comma-separated optimizer names, e.g. adamw,sgd,badam."),
     steps: int = typer.Option(20, "--steps", min=1, help="Optimizer steps per run."),
-    output: Path = typer.Option(Path("outputs/compare"), "--output", help="Folder for the runs, compare.json and compare.png."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop a run after this many seconds."),  # noqa: UP007
+    output: Path = typer.Option(
+        Path("outputs/compare"), "--output", help="Folder for the runs, compare.json and compare.png."
+    ),
+    timeout: float | None = typer.Option(None, "--timeout", help="Stop a run after this many seconds."),
 ) -> None:
     """Train the same short run with each optimizer (same seed, data and schedule) and compare them.
 

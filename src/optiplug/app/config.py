@@ -12,15 +12,21 @@ and ``off`` are text (``save_strategy: no``), ``5e-1`` is a number.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from optiplug.app.values import load_yaml, scalar
 from optiplug.configs import OptimizerConfig, ScalarFields, SchedulerConfig, format_validation_error
@@ -29,18 +35,18 @@ from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value
 from optiplug.registry import parse_optimizer, parse_scheduler, registry
 
 __all__ = [
-    "ModelConfig",
+    "EMBEDDED",
     "DataConfig",
     "FinetuningConfig",
+    "ModelConfig",
     "RunConfig",
-    "EMBEDDED",
-    "load_config",
     "apply_overrides",
+    "load_config",
     "read_yaml",
-    "run_config_schema",
-    "validate_config",
     "resolve_config",
+    "run_config_schema",
     "split_config_and_overrides",
+    "validate_config",
 ]
 
 EMBEDDED = "embedded"
@@ -155,9 +161,13 @@ class FinetuningConfig(_Section):
         if self.type != "freeze" and self.trainable:
             raise ValueError("'trainable' is only used with type 'freeze'")
         if self.type != "lora":
-            changed = [f"'{name}'" for name in _LORA_FIELDS if getattr(self, name) != type(self).model_fields[name].default]
+            changed = [
+                f"'{name}'" for name in _LORA_FIELDS if getattr(self, name) != type(self).model_fields[name].default
+            ]
             if changed:
-                raise ValueError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} only used with type 'lora'")
+                raise ValueError(
+                    f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} only used with type 'lora'"
+                )
         if self.pissa_convert and not self.init.startswith("pissa"):
             raise ValueError(f"pissa_convert needs init 'pissa' or 'pissa_niter_N' (init is {self.init!r})")
         return self
@@ -242,8 +252,6 @@ class RunConfig(_Section):
 # ---- loading --------------------------------------------------------------------------------
 
 
-
-
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"optimizer.lr=1e-3"`` -> ``(["optimizer", "lr"], 0.001)``; the value is read as a YAML scalar."""
     key, sep, raw = item.partition("=")
@@ -287,7 +295,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a mapping (``yaml.safe_load``: no tags that run code)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist" + (" (it is a directory)" if path.is_dir() else "")
+        )
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:

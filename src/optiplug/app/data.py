@@ -24,7 +24,15 @@ from torch.utils.data import Dataset
 from optiplug.app.config import EMBEDDED, DataConfig
 from optiplug.errors import ConfigError
 
-__all__ = ["EXTENSIONS", "TokenBlocks", "assets_dir", "load_dataset", "read_documents", "resolve_paths", "tokenize_blocks"]
+__all__ = [
+    "EXTENSIONS",
+    "TokenBlocks",
+    "assets_dir",
+    "load_dataset",
+    "read_documents",
+    "resolve_paths",
+    "tokenize_blocks",
+]
 
 EXTENSIONS = (".txt", ".jsonl", ".json")
 _BATCH = 256  # documents tokenized per call
@@ -85,7 +93,9 @@ def _read_text(path: Path) -> str:
 
 def _field_of(record: Any, field: str, where: str) -> str:
     if not isinstance(record, dict):
-        raise ConfigError(f"data.path: {where} is a JSON {type(record).__name__}, expected an object with a {field!r} field")
+        raise ConfigError(
+            f"data.path: {where} is a JSON {type(record).__name__}, expected an object with a {field!r} field"
+        )
     if field not in record:
         fields = ", ".join(sorted(record)) or "none"
         raise ConfigError(f"data.path: {where} has no field {field!r} (its fields: {fields}); set data.text_field")
@@ -114,7 +124,9 @@ def _documents_of(path: Path, text_field: str) -> Iterator[str]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"data.path: {str(path)!r} is not valid JSON: {error.msg} (line {error.lineno})") from None
+            raise ConfigError(
+                f"data.path: {str(path)!r} is not valid JSON: {error.msg} (line {error.lineno})"
+            ) from None
         if not isinstance(records, list):
             raise ConfigError(
                 f"data.path: {str(path)!r} holds a JSON {type(records).__name__}; expected an array of records "

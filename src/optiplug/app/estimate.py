@@ -3,8 +3,9 @@
 Nothing is allocated: the model is instantiated on torch's ``meta`` device from its
 ``config.json`` (the embedded model, a local directory, or a hub id whose ``config.json`` is
 already in the local Hugging Face cache), the run's fine-tuning type (full, freeze or LoRA,
-applied as training applies it) selects the trainable parameters, and each optimizer's entry computes its state from the parameter shapes
-(``OptimizerEntry.state_bytes``). An entry without ``state_bytes`` shows "n/a".
+applied as training applies it) selects the trainable parameters, and each optimizer's entry
+computes its state from the parameter shapes (``OptimizerEntry.state_bytes``). An entry without
+``state_bytes`` shows "n/a".
 
 Gradients are counted for every trainable parameter at the parameter's dtype, as a plain
 training step holds them; activations, the data and framework buffers are not counted.
@@ -16,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -37,7 +38,7 @@ from optiplug.registry import get_entry, parse_optimizer
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Estimate", "ModelShapes", "estimate", "estimate_shapes", "model_shapes", "resolve_model_dir", "command"]
+__all__ = ["Estimate", "ModelShapes", "command", "estimate", "estimate_shapes", "model_shapes", "resolve_model_dir"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,9 @@ def resolve_model_dir(model: ModelConfig) -> Path:
     if name == EMBEDDED:
         path = _embedded_model_dir()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"the embedded model is missing from this installation ({path / 'config.json'}): reinstall optiplug")
+            raise ConfigError(
+                f"the embedded model is missing from this installation ({path / 'config.json'}): reinstall optiplug"
+            )
         return path
     path = Path(name).expanduser()
     if path.is_dir():
@@ -272,10 +275,12 @@ def _print_table(rows: list[Estimate], config: RunConfig) -> None:
 
 
 def command(
-    items: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional
-        None, metavar="[CONFIG] [KEY=VALUE]...", help="A YAML run config (default: the embedded tiny run), then overrides."
+    items: list[str] | None = typer.Argument(
+        None,
+        metavar="[CONFIG] [KEY=VALUE]...",
+        help="A YAML run config (default: the embedded tiny run), then overrides.",
     ),
-    optimizers: Optional[str] = typer.Option(  # noqa: UP007
+    optimizers: str | None = typer.Option(
         None, "--optimizers", help="Comma-separated optimizer names to compare (default: the config's optimizer)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -285,7 +290,8 @@ def command(
     The model is built on the meta device from its config.json: no weights are read, nothing is downloaded.
     Gradients count every trainable parameter; activations are not counted.
 
-    Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`, `optiplug estimate model.dtype=bfloat16 --json`.
+    Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`,
+    `optiplug estimate model.dtype=bfloat16 --json`.
     """
     path, overrides = split_config_and_overrides(list(items or []))
     config = load_config(path, overrides)
@@ -294,7 +300,16 @@ def command(
         raise ConfigError("--optimizers: expected comma-separated optimizer names, e.g. --optimizers adamw,sgd")
     rows = estimate(config, names)
     if as_json:
-        typer.echo(json.dumps({"model": config.model.name_or_path, "dtype": config.model.dtype,
-                               "finetuning": config.finetuning.type, "estimates": [asdict(r) for r in rows]}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "model": config.model.name_or_path,
+                    "dtype": config.model.dtype,
+                    "finetuning": config.finetuning.type,
+                    "estimates": [asdict(r) for r in rows],
+                },
+                indent=2,
+            )
+        )
         return
     _print_table(rows, config)

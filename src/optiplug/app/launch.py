@@ -20,7 +20,7 @@ from typing import Any
 
 from optiplug.errors import ConfigError
 
-__all__ = ["torchrun_command", "relaunch_with_torchrun", "under_launcher", "check_engine_launch"]
+__all__ = ["check_engine_launch", "relaunch_with_torchrun", "torchrun_command", "under_launcher"]
 
 _ENGINES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
 

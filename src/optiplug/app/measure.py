@@ -6,7 +6,7 @@ import resource
 import sys
 from typing import Any
 
-__all__ = ["peak_rss_bytes", "high_water_mark_bytes", "maxrss_bytes"]
+__all__ = ["high_water_mark_bytes", "maxrss_bytes", "peak_rss_bytes"]
 
 
 def maxrss_bytes(rusage: Any) -> int:

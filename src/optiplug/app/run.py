@@ -18,7 +18,7 @@ from typing import Any
 from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
 from optiplug.errors import ConfigError
 
-__all__ = ["RunResult", "train", "default_training_arguments", "SUMMARY_FILE"]
+__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "train"]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
@@ -46,9 +46,7 @@ def _has_accelerator() -> bool:
 
     xpu = getattr(torch, "xpu", None)
     return bool(
-        torch.cuda.is_available()
-        or (xpu is not None and xpu.is_available())
-        or torch.backends.mps.is_available()
+        torch.cuda.is_available() or (xpu is not None and xpu.is_available()) or torch.backends.mps.is_available()
     )
 
 
@@ -151,7 +149,9 @@ def _load_model(cfg: ModelConfig, seed: int):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"model.name_or_path: cannot load a causal LM from {name!r}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot load a causal LM from {name!r}: {str(error).splitlines()[0]}"
+        ) from None
 
 
 def _check_fits(model: Any, dataset: Any) -> None:
@@ -335,7 +335,9 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
         out.mkdir(parents=True, exist_ok=True)
         trainer.state.save_to_json(str(out / "trainer_state.json"))
         lr = getattr(cfg.optimizer, "lr", None)
-        title = f"{cfg.optimizer.name}{f' (lr {lr:g})' if lr else ''} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
+        title = (
+            f"{cfg.optimizer.name}{f' (lr {lr:g})' if lr else ''} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
+        )
         _plot_losses(losses, title, out / "loss.png")
         _write_json_atomic(summary, out / SUMMARY_FILE)
     return RunResult(output_dir=out, summary=summary, losses=losses)

@@ -35,7 +35,11 @@ class _Core12Loader(yaml.SafeLoader):
 
 
 _Core12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Core12Loader.add_implicit_resolver(
@@ -46,7 +50,9 @@ _Core12Loader.add_implicit_resolver(
 )
 _Core12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -77,7 +83,7 @@ _Core12Loader.add_constructor("tag:yaml.org,2002:bool", _bool)
 
 def load_yaml(text: str) -> Any:
     """Parse a YAML document with the core schema of YAML 1.2 (safe: no tags that run code)."""
-    return yaml.load(text, Loader=_Core12Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Core12Loader)
 
 
 def scalar(text: str) -> Any:

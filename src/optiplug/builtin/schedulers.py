@@ -193,7 +193,12 @@ def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
     import torch
 
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        ctx.optimizer, mode=cfg.mode, factor=cfg.factor, patience=cfg.patience, threshold=cfg.threshold, min_lr=cfg.min_lr
+        ctx.optimizer,
+        mode=cfg.mode,
+        factor=cfg.factor,
+        patience=cfg.patience,
+        threshold=cfg.threshold,
+        min_lr=cfg.min_lr,
     )
 
 
@@ -201,11 +206,25 @@ def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
 def register_schedulers(register):
     register(SchedulerEntry(config=LinearConfig, build=build_linear, summary="linear decay to 0 after warmup"))
     register(SchedulerEntry(config=CosineConfig, build=build_cosine, summary="cosine decay to 0 after warmup"))
-    register(SchedulerEntry(config=CosineWithRestartsConfig, build=build_cosine_with_restarts, summary="cosine with hard restarts"))
+    register(
+        SchedulerEntry(
+            config=CosineWithRestartsConfig, build=build_cosine_with_restarts, summary="cosine with hard restarts"
+        )
+    )
     register(SchedulerEntry(config=PolynomialConfig, build=build_polynomial, summary="polynomial decay to lr_end"))
     register(SchedulerEntry(config=ConstantConfig, build=build_constant, summary="constant learning rate"))
-    register(SchedulerEntry(config=ConstantWithWarmupConfig, build=build_constant_with_warmup, summary="constant after warmup"))
+    register(
+        SchedulerEntry(
+            config=ConstantWithWarmupConfig, build=build_constant_with_warmup, summary="constant after warmup"
+        )
+    )
     register(SchedulerEntry(config=InverseSqrtConfig, build=build_inverse_sqrt, summary="inverse square-root decay"))
-    register(SchedulerEntry(config=CosineWithMinLrConfig, build=build_cosine_with_min_lr, summary="cosine decay to a floor"))
+    register(
+        SchedulerEntry(config=CosineWithMinLrConfig, build=build_cosine_with_min_lr, summary="cosine decay to a floor")
+    )
     register(SchedulerEntry(config=WarmupStableDecayConfig, build=build_wsd, summary="warmup, stable, decay (WSD)"))
-    register(SchedulerEntry(config=ReduceLROnPlateauConfig, build=build_plateau, summary="reduce on plateau of the eval metric"))
+    register(
+        SchedulerEntry(
+            config=ReduceLROnPlateauConfig, build=build_plateau, summary="reduce on plateau of the eval metric"
+        )
+    )

@@ -13,7 +13,6 @@ from types import MethodType
 from typing import Any
 
 import optiplug
-
 from optiplug_badam.blocks import plan_blocks, ratio_frozen
 from optiplug_badam.config import BAdamConfig
 
@@ -33,7 +32,9 @@ def build(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> Any:
 
 def _activation_checkpointing_reentrant(args: Any) -> bool:
     enabled = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None)
-    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None)
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(
+        args, "gradient_checkpointing_kwargs", None
+    )
     return bool(enabled) and bool((kwargs or {}).get("use_reentrant", False))
 
 
@@ -89,7 +90,10 @@ def _clip_grad_norm(accelerator: Any, original: Any) -> Any:
 
 
 def patches(cfg: BAdamConfig) -> list[optiplug.Patch]:
-    """badam's ``clip_grad_norm_`` on the accelerator: torch's foreach norm cannot take ratio mode's sparse gradients."""
+    """badam's ``clip_grad_norm_`` on the accelerator.
+
+    torch's foreach norm cannot take ratio mode's sparse gradients.
+    """
     return [
         optiplug.Patch(
             target="accelerator",

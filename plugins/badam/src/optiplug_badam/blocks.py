@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optiplug
-
 from optiplug_badam.config import BAdamConfig
 
 # The first numbered component of a name is its layer: ``model.layers.3.``, ``transformer.h.3.``,
@@ -102,7 +101,8 @@ def plan_blocks(names: Sequence[str], cfg: BAdamConfig) -> BlockPlan:
             )
     if cfg.start_block is not None and cfg.start_block >= len(blocks):
         raise optiplug.ConfigError(
-            f"badam: optimizer.start_block is {cfg.start_block} but there are {len(blocks)} blocks (0 to {len(blocks) - 1})"
+            f"badam: optimizer.start_block is {cfg.start_block} but there are {len(blocks)} blocks "
+            f"(0 to {len(blocks) - 1})"
         )
     reached = [*(p for block in blocks for p in block), *cfg.active_modules]
     never = [name for name in names if not in_block(name, reached)]

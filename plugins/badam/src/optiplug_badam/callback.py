@@ -76,5 +76,7 @@ class BAdamTrainerCallback(BAdamCallback):
             for step, block in switches[self._logged :]:
                 prefixes = optimizer.block_prefix_list[block]
                 shown = ", ".join(prefixes[:3]) + (", ..." if len(prefixes) > 3 else "")
-                logger.info("badam: block %d of %d active from step %d (%s)", block, optimizer.block_num, step + 1, shown)
+                logger.info(
+                    "badam: block %d of %d active from step %d (%s)", block, optimizer.block_num, step + 1, shown
+                )
         self._logged = len(switches)

@@ -77,7 +77,9 @@ class BAdamConfig(optiplug.OptimizerConfig):
             verb = "is" if len(given) == 1 else "are"
             raise ValueError(f"{', '.join(given)} {verb} only used with mode '{other}' (mode is '{self.mode}')")
         if self.mode == "ratio" and self.weight_decay > 0:
-            raise ValueError("mode 'ratio' applies no weight decay (badam's sparse Adam has none): set weight_decay to 0")
+            raise ValueError(
+                "mode 'ratio' applies no weight decay (badam's sparse Adam has none): set weight_decay to 0"
+            )
         if self.start_block is not None and self.switch_mode == "random":
             raise ValueError("start_block cannot be combined with switch_mode 'random' (the order is drawn at random)")
         if self.blocks is not None:
@@ -87,7 +89,9 @@ class BAdamConfig(optiplug.OptimizerConfig):
                 raise ValueError("blocks must not contain empty prefixes (an empty string matches every parameter)")
             for flag in ("include_embedding", "include_lm_head"):
                 if flag in self.model_fields_set:
-                    raise ValueError(f"{flag} only shapes the inferred blocks; with explicit blocks, list the parameters")
+                    raise ValueError(
+                        f"{flag} only shapes the inferred blocks; with explicit blocks, list the parameters"
+                    )
         if not all(self.active_modules):
             raise ValueError("active_modules must not contain empty prefixes")
         return self

@@ -40,7 +40,6 @@ import torch
 from badam import BlockOptimizer, BlockOptimizerRatio
 
 import optiplug
-
 from optiplug_badam.blocks import in_block, never_trained_message, plan_blocks, ratio_frozen
 from optiplug_badam.config import BAdamConfig
 

@@ -11,7 +11,7 @@ import optiplug
 from optiplug_galore import entries
 from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
 
-__all__ = ["GaLoreConfig", "GaLoreAdamWConfig", "GaLoreAdafactorConfig", "GaLoreAdamW8bitConfig", "register_optimizers"]
+__all__ = ["GaLoreAdafactorConfig", "GaLoreAdamW8bitConfig", "GaLoreAdamWConfig", "GaLoreConfig", "register_optimizers"]
 
 __version__ = "0.1.0"
 

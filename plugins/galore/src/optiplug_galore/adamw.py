@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from galore_torch import GaLoreAdamW as _GaLoreTorchAdamW
 
-from optiplug_galore.base import GaLoreMixin, bias_corrected_step_size
+from optiplug_galore.base import GaLoreMixin, bias_corrected_step_size, grad_of
 from optiplug_galore.projector import project, project_back
 
 _CHUNK_ELEMENTS = 1 << 22  # bounds the foreach temporaries (denominators, updates) to 2 x 16 MiB in float32
@@ -60,13 +60,19 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
         correct_bias: bool = True,
     ):
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, no_deprecation_warning=True
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            no_deprecation_warning=True,
         )
         self._init_galore()
 
     def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         for p in params:
-            if p.grad.is_sparse:
+            if grad_of(p).is_sparse:
                 raise RuntimeError("GaLore AdamW does not support sparse gradients")
         if "rank" in group:
             self._step_projected(group, params)
@@ -94,7 +100,7 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
         for p in params:
             state = self.state[p]
             step = state.setdefault("step", 0)
-            grad = project(state, p.grad, group, self._index(p), step)
+            grad = project(state, grad_of(p), group, self._index(p), step)
             exp_avg, exp_avg_sq, step = self._moments(state, grad)
             exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -111,8 +117,9 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
         for p in params:
             state = self.state[p]
             state.setdefault("step", 0)
-            exp_avg, exp_avg_sq, step = self._moments(state, p.grad)
-            grads.append(p.grad)
+            grad = grad_of(p)
+            exp_avg, exp_avg_sq, step = self._moments(state, grad)
+            grads.append(grad)
             exp_avgs.append(exp_avg)
             exp_avg_sqs.append(exp_avg_sq)
             steps.append(step)
@@ -133,5 +140,7 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
                 by_step[steps[i]].append(j)
             for step, members in by_step.items():
                 torch._foreach_add_(
-                    [params[chunk[j]] for j in members], [updates[j] for j in members], alpha=-self._step_size(group, step)
+                    [params[chunk[j]] for j in members],
+                    [updates[j] for j in members],
+                    alpha=-self._step_size(group, step),
                 )

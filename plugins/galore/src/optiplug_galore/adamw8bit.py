@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from bitsandbytes.optim.optimizer import Optimizer2State
 
-from optiplug_galore.base import GaLoreMixin
+from optiplug_galore.base import GaLoreMixin, grad_of
 from optiplug_galore.projector import project, project_back
 
 
-class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):
+class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):  # type: ignore[misc]  # both load_state_dict: ours wraps torch's
     """8-bit AdamW on low-rank projections of the targeted weights' gradients (see :class:`GaLoreAdamW`)."""
 
     def __init__(
@@ -33,7 +33,14 @@ class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):
         min_8bit_size: int = 4096,
     ):
         super().__init__(
-            "adam", params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, optim_bits=8, min_8bit_size=min_8bit_size
+            "adam",
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            optim_bits=8,
+            min_8bit_size=min_8bit_size,
         )
         self._init_galore()
 
@@ -54,8 +61,10 @@ class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):
             if p.device.type == "cuda":
                 torch.cuda.synchronize(p.device)
 
-    def _step_projected(self, group: dict[str, Any], p: torch.Tensor, state: dict, gindex: int, pindex: int, index: int) -> None:
-        low = project(state, p.grad, group, index, state.get("step", 0))
+    def _step_projected(
+        self, group: dict[str, Any], p: torch.Tensor, state: dict, gindex: int, pindex: int, index: int
+    ) -> None:
+        low = project(state, grad_of(p), group, index, state.get("step", 0))
         update = torch.zeros_like(low)  # bitsandbytes writes "param - lr * adam_update" into it: the update itself
         update.grad = low
         # bitsandbytes keys its state by the tensor it updates: lend it this parameter's state for the call.

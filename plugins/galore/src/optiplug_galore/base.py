@@ -210,6 +210,13 @@ class GaLoreMixin:
         return injected
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, which the step code only reads for parameters it selected for having one."""
+    grad = p.grad
+    assert grad is not None, "stepping a parameter without a gradient"
+    return grad
+
+
 def bias_corrected_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
     """galore-torch's AdamW step size, ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, in the same float order."""
     bias_correction1 = 1.0 - beta1**step

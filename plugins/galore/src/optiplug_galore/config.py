@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 import optiplug
 
@@ -25,7 +25,10 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         "when an item occurs in its name or fully matches it as a regex, as transformers' optim_target_modules).",
     )
     rank: int = Field(
-        128, gt=0, description="Rank of the projection, capped at the smaller side of each matrix (at the cap it saves no memory)."
+        128,
+        gt=0,
+        description="Rank of the projection, capped at the smaller side of each matrix "
+        "(at the cap it saves no memory).",
     )
     update_proj_gap: int = Field(200, gt=0, description="Recompute each projection every this many optimizer steps.")
     scale: float = Field(0.25, gt=0, description="Factor applied to the update projected back to full rank.")
@@ -41,8 +44,11 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         "reaches the smaller side of a matrix).",
     )
     oversampling: int = Field(16, ge=0, description="Randomized projection: extra test vectors beyond the rank.")
-    power_iterations: int = Field(2, ge=0, description="Randomized projection: power iterations (each one QR-orthonormalised).")
+    power_iterations: int = Field(
+        2, ge=0, description="Randomized projection: power iterations (each one QR-orthonormalised)."
+    )
     seed: int = Field(0, ge=0, description="Randomized projection: seed of the Gaussian test matrices.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on biases and norms).")
     layerwise: bool = Field(
         False,
         description="Step each parameter inside its post-accumulate-grad hook and free its gradient at once "
@@ -66,53 +72,32 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         return value
 
 
-def _betas_in_range(betas: tuple[float, float]) -> None:
-    if not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ValueError(f"betas must each be in [0, 1), got {betas}")
-
-
-class GaLoreAdamWConfig(GaLoreConfig):
+class GaLoreAdamWConfig(GaLoreConfig, optiplug.AdamFields):
     """GaLore with AdamW (galore-torch's GaLoreAdamW math, foreach kernels)."""
 
     name: Literal["galore_adamw"] = "galore_adamw"
-    lr: float = Field(1e-3, gt=0, description="Learning rate (the peak of the schedule).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Coefficients of the running averages.")
     eps: float = Field(1e-6, gt=0, description="Added to the denominator (galore-torch's default, 1e-6).")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
 
-    @model_validator(mode="after")
-    def _check_betas(self) -> GaLoreAdamWConfig:
-        _betas_in_range(self.betas)
-        return self
 
-
-class GaLoreAdamW8bitConfig(GaLoreConfig):
+class GaLoreAdamW8bitConfig(GaLoreConfig, optiplug.AdamFields):
     """GaLore with bitsandbytes' 8-bit blockwise AdamW on the projected gradients."""
 
     name: Literal["galore_adamw8bit"] = "galore_adamw8bit"
-    lr: float = Field(1e-3, gt=0, description="Learning rate (the peak of the schedule).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="Coefficients of the running averages.")
-    eps: float = Field(1e-8, gt=0, description="Added to the denominator.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
     min_8bit_size: int = Field(
         4096, ge=1, description="States of tensors with fewer elements stay in float32 (bitsandbytes' rule)."
     )
-
-    @model_validator(mode="after")
-    def _check_betas(self) -> GaLoreAdamW8bitConfig:
-        _betas_in_range(self.betas)
-        return self
 
 
 class GaLoreAdafactorConfig(GaLoreConfig):
     """GaLore with Adafactor (galore-torch's GaLoreAdafactor; external learning rate, no relative step)."""
 
     name: Literal["galore_adafactor"] = "galore_adafactor"
-    lr: float = Field(1e-3, gt=0, description="Learning rate (the peak of the schedule).")
+    lr: optiplug.LearningRate = 1e-3
     beta1: float | None = Field(None, ge=0, lt=1, description="First-moment coefficient; None keeps no first moment.")
     eps: tuple[float, float] = Field(
         (1e-30, 1e-3), description="Regularisation of the squared gradient and of the parameter scale."
     )
     clip_threshold: float = Field(1.0, gt=0, description="Update clipping threshold (root mean square).")
     decay_rate: float = Field(-0.8, lt=0, description="Exponent of the second-moment decay schedule.")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on biases and norms).")

@@ -15,7 +15,16 @@ from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig,
 from optiplug_galore.shapes import low_rank_shape, projector_numel
 from optiplug_galore.targets import target_parameters, target_shapes
 
-_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type", "projection", "oversampling", "power_iterations", "seed")
+_GALORE_KEYS = (
+    "rank",
+    "update_proj_gap",
+    "scale",
+    "proj_type",
+    "projection",
+    "oversampling",
+    "power_iterations",
+    "seed",
+)
 
 
 # ---- building -------------------------------------------------------------------------------
@@ -61,7 +70,9 @@ def _finish(optimizer: Any, ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> An
 def build_adamw(ctx: optiplug.BuildContext, cfg: GaLoreAdamWConfig):
     from optiplug_galore.adamw import GaLoreAdamW
 
-    optimizer = GaLoreAdamW(param_groups(ctx, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    optimizer = GaLoreAdamW(
+        param_groups(ctx, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
     return _finish(optimizer, ctx, cfg)
 
 
@@ -103,7 +114,8 @@ def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
     if ctx.distributed in ("deepspeed", "fsdp"):
         engine = "DeepSpeed" if ctx.distributed == "deepspeed" else "FSDP"
         raise optiplug.ConfigError(
-            f"{name} projects whole weight matrices, which {engine} splits into shards; train with DDP or a single process"
+            f"{name} projects whole weight matrices, which {engine} splits into shards; "
+            "train with DDP or a single process"
         )
     if ctx.uses_adapters:
         raise optiplug.ConfigError(

@@ -28,7 +28,9 @@ LEFT, RIGHT = "proj_left", "proj_right"
 # ---- computing a projection -----------------------------------------------------------------
 
 
-def svd_bases(grad: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def svd_bases(
+    grad: torch.Tensor, rank: int, left: bool, right: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """galore-torch's exact SVD bases (its own code), copied out of the full ``U``/``Vh`` buffers."""
     from galore_torch.galore_projector import GaLoreProjector
 
@@ -128,6 +130,7 @@ def project_back(
     elif left is not None:
         full = torch.matmul(left, low, out=out)
     else:
+        assert right is not None  # a projected parameter has at least one side
         full = torch.matmul(low, right, out=out)
     return full.mul_(group["scale"])
 
@@ -153,7 +156,7 @@ class StateProjector:
     def __init__(self, state: MutableMapping[str, Any], group: dict[str, Any], index: int):
         self.state, self.group, self.index = state, group, index
 
-    def project(self, full_rank_grad: torch.Tensor, iter: int) -> torch.Tensor:  # noqa: A002 (galore-torch's name)
+    def project(self, full_rank_grad: torch.Tensor, iter: int) -> torch.Tensor:
         return project(self.state, full_rank_grad, self.group, self.index, iter)
 
     def project_back(self, low_rank_grad: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,11 @@ def target_parameters(model: nn.Module, targets: str | Sequence[str]) -> list[st
     from torch import nn
 
     linears = {name: module for name, module in model.named_modules() if name and isinstance(module, nn.Linear)}
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = getattr(model, "get_output_embeddings", lambda: None)()
     head = next((name for name, module in linears.items() if module is output), None)
     chosen = select(list(linears), targets, head)
     names = [
-        f"{name}.weight"
-        for name in chosen
-        if linears[name].weight.requires_grad and linears[name].weight.dim() == 2
+        f"{name}.weight" for name in chosen if linears[name].weight.requires_grad and linears[name].weight.dim() == 2
     ]
     if not names:
         raise optiplug.ConfigError(

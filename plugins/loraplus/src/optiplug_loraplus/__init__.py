@@ -28,7 +28,10 @@ STEP_BYTES = 4  # torch's AdamW keeps `step` as a float32 scalar tensor per para
 
 
 class LoraPlusConfig(optiplug.OptimizerConfig):
-    """LoRA+: AdamW with a learning rate ``lr_ratio`` times larger for the LoRA B matrices. Needs ``finetuning.type: lora``."""
+    """LoRA+: AdamW with a learning rate ``lr_ratio`` times larger for the LoRA B matrices.
+
+    Needs ``finetuning.type: lora``.
+    """
 
     name: Literal["loraplus"] = "loraplus"
     lr: float = Field(2e-4, gt=0, description="Learning rate of the LoRA A matrices (the peak of the schedule).")
@@ -66,7 +69,12 @@ def loraplus_groups(
     for kind in rates:
         for decay in (True, False):
             name = kind if decay else f"{kind}_no_decay"
-            groups[name] = {"name": name, "params": [], "lr": rates[kind], "weight_decay": cfg.weight_decay if decay else 0.0}
+            groups[name] = {
+                "name": name,
+                "params": [],
+                "lr": rates[kind],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
     for name, param in named_parameters:
         if not param.requires_grad:
             continue

@@ -30,5 +30,8 @@ def lion_state_bytes(shapes, cfg: LionConfig) -> int:
 
 @optiplug.hookimpl
 def register_optimizers(register):
-    register(optiplug.OptimizerEntry(config=LionConfig, build=build_lion, summary="Lion (sign momentum)",
-                                     state_bytes=lion_state_bytes))
+    register(
+        optiplug.OptimizerEntry(
+            config=LionConfig, build=build_lion, summary="Lion (sign momentum)", state_bytes=lion_state_bytes
+        )
+    )
