@@ -18,7 +18,7 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -131,11 +131,31 @@ def adam_state_bytes(shapes: Sequence[ParamShape], cfg: Any = None) -> int:
     return moment_bytes(shapes, 3 if getattr(cfg, "amsgrad", False) else 2)
 
 
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The raw optimizer under accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
+def _is_wrapper(optimizer: Any) -> bool:
+    # accelerate's AcceleratedOptimizer and its subclasses (DeepSpeedOptimizerWrapper), and DeepSpeed's ZeRO optimizers
+    kind = type(optimizer)
+    return any(c.__name__ == "AcceleratedOptimizer" for c in kind.__mro__) or kind.__module__.startswith("deepspeed.")
+
+
+def unwrap_optimizer(optimizer: Any, *, until: Callable[[Any], bool] | None = None) -> Any:
+    """The raw optimizer under accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO wrappers.
+
+    Args:
+        optimizer: what the Trainer holds (``trainer.optimizer``, a callback's ``optimizer``).
+        until: stop at the outermost optimizer for which ``until(optimizer)`` is true and
+            return it, or None when none is (``until=lambda o: hasattr(o, "switch_block")``).
+
+    Returns:
+        The innermost optimizer (or the one ``until`` accepts).
+    """
+    while optimizer is not None:
+        if until is not None and until(optimizer):
+            return optimizer
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or not _is_wrapper(optimizer):
+            break
+        optimizer = inner
+    return None if until is not None else optimizer
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -79,7 +79,7 @@ def test_defaults():
             "include_lm_head only shapes the inferred blocks; with explicit blocks, list the parameters",
         ),
         ({"active_modules": [""]}, "active_modules must not contain empty prefixes"),
-        ({"betas": [0.9, 1.0]}, "betas must each be in [0, 1), got (0.9, 1.0)"),
+        ({"betas": [0.9, 1.0]}, "betas.1: Input should be less than 1 (got 1.0)"),
         (
             {"mask_mode": "diagonal", "mode": "ratio"},
             "mask_mode: Input should be 'adjacent' or 'scatter' (got 'diagonal')",

@@ -52,7 +52,7 @@ def test_registered_by_its_entry_point_with_analytic_state_bytes():
     [
         ({"lr_ratio": 0}, "optimizer.lr_ratio: Input should be greater than 0 (got 0)"),
         ({"embedding_lr": -1e-6}, "optimizer.embedding_lr: Input should be greater than 0 (got -1e-06)"),
-        ({"betas": [0.9, 1.0]}, "optimizer: betas must each be in [0, 1), got (0.9, 1.0)"),
+        ({"betas": [0.9, 1.0]}, "optimizer.betas.1: Input should be less than 1 (got 1.0)"),
         ({"ratio": 4}, "optimizer.ratio: unknown field; check the spelling (`optiplug show NAME` lists the fields)"),
     ],
 )

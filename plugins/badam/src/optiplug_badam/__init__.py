@@ -19,7 +19,6 @@ from optiplug_badam.config import BAdamConfig
 __all__ = ["BAdamConfig", "register_optimizers"]
 __version__ = "0.1.0"
 
-STEP_BYTES = 4  # AdamW keeps `step` as a float32 scalar tensor per parameter
 FP32_BYTES = 4
 
 
@@ -122,7 +121,7 @@ def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> int:
                 continue
             shape = by_name[name]
             master = FP32_BYTES * shape.numel if shape.itemsize != FP32_BYTES else 0
-            total += 2 * FP32_BYTES * shape.numel + STEP_BYTES + master
+            total += 2 * FP32_BYTES * shape.numel + optiplug.STEP_BYTES + master
         return total
 
     return max(block_bytes(index) for index in range(len(plan.blocks)))

@@ -7,6 +7,8 @@ from typing import Any
 
 from badam import BAdamCallback
 
+import optiplug
+
 # A child of the Trainer's own logger: switches show where and when the Trainer's info lines do
 # (``training.log_level: info``), through transformers' handler.
 logger = logging.getLogger("transformers.trainer.badam")
@@ -15,13 +17,7 @@ _MISSING = object()
 
 def _badam_optimizer(optimizer: Any) -> Any:
     """The plugin's optimizer under accelerate's (and DeepSpeed's) wrappers, or None."""
-    seen = 0
-    while optimizer is not None and not hasattr(optimizer, "switches") and not hasattr(optimizer, "sparse_dict"):
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-        if seen > 4:
-            return None
-    return optimizer
+    return optiplug.unwrap_optimizer(optimizer, until=lambda o: hasattr(o, "switches") or hasattr(o, "sparse_dict"))
 
 
 class BAdamTrainerCallback(BAdamCallback):

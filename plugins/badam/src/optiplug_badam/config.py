@@ -12,7 +12,7 @@ LAYER_ONLY = ("switch_mode", "start_block", "blocks", "active_modules")
 RATIO_ONLY = ("update_ratio", "mask_mode")
 
 
-class BAdamConfig(optiplug.OptimizerConfig):
+class BAdamConfig(optiplug.AdamFields):
     """BAdam: AdamW on one block of parameters at a time (Luo et al. 2024), built on the ``badam`` package.
 
     ``mode: layer`` trains one block (by default one decoder layer) for ``switch_every`` steps
@@ -24,9 +24,6 @@ class BAdamConfig(optiplug.OptimizerConfig):
     mode: Literal["layer", "ratio"] = Field(
         "layer", description="'layer': one block of layers at a time; 'ratio': a fraction of every matrix at a time."
     )
-    lr: float = Field(1e-3, gt=0, description="Learning rate (the peak of the schedule).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's running-average coefficients.")
-    eps: float = Field(1e-8, gt=0, description="Term added to AdamW's denominator.")
     weight_decay: float = Field(
         0.0, ge=0, description="Decoupled weight decay of the active block (not on biases and norms); layer mode only."
     )
@@ -66,8 +63,6 @@ class BAdamConfig(optiplug.OptimizerConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> BAdamConfig:
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
         if self.switch_every == 0 or self.switch_every < -1:
             raise ValueError(f"switch_every must be a positive number of steps or -1 (never), got {self.switch_every}")
         wrong_mode = LAYER_ONLY if self.mode == "ratio" else RATIO_ONLY

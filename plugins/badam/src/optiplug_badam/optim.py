@@ -434,11 +434,6 @@ class RatioAdam(BlockOptimizerRatio):
             self._handles = [param.register_post_accumulate_grad_hook(self.sparse_hook) for param in self.hooked]
 
 
-def _fused(params: Sequence[torch.Tensor]) -> dict[str, bool]:
-    ok = bool(params) and all(p.device.type in ("cpu", "cuda") and torch.is_floating_point(p) for p in params)
-    return {"fused": True} if ok else {}
-
-
 def build_badam(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> BlockAdamW | RatioAdam:
     """Build the optimizer ``cfg`` describes on ``ctx``'s trainable parameters."""
     named = ctx.named_parameters()
@@ -470,7 +465,7 @@ def build_badam(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> BlockAdamW | Ra
         betas=cfg.betas,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        **_fused([p for _, p in named]),
+        **optiplug.kernel_kwargs("auto", [p for _, p in named]),
     )
     return BlockAdamW(
         base,

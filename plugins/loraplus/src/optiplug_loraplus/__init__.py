@@ -15,37 +15,29 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 import optiplug
 
 __all__ = ["LoraPlusConfig", "build_loraplus", "check_loraplus", "loraplus_groups", "state_bytes"]
 
-STEP_BYTES = 4  # torch's AdamW keeps `step` as a float32 scalar tensor per parameter
 
-
-class LoraPlusConfig(optiplug.OptimizerConfig):
+class LoraPlusConfig(optiplug.AdamFields):
     """LoRA+: AdamW with a learning rate ``lr_ratio`` times larger for the LoRA B matrices.
 
     Needs ``finetuning.type: lora``.
     """
 
     name: Literal["loraplus"] = "loraplus"
-    lr: float = Field(2e-4, gt=0, description="Learning rate of the LoRA A matrices (the peak of the schedule).")
+    lr: optiplug.LearningRate = Field(
+        2e-4, description="Learning rate of the LoRA A matrices (the peak of the schedule)."
+    )
     lr_ratio: float = Field(16.0, gt=0, description="Learning rate of the LoRA B matrices divided by lr.")
     embedding_lr: float = Field(1e-6, gt=0, description="Learning rate of LoRA adapters on embedding layers.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's running-average coefficients.")
-    eps: float = Field(1e-8, gt=0, description="Term added to AdamW's denominator.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
-
-    @model_validator(mode="after")
-    def _betas_in_range(self) -> LoraPlusConfig:
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
-        return self
 
 
 def _kind(name: str, ndim: int) -> str:
@@ -105,9 +97,8 @@ def build_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: LoraPlusConfig) -> int:
-    """AdamW's two moments and step per trainable parameter."""
-    return sum(2 * s.numel * s.itemsize + STEP_BYTES for s in shapes)
+state_bytes = optiplug.adam_state_bytes
+"""AdamW's two moments and step per trainable parameter."""
 
 
 @optiplug.hookimpl
