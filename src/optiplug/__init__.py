@@ -48,6 +48,7 @@ from optiplug.registry import (
     parse_optimizer,
     parse_scheduler,
 )
+from optiplug.targets import TargetModules, select_target_modules, target_parameters, target_shapes
 
 __version__ = "0.1.0"
 
@@ -105,6 +106,7 @@ __all__ = [
     "ScheduleContext",
     "SchedulerConfig",
     "SchedulerEntry",
+    "TargetModules",
     "UnknownNameError",
     "adam_state_bytes",
     "apply_finetuning",
@@ -122,6 +124,9 @@ __all__ = [
     "optimizer_state_bytes",
     "parse_optimizer",
     "parse_scheduler",
+    "select_target_modules",
+    "target_parameters",
+    "target_shapes",
     "tensor_bytes",
     "train",
     "unwrap_optimizer",

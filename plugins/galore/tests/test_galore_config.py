@@ -58,7 +58,7 @@ def test_invalid_fields_are_one_line_each(fields, message):
 
 
 def _targets(targets):
-    from optiplug_galore.targets import target_parameters
+    from optiplug import target_parameters
 
     return sorted({name.split(".")[-2] for name in target_parameters(tiny_llama(), targets)})
 
@@ -90,7 +90,7 @@ def test_a_selection_matching_nothing_names_the_available_modules():
 
 
 def test_a_selection_of_frozen_weights_only_is_refused():
-    from optiplug_galore.targets import target_parameters
+    from optiplug import target_parameters
 
     model = tiny_llama()
     for name, param in model.named_parameters():

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import optiplug
 
@@ -18,7 +17,7 @@ Projection = Literal["svd", "randomized"]
 class GaLoreConfig(optiplug.OptimizerConfig):
     """Fields shared by every GaLore optimizer: which weights are projected, and how."""
 
-    target_modules: str | list[str] = Field(
+    target_modules: optiplug.TargetModules = Field(
         ALL_LINEAR,
         description="Modules whose 2-D nn.Linear weights are projected: 'all-linear' (every nn.Linear except "
         "the output head), a regex matched against the full module name, or a list (a module is selected "
@@ -54,22 +53,6 @@ class GaLoreConfig(optiplug.OptimizerConfig):
         description="Step each parameter inside its post-accumulate-grad hook and free its gradient at once "
         "(at the gradient-accumulation boundary); clipping is then per parameter.",
     )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _valid_targets(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list):
-            if not value or not all(isinstance(item, str) and item for item in value):
-                raise ValueError("expected 'all-linear', a regex, or a non-empty list of module names")
-            return value
-        if value != ALL_LINEAR:
-            if not value:
-                raise ValueError("expected 'all-linear', a regex, or a non-empty list of module names")
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise ValueError(f"not a valid regex: {error}") from None
-        return value
 
 
 class GaLoreAdamWConfig(GaLoreConfig, optiplug.AdamFields):

@@ -13,7 +13,6 @@ from typing import Any
 import optiplug
 from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
 from optiplug_galore.shapes import low_rank_shape, projector_numel
-from optiplug_galore.targets import target_parameters, target_shapes
 
 _GALORE_KEYS = (
     "rank",
@@ -35,7 +34,7 @@ def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str
 
     Projected groups carry the GaLore settings (``rank``, ``update_proj_gap``, ...).
     """
-    targets = set(target_parameters(ctx.model, cfg.target_modules))
+    targets = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
     decay = ctx.decay_parameter_names()
     buckets: dict[tuple[bool, bool], list] = {(t, d): [] for t in (False, True) for d in (True, False)}
     for name, param in ctx.named_parameters():
@@ -132,7 +131,7 @@ def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
             f"{name} with layerwise: true cannot train in fp16, whose loss scaling unscales gradients only after "
             f"backward; use bf16 or set layerwise: false"
         )
-    target_parameters(ctx.model, cfg.target_modules)
+    optiplug.target_parameters(ctx.model, cfg.target_modules)
 
 
 def check_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig) -> None:
@@ -210,7 +209,7 @@ def patches(cfg: GaLoreConfig) -> list[optiplug.Patch]:
 
 
 def _projected(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreConfig):
-    targets = target_shapes(shapes, cfg.target_modules)
+    targets = optiplug.target_shapes(shapes, cfg.target_modules)
     return [(s, s.name in targets) for s in shapes]
 
 
