@@ -85,7 +85,11 @@ def main() -> None:
             for r in rows
         )
         + ". "
-        + ("Measured state equals the analytic state_bytes in every run." if not mismatches else f"MISMATCH: {mismatches}.")
+        + (
+            "Measured state equals the analytic state_bytes in every run."
+            if not mismatches
+            else f"MISMATCH: {mismatches}."
+        )
         + " One torch thread."
     )
     _common.write_results(

@@ -178,3 +178,13 @@ def test_apollo_torch_state_cannot_be_loaded_weights_only():
     optimizer.step()
     with pytest.raises(Exception, match=r"GradientProjector|Unsupported global"):
         _roundtrip(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("proj_type", ["reverse_std", "left", "right"])
+def test_apollo_torch_channel_scaling_fails_off_the_std_side(proj_type):
+    """The upstream bug the channel axis rule here fixes (if apollo-torch fixes it, this test says so)."""
+    params = _params()
+    optimizer = _apollo_torch(_groups(params, proj_type=proj_type))
+    _set_grads(0, params)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        optimizer.step()
