@@ -51,6 +51,7 @@ class AtEverySave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         model, wrapped = self.trainer.model, self.trainer.optimizer
         raw = schedule_free_optimizer(wrapped)
+        assert type(wrapped).__name__ == "AcceleratedOptimizer" and raw is not wrapped  # eval()/train() reach through
         training = raw.in_train_mode  # False when an evaluation ran just before this save (the model holds x)
         step = state.global_step
         self.y[step] = {n: (p if training else raw.kept_y[p]).detach().clone() for n, p in model.named_parameters()}
