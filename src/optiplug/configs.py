@@ -7,13 +7,21 @@ an error, not a silent default.
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["OptimizerConfig", "ScalarFields", "SchedulerConfig", "coerce_scalar", "format_validation_error"]
+__all__ = [
+    "OptimizerConfig",
+    "ParamGroupRule",
+    "ScalarFields",
+    "SchedulerConfig",
+    "coerce_scalar",
+    "format_validation_error",
+]
 
 
 def _leaf_types(annotation: Any) -> set[type]:
@@ -51,6 +59,16 @@ def coerce_scalar(annotation: Any, value: Any) -> Any:
     return value
 
 
+class _BooleanForNumber:
+    """Stands in for a boolean given to a numeric field: no number validator accepts it."""
+
+    def __init__(self, value: bool):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return str(self.value).lower()
+
+
 class ScalarFields(BaseModel):
     """A model whose fields get :func:`coerce_scalar` before validation; numbers must be finite."""
 
@@ -61,17 +79,102 @@ class ScalarFields(BaseModel):
     def _coerce_scalars(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        fields = cls.model_fields
-        return {
-            key: coerce_scalar(fields[key].annotation, value) if key in fields else value for key, value in data.items()
-        }
+        fitted = dict(data)
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            if field is not None:
+                try:
+                    fitted[key] = coerce_scalar(field.annotation, value)
+                except ValueError:
+                    fitted[key] = _BooleanForNumber(value)  # fails the field's own validation, at its location
+        return fitted
+
+
+_RULE_KEYS = frozenset({"match", "name", "lr", "lr_scale", "weight_decay", "decay_all"})
+
+
+class ParamGroupRule(ScalarFields):
+    """One entry of ``optimizer.param_groups``: the parameters whose names match, and their options.
+
+    Any other key is a per-group option of the optimizer (``betas``, ``eps``, ``momentum``, ...),
+    checked against the optimizer once it is built (an option it does not take is an error).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    match: str = Field(description="Regex searched in each trainable parameter's name (re.search); first match wins.")
+    name: str | None = Field(None, min_length=1, description="Label in the logs (lr/NAME); default: the pattern.")
+    lr: float | None = Field(None, gt=0, description="This group's learning rate (instead of the optimizer's).")
+    lr_scale: float | None = Field(None, gt=0, description="This group's learning rate: the optimizer's times this.")
+    weight_decay: float | None = Field(
+        None, ge=0, description="Weight decay of the matched parameters the no-decay rule leaves decayed."
+    )
+    decay_all: bool = Field(False, description="Apply weight_decay to matched biases and norms too.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tuples(cls, data: Any) -> Any:
+        # YAML gives lists; optimizers take tuples (betas) and configs are frozen.
+        if isinstance(data, dict):
+            return {k: tuple(v) if isinstance(v, list) and k not in _RULE_KEYS else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _valid(self) -> ParamGroupRule:
+        try:
+            re.compile(self.match)
+        except re.error as error:
+            raise ValueError(f"match {self.match!r} is not a valid regex: {error}") from None
+        if self.lr is not None and self.lr_scale is not None:
+            raise ValueError("set lr or lr_scale, not both")
+        if "params" in (self.model_extra or {}):
+            raise ValueError("'params' is chosen by match; remove it")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The group's name in logs and printouts."""
+        return self.name or self.match
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The optimizer's per-group options this entry sets (``lr``, ``weight_decay`` and the extra keys)."""
+        given = {"lr": self.lr, "weight_decay": self.weight_decay}
+        return {**{k: v for k, v in given.items() if v is not None}, **(self.model_extra or {})}
 
 
 class OptimizerConfig(ScalarFields):
-    """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``."""
+    """Base of every optimizer config. Subclasses declare ``name: Literal["..."] = "..."``.
+
+    ``param_groups`` is in every optimizer's config: it applies to every optimizer whose factory
+    takes its groups from :meth:`BuildContext.param_groups` (the contract for plugins).
+    ``layerwise`` is too: the core steps each parameter in its gradient hook (``optiplug.layerwise``)
+    for every optimizer whose entry declares ``per_parameter=True``, and refuses it for the others.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, allow_inf_nan=False)
     name: str
+    param_groups: tuple[ParamGroupRule, ...] = Field(
+        (),
+        description="Parameter groups by name: [{match: REGEX, lr | lr_scale, weight_decay, other options}]; "
+        "first match wins, the rest form the default group.",
+    )
+    layerwise: bool = Field(
+        False,
+        description="Step each parameter inside its post-accumulate-grad hook and free its gradient at once "
+        "(at the gradient-accumulation boundary); clipping is then per parameter. For optimizers whose entry "
+        "declares per_parameter=True; single process only.",
+    )
+
+    @field_validator("param_groups")
+    @classmethod
+    def _distinct_labels(cls, rules: tuple[ParamGroupRule, ...]) -> tuple[ParamGroupRule, ...]:
+        labels = [rule.label for rule in rules]
+        for label in labels:
+            if label == "default":
+                raise ValueError("'default' names the parameters no entry matches; choose another name")
+            if labels.count(label) > 1:
+                raise ValueError(f"two entries are labelled {label!r}; give them distinct names (name: ...)")
+        return rules
 
 
 class SchedulerConfig(ScalarFields):
@@ -96,6 +199,9 @@ def format_validation_error(error: ValidationError, prefix: str = "", tag: str |
         elif problem["type"] == "missing":
             message = "required field is missing"
         got = problem.get("input")
+        if isinstance(got, _BooleanForNumber):
+            lines.append(f"{where}: expected a number, got the boolean {got!r}")
+            continue
         if problem["type"] not in ("missing", "extra_forbidden") and not isinstance(got, (dict, list)):
             message += f" (got {got!r})"
         lines.append(f"{where}: {message}")

@@ -398,6 +398,14 @@ class Registry:
         value = {**value, **(fields or {})}
         if "name" not in value:  # a section without a name configures the default entry
             value["name"] = self.default_name(kind)
+        return self.validate(kind, value)
+
+    def validate(self, kind: str, value: Mapping[str, Any]) -> Any:
+        """Validate a mapping with a registered ``name`` into that entry's config class (the one place that does).
+
+        Raises:
+            UnknownNameError, DuplicateNameError, ConfigError (one line per invalid field).
+        """
         # The discriminator selects exactly this class: validating with it alone skips building the whole union.
         config = self.lookup(kind, value["name"]).entry.config
         try:
