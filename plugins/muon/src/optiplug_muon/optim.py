@@ -128,6 +128,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if group["use_muon"]:
                 self._muon_step(group)
         if self._adamw is not None:
+            self._adamw_lr_used = float(self._adamw.param_groups[0]["lr"])
             self._adamw.step()
         return loss
 
@@ -169,7 +170,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
             )
 
     def log_values(self) -> dict[str, float]:
-        """AdamW's current learning rate, for the Trainer's log (its ``learning_rate`` is Muon's)."""
+        """AdamW's learning rate in the last step, for the Trainer's log (its ``learning_rate`` is Muon's, also
+        the rate of the step just taken, read before the scheduler moves on)."""
         if self._adamw is None:
             return {}
-        return {"adamw_learning_rate": float(self._adamw.param_groups[0]["lr"])}
+        used = getattr(self, "_adamw_lr_used", None)
+        return {"adamw_learning_rate": float(self._adamw.param_groups[0]["lr"]) if used is None else used}
