@@ -59,6 +59,31 @@ def test_the_plugin_guide_code_registers_and_builds(temp_plugin, tmp_path, monke
     namespace["test_lion_trains"](tmp_path / "run")
 
 
+def test_the_helpers_example_registers_trains_and_estimates_exactly(temp_plugin):
+    import torch
+
+    text = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "AMSGradConfig" in b)
+    import types
+
+    plugin = types.ModuleType("my_amsgrad")
+    exec(compile(source, "writing-a-plugin.md", "exec", dont_inherit=True), plugin.__dict__)
+    temp_plugin(plugin, "my-amsgrad")
+    from optiplug.context import ParamShape
+    from optiplug.testing import tiny_llama
+
+    with pytest.raises(optiplug.ConfigError, match=r"optimizer\.betas\.0: Input should be less than 1"):
+        optiplug.parse_optimizer({"name": "my_amsgrad", "betas": [1.0, 0.9]})
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(model, "my_amsgrad", weight_decay=0.1)
+    assert optimizer.defaults["amsgrad"] and optimizer.defaults["fused"]  # the kernel chooser picked fused on CPU
+    model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()
+    entry = optiplug.get_entry("my_amsgrad")
+    cfg = optiplug.parse_optimizer("my_amsgrad")
+    assert entry.state_bytes(ParamShape.of_model(model), cfg) == optiplug.optimizer_state_bytes(optimizer)
+
+
 def test_every_registered_optimizer_has_a_runnable_example():
     selected = {}
     for path in EXAMPLES:
