@@ -127,7 +127,7 @@ def test_stepping_parameters_one_at_a_time_equals_the_full_step(proj):
             assert torch.equal(a, b), f"step {step}"
 
 
-def test_step_parameter_is_the_whole_update_of_one_parameter():
+def test_step_parameters_is_the_whole_update_of_each_parameter():
     whole, single = _params(), _params()
     full = ApolloAdamW(_groups(whole))
     parts = ApolloAdamW(_groups(single))
@@ -136,7 +136,7 @@ def test_step_parameter_is_the_whole_update_of_one_parameter():
         full.step()
         for group in reversed(parts.param_groups):
             for p in reversed(group["params"]):
-                parts.step_parameter(p, group)
+                parts.step_parameters(group, [p])
     for a, b in zip(whole, single):
         assert torch.equal(a, b)
 

@@ -7,14 +7,11 @@ Field names and defaults follow transformers' ``optim="apollo_adamw"`` (``optim_
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import optiplug
-
-ALL_LINEAR = "all-linear"
 
 Proj = Literal["random", "svd"]
 ProjType = Literal["std", "reverse_std", "right", "left"]
@@ -25,8 +22,8 @@ class ApolloFields(optiplug.AdamFields):
     """Fields shared by ``apollo_adamw`` and ``apollo_mini``: which weights get APOLLO's scaled update, and how."""
 
     eps: float = Field(1e-6, gt=0, description="Added to the denominator (apollo-torch's default, 1e-6).")
-    target_modules: str | list[str] = Field(
-        ALL_LINEAR,
+    target_modules: optiplug.TargetModules = Field(
+        "all-linear",
         description="Modules whose 2-D nn.Linear weights get APOLLO's update: 'all-linear' (every nn.Linear except "
         "the output head), a regex matched against the full module name, or a list (a module is selected when an "
         "item occurs in its name or fully matches it as a regex, as transformers' optim_target_modules). The other "
@@ -76,23 +73,6 @@ class ApolloFields(optiplug.AdamFields):
         description="Added to each weight's seed (apollo-torch's: its 1-based position in the model); 0 draws "
         "exactly transformers' random projections.",
     )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _valid_targets(cls, value: str | list[str]) -> str | list[str]:
-        message = "expected 'all-linear', a regex, or a non-empty list of module names"
-        if isinstance(value, list):
-            if not value or not all(isinstance(item, str) and item for item in value):
-                raise ValueError(message)
-            return value
-        if not value:
-            raise ValueError(message)
-        if value != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as error:
-                raise ValueError(f"not a valid regex: {error}") from None
-        return value
 
 
 class ApolloConfig(ApolloFields):

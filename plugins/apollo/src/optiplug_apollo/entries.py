@@ -12,7 +12,6 @@ from typing import Any
 import optiplug
 from optiplug_apollo.config import ApolloFields
 from optiplug_apollo.shapes import low_rank_shape, projector_numel
-from optiplug_apollo.targets import target_parameters, target_shapes
 
 _GROUP_KEYS = ("rank", "proj", "proj_type", "scale_type", "update_proj_gap", "scale")
 
@@ -37,7 +36,7 @@ def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[di
 
     APOLLO groups carry ``rank``, ``proj``, ``proj_type``, ``scale_type``, ``update_proj_gap`` and ``scale``.
     """
-    targets = set(target_parameters(ctx.model, cfg.target_modules))
+    targets = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
     decay = ctx.decay_parameter_names()
     seed_of = transformers_seeds(ctx.model, targets, cfg.seed)
     buckets: dict[tuple[bool, bool], list[tuple[str, Any]]] = {(t, d): [] for t in (False, True) for d in (True, False)}
@@ -88,7 +87,7 @@ def check(ctx: optiplug.BuildContext, cfg: ApolloFields) -> None:
             f"{name} trains full weight matrices with low-rank scaling estimates, and the model is a PEFT adapter "
             f"model whose trainable weights are already low-rank; use adamw for adapters"
         )
-    target_parameters(ctx.model, cfg.target_modules)
+    optiplug.target_parameters(ctx.model, cfg.target_modules)
 
 
 # ---- analytic state size --------------------------------------------------------------------
@@ -97,7 +96,7 @@ def check(ctx: optiplug.BuildContext, cfg: ApolloFields) -> None:
 def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: ApolloFields) -> int:
     """Two moments per parameter, low-rank for the targeted weights, which also keep their projection matrix and
     the limiter's last norm (a scalar); all at the weights' dtype. ``step`` and ``seed`` are ints (no tensor)."""
-    targets = target_shapes(shapes, cfg.target_modules)
+    targets = optiplug.target_shapes(shapes, cfg.target_modules)
     plain = [s for s in shapes if s.name not in targets]
     total = optiplug.moment_bytes(plain, 2, scalars=0)
     for s in shapes:

@@ -132,14 +132,19 @@ class ApolloAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.step_parameter(p, group)
+            self.step_parameters(group, [p for p in group["params"] if p.grad is not None])
         return loss
 
     @torch.no_grad()
-    def step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """Update one parameter of ``group`` from its gradient: the whole of APOLLO's step for it."""
+    def step_parameters(self, group: dict[str, Any], params: Iterable[torch.Tensor]) -> None:
+        """Update ``params`` (all of ``group``) from their gradients: the whole step of each, one at a time.
+
+        optiplug's layerwise stepping calls it with one parameter from that parameter's gradient hook.
+        """
+        for p in params:
+            self._step_parameter(p, group)
+
+    def _step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         grad = p.grad
         if grad is None:
             return
