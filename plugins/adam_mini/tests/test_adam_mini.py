@@ -317,3 +317,21 @@ def test_resume_is_exact_with_weight_decay_and_grouped_heads(tmp_path):
     after = {step: loss for step, loss in logged_losses(resumed).items() if step > 3}
     assert after == {step: reference[step] for step in (4, 5, 6)}
     assert reference[6] < reference[1]
+
+
+def test_the_example_trains_the_embedded_model_quietly(tmp_path, capfd):
+    """``optiplug train examples/adam-mini.yaml`` (shortened), and its summary's measured state is the analytic one."""
+    from transformers import AutoModelForCausalLM
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "adam-mini.yaml"
+    out = tmp_path / "out"
+    result = optiplug.train(
+        example, [f"training.output_dir={out}", "training.max_steps=3", "training.disable_tqdm=true"]
+    )
+    assert result.summary["optimizer"]["name"] == "adam_mini" and len(result.losses) >= 1
+    assert "Adam-mini" not in capfd.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.tie_word_embeddings  # the embedded model: no separate output head
+    assert result.summary["optimizer_state_bytes"] == state_bytes_for(
+        optiplug.ParamShape.of_model(model), layout_of(model)
+    )
