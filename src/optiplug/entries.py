@@ -77,6 +77,12 @@ class OptimizerEntry(Generic[C]):
         grad_bytes: ``grad_bytes(shapes, cfg) -> int``, the peak gradient memory when the
             optimizer holds gradients for only some parameters at a time (block-wise
             optimizers); None means every trainable parameter has a gradient.
+        per_parameter: True when stepping the parameters one at a time gives the same result as
+            one step over all of them (each update reads only its own parameter's gradient and
+            state; no group- or optimizer-wide counter advances in ``step()``). Such an optimizer
+            can train with ``layerwise: true``: the core steps each parameter in its gradient
+            hook, with the optimizer's ``step_parameters(group, params)`` when it has one,
+            otherwise with ``step()`` over ``param_groups`` narrowed to that one parameter.
     """
 
     config: type[C]
@@ -88,6 +94,7 @@ class OptimizerEntry(Generic[C]):
     requires: tuple[str, ...] = ()
     state_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
     grad_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
+    per_parameter: bool = False
 
     def __post_init__(self) -> None:
         name_of(self.config, OptimizerConfig, "optimizer")

@@ -11,6 +11,7 @@ from optiplug.context import BuildContext, ScheduleContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import MissingDependencyError
 from optiplug.helpers import unwrap_optimizer
+from optiplug.layerwise import check_layerwise, enable_layerwise
 from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
 
 if TYPE_CHECKING:
@@ -32,16 +33,22 @@ def _missing_modules_named(kind: str, name: str, requires: tuple[str, ...]) -> I
 
 
 def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerConfig, *, check: bool = True):
-    """Check requirements and run the entry's ``check``, then call its factory.
+    """Check requirements and run the entry's ``check`` and the core's, then call its factory.
 
-    ``check=False`` skips both: the caller (the trainer) ran them already.
+    ``check=False`` skips the checks: the caller (the trainer) ran them already. With
+    ``layerwise: true`` the optimizer the factory returns is made layerwise (:mod:`optiplug.layerwise`).
     """
     if check:
         entry.check_requires()
     with _missing_modules_named("optimizer", entry.name, entry.requires):
         if check and entry.check is not None:
             entry.check(ctx, cfg)
-        return entry.build(ctx, cfg)
+        if check:
+            check_layerwise(entry, ctx, cfg)
+        optimizer = entry.build(ctx, cfg)
+    if getattr(cfg, "layerwise", False):
+        enable_layerwise(optimizer, ctx)
+    return optimizer
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict | None = None, **fields: Any):

@@ -23,6 +23,8 @@ from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
+from optiplug.layerwise import check_layerwise
+from optiplug.layerwise import patches as layerwise_patches
 from optiplug.patches import applied
 from optiplug.registry import (
     get_entry,
@@ -152,6 +154,7 @@ class OptiTrainerMixin(_TrainerBase):
         entry.check_requires()
         if entry.check is not None:
             entry.check(self.optiplug_context(), cfg)
+        check_layerwise(entry, self.optiplug_context(), cfg)
         self._optiplug_checked = (entry, cfg)
 
     def create_optimizer(self, model: Any = None):
@@ -187,6 +190,7 @@ class OptiTrainerMixin(_TrainerBase):
         entry, cfg = self.optimizer_entry, self.optimizer_config
         callbacks = list(entry.callbacks(cfg)) if entry.callbacks else []
         patches = list(entry.patches(cfg)) if entry.patches else []
+        patches += layerwise_patches(cfg)  # the core's, for layerwise: true on any per-parameter optimizer
         for callback in callbacks:
             self.add_callback(callback)
         try:

@@ -160,10 +160,12 @@ def _args(**fields):
     ],
 )
 def test_check_refuses_with_one_sentence(name, fields, args, message):
+    from optiplug.factory import build_from_entry
+
     entry = optiplug.get_entry(name)
     cfg = optiplug.RunConfig(optimizer={"name": name, **fields}).optimizer
-    with pytest.raises(optiplug.ConfigError) as error:
-        entry.check(optiplug.BuildContext(model=tiny_llama(), args=_args(**args)), cfg)
+    with pytest.raises(optiplug.ConfigError) as error:  # the entry's check, then the core's (layerwise: true)
+        build_from_entry(entry, optiplug.BuildContext(model=tiny_llama(), args=_args(**args)), cfg)
     assert str(error.value) == message
 
 

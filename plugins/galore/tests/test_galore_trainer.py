@@ -33,12 +33,6 @@ def _history(trainer, key):
     return [h[key] for h in trainer.state.log_history if "loss" in h]
 
 
-def _raw(trainer):
-    from optiplug.helpers import unwrap_optimizer
-
-    return unwrap_optimizer(trainer.optimizer)
-
-
 @pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
 def test_svd_losses_equal_transformers_exactly(tmp_path, name):
     from transformers import Trainer
@@ -93,7 +87,7 @@ def test_layerwise_with_accumulation_matches_the_whole_model_step(tmp_path):
         trainer.train()
         runs[layerwise] = trainer
     whole, layerwise = runs[False], runs[True]
-    assert _raw(layerwise).layerwise and not _raw(whole).layerwise
+    assert optiplug.layerwise_stepper(layerwise.optimizer) and not optiplug.layerwise_stepper(whole.optimizer)
     assert list(logged_losses(layerwise).values()) == pytest.approx(
         list(logged_losses(whole).values()), rel=1e-6, abs=0
     )
@@ -133,12 +127,15 @@ def test_layerwise_clips_each_parameter_and_logs_the_global_norm(tmp_path):
 def test_layerwise_outside_a_trainer_counts_backward_passes(tmp_path):
     from transformers import TrainingArguments
 
+    from optiplug.factory import build_from_entry
+
     model, twin = tiny_llama(hidden=64), tiny_llama(hidden=64)
     args = TrainingArguments(
         output_dir=str(tmp_path), gradient_accumulation_steps=2, max_grad_norm=0.0, use_cpu=True, report_to="none"
     )
     cfg = optiplug.RunConfig(optimizer=_galore(layerwise=True, lr=1e-2)).optimizer
-    layerwise = optiplug.get_entry("galore_adamw").build(optiplug.BuildContext(model=model, args=args), cfg)
+    ctx = optiplug.BuildContext(model=model, args=args)
+    layerwise = build_from_entry(optiplug.get_entry("galore_adamw"), ctx, cfg)  # the core makes it layerwise
     whole = optiplug.build_optimizer(twin, _galore(lr=1e-2))
     data = TokenBlocks(n=8)
     for _step in range(3):
@@ -151,7 +148,7 @@ def test_layerwise_outside_a_trainer_counts_backward_passes(tmp_path):
         layerwise.step()  # a no-op: the hooks already stepped
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
-    assert layerwise.layerwise_grad_norm() > 0
+    assert optiplug.layerwise_stepper(layerwise).grad_norm() > 0
 
 
 def _resume(tmp_path, optimizer, steps=8, save_at=4):

@@ -1,7 +1,9 @@
 """torch.optim optimizers: ``adamw`` (the default), adam, sgd, adagrad, rmsprop, radam, nadam, adamax.
 
 Each config's fields are the optimizer's real constructor arguments. Decay and no-decay
-parameter groups follow transformers' rule (no weight decay on biases and norms).
+parameter groups follow transformers' rule (no weight decay on biases and norms). Every one of
+them updates each parameter from its own gradient and state only, so every entry declares
+``per_parameter=True`` (``layerwise: true`` is available).
 """
 
 from __future__ import annotations
@@ -212,30 +214,65 @@ def register_optimizers(register):
             build=build_adamw,
             summary="AdamW, torch (fused where supported)",
             state_bytes=adam_state_bytes,
-        )
-    )
-    register(OptimizerEntry(config=AdamConfig, build=build_adam, summary="Adam, torch", state_bytes=adam_state_bytes))
-    register(
-        OptimizerEntry(
-            config=SGDConfig, build=build_sgd, summary="SGD with momentum, torch", state_bytes=sgd_state_bytes
+            per_parameter=True,
         )
     )
     register(
         OptimizerEntry(
-            config=AdagradConfig, build=build_adagrad, summary="Adagrad, torch", state_bytes=one_moment_state_bytes
+            config=AdamConfig, build=build_adam, summary="Adam, torch", state_bytes=adam_state_bytes, per_parameter=True
         )
     )
     register(
         OptimizerEntry(
-            config=RMSpropConfig, build=build_rmsprop, summary="RMSprop, torch", state_bytes=rmsprop_state_bytes
+            config=SGDConfig,
+            build=build_sgd,
+            summary="SGD with momentum, torch",
+            state_bytes=sgd_state_bytes,
+            per_parameter=True,
         )
     )
     register(
-        OptimizerEntry(config=RAdamConfig, build=build_radam, summary="RAdam, torch", state_bytes=adam_state_bytes)
+        OptimizerEntry(
+            config=AdagradConfig,
+            build=build_adagrad,
+            summary="Adagrad, torch",
+            state_bytes=one_moment_state_bytes,
+            per_parameter=True,
+        )
     )
     register(
-        OptimizerEntry(config=NAdamConfig, build=build_nadam, summary="NAdam, torch", state_bytes=nadam_state_bytes)
+        OptimizerEntry(
+            config=RMSpropConfig,
+            build=build_rmsprop,
+            summary="RMSprop, torch",
+            state_bytes=rmsprop_state_bytes,
+            per_parameter=True,
+        )
     )
     register(
-        OptimizerEntry(config=AdamaxConfig, build=build_adamax, summary="Adamax, torch", state_bytes=adam_state_bytes)
+        OptimizerEntry(
+            config=RAdamConfig,
+            build=build_radam,
+            summary="RAdam, torch",
+            state_bytes=adam_state_bytes,
+            per_parameter=True,
+        )
+    )
+    register(
+        OptimizerEntry(
+            config=NAdamConfig,
+            build=build_nadam,
+            summary="NAdam, torch",
+            state_bytes=nadam_state_bytes,
+            per_parameter=True,
+        )
+    )
+    register(
+        OptimizerEntry(
+            config=AdamaxConfig,
+            build=build_adamax,
+            summary="Adamax, torch",
+            state_bytes=adam_state_bytes,
+            per_parameter=True,
+        )
     )

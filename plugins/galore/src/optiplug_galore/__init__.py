@@ -23,9 +23,9 @@ def register_optimizers(register) -> None:
         optiplug.OptimizerEntry(
             config=GaLoreAdamWConfig,
             build=entries.build_adamw,
-            summary="GaLore AdamW: low-rank projected gradients (galore-torch), layerwise option",
-            patches=entries.patches,
+            summary="GaLore AdamW: low-rank projected gradients (galore-torch)",
             check=entries.check,
+            per_parameter=True,
             requires=("galore-torch",),
             state_bytes=entries.adamw_state_bytes,
         )
@@ -35,8 +35,8 @@ def register_optimizers(register) -> None:
             config=GaLoreAdafactorConfig,
             build=entries.build_adafactor,
             summary="GaLore Adafactor: factored second moments of low-rank projected gradients (galore-torch)",
-            patches=entries.patches,
             check=entries.check,
+            per_parameter=True,
             requires=("galore-torch",),
             state_bytes=entries.adafactor_state_bytes,
         )
@@ -46,8 +46,8 @@ def register_optimizers(register) -> None:
             config=GaLoreAdamW8bitConfig,
             build=entries.build_adamw8bit,
             summary="GaLore 8-bit AdamW: bitsandbytes' blockwise 8-bit states of low-rank projected gradients",
-            patches=entries.patches,
             check=entries.check_adamw8bit,
+            per_parameter=True,
             requires=("galore-torch", "bitsandbytes"),
             state_bytes=entries.adamw8bit_state_bytes,
         )

@@ -1,64 +1,20 @@
-"""What the three GaLore optimizers share: per-parameter stepping, layerwise mode, exact resume.
+"""What the three GaLore optimizers share: per-parameter stepping and exact resume.
 
-Layerwise mode steps each parameter inside its post-accumulate-grad hook and frees its gradient
-right away, so a step never holds every gradient at once. It is one ordinary optimizer (not a
-dummy wrapper around per-parameter optimizers): its ``param_groups`` are the groups the hooks
-read their learning rate from, so any scheduler built on it drives every parameter, and its
-``state_dict()`` holds every parameter's state.
-
-- Gradient accumulation: a hook steps only at the accumulation boundary, as told by
-  ``should_sync()`` (inside a Trainer, ``accelerator.sync_gradients``) or, without one, by
-  counting backward passes. Until then the gradient accumulates in ``.grad`` as usual.
-- Clipping: a global norm would need every gradient at once, which is what layerwise mode
-  avoids holding; so each parameter's gradient is clipped to ``max_grad_norm`` on its own.
-- The logged gradient norm is the true global norm before clipping, assembled from the
-  per-parameter norms (:meth:`GaLoreMixin.layerwise_grad_norm`).
+Each parameter's update reads only its own gradient and state (its projection is seeded by its
+position), so the entries declare ``per_parameter=True`` and ``layerwise: true`` is the core's
+(:mod:`optiplug.layerwise`): it steps each parameter in its post-accumulate-grad hook through
+:meth:`GaLoreMixin.step_parameters`, and makes ``step()`` a no-op. This package keeps no copy of it.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import weakref
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from optiplug_galore.projector import StateProjector
-
-# parameter -> (hook handle, weakref to its optimizer); torch's dictionary compares tensor keys by identity
-_HOOKS = WeakTensorKeyDictionary()
-
-
-@dataclass
-class _Layerwise:
-    accumulation_steps: int = 1
-    should_sync: Callable[[], bool] | None = None
-    max_grad_norm: float | None = None
-    backward_passes: dict[torch.Tensor, int] = field(default_factory=dict)
-    steps: dict[torch.Tensor, int] = field(default_factory=dict)
-    norm_step: int = 0
-    norm_squares: torch.Tensor | None = None
-
-
-def _on_grad_ready(optimizer_ref: weakref.ref, param: torch.Tensor) -> None:
-    optimizer = optimizer_ref()
-    if optimizer is not None and optimizer._layerwise is not None:
-        optimizer._layerwise_step(param)
-
-
-def layerwise_owner(params: Iterable[torch.Tensor]) -> GaLoreMixin | None:
-    """The layerwise GaLore optimizer stepping any of ``params`` in its hooks, or None."""
-    for p in params:
-        entry = _HOOKS.get(p)
-        if entry is not None:
-            optimizer = entry[1]()
-            if optimizer is not None and optimizer._layerwise is not None:
-                return optimizer
-    return None
 
 
 class GaLoreMixin:
@@ -68,7 +24,6 @@ class GaLoreMixin:
     state: Any
 
     def _init_galore(self) -> None:
-        self._layerwise: _Layerwise | None = None
         self._init_galore_positions()
 
     def _init_galore_positions(self) -> None:
@@ -96,91 +51,21 @@ class GaLoreMixin:
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimizer step over every parameter with a gradient (a no-op in layerwise mode,
-        where the parameters are stepped by their hooks during backward)."""
+        """One optimizer step over every parameter with a gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._layerwise is None:
-            for group in self.param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if params:
-                    self._step_params(group, params)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._step_params(group, params)
         return loss
 
-    # ---- layerwise mode ----
-    def enable_layerwise(
-        self,
-        *,
-        accumulation_steps: int = 1,
-        should_sync: Callable[[], bool] | None = None,
-        max_grad_norm: float | None = None,
-    ) -> None:
-        """Step each parameter in its post-accumulate-grad hook from now on.
-
-        Args:
-            accumulation_steps: backward passes per optimizer step, counted per parameter when
-                ``should_sync`` is None.
-            should_sync: called in each hook; True at the accumulation boundary (a Trainer's
-                ``accelerator.sync_gradients``).
-            max_grad_norm: clip each parameter's gradient to this norm before its step (None: no clipping).
-        """
-        self._layerwise = _Layerwise(max(1, int(accumulation_steps)), should_sync, max_grad_norm or None)
-        ref = weakref.ref(self)
-        for group in self.param_groups:
-            for p in group["params"]:
-                previous = _HOOKS.pop(p, None)
-                if previous is not None:  # another optimizer built on this model before: only one may step it
-                    previous[0].remove()
-                handle = p.register_post_accumulate_grad_hook(functools.partial(_on_grad_ready, ref))
-                _HOOKS[p] = (handle, ref)
-
-    def disable_layerwise(self) -> None:
-        """Remove the hooks; ``step()`` steps every parameter again."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                entry = _HOOKS.get(p)
-                if entry is not None and entry[1]() is self:
-                    entry[0].remove()
-                    del _HOOKS[p]
-        self._layerwise = None
-
-    @property
-    def layerwise(self) -> bool:
-        return self._layerwise is not None
-
-    def _layerwise_step(self, p: torch.Tensor) -> None:
-        lw = self._layerwise
-        assert lw is not None
-        if lw.should_sync is not None:
-            boundary = bool(lw.should_sync())
-        else:
-            lw.backward_passes[p] = lw.backward_passes.get(p, 0) + 1
-            boundary = lw.backward_passes[p] % lw.accumulation_steps == 0
-        if not boundary or p.grad is None:
-            return
-        step = lw.steps[p] = lw.steps.get(p, 0) + 1
-        if lw.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p], lw.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad])
-        square = norm.detach().float().square()
-        if step > lw.norm_step or lw.norm_squares is None:
-            lw.norm_step, lw.norm_squares = step, square
-        else:
-            lw.norm_squares = lw.norm_squares + square
-        gindex = self._position(p)[0]
+    def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Step just ``params`` (all in ``group``, each with a gradient): ``layerwise: true`` calls it per parameter."""
         with torch.no_grad():
-            self._step_params(self.param_groups[gindex], [p])
-        p.grad = None
-
-    def layerwise_grad_norm(self) -> torch.Tensor:
-        """The global L2 norm, before clipping, of the gradients of the latest layerwise step."""
-        lw = self._layerwise
-        if lw is None or lw.norm_squares is None:
-            return torch.tensor(0.0)
-        return lw.norm_squares.sqrt()
+            self._step_params(group, params)
 
     # ---- state ----
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

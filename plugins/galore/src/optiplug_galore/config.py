@@ -48,11 +48,6 @@ class GaLoreConfig(optiplug.OptimizerConfig):
     )
     seed: int = Field(0, ge=0, description="Randomized projection: seed of the Gaussian test matrices.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on biases and norms).")
-    layerwise: bool = Field(
-        False,
-        description="Step each parameter inside its post-accumulate-grad hook and free its gradient at once "
-        "(at the gradient-accumulation boundary); clipping is then per parameter.",
-    )
 
 
 class GaLoreAdamWConfig(GaLoreConfig, optiplug.AdamFields):

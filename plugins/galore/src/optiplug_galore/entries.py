@@ -6,7 +6,6 @@ torch, galore-torch and bitsandbytes are imported inside the functions, never at
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,37 +47,16 @@ def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str
     return groups
 
 
-def _finish(optimizer: Any, ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> Any:
-    if cfg.layerwise:
-        trainer = ctx.trainer
-        accelerator = getattr(trainer, "accelerator", None)
-        should_sync = None
-        if accelerator is not None:
-            ref = weakref.ref(accelerator)
-
-            def should_sync() -> bool:
-                acc = ref()
-                return True if acc is None else bool(acc.sync_gradients)
-
-        optimizer.enable_layerwise(
-            accumulation_steps=ctx.gradient_accumulation_steps, should_sync=should_sync, max_grad_norm=ctx.max_grad_norm
-        )
-    return optimizer
-
-
 def build_adamw(ctx: optiplug.BuildContext, cfg: GaLoreAdamWConfig):
     from optiplug_galore.adamw import GaLoreAdamW
 
-    optimizer = GaLoreAdamW(
-        param_groups(ctx, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
-    return _finish(optimizer, ctx, cfg)
+    return GaLoreAdamW(param_groups(ctx, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
 def build_adafactor(ctx: optiplug.BuildContext, cfg: GaLoreAdafactorConfig):
     from optiplug_galore.adafactor import GaLoreAdafactor
 
-    optimizer = GaLoreAdafactor(
+    return GaLoreAdafactor(
         param_groups(ctx, cfg),
         lr=cfg.lr,
         eps=cfg.eps,
@@ -87,13 +65,12 @@ def build_adafactor(ctx: optiplug.BuildContext, cfg: GaLoreAdafactorConfig):
         beta1=cfg.beta1,
         weight_decay=cfg.weight_decay,
     )
-    return _finish(optimizer, ctx, cfg)
 
 
 def build_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig):
     from optiplug_galore.adamw8bit import GaLoreAdamW8bit
 
-    optimizer = GaLoreAdamW8bit(
+    return GaLoreAdamW8bit(
         param_groups(ctx, cfg),
         lr=cfg.lr,
         betas=cfg.betas,
@@ -101,14 +78,16 @@ def build_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig):
         weight_decay=cfg.weight_decay,
         min_8bit_size=cfg.min_8bit_size,
     )
-    return _finish(optimizer, ctx, cfg)
 
 
 # ---- checks ---------------------------------------------------------------------------------
 
 
 def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
-    """The setups GaLore cannot train, each refused with one sentence saying what to do instead."""
+    """The setups GaLore cannot train, each refused with one sentence saying what to do instead.
+
+    ``layerwise: true`` is checked by the core (``optiplug.layerwise.check_layerwise``) after this.
+    """
     name = cfg.name
     if ctx.distributed in ("deepspeed", "fsdp"):
         engine = "DeepSpeed" if ctx.distributed == "deepspeed" else "FSDP"
@@ -120,16 +99,6 @@ def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
         raise optiplug.ConfigError(
             f"{name} trains full weight matrices through low-rank projections, and the model is a PEFT adapter "
             f"model whose trainable weights are already low-rank; use adamw for adapters"
-        )
-    if cfg.layerwise and ctx.distributed != "none":
-        raise optiplug.ConfigError(
-            f"{name} with layerwise: true steps each parameter during backward, before DDP has averaged its "
-            f"gradient across the {ctx.world_size} processes; set layerwise: false for distributed training"
-        )
-    if cfg.layerwise and getattr(ctx.args, "fp16", False):
-        raise optiplug.ConfigError(
-            f"{name} with layerwise: true cannot train in fp16, whose loss scaling unscales gradients only after "
-            f"backward; use bf16 or set layerwise: false"
         )
     optiplug.target_parameters(ctx.model, cfg.target_modules)
 
@@ -171,38 +140,6 @@ def _bnb_8bit_problem(device: str) -> str | None:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _BNB_PROBES[device] = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     return _BNB_PROBES[device]
-
-
-# ---- patches --------------------------------------------------------------------------------
-
-
-def _make_clip_grad_norm(accelerator: Any, original: Any):
-    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any):
-        from optiplug_galore.base import layerwise_owner
-
-        params = list(parameters) if not hasattr(parameters, "grad") else [parameters]
-        owner = layerwise_owner(params)
-        if owner is None:
-            return original(params, max_norm, norm_type, **kwargs)
-        return owner.layerwise_grad_norm()
-
-    return clip_grad_norm_
-
-
-def patches(cfg: GaLoreConfig) -> list[optiplug.Patch]:
-    """Layerwise mode: the Trainer's clipping call returns the true global norm of the gradients
-    the hooks already consumed (and clipped per parameter), instead of the 0 of no gradients."""
-    if not cfg.layerwise:
-        return []
-    return [
-        optiplug.Patch(
-            "accelerator",
-            "clip_grad_norm_",
-            _make_clip_grad_norm,
-            "layerwise GaLore steps and frees each gradient during backward (clipped per parameter); "
-            "report the global norm they had",
-        )
-    ]
 
 
 # ---- analytic state sizes -------------------------------------------------------------------
