@@ -12,13 +12,14 @@ from optiplug.entries import OptimizerEntry
 from optiplug.errors import MissingDependencyError
 from optiplug.helpers import unwrap_optimizer
 from optiplug.layerwise import check_layerwise, enable_layerwise
+from optiplug.params import apply_group_rules
 from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["build_from_entry", "build_optimizer", "build_scheduler"]
+__all__ = ["build_from_entry", "build_optimizer", "build_scheduler", "check_param_groups"]
 
 
 @contextlib.contextmanager
@@ -45,10 +46,20 @@ def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerCon
             entry.check(ctx, cfg)
         if check:
             check_layerwise(entry, ctx, cfg)
+        rules = tuple(getattr(cfg, "param_groups", ()))
+        ctx.param_group_rules = rules
         optimizer = entry.build(ctx, cfg)
+        apply_group_rules(optimizer, rules, ctx._rule_of, entry.name)
     if getattr(cfg, "layerwise", False):
         enable_layerwise(optimizer, ctx)
     return optimizer
+
+
+def check_param_groups(ctx: BuildContext, cfg: OptimizerConfig) -> None:
+    """Raise :class:`ConfigError` when an ``optimizer.param_groups`` entry takes no parameter of ``ctx.model``."""
+    rules = tuple(getattr(cfg, "param_groups", ()))
+    if rules:
+        BuildContext(model=ctx.model, trainer=ctx.trainer, args=ctx.args, param_group_rules=rules).param_groups()
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict | None = None, **fields: Any):

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import Trainer
 
-from optiplug.callbacks import SaveProcessorCallback
+from optiplug.callbacks import GroupRatesCallback, SaveProcessorCallback
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
-from optiplug.factory import build_from_entry, build_scheduler
+from optiplug.factory import build_from_entry, build_scheduler, check_param_groups
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.layerwise import check_layerwise
 from optiplug.layerwise import patches as layerwise_patches
@@ -155,6 +155,7 @@ class OptiTrainerMixin(_TrainerBase):
         if entry.check is not None:
             entry.check(self.optiplug_context(), cfg)
         check_layerwise(entry, self.optiplug_context(), cfg)
+        check_param_groups(self.optiplug_context(), cfg)
         self._optiplug_checked = (entry, cfg)
 
     def create_optimizer(self, model: Any = None):
@@ -181,6 +182,9 @@ class OptiTrainerMixin(_TrainerBase):
         extra = getattr(raw, "log_values", None)
         if callable(extra) and "loss" in logs:
             logs = {**logs, **extra()}
+        rates = getattr(self, "_optiplug_group_rates", None)
+        if "loss" in logs and rates is not None:  # optimizer.param_groups: each group's rate, lr/<label>
+            logs = {**logs, **rates.rates}
         return super().log(logs, *args, **kwargs)
 
     def train(self, *args: Any, **kwargs: Any):
@@ -189,6 +193,8 @@ class OptiTrainerMixin(_TrainerBase):
         self.check_optimizer()
         entry, cfg = self.optimizer_entry, self.optimizer_config
         callbacks = list(entry.callbacks(cfg)) if entry.callbacks else []
+        self._optiplug_group_rates = GroupRatesCallback()
+        callbacks.append(self._optiplug_group_rates)
         patches = list(entry.patches(cfg)) if entry.patches else []
         patches += layerwise_patches(cfg)  # the core's, for layerwise: true on any per-parameter optimizer
         for callback in callbacks:
