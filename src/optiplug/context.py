@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import Trainer, TrainingArguments
 
+    from optiplug.configs import ParamGroupRule
+
 __all__ = ["BuildContext", "ParamShape", "ScheduleContext"]
 
 
@@ -71,12 +73,16 @@ class BuildContext:
         model: the model whose parameters the optimizer trains.
         trainer: the trainer, or None when building outside one (a plain PyTorch loop).
         args: the trainer's ``TrainingArguments``, or None.
+        param_group_rules: the config's ``param_groups`` (set by the factory before ``build``);
+            :meth:`param_groups` applies them.
     """
 
     model: nn.Module
     trainer: Trainer | None = None
     args: TrainingArguments | None = None
+    param_group_rules: tuple[ParamGroupRule, ...] = ()
     _decay: set[str] | None = field(default=None, init=False, repr=False)
+    _rule_of: dict[int, int | None] | None = field(default=None, init=False, repr=False)
 
     # ---- parameters ----
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -93,8 +99,22 @@ class BuildContext:
         return self._decay
 
     def param_groups(self, weight_decay: float = 0.0, **options: Any) -> list[dict[str, Any]]:
-        """Decay and no-decay groups of the trainable parameters; ``options`` go into both groups."""
-        return params.param_groups(self.named_parameters(), self.decay_parameter_names(), weight_decay, **options)
+        """Decay and no-decay groups of the trainable parameters; ``options`` go into every group.
+
+        This is the contract that gives an optimizer ``optimizer.param_groups``: a factory that
+        builds its optimizer from these groups (splitting them further if it must, never merging
+        them) gets the user's groups by name, each with its options, for free. Without rules
+        there are two groups: decay (``weight_decay``) and no-decay (0, biases and norms).
+        """
+        rules = tuple(self.param_group_rules)
+        groups = params.param_groups(
+            self.named_parameters(), self.decay_parameter_names(), weight_decay, rules, **options
+        )
+        index = {rule.label: i for i, rule in enumerate(rules)}
+        self._rule_of = {
+            id(param): index.get(group.get(params.GROUP_KEY, "")) for group in groups for param in group["params"]
+        }
+        return groups
 
     # ---- the training setup, for checks ----
     @property
