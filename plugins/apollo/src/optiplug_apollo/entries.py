@@ -32,24 +32,23 @@ def transformers_seeds(model: Any, targets: set[str], seed: int = 0) -> dict[str
 
 
 def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[dict[str, Any]], list[int]]:
-    """Plain then APOLLO parameters, each split into decay and no-decay (empty groups dropped), and their seeds.
+    """The context's parameter groups (``ctx.param_groups``: decay and no-decay, and the user's groups by name),
+    each split into its plain and its APOLLO parameters (empty parts dropped), and every parameter's seed.
 
-    APOLLO groups carry ``rank``, ``proj``, ``proj_type``, ``scale_type``, ``update_proj_gap`` and ``scale``.
+    APOLLO parts carry ``rank``, ``proj``, ``proj_type``, ``scale_type``, ``update_proj_gap`` and ``scale``.
     """
     targets = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
-    decay = ctx.decay_parameter_names()
+    name_of = {id(param): name for name, param in ctx.named_parameters()}
     seed_of = transformers_seeds(ctx.model, targets, cfg.seed)
-    buckets: dict[tuple[bool, bool], list[tuple[str, Any]]] = {(t, d): [] for t in (False, True) for d in (True, False)}
-    for name, param in ctx.named_parameters():
-        buckets[(name in targets, name in decay)].append((name, param))
     apollo = {key: getattr(cfg, key) for key in _GROUP_KEYS}
     groups: list[dict[str, Any]] = []
     seeds: list[int] = []
-    for (targeted, decays), named in buckets.items():
-        if named:
-            group = {"params": [p for _, p in named], "weight_decay": cfg.weight_decay if decays else 0.0}
-            groups.append({**group, **apollo} if targeted else group)
-            seeds.extend(seed_of[name] for name, _ in named)
+    for group in ctx.param_groups(cfg.weight_decay):
+        for targeted in (False, True):
+            params = [p for p in group["params"] if (name_of[id(p)] in targets) == targeted]
+            if params:
+                groups.append({**group, "params": params, **(apollo if targeted else {})})
+                seeds.extend(seed_of[name_of[id(p)]] for p in params)
     return groups, seeds
 
 
