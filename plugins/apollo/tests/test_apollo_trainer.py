@@ -206,3 +206,16 @@ def test_the_examples_are_valid_configs():
     assert optiplug.load_config(root / "apollo.yaml").optimizer.name == "apollo_adamw"
     mini = optiplug.load_config(root / "apollo-mini.yaml").optimizer
     assert (mini.name, mini.rank, mini.scale_type) == ("apollo_mini", 1, "tensor")
+
+
+def test_importing_the_plugin_and_listing_import_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, optiplug, optiplug_apollo\n"
+        "names = {row.name for row in optiplug.list_optimizers()}\n"
+        "assert {'apollo_adamw', 'apollo_mini'} <= names, names\n"
+        "assert 'torch' not in sys.modules and 'apollo_torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
