@@ -1,0 +1,162 @@
+"""The catalogue-wide promise, tensor-level: every bridged optimizer steps, resumes exactly from a
+``torch.load(weights_only=True)`` checkpoint, and its measured (meta-device) state size is exact.
+
+One small model (embedding, two linear layers, a norm, a head: every kind of parameter a language
+model has) and a Trainer-like step (clipping, a cosine schedule, RNG seeded per step as a resumed
+Trainer restores it) keep the whole catalogue well under a minute. A sample of the catalogue also goes
+through the full Trainer path in the registry-wide tests (tests/test_every_optimizer.py).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+
+import pytest
+from optiplug_pytorch_optimizer import NO_ESTIMATE
+from optiplug_pytorch_optimizer.catalogue import PREFIX, specs
+from optiplug_pytorch_optimizer.factory import Unknown, measured_state_bytes
+
+import optiplug
+
+STEPS, RESUME_AT = 6, 3
+# the run fills in fields the optimizer requires (ranger21's num_iterations is the run's max_steps);
+# AdaShift moves nothing until its queue of keep_num gradients is full (10 by default)
+RUN_FIELDS = {"po_ranger21": {"num_iterations": STEPS}, "po_adashift": {"keep_num": 2}}
+# SpectralSphere trains 2-D matrices only: it gets the model with everything else frozen
+MATRICES_ONLY = {"po_spectralsphere"}
+
+
+def tiny_model(name: str, seed: int = 0):
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(16, 8)
+            self.proj = nn.Linear(8, 12)
+            self.down = nn.Linear(12, 8, bias=False)
+            self.norm = nn.LayerNorm(8)
+            self.lm_head = nn.Linear(8, 16, bias=False)
+
+        def forward(self, ids):
+            hidden = self.down(torch.relu(self.proj(self.embed(ids))))
+            return self.lm_head(self.norm(hidden))
+
+    torch.manual_seed(seed)
+    model = Tiny()
+    if name in MATRICES_ONLY:
+        for param in model.parameters():
+            param.requires_grad_(param.ndim == 2)
+    return model
+
+
+def _build(name: str, model):
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    entry = optiplug.get_entry(name)
+    cfg = optiplug.parse_optimizer(name, **RUN_FIELDS.get(name, {}))
+    ctx = optiplug.BuildContext(model=model)
+    if entry.check is not None:
+        entry.check(ctx, cfg)
+    optimizer = entry.build(ctx, cfg)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, 1, 2 * STEPS)
+
+
+def _step(model, optimizer, scheduler, k: int) -> float:
+    import numpy as np
+    import torch
+
+    random.seed(k)
+    np.random.seed(k)
+    torch.manual_seed(k)
+    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(100 + k))
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return float(loss)
+
+
+def _roundtrip(obj):
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+NAMES = sorted(specs())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_and_resumes_exactly(name):
+    import torch
+
+    warnings.simplefilter("ignore")
+    model = tiny_model(name)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, scheduler = _build(name, model)
+    losses = [_step(model, optimizer, scheduler, k) for k in range(RESUME_AT)]
+    assert all(math.isfinite(loss) for loss in losses), f"{name}: {losses}"
+
+    saved_optimizer = _roundtrip(optimizer.state_dict())
+    saved_scheduler = _roundtrip(scheduler.state_dict())
+    resumed = tiny_model(name, seed=1)
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer, resumed_scheduler = _build(name, resumed)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    resumed_scheduler.load_state_dict(saved_scheduler)
+    for k in range(RESUME_AT, STEPS):
+        _step(model, optimizer, scheduler, k)
+        _step(resumed, resumed_optimizer, resumed_scheduler, k)
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), f"{name}: nothing moved"
+    for (param_name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{name}: {param_name} differs after resuming at step {RESUME_AT}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_measured_state_bytes_equal_the_real_state(name):
+    """``state_bytes`` (meta device, or reviewed stand-ins) equals the real state; "unknown" only where neither can."""
+    warnings.simplefilter("ignore")
+    entry = optiplug.get_entry(name)
+    model = tiny_model(name)
+    shapes = optiplug.ParamShape.of_model(model)
+    cfg = optiplug.parse_optimizer(name, **RUN_FIELDS.get(name, {}))
+    if name.removeprefix(PREFIX) in NO_ESTIMATE:
+        assert entry.state_bytes is None
+        with pytest.raises(Unknown):
+            measured_state_bytes(shapes, cfg)  # the list of unknowns is no longer than it must be
+        return
+    optimizer, scheduler = _build(name, model)
+    real = 0
+    for k in range(STEPS):
+        _step(model, optimizer, scheduler, k)
+        real = max(real, optiplug.optimizer_state_bytes(optimizer))
+    assert entry.state_bytes is not None
+    assert entry.state_bytes(shapes, cfg) == real
+
+
+@pytest.mark.parametrize("name", ["po_lion", "po_adamw", "po_adafactor", "po_came", "po_soap", "po_prodigy", "po_muon"])
+def test_measured_state_bytes_of_bfloat16_weights(name):
+    """2-byte parameters are measured as bfloat16: states kept in float32 or in the weights' dtype both come out."""
+    import torch
+
+    warnings.simplefilter("ignore")
+    model = tiny_model(name).to(torch.bfloat16)
+    optimizer, scheduler = _build(name, model)
+    real = 0
+    for k in range(STEPS):
+        _step(model, optimizer, scheduler, k)
+        real = max(real, optiplug.optimizer_state_bytes(optimizer))
+    cfg = optiplug.parse_optimizer(name)
+    assert optiplug.get_entry(name).state_bytes(optiplug.ParamShape.of_model(model), cfg) == real
