@@ -172,7 +172,7 @@ class ApolloAdamW(torch.optim.Optimizer):
         update = exp_avg / denom
         del denom
         if projected:
-            update = self._scaled_gradient(p, grad, low, update, group, state)
+            update = self._scaled_gradient(grad, low, update, group, state)
         p.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
@@ -199,7 +199,6 @@ class ApolloAdamW(torch.optim.Optimizer):
 
     def _scaled_gradient(
         self,
-        p: torch.Tensor,
         grad: torch.Tensor,
         low: torch.Tensor,
         update: torch.Tensor,
