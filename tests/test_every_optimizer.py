@@ -29,8 +29,14 @@ def _usable(name: str):
     return name
 
 
+# optiplug-pytorch-optimizer bridges ~110 optimizers: its own tests step and resume every one of them at the tensor
+# level (plugins/pytorch_optimizer/tests); this fixed sample of them goes through the Trainer here.
+BRIDGE, BRIDGE_SAMPLE = "optiplug-pytorch-optimizer", {"po_lion", "po_muon", "po_prodigy", "po_soap"}
+
+
 def every_optimizer():
-    return [_usable(row.name) for row in optiplug.list_optimizers()]
+    rows = optiplug.list_optimizers()
+    return [_usable(row.name) for row in rows if row.plugin != BRIDGE or row.name in BRIDGE_SAMPLE]
 
 
 def _trainer(tmp_path, name: str, **arg_overrides):
