@@ -93,3 +93,39 @@ def test_skips_above_are_only_the_expected_refusals():
     ours = {r.name for r in rows if r.plugin.startswith("optiplug:") or r.plugin in FIRST_PARTY}
     skipped = {p.values[0] for p in every_optimizer() if not isinstance(p, str)}
     assert skipped & ours == set(EXPECTED_REFUSALS)
+
+
+def every_per_parameter_optimizer():
+    """The usable optimizers whose entry declares ``per_parameter=True``: ``layerwise: true`` must work for each."""
+    return [p for p in every_optimizer() if optiplug.get_entry(p if isinstance(p, str) else p.values[0]).per_parameter]
+
+
+@pytest.mark.parametrize("name", every_per_parameter_optimizer())
+def test_every_per_parameter_optimizer_trains_layerwise_like_its_whole_step(name, tmp_path):
+    from optiplug.helpers import unwrap_optimizer
+
+    runs = {}
+    for layerwise in (False, True):
+        args = training_args(
+            tmp_path / str(layerwise),
+            max_steps=3,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_grad_norm=0.0,  # layerwise clipping is per parameter: equal to the whole step's without clipping
+        )
+        trainer = optiplug.OptiTrainer(
+            model=tiny_llama(seed=0),
+            args=args,
+            train_dataset=TokenBlocks(n=32, distinct=4),
+            optimizer={"name": name, "layerwise": layerwise},
+            scheduler={"name": "cosine", "warmup_steps": 1},
+        )
+        trainer.train()
+        runs[layerwise] = trainer
+    whole, layerwise = runs[False], runs[True]
+    assert optiplug.layerwise_stepper(layerwise.optimizer) is not None
+    expected = list(logged_losses(whole).values())
+    assert list(logged_losses(layerwise).values()) == pytest.approx(expected, rel=1e-6), name
+    assert all(p.grad is None for p in layerwise.model.parameters())  # each freed by its hook
+    states = [unwrap_optimizer(t.optimizer).state_dict()["state"] for t in (whole, layerwise)]
+    assert len(states[1]) == len(states[0]) > 0  # every parameter's state, as the whole step keeps it
