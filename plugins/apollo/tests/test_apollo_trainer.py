@@ -219,3 +219,20 @@ def test_importing_the_plugin_and_listing_import_no_torch():
         "assert 'torch' not in sys.modules and 'apollo_torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_param_groups_by_name_reach_the_plain_and_the_apollo_parts():
+    model = tiny_llama(hidden=64)
+    optimizer = optiplug.build_optimizer(
+        model,
+        "apollo_adamw",
+        rank=8,
+        lr=1e-2,
+        param_groups=[{"match": "embed_tokens", "lr_scale": 0.1}, {"match": "mlp", "lr": 3e-3}],
+    )
+    by_label: dict[str, list[dict]] = {}
+    for group in optimizer.param_groups:
+        by_label.setdefault(group["optiplug_group"], []).append(group)  # the label the core sets
+    assert [g["lr"] for g in by_label["embed_tokens"]] == [pytest.approx(1e-3)]
+    assert all(g["lr"] == 3e-3 and g["rank"] == 8 for g in by_label["mlp"])  # the MLP weights stay APOLLO's
+    assert any("rank" in g and g["lr"] == 1e-2 for g in by_label["default"])  # attention: default rate

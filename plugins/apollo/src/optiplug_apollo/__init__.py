@@ -31,5 +31,6 @@ def register_optimizers(register) -> None:
                 check=entries.check,
                 requires=("apollo-torch",),
                 state_bytes=entries.state_bytes,
+                per_parameter=True,  # each update reads only its own parameter: optimizer.layerwise: true works
             )
         )
