@@ -191,3 +191,26 @@ def test_load_best_model_at_end_leaves_the_best_x(tmp_path):
     assert all(torch.equal(weights[n], p) for n, p in trainer.model.named_parameters())
     raw = schedule_free_optimizer(trainer.optimizer)
     assert not raw.in_train_mode  # a later train() starts from the last step's y, kept aside
+
+
+def test_transformers_own_schedule_free_saves_y_which_the_plugin_fixes(tmp_path):
+    """The bug this plugin exists for: transformers' ``optim="schedule_free_adamw"`` checkpoints hold y."""
+    from transformers import Trainer
+
+    args = training_args(
+        tmp_path / "transformers",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        optim="schedule_free_adamw",
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+    )
+    plain = Trainer(model=tiny_llama(seed=0), args=args, train_dataset=TokenBlocks(n=32, distinct=4))
+    plain.train()
+    raw = plain.optimizer.optimizer
+    assert type(raw).__name__ == "AdamWScheduleFree" and raw.param_groups[0]["train_mode"]
+    saved = saved_weights(tmp_path / "transformers" / "checkpoint-4")
+    assert all(torch.equal(saved[n], p) for n, p in plain.model.named_parameters())  # y, the training point
+    plain.optimizer.eval()
+    assert any(not torch.equal(saved[n], p) for n, p in plain.model.named_parameters())  # not x

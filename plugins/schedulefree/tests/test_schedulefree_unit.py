@@ -26,9 +26,9 @@ UPSTREAM = {
 LR = {"schedule_free_adamw": 1e-2, "schedule_free_sgd": 0.5, "schedule_free_radam": 1e-2}
 
 
-def trained(name: str, steps: int = 8, seed: int = 0):
+def trained(name: str, steps: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny model and the plugin's optimizer after ``steps`` steps, in train mode."""
-    model = tiny_llama(seed=seed)
+    model = tiny_llama(seed=seed).to(dtype)
     optimizer = optiplug.build_optimizer(model, name, lr=LR[name])
     data = TokenBlocks(n=8, distinct=4)
     ids = torch.stack([data[i]["input_ids"] for i in range(8)])
@@ -168,16 +168,26 @@ def test_an_upstream_checkpoint_without_y_falls_back_to_upstream_switch():
     assert all(torch.equal(a, b) for a, b in zip(params(fresh_model), y))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("name", NAMES)
-def test_state_bytes_equal_the_measured_state_in_both_modes(name):
-    model, optimizer = trained(name, steps=2)
+def test_state_bytes_equal_the_measured_state_in_both_modes(name, dtype):
+    model, optimizer = trained(name, steps=2, dtype=dtype)
     entry = optiplug.get_entry(name)
     analytic = entry.state_bytes(optiplug.ParamShape.of_model(model), entry.config())
     assert analytic == optiplug.optimizer_state_bytes(optimizer)
     optimizer.eval()
     assert analytic == optiplug.optimizer_state_bytes(optimizer)
     per_param = 2 if name == "schedule_free_sgd" else 3
-    assert analytic == per_param * 4 * sum(p.numel() for p in model.parameters())
+    assert analytic == per_param * dtype.itemsize * sum(p.numel() for p in model.parameters())
+
+
+def test_the_switch_is_exact_in_bfloat16_too():
+    model, optimizer = trained("schedule_free_adamw", dtype=torch.bfloat16)
+    y = params(model)
+    optimizer.eval()
+    assert any(not torch.equal(a, b) for a, b in zip(params(model), y))
+    optimizer.train()
+    assert all(torch.equal(a, b) for a, b in zip(params(model), y))
 
 
 def test_log_values_report_the_warmup_learning_rate():
