@@ -79,13 +79,8 @@ def test_registered_with_the_core_adam_fields():
     assert entry.requires == ("adam-mini",)
     cfg = AdamMiniConfig()
     assert (cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
-    assert set(AdamMiniConfig.model_fields) == {
-        "name",
-        "lr",
-        "betas",
-        "eps",
-        "weight_decay",
-    }  # no heads: from the model
+    own = set(AdamMiniConfig.model_fields) - set(optiplug.OptimizerConfig.model_fields)
+    assert own == {"lr", "betas", "eps", "weight_decay"}  # no hidden size or heads: they come from the model
     for bad in ({"lr": 0}, {"betas": (0.9, 1.0)}, {"eps": 0}, {"weight_decay": -1}, {"n_heads": 8}):
         with pytest.raises(ValueError):
             AdamMiniConfig(**bad)
@@ -166,6 +161,39 @@ def test_weight_decay_follows_the_trainers_split():
     names = [name for name, _ in model.named_parameters()]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1 if n in decay else 0.0 for n in names]
     assert {n for n in names if n not in decay} == {n for n in names if "norm" in n}
+
+
+def test_layerwise_stepping_changes_nothing(tmp_path):
+    """``per_parameter=True``: each parameter has its own group and state, so the core's layerwise stepping (each
+    parameter stepped in its gradient hook) gives the same steps; clipping off, as layerwise clips per parameter."""
+    runs = {}
+    for layerwise in (False, True):
+        trainer = optiplug.OptiTrainer(
+            model=llama(num_key_value_heads=2),
+            args=training_args(tmp_path / str(layerwise), max_steps=4, max_grad_norm=0.0),
+            train_dataset=TokenBlocks(n=32, distinct=4),
+            optimizer={"name": "adam_mini", "lr": 3e-3, "weight_decay": 0.1, "layerwise": layerwise},
+        )
+        trainer.train()
+        runs[layerwise] = (logged_losses(trainer), trainer.model.state_dict())
+    assert runs[True][0] == runs[False][0]
+    assert all(runs[True][1][k].equal(v) for k, v in runs[False][1].items())
+
+
+def test_optimizer_param_groups_reach_adam_minis_groups():
+    """``optimizer.param_groups`` rules go through ``ctx.param_groups``; adam-mini's per-parameter groups keep them."""
+    if "param_group_rules" not in optiplug.BuildContext.__dataclass_fields__:
+        pytest.skip("this optiplug has no optimizer.param_groups")
+    model = tiny_llama()
+    rules = [{"match": r"\.mlp\.", "name": "mlp", "lr_scale": 0.5}, {"match": "embed", "weight_decay": 0.0}]
+    optimizer = optiplug.build_optimizer(model, "adam_mini", lr=1e-2, weight_decay=0.1, param_groups=rules)
+    by_name = {group["name"]: group for group in optimizer.param_groups}
+    assert by_name["model.layers.0.mlp.up_proj.weight"]["lr"] == 5e-3
+    assert by_name["model.layers.0.self_attn.q_proj.weight"]["lr"] == 1e-2
+    assert by_name["model.embed_tokens.weight"]["weight_decay"] == 0.0
+    assert by_name["model.layers.0.self_attn.q_proj.weight"]["weight_decay"] == 0.1
+    assert by_name["model.norm.weight"]["weight_decay"] == 0.0
+    steps(optimizer, model, 1)
 
 
 def test_never_all_gathers_in_an_unsharded_launch():

@@ -84,11 +84,16 @@ def build(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> Any:
     layout = layout_of(ctx.model)
     named = ctx.named_parameters()
     check_partition(((name, tuple(param.shape)) for name, param in named), layout)
+    # The core's groups (decay split, the user's optimizer.param_groups), split further into one per parameter.
+    groups = ctx.param_groups(cfg.weight_decay)
+    options = {
+        id(param): {k: v for k, v in group.items() if k != "params"} for group in groups for param in group["params"]
+    }
     config = getattr(ctx.model, "config", None)
     return AdamMini(
         named,
         layout,
-        decay=ctx.decay_parameter_names(),
+        group_options=options,
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
@@ -106,5 +111,6 @@ def register_optimizers(register: Any) -> None:
             summary="Adam-mini: one second moment per head/row/norm block (adam-mini), about half AdamW's state",
             check=check,
             requires=("adam-mini",),
+            per_parameter=True,  # one group and one state per parameter: layerwise stepping changes nothing
         )
     )

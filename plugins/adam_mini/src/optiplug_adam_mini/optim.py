@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from adam_mini import Adam_mini
@@ -31,8 +32,10 @@ class AdamMini(Adam_mini):
       cross-process reduction. adam-mini sets it to ``torch.cuda.device_count()``, which all-gathers
       without a process group in a single-process run on a multi-GPU machine, and with the wrong number
       of processes on several nodes.
-    * Weight decay follows the Trainer's split (not on biases and norms) instead of adam-mini's name
-      test (``"norm"``, ``"ln"`` or ``"bias"`` anywhere in the name).
+    * Each parameter's group (adam-mini makes one per parameter) takes the options of the group
+      ``ctx.param_groups`` put it in: weight decay by the Trainer's split (not on biases and norms)
+      instead of adam-mini's name test (``"norm"``, ``"ln"`` or ``"bias"`` anywhere in the name), and
+      whatever ``optimizer.param_groups`` sets.
     """
 
     def __init__(
@@ -40,7 +43,7 @@ class AdamMini(Adam_mini):
         named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
         layout: Layout,
         *,
-        decay: set[str],
+        group_options: dict[int, dict[str, Any]],
         lr: float,
         betas: tuple[float, float],
         eps: float,
@@ -63,8 +66,10 @@ class AdamMini(Adam_mini):
             )
         self.head_numel = layout.head_numel
         self.world_size = 1
-        for group, (name, _) in zip(self.param_groups, named):
-            group["weight_decay"] = weight_decay if name in decay else 0.0
+        self.defaults["weight_decay"] = weight_decay  # a per-group option here, as in every torch optimizer
+        for group in self.param_groups:
+            [param] = group["params"]
+            group.update({k: v for k, v in group_options[id(param)].items() if k != "params"})
         report = io.StringIO()
         if (layout.hidden * layout.hidden) % layout.heads == 0:  # count_block asserts it (for its own head size)
             with contextlib.redirect_stdout(report):
