@@ -17,7 +17,7 @@ import warnings
 import pytest
 from optiplug_pytorch_optimizer import NO_ESTIMATE
 from optiplug_pytorch_optimizer.catalogue import PREFIX, specs
-from optiplug_pytorch_optimizer.factory import Unknown, measured_state_bytes
+from optiplug_pytorch_optimizer.factory import STAND_IN_REVIEWED, Unknown, measured_state_bytes, stand_in_state_bytes
 
 import optiplug
 
@@ -29,18 +29,18 @@ RUN_FIELDS = {"po_ranger21": {"num_iterations": STEPS}, "po_adashift": {"keep_nu
 MATRICES_ONLY = {"po_spectralsphere"}
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, vocab: int = 16, width: int = 12):
     import torch
     from torch import nn
 
     class Tiny(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embed = nn.Embedding(16, 8)
-            self.proj = nn.Linear(8, 12)
-            self.down = nn.Linear(12, 8, bias=False)
+            self.embed = nn.Embedding(vocab, 8)
+            self.proj = nn.Linear(8, width)
+            self.down = nn.Linear(width, 8, bias=False)
             self.norm = nn.LayerNorm(8)
-            self.lm_head = nn.Linear(8, 16, bias=False)
+            self.lm_head = nn.Linear(8, vocab, bias=False)
 
         def forward(self, ids):
             hidden = self.down(torch.relu(self.proj(self.embed(ids))))
@@ -75,7 +75,8 @@ def _step(model, optimizer, scheduler, k: int) -> float:
     random.seed(k)
     np.random.seed(k)
     torch.manual_seed(k)
-    ids = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(100 + k))
+    vocab = model.embed.num_embeddings
+    ids = torch.randint(0, vocab, (4, 6), generator=torch.Generator().manual_seed(100 + k))
     logits = model(ids)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
     optimizer.zero_grad(set_to_none=True)
@@ -144,6 +145,20 @@ def test_measured_state_bytes_equal_the_real_state(name):
         real = max(real, optiplug.optimizer_state_bytes(optimizer))
     assert entry.state_bytes is not None
     assert entry.state_bytes(shapes, cfg) == real
+
+
+@pytest.mark.parametrize("name", sorted(PREFIX + source for source in STAND_IN_REVIEWED))
+def test_stand_in_state_bytes_scale_to_parameters_wider_than_the_stand_ins(name):
+    """Measured on stand-ins cut to 67 and 71 and scaled per element: exact for weights of 96 x 8 and 80 x 8."""
+    warnings.simplefilter("ignore")
+    model = tiny_model(name, vocab=96, width=80)
+    optimizer, scheduler = _build(name, model)
+    real = 0
+    for k in range(STEPS):
+        _step(model, optimizer, scheduler, k)
+        real = max(real, optiplug.optimizer_state_bytes(optimizer))
+    cfg = optiplug.parse_optimizer(name, **RUN_FIELDS.get(name, {}))
+    assert stand_in_state_bytes(optiplug.ParamShape.of_model(model), cfg) == real
 
 
 @pytest.mark.parametrize("name", ["po_lion", "po_adamw", "po_adafactor", "po_came", "po_soap", "po_prodigy", "po_muon"])

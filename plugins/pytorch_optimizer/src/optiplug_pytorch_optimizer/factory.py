@@ -309,10 +309,16 @@ def _state_layout(
     optimizer, params = _optimizer_on(spec, cfg, cut, "cpu", seed)
     _run(spec, optimizer, _steps(spec, cfg), lambda _: None)
     state = optimizer.state_dict()["state"]
+    # state_dict numbers the parameters in group order; map each back to its place in ``shapes``
+    ordered = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    index_of = {ordered.index(id(p)): position for position, p in enumerate(params)}
+    # keys that are no parameter's (SPAM keeps its step counters in the state) hold plain values, or the total
+    # check below fails
+    by_position = {index_of[index]: value for index, value in state.items() if index in index_of}
     layouts = []
     total = 0
-    for index in range(len(params)):
-        leaves = _leaves(state.get(index, {}))
+    for position in range(len(params)):
+        leaves = _leaves(by_position.get(position, {}))
         layouts.append({path: (tuple(t.shape), t.element_size()) for path, t in leaves})
         total += sum(t.numel() * t.element_size() for _, t in leaves)
     if total != optiplug.optimizer_state_bytes(optimizer):
@@ -323,9 +329,10 @@ def _state_layout(
 def stand_in_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: Any) -> int:
     """The state from real steps on small CPU stand-ins (each dimension cut to 67, then to 71), scaled per element.
 
-    Exact when every state tensor either has its parameter's shape (scaled to the full parameter) or
-    a shape that does not change with the parameter's size (taken as it is); anything else (factored
-    or low-rank statistics) raises :class:`Unknown`.
+    Exact when every state tensor either has as many elements as its parameter at both stand-in sizes
+    (scaled to the full parameter) or a shape that does not change with the parameter's size (taken as
+    it is), and the layout does not change with the values (checked with a second seed); anything else
+    (factored or low-rank statistics) raises :class:`Unknown`.
     """
     spec = specs()[cfg.name]
     if spec.source not in STAND_IN_REVIEWED:
@@ -340,7 +347,7 @@ def stand_in_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: Any) -> int
         cuts = [tuple(min(d, size) for d in shape.shape) for size in _STAND_INS]
         for path, (shape_a, itemsize) in a.items():
             shape_b = b[path][0]
-            if shape_a == cuts[0] and shape_b == cuts[1]:
+            if math.prod(shape_a) == math.prod(cuts[0]) and math.prod(shape_b) == math.prod(cuts[1]):
                 total += math.prod(shape.shape) * itemsize
             elif shape_a == shape_b:
                 total += math.prod(shape_a) * itemsize
