@@ -15,8 +15,8 @@ from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_ar
 
 NAMES = ["schedule_free_adamw", "schedule_free_sgd", "schedule_free_radam"]
 SETTINGS = {
-    "schedule_free_adamw": {"lr": 1e-2, "warmup_steps": 3, "weight_decay": 0.01},
-    "schedule_free_sgd": {"lr": 0.5, "warmup_steps": 3, "weight_decay": 0.01},
+    "schedule_free_adamw": {"lr": 1e-2, "warmup_steps": 6, "weight_decay": 0.01},
+    "schedule_free_sgd": {"lr": 0.5, "warmup_steps": 6, "weight_decay": 0.01},
     "schedule_free_radam": {"lr": 1e-2, "weight_decay": 0.01},
 }
 

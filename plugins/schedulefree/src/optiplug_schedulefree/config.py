@@ -57,7 +57,7 @@ class ScheduleFreeRAdamConfig(_ScheduleFreeAdamFamily):
     lr: optiplug.LearningRate = 2.5e-3
     silent_sgd_phase: bool = Field(
         True,
-        description="While RAdam's rectification is undefined (the first ~5 steps at beta2 0.999), take no step; "
+        description="While RAdam's rectification is undefined (the first 4 steps at beta2 0.999), take no step; "
         "false: take plain SGD steps.",
     )
 
