@@ -80,6 +80,43 @@ def test_resume_every_optimizer_reproduces_the_uninterrupted_run(name, tmp_path)
         assert loss == reference[step], f"{name}: step {step}: resumed {loss} != uninterrupted {reference[step]}"
 
 
+TWO_GROUPS = [{"match": "embed_tokens", "lr_scale": 0.5}, {"match": "lm_head", "lr_scale": 2.0, "name": "head"}]
+
+
+@pytest.mark.parametrize("name", every_optimizer())
+def test_two_parameter_groups_keep_their_rates_and_resume_exactly(name, tmp_path):
+    """optimizer.param_groups for every optimizer: honoured (the scheduler keeps each group's rate in
+    proportion, logged as lr/<label>) and resumed exactly, or refused with a sentence naming it."""
+    steps = 6
+
+    def trainer(path, **overrides):
+        return optiplug.OptiTrainer(
+            model=tiny_llama(seed=0),
+            args=training_args(path, max_steps=steps, **overrides),
+            train_dataset=TokenBlocks(n=32, distinct=4),
+            optimizer={"name": name, "param_groups": TWO_GROUPS},
+            scheduler={"name": "cosine", "warmup_steps": 2},
+        )
+
+    full = trainer(tmp_path / "full", save_strategy="steps", save_steps=steps // 2)
+    try:
+        full.train()
+    except optiplug.ConfigError as error:
+        plugin = next(r.plugin for r in optiplug.list_optimizers() if r.name == name)
+        assert plugin not in FIRST_PARTY and not plugin.startswith("optiplug:"), f"{name}: {error}"
+        assert "optimizer.param_groups" in str(error), f"{name}: a refusal must name optimizer.param_groups"
+        pytest.skip(f"{name} refuses optimizer.param_groups: {error}")
+    records = [r for r in full.state.log_history if "loss" in r]
+    for label in ("lr/embed_tokens", "lr/head"):
+        ratios = [r[label] / r["lr/default"] for r in records[1:]]
+        assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-9), f"{name}: {label} not in proportion"
+    reference = logged_losses(full)
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{steps // 2}"))
+    after = {step: loss for step, loss in logged_losses(resumed).items() if step > steps // 2}
+    assert after == {step: reference[step] for step in range(steps // 2 + 1, steps + 1)}, name
+
+
 FIRST_PARTY = {"optiplug-badam", "optiplug-galore", "optiplug-loraplus"}
 # Optimizers of this repository that these plain-model tests may skip, and why (their tests live elsewhere).
 EXPECTED_REFUSALS = {"loraplus": "trains LoRA adapters only: covered on a LoRA model in tests/test_adapters.py"}

@@ -183,16 +183,21 @@ def apply_group_rules(
                 "parameters of different optimizer.param_groups entries), so optimizer.param_groups cannot apply "
                 "to it: remove optimizer.param_groups or choose another optimizer"
             )
-        (index,) = owners
-        if index is None:
+        (owner,) = owners
+        if owner is None:
             group[GROUP_KEY] = DEFAULT_GROUP
             continue
-        rule = rules[index]
+        index, rule = owner, rules[owner]
         group[GROUP_KEY] = rule.label
         for key, value in rule.options.items():
             if key != "weight_decay":
                 group[key] = value
         if rule.lr_scale is not None:
+            if "lr" not in group:
+                raise ConfigError(
+                    f"optimizer.param_groups[{index}].lr_scale: optimizer {name!r} keeps no learning rate in its "
+                    "groups, so there is nothing to scale: remove lr_scale"
+                )
             group["lr"] = group["lr"] * rule.lr_scale
 
 

@@ -57,6 +57,11 @@ def check(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> None:
             f"badam: mode 'layer' trains distributed only under DeepSpeed ZeRO-3, not {where.upper()}: launch with "
             "a DeepSpeed config whose zero_optimization.stage is 3"
         )
+    elif where == "deepspeed" and cfg.param_groups:
+        raise optiplug.ConfigError(
+            "badam: optimizer.param_groups is not supported under DeepSpeed ZeRO-3 (badam re-partitions its "
+            "groups at every switch): remove optimizer.param_groups"
+        )
     elif where == "deepspeed" and ctx.deepspeed_stage != 3:
         raise optiplug.ConfigError(
             f"badam: mode 'layer' under DeepSpeed needs ZeRO stage 3, not stage {ctx.deepspeed_stage}: set "

@@ -108,6 +108,9 @@ class BlockAdamW(BlockOptimizer):
         self.defaults = base_optimizer.defaults
         self.ds_zero3_enabled = is_deepspeed_zero3_enabled()
         self.param_groups = base_optimizer.param_groups
+        # Each active parameter's master copy goes into the base group of the outer group that holds
+        # the parameter: the groups (and optimizer.param_groups' rates and options) survive every switch.
+        self._outer_group = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         self.lora_mode = any("lora" in name for name, _ in self.named_parameters_list)
         self.block_order: list[int] = []
         self.switches: list[tuple[int, int]] = []
@@ -192,8 +195,7 @@ class BlockAdamW(BlockOptimizer):
     def _switch_trainable_params_single_gpu(self, verbose: int | None = 0) -> None:
         self.param_idx2lp: dict[int, torch.nn.Parameter] = {}
         self.param_idx2hp: dict[int, torch.Tensor] = {}
-        decay: list[torch.Tensor] = []
-        no_decay: list[torch.Tensor] = []
+        buckets: list[list[torch.Tensor]] = [[] for _ in self.param_groups]
         for i, (name, param) in enumerate(self.named_parameters_list):
             if not in_block(name, self.active_param_prefixs):
                 param.requires_grad_(False)
@@ -206,11 +208,19 @@ class BlockAdamW(BlockOptimizer):
             master = param if param.dtype == torch.float32 else param.detach().float().requires_grad_(True)
             self.param_idx2lp[i] = param
             self.param_idx2hp[i] = master
-            (decay if name in self.decay_names else no_decay).append(master)
+            buckets[self._outer_group[id(param)]].append(master)
         self.base_optimizer.param_groups = [
-            {**self.defaults, "params": decay, "weight_decay": self.weight_decay},
-            {**self.defaults, "params": no_decay, "weight_decay": 0.0},
+            {**self.defaults, **_hyperparameters([group])[0], "params": params}
+            for group, params in zip(self.param_groups, buckets)
         ]
+
+    def _update_lr(self) -> None:
+        # badam copies the first group's rate to every base group; each base group follows its own outer group.
+        if self.ds_zero3_enabled:
+            super()._update_lr()
+            return
+        for group, outer in zip(self.base_optimizer.param_groups, self.param_groups):
+            group["lr"] = outer["lr"]
 
     def _pairs(self) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
         lows = getattr(self, "param_idx2lp", {})

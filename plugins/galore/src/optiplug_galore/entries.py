@@ -29,21 +29,21 @@ _GALORE_KEYS = (
 
 
 def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str, Any]]:
-    """Non-projected then projected parameters, each split into decay and no-decay (empty groups dropped).
+    """Non-projected then projected parameters, each split as ``ctx.param_groups`` splits them (decay and
+    no-decay, and the user's ``optimizer.param_groups``); empty groups dropped.
 
     Projected groups carry the GaLore settings (``rank``, ``update_proj_gap``, ...).
     """
-    targets = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
-    decay = ctx.decay_parameter_names()
-    buckets: dict[tuple[bool, bool], list] = {(t, d): [] for t in (False, True) for d in (True, False)}
-    for name, param in ctx.named_parameters():
-        buckets[(name in targets, name in decay)].append(param)
+    names = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
+    targets = {id(param) for name, param in ctx.named_parameters() if name in names}
     galore = {key: getattr(cfg, key) for key in _GALORE_KEYS}
+    base = ctx.param_groups(cfg.weight_decay)
     groups = []
-    for (targeted, decays), params in buckets.items():
-        if params:
-            group = {"params": params, "weight_decay": cfg.weight_decay if decays else 0.0}
-            groups.append({**group, **galore} if targeted else group)
+    for targeted in (False, True):
+        for group in base:
+            params = [param for param in group["params"] if (id(param) in targets) == targeted]
+            if params:
+                groups.append({**group, "params": params, **(galore if targeted else {})})
     return groups
 
 

@@ -15,12 +15,13 @@ Importing this module does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import Field
 
 import optiplug
+import optiplug.params
 
 __all__ = ["LoraPlusConfig", "build_loraplus", "check_loraplus", "loraplus_groups", "state_bytes"]
 
@@ -49,30 +50,33 @@ def _kind(name: str, ndim: int) -> str:
 
 
 def loraplus_groups(
-    named_parameters: Iterable[tuple[str, Any]], decay_names: set[str], cfg: LoraPlusConfig
+    named_parameters: Iterable[tuple[str, Any]],
+    decay_names: set[str],
+    cfg: LoraPlusConfig,
+    base_groups: Sequence[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The LoRA+ parameter groups of the trainable ``named_parameters`` (empty groups dropped).
 
     Each group has ``name`` (``lora_A``, ``lora_B``, ``embedding``, with ``_no_decay`` for the
-    groups without weight decay), ``lr`` and ``weight_decay``.
+    groups without weight decay), ``lr`` and ``weight_decay``. ``base_groups`` are the groups to
+    split by kind (``ctx.param_groups``, which carries the user's ``optimizer.param_groups``);
+    by default the decay and no-decay groups. A base group's own ``lr`` is its ``lora_A`` rate.
     """
-    rates = {"lora_A": cfg.lr, "lora_B": cfg.lr * cfg.lr_ratio, "embedding": cfg.embedding_lr}
-    groups: dict[str, dict[str, Any]] = {}
-    for kind in rates:
-        for decay in (True, False):
-            name = kind if decay else f"{kind}_no_decay"
-            groups[name] = {
-                "name": name,
-                "params": [],
-                "lr": rates[kind],
-                "weight_decay": cfg.weight_decay if decay else 0.0,
-            }
-    for name, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        kind = _kind(name, param.ndim)
-        groups[kind if name in decay_names else f"{kind}_no_decay"]["params"].append(param)
-    return [group for group in groups.values() if group["params"]]
+    named = [(name, param) for name, param in named_parameters if param.requires_grad]
+    if base_groups is None:
+        base_groups = optiplug.params.param_groups(named, decay_names, cfg.weight_decay)
+    names = {id(param): name for name, param in named}
+    groups: list[dict[str, Any]] = []
+    for kind in ("lora_A", "lora_B", "embedding"):
+        for base in base_groups:
+            params = [p for p in base["params"] if _kind(names[id(p)], p.ndim) == kind]
+            if not params:
+                continue
+            lr = base.get("lr", cfg.lr)
+            rate = {"lora_A": lr, "lora_B": lr * cfg.lr_ratio, "embedding": cfg.embedding_lr}[kind]
+            name = kind if names[id(params[0])] in decay_names else f"{kind}_no_decay"
+            groups.append({**base, "name": name, "params": params, "lr": rate})
+    return groups
 
 
 def check_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig) -> None:
@@ -93,7 +97,9 @@ def build_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig):
     """torch's AdamW over :func:`loraplus_groups`."""
     import torch
 
-    groups = loraplus_groups(ctx.named_parameters(), ctx.decay_parameter_names(), cfg)
+    groups = loraplus_groups(
+        ctx.named_parameters(), ctx.decay_parameter_names(), cfg, ctx.param_groups(cfg.weight_decay)
+    )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
