@@ -214,3 +214,28 @@ def test_transformers_own_schedule_free_saves_y_which_the_plugin_fixes(tmp_path)
     assert all(torch.equal(saved[n], p) for n, p in plain.model.named_parameters())  # y, the training point
     plain.optimizer.eval()
     assert any(not torch.equal(saved[n], p) for n, p in plain.model.named_parameters())  # not x
+
+
+def test_optimizer_param_groups_get_their_rates_and_resume_exactly(tmp_path):
+    """optiplug's ``optimizer.param_groups`` rules reach schedule-free's groups (it builds from ctx.param_groups)."""
+    rules = [{"match": "embed_tokens", "lr_scale": 0.5}, {"match": "lm_head", "lr_scale": 2.0, "name": "head"}]
+
+    def trainer(out, **args):
+        return optiplug.OptiTrainer(
+            model=tiny_llama(seed=0),
+            args=training_args(out, max_steps=6, **args),
+            train_dataset=TokenBlocks(n=32, distinct=4),
+            optimizer={"name": "schedule_free_adamw", "lr": 1e-2, "warmup_steps": 2, "param_groups": rules},
+            scheduler="constant",
+        )
+
+    full = trainer(tmp_path / "full", save_strategy="steps", save_steps=3)
+    full.train()
+    raw = schedule_free_optimizer(full.optimizer)
+    rates = sorted(group["scheduled_lr"] for group in raw.param_groups)
+    assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 2e-2])  # embedding, the decay and no-decay rest, head
+    reference = logged_losses(full)
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    after = {step: loss for step, loss in logged_losses(resumed).items() if step > 3}
+    assert after == {step: reference[step] for step in range(4, 7)}
