@@ -4,12 +4,13 @@ Each run is a fresh process (so peaks do not mix): the ``100M`` model (88.1M par
 2048, hidden 768, MLP 2048, 12 layers) in bfloat16, an OptiTrainer, batch 4 x 128 tokens, 3 steps
 (the first draws every projection), gradient clipping at 1.0. GaLore and APOLLO at their defaults
 (rank 128 on every attention and MLP weight; APOLLO's random projection, channel-wise scaling);
-APOLLO-Mini rank 1, tensor-wise; SGD with momentum 0.9 (one buffer per parameter: the yardstick
+APOLLO-Mini rank 1, tensor-wise, also with the core's layerwise stepping (each gradient freed
+as soon as its parameter is stepped); SGD with momentum 0.9 (one buffer per parameter: the yardstick
 of APOLLO's "SGD-like memory"). The child measures the optimizer state (every tensor of
 ``state_dict()["state"]``), the entry's analytic ``state_bytes`` of the same shapes (they must be
 equal) and its peak RSS after building the model (the baseline); the parent measures the whole
 run's peak (``wait4``). The difference is what training added: gradients, optimizer state,
-activations and temporaries. Analytic rows for Llama-2-7B's shapes (meta device) follow.
+activations and temporaries. ``apollo_state_bytes.py`` compares the state at Llama-2-7B's shapes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RUNS = [
     ("galore_adamw (rank 128)", {"name": "galore_adamw", "lr": 1e-3}),
     ("apollo_adamw (rank 128)", {"name": "apollo_adamw", "lr": 1e-3}),
     ("apollo_mini (rank 1)", {"name": "apollo_mini", "lr": 1e-3}),
+    ("apollo_mini (rank 1), layerwise", {"name": "apollo_mini", "lr": 1e-3, "layerwise": True}),
 ]
 CHILD = """
 import json, tempfile
