@@ -124,7 +124,7 @@ def config_class(spec: Spec) -> type[BridgedConfig]:
     model: type[BridgedConfig] = create_model(
         "Po" + "".join(part.capitalize() for part in spec.source.split("_")) + "Config",
         __base__=BridgedConfig,
-        __doc__=f"{spec.summary} (pytorch-optimizer's {spec.cls.split(':')[1]}, bridged).",
+        __doc__=f"pytorch-optimizer's {spec.cls.replace(':', '.')}: fields generated from its constructor.",
         __module__=__name__,
         **fields,
     )
