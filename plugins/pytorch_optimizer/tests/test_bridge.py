@@ -87,14 +87,29 @@ def test_every_generated_config_builds_with_its_defaults_and_has_a_json_schema()
 
 
 def test_schema_show_and_validate_through_the_command_line():
-    schema = subprocess.run(["optiplug", "schema"], capture_output=True, text=True, check=True).stdout
+    schema = subprocess.run(
+        [sys.executable, "-m", "optiplug", "schema"], capture_output=True, text=True, check=True
+    ).stdout
     assert '"po_lion"' in schema and '"po_rex"' in schema
-    show = subprocess.run(["optiplug", "show", "po_soap"], capture_output=True, text=True, check=True).stdout
+    show = subprocess.run(
+        [sys.executable, "-m", "optiplug", "show", "po_soap"], capture_output=True, text=True, check=True
+    ).stdout
     assert "precondition_frequency" in show and "pytorch-optimizer" in show
     for example in ("pytorch-optimizer-lion.yaml", "pytorch-optimizer-muon-rex.yaml"):
-        subprocess.run(["optiplug", "validate", str(REPO / "examples" / example)], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "optiplug", "validate", str(REPO / "examples" / example)],
+            check=True,
+            capture_output=True,
+        )
     checked = subprocess.run(
-        ["optiplug", "validate", str(REPO / "examples" / "pytorch-optimizer-lion.yaml"), "optimizer.name=po_lionn"],
+        [
+            sys.executable,
+            "-m",
+            "optiplug",
+            "validate",
+            str(REPO / "examples" / "pytorch-optimizer-lion.yaml"),
+            "optimizer.name=po_lionn",
+        ],
         capture_output=True,
         text=True,
     )

@@ -17,7 +17,13 @@ import warnings
 import pytest
 from optiplug_pytorch_optimizer import NO_ESTIMATE
 from optiplug_pytorch_optimizer.catalogue import PREFIX, specs
-from optiplug_pytorch_optimizer.factory import STAND_IN_REVIEWED, Unknown, measured_state_bytes, stand_in_state_bytes
+from optiplug_pytorch_optimizer.factory import (
+    BFLOAT16_NAN,
+    STAND_IN_REVIEWED,
+    Unknown,
+    measured_state_bytes,
+    stand_in_state_bytes,
+)
 
 import optiplug
 
@@ -145,6 +151,24 @@ def test_measured_state_bytes_equal_the_real_state(name):
         real = max(real, optiplug.optimizer_state_bytes(optimizer))
     assert entry.state_bytes is not None
     assert entry.state_bytes(shapes, cfg) == real
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_with_bfloat16_weights(name):
+    """Nothing listed fails in its first steps with bfloat16 weights either: it steps, or its check refuses."""
+    import torch
+
+    warnings.simplefilter("ignore")
+    model = tiny_model(name).to(torch.bfloat16)
+    try:
+        optimizer, scheduler = _build(name, model)
+    except optiplug.ConfigError as error:
+        assert name.removeprefix(PREFIX) in BFLOAT16_NAN, f"{name}: {error}"
+        assert "bfloat16" in str(error)
+        return
+    losses = [_step(model, optimizer, scheduler, k) for k in range(RESUME_AT)]
+    assert all(math.isfinite(loss) for loss in losses), f"{name}: {losses}"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), name
 
 
 @pytest.mark.parametrize("name", sorted(PREFIX + source for source in STAND_IN_REVIEWED))

@@ -31,7 +31,7 @@ NO_ESTIMATE: dict[str, str] = {
     "swats": "a momentum buffer created when it switches from Adam to SGD, which the gradients decide",
 }
 # Optimizers with a check: fields the run must fill in, or parameters they refuse.
-CHECKED = {"ranger21", "spectralsphere", "muon", "adamuon", "adago", "normuon"}
+CHECKED = {"adai", "ranger21", "spectralsphere", "muon", "adamuon", "adago", "normuon"}
 
 
 def build(ctx: optiplug.BuildContext, cfg: Any) -> Any:

@@ -38,6 +38,13 @@ FROM_RUN = {"num_iterations"}
 # Optimizers whose state grows over the first steps: the estimate runs this field's value + 2 steps.
 GROWS_FOR = {"adashift": "keep_num"}
 _MAXLEN = ".maxlen"
+# Optimizers that keep their state in the weights' dtype and give NaN with bfloat16 weights.
+BFLOAT16_NAN = {
+    "adai": (
+        "Adai keeps its state in the weights' dtype, and with bfloat16 weights its bias correction underflows to a "
+        "division by zero (NaN weights from the first steps): train in float32 (model.dtype: float32)"
+    )
+}
 
 
 def _import(path: str) -> Any:
@@ -144,6 +151,11 @@ def check(ctx: optiplug.BuildContext, cfg: Any) -> None:
     for field in spec.fields:
         if field.get("required") and getattr(cfg, field["name"]) is None:
             _from_run(spec, field["name"], ctx)
+    if spec.source in BFLOAT16_NAN:
+        import torch
+
+        if any(p.dtype == torch.bfloat16 for _, p in ctx.named_parameters()):
+            raise optiplug.ConfigError(f"{spec.name}: {BFLOAT16_NAN[spec.source]}")
     if spec.source == "spectralsphere":
         flat = [name for name, p in ctx.named_parameters() if p.ndim != 2]
         if flat:
