@@ -32,8 +32,9 @@ ALL_LINEAR = "all-linear"
 _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 NO_DECAY_RULE = (
-    "no weight decay on biases, on the weights of LayerNorm modules, and on parameters whose lower-cased "
-    "names contain 'layernorm', 'rmsnorm', '.norm.' or '_norm' (transformers' Trainer.get_decay_parameter_names)"
+    "0 on the parameters of nn.LayerNorm modules and on every parameter whose lower-cased name contains "
+    "'bias', 'layernorm', 'rmsnorm' or '_norm', or has a 'norm' component ('model.norm.weight'); "
+    "the optimizer's weight_decay on the rest (transformers' Trainer.get_decay_parameter_names)"
 )
 """The default no-decay rule, in words (``optiplug show`` and the docs print it)."""
 

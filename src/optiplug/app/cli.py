@@ -37,6 +37,9 @@ def train(
         help="A YAML run config (default: the embedded tiny run), then overrides.",
     ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (delegates to torchrun)."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check the config, print the optimizer's parameter groups, and stop."
+    ),
 ) -> None:
     """Train: the embedded tiny model and corpus by default, or what CONFIG says.
 
@@ -49,6 +52,13 @@ def train(
     from optiplug.app.config import load_config
 
     config = load_config(path, overrides)  # validate before starting anything
+    if dry_run:
+        from optiplug.app.validation import check_training_section
+
+        check_training_section(config)
+        _print_groups(config)
+        typer.echo("optiplug: dry run, nothing trained", err=True)
+        return
     if nproc > 1:
         from optiplug.app.launch import relaunch_with_torchrun
 
@@ -116,6 +126,7 @@ def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")
     """Show the config fields (type, default, description), plugin and required packages of NAME."""
     from pydantic_core import PydanticUndefined
 
+    from optiplug.configs import OptimizerConfig
     from optiplug.errors import UnknownNameError
     from optiplug.registry import lookup, optimizer_names, scheduler_names
 
@@ -138,7 +149,9 @@ def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")
     if row.entry.requires:
         typer.echo(f"  requires: {', '.join(row.entry.requires)}")
     typer.echo("fields:")
-    for field_name, field in config.model_fields.items():
+    common = OptimizerConfig.model_fields if row.kind == "optimizer" else {}
+    # the fields every optimizer has (param_groups, ...) after the optimizer's own
+    for field_name, field in sorted(config.model_fields.items(), key=lambda item: item[0] in common):
         if field_name == "name":
             continue
         default = field.default
@@ -148,6 +161,10 @@ def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")
         if field.description:
             line += f"  # {field.description}"
         typer.echo(line)
+    if row.kind == "optimizer":
+        from optiplug.params import NO_DECAY_RULE
+
+        typer.echo(f"weight decay: {NO_DECAY_RULE}.")
 
 
 @app.command()
@@ -163,8 +180,15 @@ def schema(
 @app.command()
 def validate(
     items: list[str] = typer.Argument(..., metavar="CONFIG [KEY=VALUE]...", help="A YAML run config, then overrides."),
+    groups: bool = typer.Option(
+        False, "--groups", help="Also build the optimizer on the model and print its parameter groups."
+    ),
 ) -> None:
-    """Check every section of a config (the training section against TrainingArguments) without training."""
+    """Check every section of a config (the training section against TrainingArguments) without training.
+
+    With --groups the model is loaded and the optimizer built: each parameter group is printed
+    (optimizer.param_groups label, pattern, tensors, parameters, lr, weight decay).
+    """
     from optiplug.app.config import split_config_and_overrides
 
     path, overrides = split_config_and_overrides(items)
@@ -175,7 +199,15 @@ def validate(
 
     config = load_config(path, overrides)
     check_training_section(config)
+    if groups:
+        _print_groups(config)
     typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name})")
+
+
+def _print_groups(config: Any) -> None:
+    from optiplug.app.groups import group_rows, groups_table
+
+    typer.echo(groups_table(config, group_rows(config)))
 
 
 @app.command()
@@ -208,11 +240,12 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 
 def _register_commands() -> None:
-    """``estimate`` and ``compare`` live in their own modules (imported here; they import torch lazily)."""
-    from optiplug.app import compare, estimate
+    """``estimate``, ``compare`` and ``schedule`` live in their own modules (they import torch lazily)."""
+    from optiplug.app import compare, estimate, schedule
 
     app.command("estimate")(estimate.command)
     app.command("compare")(compare.command)
+    app.command("schedule")(schedule.command)
 
 
 _register_commands()

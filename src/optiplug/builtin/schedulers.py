@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from optiplug.configs import SchedulerConfig
 from optiplug.context import ScheduleContext
 from optiplug.entries import SchedulerEntry
+from optiplug.errors import ConfigError
 from optiplug.hookspecs import hookimpl
 
 DEFAULT = "cosine"
@@ -96,14 +97,48 @@ class CosineWithMinLrConfig(_Warmup):
 
 
 class WarmupStableDecayConfig(_Warmup):
-    """Warmup, a stable phase, then decay (WSD)."""
+    """Warmup, a stable phase, then decay (WSD).
+
+    The lengths come from the run's total steps unless given: decay ``decay_steps`` (default
+    ``ceil(decay_ratio x total)``, 10%), stable what is left after warmup and decay (or
+    ``stable_steps``; steps after warmup + stable + decay stay at the floor).
+    """
 
     name: Literal["warmup_stable_decay"] = "warmup_stable_decay"
     decay_ratio: float = Field(0.1, gt=0, le=1, description="Fraction of the training steps spent decaying.")
+    decay_steps: int | None = Field(None, ge=1, description="Decay steps (instead of decay_ratio).")
+    stable_steps: int | None = Field(
+        None, ge=0, description="Stable steps (default: the total minus warmup and decay)."
+    )
     warmup_type: Literal["linear", "cosine", "1-sqrt"] = "linear"
     decay_type: Literal["linear", "cosine", "1-sqrt"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Floor as a fraction of the peak: where warmup starts and decay ends."
+    )
     num_cycles: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _one_decay_length(self):
+        if self.decay_steps is not None and "decay_ratio" in self.model_fields_set:
+            raise ValueError("set decay_steps or decay_ratio, not both")
+        return self
+
+    def lengths(self, ctx: ScheduleContext) -> tuple[int, int, int]:
+        """``(warmup, stable, decay)`` steps for this run."""
+        import math
+
+        warmup = self.warmup(ctx)
+        if self.decay_steps is not None:
+            decay = self.decay_steps
+        else:
+            decay = math.ceil(self.decay_ratio * ctx.num_training_steps)
+        stable = self.stable_steps if self.stable_steps is not None else ctx.num_training_steps - warmup - decay
+        if stable < 0:
+            raise ConfigError(
+                f"scheduler 'warmup_stable_decay': warmup ({warmup}) and decay ({decay}) steps exceed the run's "
+                f"{ctx.num_training_steps} steps: shorten them or train longer"
+            )
+        return warmup, stable, decay
 
 
 class ReduceLROnPlateauConfig(SchedulerConfig):
@@ -173,15 +208,14 @@ def build_cosine_with_min_lr(ctx: ScheduleContext, cfg: CosineWithMinLrConfig):
 
 
 def build_wsd(ctx: ScheduleContext, cfg: WarmupStableDecayConfig):
-    import math
-
     from transformers.optimization import get_wsd_schedule
 
+    warmup, stable, decay = cfg.lengths(ctx)
     return get_wsd_schedule(
         ctx.optimizer,
-        num_warmup_steps=cfg.warmup(ctx),
-        num_decay_steps=math.ceil(cfg.decay_ratio * ctx.num_training_steps),
-        num_training_steps=ctx.num_training_steps,
+        num_warmup_steps=warmup,
+        num_decay_steps=decay,
+        num_stable_steps=stable,
         warmup_type=cfg.warmup_type,
         decay_type=cfg.decay_type,
         min_lr_ratio=cfg.min_lr_ratio,
