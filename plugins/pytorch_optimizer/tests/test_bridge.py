@@ -158,6 +158,20 @@ def test_checks_refuse_before_the_first_step_with_what_to_change(tmp_path):
         optiplug.build_optimizer(model, {"name": "po_muon", "param_groups": [{"match": "lm_head", "lr_scale": 2}]})
 
 
+def test_estimate_is_unknown_with_per_group_options_and_measured_without():
+    from optiplug_pytorch_optimizer.factory import Unknown
+
+    shapes = optiplug.ParamShape.of_model(tiny_llama())
+    entry = optiplug.get_entry("po_sgdw")
+    plain = entry.state_bytes(shapes, _cfg("po_sgdw", momentum=0.9))
+    scaled = entry.state_bytes(
+        shapes, _cfg("po_sgdw", momentum=0.9, param_groups=[{"match": "lm_head", "lr_scale": 2}])
+    )
+    assert plain == scaled > 0
+    with pytest.raises(Unknown, match="per-group options"):
+        entry.state_bytes(shapes, _cfg("po_sgdw", param_groups=[{"match": "lm_head", "momentum": 0.5}]))
+
+
 def _cfg(name: str, **fields):
     return optiplug.parse_optimizer(name, **fields)
 

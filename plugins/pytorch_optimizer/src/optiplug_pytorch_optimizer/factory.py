@@ -291,6 +291,7 @@ def _run(spec: Spec, optimizer: Any, steps: int, measure: Any) -> list[Any]:
 def meta_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: Any) -> int:
     """The state measured by stepping the real optimizer on ``meta`` tensors (raises :class:`Unknown`)."""
     spec = specs()[cfg.name]
+    _refuse_group_options(spec, cfg)
     optimizer, _ = _optimizer_on(spec, cfg, shapes, "meta")
     try:
         sizes = _run(spec, optimizer, _steps(spec, cfg), optiplug.optimizer_state_bytes)
@@ -347,6 +348,7 @@ def stand_in_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: Any) -> int
     (factored or low-rank statistics) raises :class:`Unknown`.
     """
     spec = specs()[cfg.name]
+    _refuse_group_options(spec, cfg)
     if spec.source not in STAND_IN_REVIEWED:
         raise Unknown(f"{spec.name}: not reviewed for stand-in measurement")
     first, second = (_state_layout(spec, cfg, shapes, size) for size in _STAND_INS)
@@ -393,6 +395,13 @@ _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\
 def _decays(shape: optiplug.ParamShape) -> bool:
     """transformers' weight-decay rule (as BuildContext.param_groups applies it) from a name and module type."""
     return shape.module_type != "LayerNorm" and not _NO_DECAY.search(shape.name.lower())
+
+
+def _refuse_group_options(spec: Spec, cfg: Any) -> None:
+    """Per-group optimizer options (``optimizer.param_groups`` extras such as ``momentum``) may change the state."""
+    extras = sorted({key for rule in getattr(cfg, "param_groups", ()) for key in (rule.model_extra or {})})
+    if extras:
+        raise Unknown(f"{spec.name}: per-group options {extras} in optimizer.param_groups are not measured")
 
 
 def _maybe_muon_subclass(module_type: str) -> bool:
