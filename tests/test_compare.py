@@ -76,6 +76,8 @@ def test_read_run_takes_losses_and_speed_from_the_trainer_state(tmp_path):
     losses = [[h["step"], h["loss"]] for h in state["log_history"] if "loss" in h]
     assert run.ok and run.error is None
     assert run.losses == losses and [step for step, _ in losses] == [1, 2, 3]
+    rates = [[h["step"], h["learning_rate"]] for h in state["log_history"] if "loss" in h]
+    assert run.learning_rates == rates and len(rates) == 3
     assert run.final_loss == losses[-1][1]
     assert run.steps_per_second == state["log_history"][-1]["train_steps_per_second"]
     assert (run.tokens_per_second, run.optimizer_state_bytes, run.peak_rss_bytes) == (1234.5, 4096, 200 * 2**20)
@@ -179,3 +181,21 @@ def test_output_that_is_a_file_is_refused(tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.strip() == f"optiplug: --output: '{afile}' is a file; choose a directory"
+
+
+def test_the_chart_has_a_learning_rate_panel(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from optiplug.app.compare import plot
+
+    shown = {}
+    monkeypatch.setattr(plt, "close", lambda fig: shown.setdefault("fig", fig))
+    runs = [
+        CompareRun("adamw", True, losses=[[1, 5.0], [2, 4.0]], learning_rates=[[1, 0.0], [2, 1e-3]]),
+        CompareRun("sgd", True, losses=[[1, 5.0], [2, 4.5]], learning_rates=[[1, 0.0], [2, 5e-2]]),
+    ]
+    plot(runs, tmp_path / "compare.png", title="t")
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    axes = shown["fig"].axes
+    assert [a.get_title() for a in axes] == ["loss", "learning rate", "optimizer state (MiB)", "peak RSS (MiB)"]
+    assert [list(line.get_ydata()) for line in axes[1].get_lines()] == [[0.0, 1e-3], [0.0, 5e-2]]

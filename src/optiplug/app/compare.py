@@ -148,6 +148,7 @@ class CompareRun:
         wall_seconds: the whole process's wall time (start-up included).
         output_dir: the run's output directory.
         losses: ``[step, loss]`` pairs of the logged training losses.
+        learning_rates: ``[step, learning rate]`` pairs of the same log records (the rate of that step).
     """
 
     optimizer: str
@@ -161,6 +162,7 @@ class CompareRun:
     wall_seconds: float = 0.0
     output_dir: str = ""
     losses: list[list[float]] = field(default_factory=list)
+    learning_rates: list[list[float]] = field(default_factory=list)
 
 
 def train_command(
@@ -213,6 +215,7 @@ def read_run(optimizer: str, output_dir: Path, process: ProcessResult) -> Compar
     state = _read_json(output_dir / "trainer_state.json")
     history = state.get("log_history") or summary.get("log_history") or []
     run.losses = [[h["step"], h["loss"]] for h in history if "loss" in h and "step" in h]
+    run.learning_rates = [[h["step"], h["learning_rate"]] for h in history if "loss" in h and "learning_rate" in h]
     final: dict[str, Any] = next((h for h in reversed(history) if "train_steps_per_second" in h), {})
     run.final_loss = _first(summary, "final_loss")
     if run.final_loss is None and run.losses:
@@ -416,13 +419,15 @@ def write_outputs(
 
 
 def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
-    """Loss curves of the runs, then their optimizer state and peak resident memory as bars."""
+    """Loss curves and learning-rate schedules of the runs, then their optimizer state and peak memory as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, state, rss) = plt.subplots(1, 3, figsize=(14, 4.5), gridspec_kw={"width_ratios": [3, 1.4, 1.4]})
+    fig, (curves, rates, state, rss) = plt.subplots(
+        1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 2, 1.4, 1.4]}
+    )
     for run in runs:
         if run.losses:
             steps, losses = zip(*run.losses)
@@ -435,6 +440,13 @@ def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
                 markersize=3,
             )
     curves.set(xlabel="step", ylabel="training loss", title="loss")
+    for run in runs:
+        if run.learning_rates:
+            steps, values = zip(*run.learning_rates)
+            rates.plot(steps, values, label=run.optimizer, linewidth=1.5, color=f"C{runs.index(run)}")
+    rates.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    rates.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    rates.grid(alpha=0.3)
     curves.grid(alpha=0.3)
     if any(run.losses for run in runs):
         curves.legend()
