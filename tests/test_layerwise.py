@@ -153,6 +153,23 @@ def test_layerwise_outside_a_trainer_counts_backward_passes():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_the_global_norm_is_each_steps_own_when_parameters_skip_a_step():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([a, b], lr=0.1)
+    stepper = optiplug.enable_layerwise(optimizer)
+    (2 * a).sum().backward()  # only a has a gradient: norm sqrt(3 * 2^2)
+    optimizer.step()
+    assert float(stepper.grad_norm()) == pytest.approx(12**0.5)
+    (3 * b).sum().backward()  # only b: sqrt(4 * 3^2) = 6, not added to a's
+    optimizer.step()
+    assert float(stepper.grad_norm()) == pytest.approx(6.0)
+    (a.sum() + 2 * b.sum()).backward()  # both: sqrt(3 + 16)
+    assert float(stepper.grad_norm()) == pytest.approx(19**0.5)
+    (a.sum() + 2 * b.sum()).backward()  # without step() in between, a parameter stepping again starts a new norm
+    assert float(stepper.grad_norm()) == pytest.approx(19**0.5)
+    assert torch.allclose(a, torch.ones(3) - 0.1 * (2 + 1 + 1))
+
+
 def test_layerwise_resume_is_exact_and_the_checkpoint_holds_every_parameters_state(tmp_path):
     from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
 

@@ -99,6 +99,9 @@ def check_layerwise(entry: OptimizerEntry, ctx: BuildContext, cfg: Any) -> None:
 
 def _stepped_in_backward(self: Any, closure: Callable[[], Any] | None = None) -> Any:
     """The optimizer's ``step()`` in layerwise mode: the hooks stepped every parameter during backward."""
+    stepper = self.__dict__.get(_ATTRIBUTE)
+    if stepper is not None:
+        stepper.end_round()
     if closure is None:
         return None
     import torch
@@ -133,8 +136,10 @@ class LayerwiseStepper:
         self.max_grad_norm = max_grad_norm or None
         self.active = True
         self._backward_passes: dict[torch.Tensor, int] = {}
-        self._steps: dict[torch.Tensor, int] = {}
-        self._norm_step = 0
+        # The parameters stepped in this round (one optimizer step) and the sum of their squared norms. A round
+        # ends when step() is called (the Trainer calls it after reading the norm) or a parameter steps again.
+        self._round: set[int] = set()
+        self._round_ended = False
         self._norm_squares: torch.Tensor | None = None
         self._groups: dict[torch.Tensor, int] = {}
         self._step_parameters = getattr(optimizer, "step_parameters", None)
@@ -161,16 +166,16 @@ class LayerwiseStepper:
             boundary = self._backward_passes[p] % self.accumulation_steps == 0
         if not boundary or p.grad is None:
             return
-        step = self._steps[p] = self._steps.get(p, 0) + 1
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad])
         square = norm.detach().float().square()
-        if step > self._norm_step or self._norm_squares is None:
-            self._norm_step, self._norm_squares = step, square
+        if self._round_ended or id(p) in self._round or self._norm_squares is None:
+            self._round, self._round_ended, self._norm_squares = set(), False, square
         else:
             self._norm_squares = self._norm_squares + square
+        self._round.add(id(p))
         self.step_parameter(p)
         p.grad = None
 
@@ -194,6 +199,10 @@ class LayerwiseStepper:
         finally:
             group["params"] = params
             optimizer.param_groups = groups
+
+    def end_round(self) -> None:
+        """The optimizer step is over: the next parameter stepped starts the next global norm."""
+        self._round_ended = True
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm, before clipping, of the gradients of the latest layerwise step."""
