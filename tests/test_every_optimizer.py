@@ -14,15 +14,27 @@ import optiplug
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 
+def _schedule(name: str, warmup_steps: int) -> str | dict:
+    """The scheduler the tests train ``name`` with: its own (schedule-free: constant), else cosine with warmup."""
+    own = optiplug.get_entry(name).default_scheduler
+    return own if own is not None else {"name": "cosine", "warmup_steps": warmup_steps}
+
+
 def _usable(name: str):
     """Parameters for one optimizer: skipped (with the entry's own reason) where its check refuses this machine."""
     from transformers import TrainingArguments
 
     entry = optiplug.get_entry(name)
+    schedule = _schedule(name, 2)
     try:
         entry.check_requires()
         if entry.check is not None:
-            args = TrainingArguments(output_dir="/tmp/optiplug-probe", use_cpu=True, report_to="none")
+            args = TrainingArguments(
+                output_dir="/tmp/optiplug-probe",
+                use_cpu=True,
+                report_to="none",
+                lr_scheduler_type=schedule if isinstance(schedule, str) else schedule["name"],
+            )
             entry.check(optiplug.BuildContext(model=tiny_llama(), args=args), entry.config())
     except optiplug.OptiplugError as error:
         return pytest.param(name, marks=pytest.mark.skip(reason=f"{name}: {error}"))
@@ -47,7 +59,7 @@ def _trainer(tmp_path, name: str, **arg_overrides):
         args=args,
         train_dataset=TokenBlocks(n=32, distinct=4),
         optimizer=name,
-        scheduler={"name": "cosine", "warmup_steps": 2},
+        scheduler=_schedule(name, 2),
     )
 
 
@@ -95,7 +107,7 @@ def test_two_parameter_groups_keep_their_rates_and_resume_exactly(name, tmp_path
             args=training_args(path, max_steps=steps, **overrides),
             train_dataset=TokenBlocks(n=32, distinct=4),
             optimizer={"name": name, "param_groups": TWO_GROUPS},
-            scheduler={"name": "cosine", "warmup_steps": 2},
+            scheduler=_schedule(name, 2),
         )
 
     full = trainer(tmp_path / "full", save_strategy="steps", save_steps=steps // 2)
@@ -117,7 +129,15 @@ def test_two_parameter_groups_keep_their_rates_and_resume_exactly(name, tmp_path
     assert after == {step: reference[step] for step in range(steps // 2 + 1, steps + 1)}, name
 
 
-FIRST_PARTY = {"optiplug-badam", "optiplug-galore", "optiplug-loraplus"}
+FIRST_PARTY = {
+    "optiplug-adam-mini",
+    "optiplug-apollo",
+    "optiplug-badam",
+    "optiplug-galore",
+    "optiplug-loraplus",
+    "optiplug-muon",
+    "optiplug-schedulefree",
+}  # optiplug-pytorch-optimizer is not here: it bridges another package's optimizers, refusals and all (po_muon)
 # Optimizers of this repository that these plain-model tests may skip, and why (their tests live elsewhere).
 EXPECTED_REFUSALS = {"loraplus": "trains LoRA adapters only: covered on a LoRA model in tests/test_adapters.py"}
 
@@ -155,7 +175,7 @@ def test_every_per_parameter_optimizer_trains_layerwise_like_its_whole_step(name
             args=args,
             train_dataset=TokenBlocks(n=32, distinct=4),
             optimizer={"name": name, "layerwise": layerwise},
-            scheduler={"name": "cosine", "warmup_steps": 1},
+            scheduler=_schedule(name, 1),
         )
         trainer.train()
         runs[layerwise] = trainer

@@ -83,6 +83,8 @@ class OptimizerEntry(Generic[C]):
             can train with ``layerwise: true``: the core steps each parameter in its gradient
             hook, with the optimizer's ``step_parameters(group, params)`` when it has one,
             otherwise with ``step()`` over ``param_groups`` narrowed to that one parameter.
+        default_scheduler: the scheduler this optimizer runs with when the run names none (a
+            schedule-free optimizer brings its own schedule: ``"constant"``); None: the usual default.
     """
 
     config: type[C]
@@ -95,6 +97,7 @@ class OptimizerEntry(Generic[C]):
     state_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
     grad_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
     per_parameter: bool = False
+    default_scheduler: str | None = None
 
     def __post_init__(self) -> None:
         name_of(self.config, OptimizerConfig, "optimizer")

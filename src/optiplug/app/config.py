@@ -212,6 +212,16 @@ class RunConfig(_Section):
     scheduler: SerializeAsAny[SchedulerConfig] = Field(default_factory=lambda: parse_scheduler(None))
     finetuning: FinetuningConfig = Field(default_factory=FinetuningConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_brings_its_scheduler(cls, data: Any) -> Any:
+        """A run that names no scheduler gets the optimizer's own (``OptimizerEntry.default_scheduler``), if any."""
+        if not isinstance(data, dict) or data.get("scheduler") is not None:
+            return data
+        optimizer = parse_optimizer(data.get("optimizer"))  # parsed here once; the field validator passes it on
+        own = registry.lookup("optimizer", optimizer.name).entry.default_scheduler
+        return {**data, "optimizer": optimizer, **({"scheduler": own} if own else {})}
+
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer(cls, value: Any) -> OptimizerConfig:

@@ -125,6 +125,7 @@ def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.Opt
         check=check,
         requires=("schedulefree",),
         state_bytes=state_bytes,
+        default_scheduler="constant",  # schedule-free is its own schedule: a run naming none gets constant
     )
 
 
