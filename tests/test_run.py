@@ -132,10 +132,11 @@ class _Explode:
 
 
 def test_run_failing_while_training_leaves_no_summary(tmp_path, temp_plugin):
-    (tmp_path / SUMMARY_FILE).write_text('{"steps": 7}')  # a stale summary of an earlier run
+    (tmp_path / SUMMARY_FILE).write_text('{"steps": 7}')  # a stale summary of an earlier run, replaced
+    (tmp_path / "optiplug_run.json").write_text('{"status": "finished", "files": ["summary.json"]}')
     temp_plugin(_Explode(), "explode")
     with pytest.raises(RuntimeError, match="boom at step 2"):
-        optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path}"])
+        optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true"])
     assert not (tmp_path / SUMMARY_FILE).exists()
     assert not (tmp_path / "loss.png").exists()
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ScheduleContext
 from optiplug.entries import OptimizerEntry
-from optiplug.errors import MissingDependencyError
+from optiplug.errors import ConfigError, MissingDependencyError, OptiplugError, PluginError
 from optiplug.helpers import unwrap_optimizer
 from optiplug.layerwise import check_layerwise, enable_layerwise
 from optiplug.params import apply_group_rules
@@ -33,12 +33,64 @@ def _missing_modules_named(kind: str, name: str, requires: tuple[str, ...]) -> I
         ) from error
 
 
+def _plugin_of(kind: str, name: str) -> str:
+    from optiplug.registry import registry
+
+    try:
+        return registry.lookup(kind, name).plugin
+    except OptiplugError:
+        return "(not registered)"
+
+
+def _built(kind: str, entry: Any, ctx: Any, cfg: Any) -> Any:
+    """``entry.build(ctx, cfg)``; an exception that is not optiplug's is named by the plugin and the entry."""
+    try:
+        return entry.build(ctx, cfg)
+    except (OptiplugError, ModuleNotFoundError):
+        raise
+    except Exception as error:
+        cause = (str(error).strip().splitlines() or [""])[0]
+        raise PluginError(
+            f"{kind} {entry.name!r} (plugin {_plugin_of(kind, entry.name)!r}) failed to build: "
+            f"{type(error).__name__}: {cause}"
+        ) from error
+
+
+NO_TRAINABLE_PARAMETERS = (
+    "the model has no trainable parameters (every parameter has requires_grad=False); "
+    "check finetuning.trainable or finetuning.target_modules, or unfreeze some parameters"
+)
+
+
+def require_trainable(ctx: BuildContext) -> None:
+    """Raise :class:`ConfigError` when the model has no parameter to train (before an entry's check or build)."""
+    if not ctx.named_parameters():
+        raise ConfigError(NO_TRAINABLE_PARAMETERS)
+
+
+class _StepsUnknown(ScheduleContext):
+    """A ScheduleContext without a step count: a scheduler that reads it is told to pass one."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "num_training_steps":
+            scheduler = object.__getattribute__(self, "scheduler_name")
+            raise ConfigError(
+                f"scheduler {scheduler!r} needs num_training_steps > 0: pass "
+                f"build_scheduler(optimizer, {scheduler!r}, num_training_steps=TOTAL_STEPS)"
+            )
+        return super().__getattribute__(name)
+
+    def warmup_steps(self, steps: int = 0, ratio: float = 0.0) -> int:
+        return int(steps) if steps and steps > 0 else 0 if not ratio else super().warmup_steps(steps, ratio)
+
+
 def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerConfig, *, check: bool = True):
     """Check requirements and run the entry's ``check`` and the core's, then call its factory.
 
     ``check=False`` skips the checks: the caller (the trainer) ran them already. With
     ``layerwise: true`` the optimizer the factory returns is made layerwise (:mod:`optiplug.layerwise`).
     """
+    require_trainable(ctx)
     if check:
         entry.check_requires()
     with _missing_modules_named("optimizer", entry.name, entry.requires):
@@ -48,7 +100,7 @@ def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerCon
             check_layerwise(entry, ctx, cfg)
         rules = tuple(getattr(cfg, "param_groups", ()))
         ctx.param_group_rules = rules
-        optimizer = entry.build(ctx, cfg)
+        optimizer = _built("optimizer", entry, ctx, cfg)
         apply_group_rules(optimizer, rules, ctx._rule_of, entry.name)
     if getattr(cfg, "layerwise", False):
         enable_layerwise(optimizer, ctx)
@@ -76,6 +128,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict | Non
     Raises:
         UnknownNameError, ConfigError, MissingDependencyError.
     """
+    if not callable(getattr(model, "named_parameters", None)):
+        raise ConfigError(
+            f"build_optimizer needs the model (a torch.nn.Module) first, got {type(model).__name__}: "
+            "build_optimizer(model, 'adamw', lr=1e-3)"
+        )
     cfg = parse_optimizer(config, **fields)
     entry = get_entry(cfg.name)
     return build_from_entry(entry, BuildContext(model=model), cfg)
@@ -92,12 +149,25 @@ def build_scheduler(
     Args:
         optimizer: the optimizer whose learning rates the scheduler sets.
         config: a scheduler config, a registered name, a mapping with ``name``, or None for the default.
-        num_training_steps: total optimizer steps of the run.
+        num_training_steps: total optimizer steps of the run; a scheduler that needs it (every decaying
+            schedule) refuses 0.
         **fields: config fields overriding ``config``'s (``warmup_steps=100``).
+
+    Raises:
+        UnknownNameError, ConfigError (also for a missing ``num_training_steps``), MissingDependencyError,
+        PluginError (the entry's factory raised).
     """
     cfg = parse_scheduler(config, **fields)
     entry = get_scheduler_entry(cfg.name)
     entry.check_requires()
-    ctx = ScheduleContext(optimizer=unwrap_optimizer(optimizer), num_training_steps=int(num_training_steps))
+    steps = int(num_training_steps)
+    if steps < 0:
+        raise ConfigError(f"num_training_steps: expected a positive number of steps (got {steps})")
+    raw = unwrap_optimizer(optimizer)
+    if steps > 0:
+        ctx = ScheduleContext(optimizer=raw, num_training_steps=steps)
+    else:
+        ctx = _StepsUnknown(optimizer=raw, num_training_steps=0)
+        ctx.scheduler_name = entry.name  # type: ignore[attr-defined]
     with _missing_modules_named("scheduler", entry.name, entry.requires):
-        return entry.build(ctx, cfg)
+        return _built("scheduler", entry, ctx, cfg)

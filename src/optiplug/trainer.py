@@ -108,11 +108,15 @@ class OptiTrainerMixin(_TrainerBase):
         **kwargs: Any,
     ):
         given = kwargs.get("optimizers") or (None, None)
-        if any(part is not None for part in given):
-            raise ConfigError(
-                "OptiTrainer builds the optimizer and scheduler from the registry: pass optimizer= and "
-                "scheduler= (a name, mapping or config), not optimizers="
-            )
+        for key, used in (
+            ("optimizers", any(part is not None for part in given)),
+            ("optimizer_cls_and_kwargs", kwargs.get("optimizer_cls_and_kwargs") is not None),
+        ):
+            if used:
+                raise ConfigError(
+                    "OptiTrainer builds the optimizer and scheduler from the registry: pass optimizer= and "
+                    f"scheduler= (a name, mapping or config), not {key}="
+                )
         super().__init__(*args, **kwargs)
         self.optiplug_run_config = run_config
         self.optimizer_config: OptimizerConfig = (
@@ -151,6 +155,9 @@ class OptiTrainerMixin(_TrainerBase):
         checked = getattr(self, "_optiplug_checked", None)
         if checked is not None and checked[0] is entry and checked[1] is cfg:
             return
+        from optiplug.factory import require_trainable
+
+        require_trainable(self.optiplug_context())  # before the entry's check: one message for every optimizer
         entry.check_requires()
         if entry.check is not None:
             entry.check(self.optiplug_context(), cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from typing import Any
 
 import typer
@@ -22,6 +23,22 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+DEBUG_ENV = "OPTIPLUG_DEBUG"
+"""Set (to anything but empty or 0) to print the traceback of an error after its one line (or pass --debug)."""
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help=f"Print tracebacks of errors (or set {DEBUG_ENV}=1)."),
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -65,7 +82,10 @@ def train(
         raise typer.Exit(relaunch_with_torchrun(nproc, list(items or [])))
     from optiplug.app.run import train as run_train
 
-    result = run_train(config)
+    try:
+        result = run_train(config)
+    except KeyboardInterrupt as interrupt:  # typer would turn it into a silent exit 130
+        _fail(getattr(interrupt, "optiplug_message", "interrupted before training started"), 130)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only the main process speaks
         typer.echo(f"optiplug: done, outputs in {result.output_dir}", err=True)
 
@@ -195,10 +215,10 @@ def validate(
     if path is None:
         _fail("validate needs a config file")
     from optiplug.app.config import load_config
-    from optiplug.app.validation import check_training_section
+    from optiplug.app.run import preflight
 
     config = load_config(path, overrides)
-    check_training_section(config)
+    preflight(config)  # every check train makes before loading weights or tokenizing
     if groups:
         _print_groups(config)
     typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name})")
@@ -216,12 +236,20 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     from optiplug.registry import loaded_plugins, plugin_failures
 
     loaded, failed = loaded_plugins(), plugin_failures()
+    # A loaded plugin can still have left names out (a duplicate, a config without a Literal name): shown with it.
+    left_out = {p.name: [f.cause for f in failed if f.name == p.name] for p in loaded}
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "loaded": [
-                        {"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
+                        {
+                            "name": p.name,
+                            "distribution": p.distribution,
+                            "version": p.version,
+                            "hooks": list(p.hooks),
+                            "failures": left_out[p.name],
+                        }
                         for p in loaded
                     ],
                     "failed": [{"name": f.name, "cause": f.cause} for f in failed],
@@ -235,8 +263,11 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
         typer.echo(
             f"{p.name} ({p.distribution or 'registered at run time'}{version}): {', '.join(p.hooks) or 'no hooks'}"
         )
+        for cause in left_out[p.name]:
+            typer.echo(f"  FAILED {cause}")
     for f in failed:
-        typer.echo(f"FAILED {f.name}: {f.cause}")
+        if f.name not in left_out:
+            typer.echo(f"FAILED {f.name}: {f.cause}")
 
 
 def _register_commands() -> None:
@@ -256,7 +287,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="optiplug", standalone_mode=True)
     except OptiplugError as error:
+        if _debug():
+            traceback.print_exc()
         typer.echo(f"optiplug: {error}", err=True)
+        sys.exit(1)
+    except Exception as error:  # not a user error: one line, the traceback with --debug
+        if _debug():
+            traceback.print_exc()
+        first = (str(error).strip().splitlines() or [""])[0]
+        typer.echo(
+            f"optiplug: unexpected {type(error).__name__}: {first} (run with --debug for the traceback)", err=True
+        )
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("optiplug: interrupted", err=True)

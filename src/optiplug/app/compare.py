@@ -181,6 +181,7 @@ def train_command(
         f"optimizer.name={optimizer}",
         f"training.max_steps={steps}",
         f"training.output_dir={output_dir}",
+        "training.overwrite_output_dir=true",  # compare owns its run folders: a rerun replaces them
     ]  # fmt: skip
 
 
@@ -266,6 +267,8 @@ def compare(
         raise ConfigError(f"--optimizers: {', '.join(repeated)} given more than once")
     if steps < 1:
         raise ConfigError(f"--steps: expected a positive number of steps, got {steps}")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"--timeout: expected a positive number of seconds, got {timeout:g}")
     for name in names:
         get_entry(name)
     from optiplug.app.config import load_config
@@ -496,7 +499,7 @@ def command(
 
     path, overrides = split_config_and_overrides(list(items or []))
     names = [name.strip() for name in optimizers.split(",") if name.strip()]
-    runs = compare(path, names, steps, output, overrides)
+    runs = compare(path, names, steps, output, overrides, timeout=timeout)
     print_table(runs)
     typer.echo(f"optiplug: wrote {output / 'compare.json'} and {output / 'compare.png'}", err=True)
     failed = [run.optimizer for run in runs if not run.ok]

@@ -117,6 +117,8 @@ def resolve_model_dir(model: ModelConfig) -> Path:
         return path
     if path.exists():
         raise ConfigError(f"model.name_or_path: {name!r} is a file; expected a model directory or a hub id")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:  # a path, not a hub id
+        raise ConfigError(f"model.name_or_path: the directory {name!r} does not exist")
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 

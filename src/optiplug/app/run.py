@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
+from optiplug.app.safety import DivergedError
 from optiplug.errors import ConfigError
 
-__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "train"]
+__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "preflight", "train"]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
@@ -77,15 +78,14 @@ def _training_arguments(cfg: RunConfig):
     if "num_train_epochs" in cfg.training and "max_steps" not in cfg.training:
         del defaults["max_steps"]
     args = training_arguments(cfg, defaults)
-    _check_resume(args)
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"training.output_dir: {args.output_dir!r} is a file; choose a directory")
+    _check_resume(cfg, args)
     return args
 
 
-def _check_resume(args: Any) -> None:
-    """A checkpoint to resume from must exist before anything is loaded or written."""
+def _check_resume(cfg: RunConfig, args: Any) -> None:
+    """A checkpoint to resume from must exist, be complete and match the run's optimizer and scheduler config."""
+    from optiplug.app.safety import check_checkpoint
+
     checkpoint = args.resume_from_checkpoint
     if checkpoint is None:
         return
@@ -97,6 +97,57 @@ def _check_resume(args: Any) -> None:
         raise CheckpointError(
             f"training.resume_from_checkpoint: {checkpoint!r} {what}; give a checkpoint-N directory of an earlier run"
         )
+    check_checkpoint(str(checkpoint), cfg.optimizer, cfg.scheduler, engine=bool(args.deepspeed or args.fsdp))
+
+
+# Any of these makes a directory a tokenizer's.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _check_model_files(cfg: ModelConfig) -> None:
+    """The model's and tokenizer's directories: present, with a config.json, tokenizer files and whole weights."""
+    from optiplug.app.safety import check_weight_files
+
+    if cfg.name_or_path != EMBEDDED:
+        path = _local_dir(cfg.name_or_path, "model.name_or_path")
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"model.name_or_path: {cfg.name_or_path!r} has no config.json; give a directory written by "
+                "save_pretrained"
+            )
+        if not cfg.from_scratch:
+            check_weight_files(path, "model.name_or_path")
+    name = cfg.tokenizer or cfg.name_or_path
+    if name != EMBEDDED:
+        field = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        path = _local_dir(name, field)
+        if not any((path / file).is_file() for file in _TOKENIZER_FILES):
+            raise ConfigError(
+                f"{field}: {name!r} has no tokenizer (no tokenizer.json or tokenizer_config.json); "
+                "set model.tokenizer to a tokenizer directory"
+            )
+
+
+def preflight(cfg: RunConfig) -> Any:
+    """Every check a run makes before loading weights or tokenizing; ``optiplug validate`` runs exactly these.
+
+    The launcher, the Trainer arguments, the resume checkpoint (complete, whole, same optimizer and
+    scheduler config), the output directory (:func:`optiplug.app.safety.check_output_dir`), the
+    model's and tokenizer's directories and the data files. Writes nothing.
+
+    Returns:
+        The ``TrainingArguments`` of the run.
+    """
+    from optiplug.app.data import resolve_paths
+    from optiplug.app.launch import check_engine_launch
+    from optiplug.app.safety import check_output_dir
+
+    check_engine_launch(cfg.training)  # FSDP/DeepSpeed without a launcher: one line, not a traceback
+    args = _training_arguments(cfg)
+    check_output_dir(cfg, args)
+    _check_model_files(cfg.model)
+    resolve_paths(cfg.data.path)
+    return args
 
 
 def _local_dir(name: str, field: str) -> Path:
@@ -213,6 +264,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
     train_loss = [e["train_loss"] for e in state.log_history if "train_loss" in e]
     return {
         "optiplug_version": _version(),
+        "status": "finished",
         "model": cfg.model.name_or_path,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -222,21 +274,28 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
             "block_size": dataset.block_size,
             "corpus_tokens": dataset.total_tokens,
         },
-        "optimizer": cfg.optimizer.model_dump(mode="json"),
-        "scheduler": cfg.scheduler.model_dump(mode="json"),
+        "optimizer": trainer.optimizer_config.model_dump(mode="json"),  # what ran (a resume must match it)
+        "scheduler": trainer.scheduler_config.model_dump(mode="json"),
+        "resumed_from": args.resume_from_checkpoint,
         "steps": state.global_step,
         "tokens": tokens,
         "train_time_s": round(train_time, 3),
         "steps_per_second": round(session_steps / train_time, 3) if train_time > 0 else None,
         "tokens_per_second": round(tokens / train_time, 1) if train_time > 0 else None,
         "first_loss": losses[0][1] if losses else None,
+        # the loss logged last: the mean over the steps since the log before it (training.logging_steps)
         "final_loss": losses[-1][1] if losses else None,
+        "final_loss_step": losses[-1][0] if losses else None,
         "mean_loss": train_loss[-1] if train_loss else None,
         "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         "peak_rss_bytes": peak_rss_bytes(),
         "device": str(args.device),
         "world_size": args.world_size,
     }
+
+
+def _logged_losses(trainer: Any) -> list[tuple[int, float]]:
+    return [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
 
 
 def _version() -> str | None:
@@ -266,7 +325,10 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     * once validation passes, a ``summary.json`` left by an earlier run is removed before
       training starts, so a run that fails while training leaves none;
     * ``summary.json`` is written last and atomically (a temporary file renamed into place):
-      a directory with a ``summary.json`` holds a finished run.
+      a directory with a ``summary.json`` holds a finished run (``"status": "finished"``) or a
+      run that diverged (``"status": "diverged"``, no model saved);
+    * the output directory follows the rule of :mod:`optiplug.app.safety` (docs/configuration.md,
+      "Safety"): nothing a user wrote is deleted, and a failed run leaves no directory it created empty.
 
     Only the main process (``trainer.is_world_process_zero()``) writes outputs.
 
@@ -279,18 +341,15 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
 
     Raises:
         ConfigError: (and its subclasses) for any invalid input, before anything is written.
+        DivergedError: the loss or gradient norm became NaN or infinite (summary.json says so).
+        KeyboardInterrupt: with ``optiplug_message`` (the step and the last checkpoint) set.
     """
-    from transformers import default_data_collator
-
-    from optiplug.app.adapters import BASE_MODEL_DIR, apply_finetuning, pissa_callbacks
+    from optiplug.app.adapters import apply_finetuning
     from optiplug.app.data import load_dataset
-    from optiplug.trainer import OptiTrainer
+    from optiplug.app.safety import prepare_output_dir
 
     cfg = resolve_config(config, overrides)
-    from optiplug.app.launch import check_engine_launch
-
-    check_engine_launch(cfg.training)  # FSDP/DeepSpeed without a launcher: one line, not a traceback
-    args = _training_arguments(cfg)
+    args = preflight(cfg)
     if args.deepspeed:
         import deepspeed
 
@@ -303,7 +362,34 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     dataset = load_dataset(cfg.data, tokenizer)
     model = apply_finetuning(_load_model(cfg.model, args.seed), cfg.finetuning)
     _check_fits(model, dataset)
-    trainer = OptiTrainer(
+    if not any(p.requires_grad for p in model.parameters()):
+        from optiplug.factory import NO_TRAINABLE_PARAMETERS
+
+        raise ConfigError(NO_TRAINABLE_PARAMETERS)
+    output = prepare_output_dir(cfg, args, main=args.process_index == 0)
+    status = "failed"
+    try:
+        result = _train(cfg, args, tokenizer, dataset, model, resume)
+        status = "finished"
+        return result
+    except DivergedError:
+        status = "diverged"
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        output.finish(status)
+
+
+def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, resume: Any) -> RunResult:
+    from transformers import default_data_collator
+
+    from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
+    from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer
+    from optiplug.app.safety import last_checkpoint
+
+    trainer = GuardedTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -313,6 +399,8 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
         scheduler=cfg.scheduler,
         run_config=cfg,
     )
+    trainer.add_callback(DivergenceCallback(trainer))
+    trainer.add_callback(CheckpointRecordCallback(trainer))
     for callback in pissa_callbacks(trainer, cfg.finetuning):
         trainer.add_callback(callback)
     trainer.check_optimizer()
@@ -322,14 +410,29 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     if main:
         (out / SUMMARY_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except DivergedError as error:
+        losses = _logged_losses(trainer)
+        summary = _summary(cfg, trainer, dataset, losses, time.perf_counter() - start)
+        summary.update(status="diverged", diverged_at_step=error.step, diverged=error.what,
+                       last_checkpoint=error.checkpoint)  # fmt: skip
+        if main:
+            _plot_losses(losses, f"{cfg.optimizer.name} on {cfg.model.name_or_path}: diverged", out / "loss.png")
+            _write_json_atomic(summary, out / SUMMARY_FILE)
+        raise
+    except KeyboardInterrupt as interrupt:
+        checkpoint = last_checkpoint(out)
+        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+        interrupt.optiplug_message = f"interrupted at step {trainer.state.global_step}; {where}"  # type: ignore[attr-defined]
+        raise
     train_time = time.perf_counter() - start
 
     trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
     if main and cfg.finetuning.type == "lora" and (cfg.model.name_or_path == EMBEDDED or cfg.model.from_scratch):
         # The adapter needs its base model, which is not on disk: rebuild it (same seed, same weights).
         _load_model(cfg.model, args.seed).save_pretrained(str(out / BASE_MODEL_DIR))
-    losses = [(int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e]
+    losses = _logged_losses(trainer)
     summary = _summary(cfg, trainer, dataset, losses, train_time)
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,21 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
     """
     from transformers import TrainingArguments
 
+    from optiplug.app.safety import OVERWRITE
+
     known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key in config.training:
+    section = dict(config.training)
+    if not isinstance(section.pop(OVERWRITE, False), bool):
+        raise ConfigError(f"training.{OVERWRITE}: expected true or false (got {config.training[OVERWRITE]!r})")
+    for key in section:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"training.{key}: not an argument of transformers.TrainingArguments.{hint}")
-    training = _check_types(TrainingArguments, config.training)
+    training = _check_types(TrainingArguments, section)
+    _check_bounds(training)
+    if ("save_steps" in training or "save_total_limit" in training) and "save_strategy" not in training:
+        training["save_strategy"] = "steps"  # asking for saves without a strategy means every save_steps
     kwargs = dict(defaults or {})
     kwargs.update(training)
     for key in TRAINING_ARGUMENT_FIELDS:
@@ -56,6 +64,22 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
                 detail = str(single).strip().splitlines()[0] if str(single).strip() else type(single).__name__
                 raise ConfigError(f"training.{key}: {detail}") from None
         raise ConfigError(f"training: TrainingArguments rejects the training section: {message}") from None
+
+
+# Counts TrainingArguments accepts but cannot train with (0 steps trained one; a batch of 0 crashed mid-run).
+_POSITIVE = ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
+
+
+def _check_bounds(training: dict[str, Any]) -> None:
+    steps = training.get("max_steps")
+    if isinstance(steps, int) and steps != -1 and steps < 1:
+        raise ConfigError(
+            f"training.max_steps: expected a positive number of steps, or -1 to train num_train_epochs (got {steps})"
+        )
+    for key in _POSITIVE:
+        value = training.get(key)
+        if isinstance(value, (int, float)) and value <= 0:
+            raise ConfigError(f"training.{key}: expected a number greater than 0 (got {value})")
 
 
 def _make(cls: type, kwargs: dict[str, Any]) -> Any:

@@ -1,0 +1,662 @@
+"""Issue 14: nothing lost, nothing silently wrong. One test (or more) per case of the issue, with exact messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import optiplug
+from optiplug import CheckpointError, ConfigError, PluginError
+from optiplug.app.cli import main
+from optiplug.app.data import assets_dir
+from optiplug.app.run import SUMMARY_FILE
+from optiplug.app.safety import CHECKPOINT_RECORD, MARKER
+
+FAST = [
+    "data.block_size=16",
+    "data.max_blocks=32",
+    "training.max_steps=4",
+    "training.per_device_train_batch_size=4",
+    "training.logging_steps=1",
+    "training.disable_tqdm=true",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # what earlier calls printed
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def last_line(err: str) -> str:
+    """The ``optiplug: ...`` line of stderr (the Trainer's progress lines come before it)."""
+    return [line for line in err.splitlines() if line.startswith("optiplug: ")][-1]
+
+
+def tiny_model_dir(path: Path, tokenizer: bool = True) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    if tokenizer:
+        AutoTokenizer.from_pretrained(assets_dir() / "tokenizer").save_pretrained(path)
+    return path
+
+
+class _Callback:
+    """A plugin adding one TrainerCallback to every run (``on_step_end(trainer, state)`` does the work)."""
+
+    def __init__(self, on_step_end):
+        self.on_step_end = on_step_end
+
+    @optiplug.hookimpl
+    def trainer_callbacks(self, trainer, config):
+        from transformers import TrainerCallback
+
+        work = self.on_step_end
+
+        class Do(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                work(trainer, state)
+
+        return [Do()]
+
+
+# ---- 1. diverging runs ----------------------------------------------------------------------------
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_no_model(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, "training.max_steps=8", "optimizer.lr=1e6", f"training.output_dir={out}")
+    assert code == 1
+    assert last_line(err) == (
+        "optiplug: training diverged at step 2: the gradient norm is nan; no model was saved as the result; "
+        "no checkpoint was saved before it; lower optimizer.lr and train again"
+    )
+    assert "Traceback" not in err
+    assert not (out / "model.safetensors").exists()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 2 and summary["steps"] == 1
+    assert summary["diverged"] == "the gradient norm is nan" and summary["last_checkpoint"] is None
+    assert json.loads((out / MARKER).read_text())["status"] == "diverged"
+
+
+def test_divergence_names_the_last_checkpoint_before_it(tmp_path, temp_plugin):
+    def poison(trainer, state):
+        if state.global_step == 3:
+            with torch.no_grad():
+                trainer.model.get_input_embeddings().weight.fill_(float("nan"))
+
+    temp_plugin(_Callback(poison), "poison")
+    out = tmp_path / "run"
+    with pytest.raises(optiplug.OptiplugError) as info:
+        optiplug.train(overrides=[*FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"])
+    assert str(info.value) == (
+        "training diverged at step 4: the loss is nan and the gradient norm is nan; no model was saved as the "
+        f"result; the last checkpoint before it is {out / 'checkpoint-2'} (resume from it with a lower optimizer.lr)"
+    )
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["status"] == "diverged" and summary["last_checkpoint"] == str(out / "checkpoint-2")
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-4").exists()
+
+
+# ---- 2. output directories ------------------------------------------------------------------------
+
+
+def test_a_directory_with_the_users_files_is_refused_and_left_alone(capsys, tmp_path):
+    (tmp_path / "config.json").write_text('{"mine": true}')
+    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true")
+    assert code == 1 and err == (
+        f"optiplug: training.output_dir: '{tmp_path}' holds files optiplug did not write (config.json); "
+        "choose a new or empty directory (optiplug never deletes files it did not write)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == '{"mine": true}'
+
+
+def test_the_models_own_directory_is_always_refused(tmp_path):
+    model = tiny_model_dir(tmp_path / "model")
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, model / "sub"):
+        with pytest.raises(ConfigError) as info:
+            optiplug.train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={out}",
+                                      "training.overwrite_output_dir=true"])  # fmt: skip
+        assert str(info.value) == (
+            f"training.output_dir: '{out}' is inside model.name_or_path '{model}'; a run never writes into its "
+            "own input: choose another training.output_dir"
+        )
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(capsys, tmp_path):
+    out = tmp_path / "run"
+    optiplug.train(overrides=[*FAST, "finetuning.type=lora", "training.save_steps=2", f"training.output_dir={out}"])
+    assert (out / "adapter_config.json").exists() and (out / "checkpoint-4").is_dir()
+    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+    assert code == 1 and err == (
+        f"optiplug: training.output_dir: '{out}' holds an earlier optiplug run; set "
+        "training.overwrite_output_dir=true to replace it, or choose another directory\n"
+    )
+    optiplug.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}",
+                              "training.overwrite_output_dir=true"])  # fmt: skip
+    names = {p.name for p in out.iterdir()}
+    assert not any(name.startswith(("adapter_", "checkpoint-", "base_model")) for name in names), names
+    assert json.loads((out / MARKER).read_text())["status"] == "finished"
+    assert json.loads((out / SUMMARY_FILE).read_text())["steps"] == 2
+    # a file the user added after that run is theirs: the next overwrite is refused and deletes nothing
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files optiplug did not write \(notes.txt\)"):
+        optiplug.train(overrides=[*FAST, f"training.output_dir={out}", "training.overwrite_output_dir=true"])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+
+def test_overwrite_output_dir_must_be_a_boolean(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", f"training.output_dir={tmp_path}", "training.overwrite_output_dir=yes")
+    assert code == 1 and err == "optiplug: training.overwrite_output_dir: expected true or false (got 'yes')\n"
+
+
+# ---- 3. resume mismatches -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> Path:
+    """A finished 4-step AdamW run with checkpoint-2 and checkpoint-4."""
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    optiplug.train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"])
+    return out
+
+
+def test_every_checkpoint_records_its_optimizer_and_scheduler(checkpointed):
+    record = json.loads((checkpointed / "checkpoint-2" / CHECKPOINT_RECORD).read_text())
+    assert record["optimizer"]["name"] == "adamw" and record["optimizer"]["lr"] == 1e-3
+    assert record["scheduler"]["name"] == "cosine"
+
+
+def test_resume_with_a_changed_optimizer_field_is_refused(capsys, checkpointed, tmp_path):
+    ckpt = checkpointed / "checkpoint-2"
+    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path / 'r'}",
+                       f"training.resume_from_checkpoint={ckpt}", "optimizer.lr=0.1")  # fmt: skip
+    assert code == 1 and err == (
+        "optiplug: training.resume_from_checkpoint: optimizer.lr=0.1 (checkpoint: 0.001): a resumed run continues "
+        f"the checkpoint's optimizer state; drop the change, or start a new run (from its weights: "
+        f"model.name_or_path={ckpt})\n"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_another_optimizer_is_refused(capsys, checkpointed, tmp_path):
+    ckpt = checkpointed / "checkpoint-2"
+    code, _, err = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.resume_from_checkpoint={ckpt}",
+                       "optimizer.name=sgd", f"training.output_dir={tmp_path / 'r'}")  # fmt: skip
+    assert code == 1 and err == (
+        f"optiplug: training.resume_from_checkpoint: '{ckpt}' was trained with optimizer 'adamw', this run "
+        "selects 'sgd'; resume with optimizer.name=adamw, or start a new run\n"
+    )
+
+
+def test_resume_with_another_galore_rank_is_refused(tmp_path):
+    pytest.importorskip("galore_torch")
+    out = tmp_path / "run"
+    opt = ["optimizer.name=galore_adamw", "optimizer.rank=8", "optimizer.update_proj_gap=2"]
+    optiplug.train(
+        overrides=[*FAST, *opt, "training.max_steps=2", "training.save_steps=2", f"training.output_dir={out}"]
+    )
+    with pytest.raises(CheckpointError, match=r"optimizer.rank=4 \(checkpoint: 8\): a resumed run continues"):
+        optiplug.train(overrides=[*FAST, *opt, "optimizer.rank=4", f"training.output_dir={out}",
+                                  f"training.resume_from_checkpoint={out / 'checkpoint-2'}"])  # fmt: skip
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused(checkpointed, tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpointed / "checkpoint-2", ckpt)
+    (ckpt / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError) as info:
+        optiplug.train(
+            overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}", f"training.resume_from_checkpoint={ckpt}"]
+        )
+    assert str(info.value) == (
+        f"training.resume_from_checkpoint: '{ckpt}' has no optimizer.pt, so the optimizer's state would start "
+        f"afresh; give a complete checkpoint, or start a new run from its weights (model.name_or_path={ckpt})"
+    )
+
+
+def test_a_resumed_run_reports_what_ran(checkpointed, tmp_path):
+    ckpt = checkpointed / "checkpoint-2"
+    result = optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}",
+                                       f"training.resume_from_checkpoint={ckpt}"])  # fmt: skip
+    record = json.loads((ckpt / CHECKPOINT_RECORD).read_text())
+    assert result.summary["optimizer"] == record["optimizer"] and result.summary["scheduler"] == record["scheduler"]
+    assert result.summary["resumed_from"] == str(ckpt) and result.summary["steps"] == 4
+
+
+# ---- 4. save_steps alone --------------------------------------------------------------------------
+
+
+def test_save_steps_alone_saves_checkpoints(checkpointed):
+    assert sorted(p.name for p in checkpointed.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_save_total_limit_alone_means_save_strategy_steps():
+    from optiplug.app.run import _training_arguments
+
+    args = _training_arguments(optiplug.load_config(None, ["training.save_total_limit=2"]))
+    assert str(args.save_strategy.value) == "steps"
+    args = _training_arguments(optiplug.load_config(None, ["training.save_steps=5", "training.save_strategy=no"]))
+    assert str(args.save_strategy.value) == "no"  # an explicit strategy is kept
+
+
+# ---- 5. numbers are numbers -----------------------------------------------------------------------
+
+
+def _yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text("training: {max_steps: 2}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=true", "optimizer.lr: expected a number, got the boolean true"),
+        ("training.max_steps=yes",
+         "training.max_steps: Input should be a valid integer, unable to parse string as an integer (got 'yes')"),
+        ("training.max_steps=true", "training.max_steps: expected a number, got the boolean true"),
+        ("training.max_steps=0",
+         "training.max_steps: expected a positive number of steps, or -1 to train num_train_epochs (got 0)"),
+        ("optimizer.lr=.inf", "optimizer.lr: Input should be a finite number (got inf)"),
+        ("training.max_grad_norm=.nan", "training.max_grad_norm: Input should be a finite number (got nan)"),
+        ("training.per_device_train_batch_size=0",
+         "training.per_device_train_batch_size: expected a number greater than 0 (got 0)"),
+    ],
+)  # fmt: skip
+def test_numbers_are_strict(capsys, tmp_path, override, message):
+    code, _, err = cli(capsys, "validate", str(_yaml(tmp_path)), override)
+    assert code == 1 and err == f"optiplug: {message}\n"
+
+
+def test_exponent_without_a_dot_is_a_float():
+    from optiplug.app.run import _training_arguments
+
+    args = _training_arguments(optiplug.load_config(None, ["training.max_grad_norm=5e-1"]))
+    assert args.max_grad_norm == 0.5 and isinstance(args.max_grad_norm, float)
+
+
+# ---- 6. the Python API ----------------------------------------------------------------------------
+
+
+def test_optimizer_cls_and_kwargs_is_refused(tmp_path):
+    from optiplug.testing import TokenBlocks, tiny_llama, training_args
+
+    with pytest.raises(ConfigError) as info:
+        optiplug.OptiTrainer(model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenBlocks(),
+                             optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))  # fmt: skip
+    assert str(info.value) == (
+        "OptiTrainer builds the optimizer and scheduler from the registry: pass optimizer= and scheduler= "
+        "(a name, mapping or config), not optimizer_cls_and_kwargs="
+    )
+
+
+def test_build_scheduler_needs_the_step_count_when_the_schedule_uses_it():
+    optimizer = optiplug.build_optimizer(torch.nn.Linear(2, 2), "adamw")
+    with pytest.raises(ConfigError) as info:
+        optiplug.build_scheduler(optimizer, "cosine")
+    assert str(info.value) == (
+        "scheduler 'cosine' needs num_training_steps > 0: pass "
+        "build_scheduler(optimizer, 'cosine', num_training_steps=TOTAL_STEPS)"
+    )
+    with pytest.raises(ConfigError, match=r"num_training_steps: expected a positive number of steps \(got -5\)"):
+        optiplug.build_scheduler(optimizer, "cosine", num_training_steps=-5)
+    optiplug.build_scheduler(optimizer, "constant")  # a constant rate needs no step count
+    scheduler = optiplug.build_scheduler(optimizer, "cosine", num_training_steps=10)
+    rates = []
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates == sorted(rates, reverse=True) and rates[-1] > 0
+
+
+def test_build_optimizer_without_a_model_and_train_with_a_dict():
+    with pytest.raises(ConfigError) as info:
+        optiplug.build_optimizer(None, "adamw")
+    assert str(info.value) == (
+        "build_optimizer needs the model (a torch.nn.Module) first, got NoneType: build_optimizer(model, 'adamw', lr=1e-3)"
+    )
+    with pytest.raises(ConfigError) as info:
+        optiplug.train({"optimizer": {"name": "sgd"}})
+    assert str(info.value) == (
+        "expected a RunConfig, a YAML file path or None, got dict: build one with optiplug.RunConfig(**mapping)"
+    )
+
+
+# ---- 7. compare --timeout -------------------------------------------------------------------------
+
+
+def test_compare_timeout_must_be_positive(capsys, tmp_path):
+    code, _, err = cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "0", "--output", str(tmp_path))
+    assert code == 1 and err == "optiplug: --timeout: expected a positive number of seconds, got 0\n"
+    code, _, err = cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "-2", "--output", str(tmp_path))
+    assert code == 1 and err == "optiplug: --timeout: expected a positive number of seconds, got -2\n"
+
+
+def test_compare_passes_the_timeout_on(capsys, tmp_path, monkeypatch):
+    from optiplug.app import compare
+
+    seen = []
+
+    def fake_run_process(cmd, log, env=None, timeout=None, poll=None):
+        seen.append(timeout)
+        raise KeyboardInterrupt  # stop before anything trains
+
+    monkeypatch.setattr(compare, "run_process", fake_run_process)
+    cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "2", "--output", str(tmp_path))
+    assert seen == [2.0]
+    assert "training.overwrite_output_dir=true" in compare.train_command(None, "adamw", 2, tmp_path)
+
+
+# ---- 8. an unwritable output directory is found before the first step ------------------------------
+
+
+def _read_only(path: Path):
+    """Make ``path`` unwritable even for root (chattr +i, else a read-only bind mount); None if neither works."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
+        return ["chattr", "-i", str(path)]
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True).returncode == 0:
+        return ["umount", str(path)]
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return ["chmod", "755", str(path)]
+    return None
+
+
+def test_an_unwritable_output_directory_is_one_line_before_training(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    undo = _read_only(locked)
+    if undo is None:
+        pytest.skip("running as root without chattr +i or a read-only bind mount: cannot make a directory unwritable")
+    try:
+        for out in (locked, locked / "run"):
+            code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+            assert code == 1
+            assert err.startswith(f"optiplug: training.output_dir: cannot write in '{locked}' (")
+            assert err.endswith("); choose a directory you can write\n") and "Traceback" not in err
+            code, _, err2 = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.output_dir={out}")
+            assert code == 1 and err2 == err
+    finally:
+        subprocess.run(undo, check=True)
+    assert not any(locked.iterdir())
+
+
+def test_an_output_directory_under_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(capsys, "train", f"training.output_dir={tmp_path / 'file' / 'run'}")
+    assert code == 1 and err == (
+        f"optiplug: training.output_dir: '{tmp_path / 'file' / 'run'}' is under the file '{tmp_path / 'file'}'; "
+        "choose a directory\n"
+    )
+
+
+# ---- 9. validate makes every check train makes before its first step ---------------------------------
+
+
+def _refused_configs(tmp_path: Path) -> list[list[str]]:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("x")
+    weights_only = tmp_path / "weights-only"
+    tiny_model_dir(weights_only, tokenizer=False)
+    return [
+        [f"data.path={tmp_path / 'missing.jsonl'}"],
+        [f"model.name_or_path={tmp_path / 'no-model'}"],
+        [f"model.name_or_path={weights_only}"],
+        [f"training.resume_from_checkpoint={tmp_path / 'no-checkpoint'}"],
+        ["training.per_device_train_batch_size=0"],
+        ["training.max_steps=0"],
+        ["training.max_grad_norm=-.inf"],
+        [f"training.output_dir={tmp_path / 'used'}"],
+        [f"training.output_dir={tmp_path / 'a-file'}"],
+        [f"training.output_dir={weights_only}", f"model.name_or_path={weights_only}", "model.tokenizer=embedded"],
+        ["training.fsdp=full_shard"],
+        ["optimizer.name=galor"],
+    ]
+
+
+def test_validate_refuses_what_train_refuses_with_the_same_line(capsys, tmp_path):
+    config = _yaml(tmp_path)
+    for overrides in _refused_configs(tmp_path):
+        out = [f"training.output_dir={tmp_path / 'out'}"]
+        code, _, trained = cli(capsys, "train", str(config), *out, *overrides)
+        assert code == 1 and "Traceback" not in trained, (overrides, trained)
+        code, _, validated = cli(capsys, "validate", str(config), *out, *overrides)
+        assert code == 1 and validated == trained, (overrides, validated, trained)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_model_directory_with_only_weights_is_one_whole_line(tmp_path):
+    model = tiny_model_dir(tmp_path / "model", tokenizer=False)
+    with pytest.raises(ConfigError) as info:
+        optiplug.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
+    assert str(info.value) == (
+        f"model.name_or_path: '{model}' has no tokenizer (no tokenizer.json or tokenizer_config.json); "
+        "set model.tokenizer to a tokenizer directory"
+    )
+
+
+# ---- 10. a failed run leaves no empty directory -----------------------------------------------------
+
+
+class _BrokenBuild:
+    @optiplug.hookimpl
+    def register_optimizers(self, register):
+        from typing import Literal
+
+        class BrokenConfig(optiplug.OptimizerConfig):
+            name: Literal["broken_build"] = "broken_build"
+
+        def build(ctx, cfg):
+            raise ValueError("the kernel is not compiled for this CPU")
+
+        register(optiplug.OptimizerEntry(config=BrokenConfig, build=build, summary="fails in build()"))
+
+
+def test_a_plugin_whose_build_raises_is_one_line_and_leaves_no_directory(capsys, tmp_path, temp_plugin):
+    temp_plugin(_BrokenBuild(), "acme-broken")
+    out = tmp_path / "a" / "run"
+    code, _, err = cli(capsys, "train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
+    assert code == 1 and last_line(err) == (
+        "optiplug: optimizer 'broken_build' (plugin 'acme-broken') failed to build: "
+        "ValueError: the kernel is not compiled for this CPU"
+    )
+    assert "Traceback" not in err
+    assert not (tmp_path / "a").exists()  # nor the parent the run created
+    code, _, err = cli(capsys, "--debug", "train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
+    assert code == 1 and "Traceback" in err and "ValueError: the kernel is not compiled" in err
+    os.environ.pop("OPTIPLUG_DEBUG", None)
+    with pytest.raises(PluginError):
+        optiplug.build_optimizer(torch.nn.Linear(2, 2), "broken_build")
+
+
+# ---- 11. one line instead of a traceback ------------------------------------------------------------
+
+
+def test_a_truncated_model_file_is_one_line(tmp_path):
+    model = tiny_model_dir(tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as info:
+        optiplug.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
+    assert str(info.value).startswith(f"model.name_or_path: '{weights}' cannot be loaded: it is truncated (5000 of ")
+    assert str(info.value).endswith(" bytes); copy or save the file again")
+
+
+def test_a_truncated_optimizer_state_is_one_line(checkpointed, tmp_path):
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(checkpointed / "checkpoint-2", ckpt)
+    state = ckpt / "optimizer.pt"
+    state.write_bytes(state.read_bytes()[:3000])
+    with pytest.raises(CheckpointError) as info:
+        optiplug.train(
+            overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}", f"training.resume_from_checkpoint={ckpt}"]
+        )
+    assert str(info.value) == (
+        f"training.resume_from_checkpoint: '{state}' cannot be loaded: it is truncated or not a torch.save file; "
+        "resume from another checkpoint"
+    )
+
+
+def test_a_model_without_trainable_parameters_is_one_line(tmp_path):
+    from optiplug.factory import NO_TRAINABLE_PARAMETERS
+    from optiplug.testing import TokenBlocks, tiny_llama, training_args
+
+    model = tiny_llama()
+    model.requires_grad_(False)
+    trainer = optiplug.OptiTrainer(model=model, args=training_args(tmp_path), train_dataset=TokenBlocks())
+    with pytest.raises(ConfigError) as info:
+        trainer.check_optimizer()
+    assert (
+        str(info.value)
+        == NO_TRAINABLE_PARAMETERS
+        == (
+            "the model has no trainable parameters (every parameter has requires_grad=False); "
+            "check finetuning.trainable or finetuning.target_modules, or unfreeze some parameters"
+        )
+    )
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        optiplug.build_optimizer(model, "adamw")
+
+
+# ---- 12. Ctrl-C -------------------------------------------------------------------------------------
+
+
+def test_an_interrupt_says_the_step_and_the_last_checkpoint(capsys, tmp_path, temp_plugin):
+    def interrupt(trainer, state):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+    temp_plugin(_Callback(interrupt), "ctrl-c")
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    assert code == 130
+    assert last_line(err) == f"optiplug: interrupted at step 3; the last checkpoint is {out / 'checkpoint-2'}"
+    assert json.loads((out / MARKER).read_text())["status"] == "interrupted"
+    assert not (out / SUMMARY_FILE).exists()
+
+
+@pytest.mark.slow
+def test_sigint_to_the_command(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optiplug", "train", *FAST, "training.max_steps=100000", "training.save_steps=5",
+         f"training.output_dir={out}"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-5").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    line = last_line(err)
+    assert line.startswith("optiplug: interrupted at step ") and "; the last checkpoint is " in line
+
+
+# ---- 13. plugin status tells the truth --------------------------------------------------------------
+
+
+class _NoLiteral:
+    @optiplug.hookimpl
+    def register_optimizers(self, register):
+        class Nameless(optiplug.OptimizerConfig):
+            name: str = "nameless"
+
+        register(optiplug.OptimizerEntry(config=Nameless, build=lambda ctx, cfg: None))
+
+
+class _SecondAdamw:
+    def __init__(self, entry):
+        self.entry = entry
+
+    @optiplug.hookimpl
+    def register_optimizers(self, register):
+        register(self.entry)
+
+
+def test_plugins_shows_registration_failures_and_duplicates(capsys, temp_plugin):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from optiplug.registry import registry
+
+        temp_plugin(_NoLiteral(), "acme-nameless")
+        temp_plugin(_SecondAdamw(optiplug.get_entry("adamw")), "acme-adamw")
+        failures = {f.name: f.cause for f in registry.failures()}
+        code, out, _ = cli(capsys, "plugins")
+        code_json, text, _ = cli(capsys, "plugins", "--json")
+        code_list, listing, _ = cli(capsys, "list")
+    assert set(failures) >= {"acme-nameless", "acme-adamw"}
+    assert failures["acme-adamw"].startswith("optimizer 'adamw' is registered twice, by plugins ")
+    assert (
+        code == 0
+        and f"acme-adamw (registered at run time): register_optimizers\n  FAILED {failures['acme-adamw']}" in out
+    )
+    assert f"acme-nameless (registered at run time): register_optimizers\n  FAILED {failures['acme-nameless']}" in out
+    loaded = {p["name"]: p for p in json.loads(text)["loaded"]}
+    assert code_json == 0 and loaded["acme-adamw"]["failures"] == [failures["acme-adamw"]]
+    assert loaded["acme-nameless"]["failures"] == [failures["acme-nameless"]]
+    assert loaded["optiplug:optimizers"]["failures"] == []
+    # only the duplicated name is blocked: every other name and command keeps working
+    assert code_list == 0 and "\nsgd " in listing and "\nadamw " not in listing
+    with pytest.raises(optiplug.DuplicateNameError, match="optimizer 'adamw' is registered twice"):
+        optiplug.get_entry("adamw")
+    optiplug.build_optimizer(torch.nn.Linear(2, 2), "sgd", lr=0.1)
+
+
+# ---- 14. small truths ---------------------------------------------------------------------------------
+
+
+def test_the_documented_defaults_are_the_codes():
+    from optiplug.app.run import default_training_arguments
+
+    defaults = default_training_arguments()
+    text = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for key in ("max_steps", "logging_steps", "per_device_train_batch_size", "seed"):
+        assert f"`{key}: {defaults[key]}`" in text, key
+    assert f"`output_dir: {defaults['output_dir']}`" in text
+
+
+def test_final_loss_is_the_last_logged_loss_and_says_when(tmp_path):
+    result = optiplug.train(overrides=[*FAST, "training.logging_steps=3", f"training.output_dir={tmp_path / 'r'}"])
+    assert result.summary["final_loss_step"] == 3 and result.summary["steps"] == 4
+    assert result.summary["final_loss"] == dict(result.losses)[3]
+    assert result.summary["status"] == "finished"
+
+
+def test_estimate_of_a_missing_path_does_not_suggest_downloading_it(capsys):
+    code, _, err = cli(capsys, "estimate", "model.name_or_path=/nope")
+    assert code == 1 and err == "optiplug: model.name_or_path: the directory '/nope' does not exist\n"
