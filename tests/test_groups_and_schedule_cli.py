@@ -156,3 +156,19 @@ def test_schedule_help_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_the_configuration_docs_show_what_the_commands_print(tmp_path):
+    import re
+    from pathlib import Path
+
+    import optiplug
+
+    text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert GROUPS_YAML in blocks
+    for block in (b for b in blocks if "param_groups" in b):
+        (tmp_path / "run.yaml").write_text(block)
+        assert optiplug.load_config(tmp_path / "run.yaml").optimizer.param_groups
+    console = next(b for b in re.findall(r"```console\n(.*?)```", text, flags=re.S) if "--dry-run" in b)
+    assert console.splitlines()[1:8] == GROUPS_TABLE.splitlines()[:7]
