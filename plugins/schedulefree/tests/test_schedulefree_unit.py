@@ -86,9 +86,14 @@ def test_a_scheduler_other_than_constant_is_refused_before_any_step(tmp_path, na
 
 def test_the_trainer_arguments_scheduler_and_warmup_are_checked_without_a_scheduler_section(tmp_path):
     model = tiny_llama()
-    linear = optiplug.OptiTrainer(model=model, args=training_args(tmp_path), optimizer="schedule_free_adamw")
-    with pytest.raises(optiplug.ConfigError, match=r"not 'linear'.*set scheduler\.name to constant"):
-        linear.check_optimizer()
+    untouched = optiplug.OptiTrainer(model=model, args=training_args(tmp_path), optimizer="schedule_free_adamw")
+    assert untouched.scheduler_config.name == "constant"  # the entry's default_scheduler: arguments chose none
+    untouched.check_optimizer()
+    cosine = optiplug.OptiTrainer(
+        model=model, args=training_args(tmp_path, lr_scheduler_type="cosine"), optimizer="schedule_free_adamw"
+    )
+    with pytest.raises(optiplug.ConfigError, match=r"not 'cosine'.*set scheduler\.name to constant"):
+        cosine.check_optimizer()
     constant = optiplug.OptiTrainer(
         model=model, args=training_args(tmp_path, lr_scheduler_type="constant"), optimizer="schedule_free_adamw"
     )
