@@ -445,8 +445,8 @@ def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
     curves.set(xlabel="step", ylabel="training loss", title="loss")
     for run in runs:
         if run.learning_rates:
-            steps, values = zip(*run.learning_rates)
-            rates.plot(steps, values, label=run.optimizer, linewidth=1.5, color=f"C{runs.index(run)}")
+            lr_steps, lr_values = zip(*run.learning_rates)
+            rates.plot(lr_steps, lr_values, label=run.optimizer, linewidth=1.5, color=f"C{runs.index(run)}")
     rates.set(xlabel="step", ylabel="learning rate", title="learning rate")
     rates.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     rates.grid(alpha=0.3)
