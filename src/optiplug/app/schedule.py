@@ -7,6 +7,7 @@ learning rate is 1, and stepped ``N`` times: the rates are the multipliers of th
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import typer
@@ -62,7 +63,7 @@ def draw_schedule(rates: list[float], title: str, path: Path) -> None:
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("learning rate / optimizer.lr")
     axes.set_ylim(bottom=0)
-    axes.set_title(title, fontsize=10)
+    axes.set_title(textwrap.fill(title, 72), fontsize=10)  # a long list of fields wraps instead of being cut
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
