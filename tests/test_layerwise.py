@@ -274,3 +274,34 @@ def test_the_default_plugins_torch_optimizers_are_declared_per_parameter():
     assert {"adamw", "adam", "sgd", "adagrad", "rmsprop", "radam", "nadam", "adamax"} <= builtin
     assert all(optiplug.get_entry(name).per_parameter for name in builtin)
     assert optiplug.parse_optimizer("adamw").layerwise is False  # off unless asked for
+
+
+def test_tied_weights_and_gradient_checkpointing_step_once_like_the_whole_step():
+    """A weight used twice (tied embedding and head) gets one hook call per backward, after both contributions;
+    gradient checkpointing recomputes inside backward and still steps each parameter once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+        return LlamaForCausalLM(config)
+
+    a, b = model(), model()
+    assert a.lm_head.weight is a.model.embed_tokens.weight
+    layerwise = optiplug.build_optimizer(a, "adamw", layerwise=True, lr=1e-2)
+    whole = optiplug.build_optimizer(b, "adamw", lr=1e-2)
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for checkpointing in (False, True):
+        if checkpointing:
+            for m in (a, b):
+                m.gradient_checkpointing_enable()
+                m.train()
+        for _ in range(2):
+            a(input_ids=x, labels=x).loss.backward()
+            b(input_ids=x, labels=x).loss.backward()
+            whole.step()
+            whole.zero_grad()
+            layerwise.step()
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
