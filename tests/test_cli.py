@@ -49,6 +49,9 @@ def test_show_fields(capsys):
     assert "  momentum: float = 0.9  # Momentum factor (0 keeps no optimizer state)." in out
     code, out, _ = run_cli(capsys, "show", "cosine")
     assert code == 0 and "warmup_steps: int = 0" in out
+    code, out, _ = run_cli(capsys, "show", "adamw")  # helper types read as written, without their checks
+    assert "  betas: tuple[float, float] = (0.9, 0.999)  # " in out
+    assert "  implementation: Literal['auto', 'fused', 'foreach', 'for-loop'] = 'auto'" in out
 
 
 def test_show_unknown_name_is_one_line(capsys):

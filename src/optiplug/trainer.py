@@ -55,6 +55,17 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
     return parse_optimizer(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in wanted.items()})
 
 
+def _scheduler_left_at_default(args: Any) -> bool:
+    """True when ``args`` keep TrainingArguments' own scheduler default (``linear``, no kwargs, no warmup)."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    default = getattr(defaults.get("lr_scheduler_type"), "value", defaults.get("lr_scheduler_type"))
+    warmup = getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0)
+    return name == default and not args.lr_scheduler_kwargs and not warmup
+
+
 def _scheduler_from_args(args: Any) -> SchedulerConfig:
     """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``."""
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
@@ -122,11 +133,14 @@ class OptiTrainerMixin(_TrainerBase):
         self.optimizer_config: OptimizerConfig = (
             _optimizer_from_args(self.args) if optimizer is None else parse_optimizer(optimizer)
         )
+        self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
+        own = self.optimizer_entry.default_scheduler
+        if scheduler is None and own is not None and _scheduler_left_at_default(self.args):
+            scheduler = own  # the optimizer brings its schedule, and the arguments chose none
         self._scheduler_warmup_from_args = scheduler is None
         self.scheduler_config: SchedulerConfig = (
             _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)
         )
-        self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
         if optimizer is not None:
             _warn_ignored_arguments(self.args, self.optimizer_config)
         for callback in self._plugin_callbacks():
