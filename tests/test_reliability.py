@@ -565,6 +565,9 @@ def test_an_interrupt_says_the_step_and_the_last_checkpoint(capsys, tmp_path, te
     assert last_line(err) == f"optiplug: interrupted at step 3; the last checkpoint is {out / 'checkpoint-2'}"
     assert json.loads((out / MARKER).read_text())["status"] == "interrupted"
     assert not (out / SUMMARY_FILE).exists()
+    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path / 'unsaved'}")
+    assert code == 130 and last_line(err) == "optiplug: interrupted at step 3; no complete checkpoint was saved"
+    assert not (tmp_path / "unsaved").exists()  # it wrote nothing: the directory it created is gone
 
 
 @pytest.mark.slow
@@ -576,7 +579,7 @@ def test_sigint_to_the_command(tmp_path):
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 240
-    while not (out / "checkpoint-5").exists() and time.monotonic() < deadline:
+    while not (out / "checkpoint-5" / "trainer_state.json").exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)

@@ -423,7 +423,7 @@ def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, 
         raise
     except KeyboardInterrupt as interrupt:
         checkpoint = last_checkpoint(out)
-        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint was saved"
         interrupt.optiplug_message = f"interrupted at step {trainer.state.global_step}; {where}"  # type: ignore[attr-defined]
         raise
     train_time = time.perf_counter() - start
