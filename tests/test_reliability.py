@@ -443,6 +443,12 @@ def _refused_configs(tmp_path: Path) -> list[list[str]]:
         [f"training.output_dir={weights_only}", f"model.name_or_path={weights_only}", "model.tokenizer=embedded"],
         ["training.fsdp=full_shard"],
         ["optimizer.name=galor"],
+        # the checks that need the model: run by validate on its skeleton (meta device)
+        ["finetuning.type=freeze", "finetuning.trainable=[nothing_matches]"],
+        ["data.block_size=2048"],
+        ["optimizer.name=schedule_free_adamw", "scheduler.name=cosine"],
+        ["optimizer.name=sgd", "optimizer.param_groups=[{match: nothing_matches, lr: 0.1}]"],
+        ["optimizer.name=galore_adamw", "optimizer.target_modules=[nothing]"],
     ]
 
 

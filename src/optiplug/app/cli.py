@@ -232,10 +232,10 @@ def validate(
     if path is None:
         _fail("validate needs a config file")
     from optiplug.app.config import load_config
-    from optiplug.app.run import preflight
+    from optiplug.app.run import validate_run
 
     config = load_config(path, overrides)
-    preflight(config)  # every check train makes before loading weights or tokenizing
+    validate_run(config)  # every check train makes before its first step, on the model's skeleton
     if groups:
         _print_groups(config)
     typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name})")

@@ -19,7 +19,7 @@ from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
 from optiplug.app.safety import DivergedError
 from optiplug.errors import ConfigError
 
-__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "preflight", "train"]
+__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "preflight", "train", "validate_run"]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
@@ -213,12 +213,67 @@ def _check_fits(model: Any, dataset: Any) -> None:
             f"model.tokenizer: the tokenizer produced token id {top}, but the model's vocabulary has {vocab} "
             "entries; use the model's own tokenizer"
         )
+    _check_positions(model, dataset.block_size)
+
+
+def _check_positions(model: Any, block_size: int) -> None:
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and dataset.block_size > positions:
+    if positions and block_size > positions:
         raise ConfigError(
-            f"data.block_size={dataset.block_size} exceeds the model's max_position_embeddings={positions}; "
+            f"data.block_size={block_size} exceeds the model's max_position_embeddings={positions}; "
             "lower data.block_size"
         )
+
+
+class _Skeleton:
+    """What :meth:`OptiTrainerMixin.check_optimizer` reads, around a model on the meta device (for validate)."""
+
+    def __init__(self, model: Any, args: Any, cfg: RunConfig):
+        from optiplug.registry import get_entry
+
+        self.model, self.args, self.optiplug_run_config = model, args, cfg
+        self.optimizer_config, self.scheduler_config = cfg.optimizer, cfg.scheduler
+        self.optimizer_entry = get_entry(cfg.optimizer.name)
+
+    def check(self) -> None:
+        from optiplug.trainer import OptiTrainerMixin
+
+        OptiTrainerMixin.check_optimizer(self)  # type: ignore[arg-type]  # the same checks train runs
+
+    def optiplug_context(self, model: Any = None) -> Any:
+        from optiplug.context import BuildContext
+
+        return BuildContext(model=self.model, trainer=self, args=self.args)
+
+
+def validate_run(cfg: RunConfig) -> Any:
+    """What ``optiplug validate`` checks: :func:`preflight`, then, on the model's skeleton (torch's meta
+    device: no weights read, nothing tokenized) with the fine-tuning applied, the block size against the
+    model's positions, trainable parameters and the optimizer's own checks, as ``train`` runs them.
+
+    A check that cannot run on a skeleton (it raises something other than an optiplug error) is
+    left to ``train``.
+
+    Returns:
+        The ``TrainingArguments`` of the run.
+    """
+    from optiplug.app.estimate import meta_model
+    from optiplug.errors import OptiplugError
+
+    args = preflight(cfg)
+    model = meta_model(cfg.model, cfg.finetuning)
+    _check_positions(model, cfg.data.block_size)
+    if not any(p.requires_grad for p in model.parameters()):
+        from optiplug.factory import NO_TRAINABLE_PARAMETERS
+
+        raise ConfigError(NO_TRAINABLE_PARAMETERS)
+    try:
+        _Skeleton(model, args, cfg).check()
+    except OptiplugError:
+        raise
+    except Exception:  # a check that needs real tensors or a real Trainer: train runs it
+        pass
+    return args
 
 
 # ---- outputs --------------------------------------------------------------------------------
