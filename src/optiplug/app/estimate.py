@@ -5,7 +5,10 @@ Nothing is allocated: the model is instantiated on torch's ``meta`` device from 
 already in the local Hugging Face cache), the run's fine-tuning type (full, freeze or LoRA,
 applied as training applies it) selects the trainable parameters, and each optimizer's entry
 computes its state from the parameter shapes (``OptimizerEntry.state_bytes``). An entry without
-``state_bytes`` shows "n/a".
+``state_bytes`` is measured instead: its optimizer is built on the ``meta`` model and takes one step
+on ``meta`` gradients (no memory is allocated), and the state it created is counted; the table
+marks such a figure "(measured)". An optimizer that cannot step on ``meta`` shows "n/a", never a
+guess.
 
 Gradients are counted for every trainable parameter at the parameter's dtype, as a plain
 training step holds them; activations, the data and framework buffers are not counted.
@@ -76,7 +79,11 @@ class ModelShapes:
 
 @dataclass(frozen=True)
 class Estimate:
-    """One optimizer's memory estimate, in bytes. ``state_bytes``/``total_bytes`` are None when unknown."""
+    """One optimizer's memory estimate, in bytes. ``state_bytes``/``total_bytes`` are None when unknown.
+
+    ``state_source`` says where ``state_bytes`` came from: ``"analytic"`` (the entry's ``state_bytes``),
+    ``"measured"`` (one step on the meta model), or None (unknown).
+    """
 
     optimizer: str
     weights_bytes: int
@@ -85,6 +92,7 @@ class Estimate:
     total_bytes: int | None
     total_params: int
     trainable_params: int
+    state_source: str | None = None
 
 
 # ---- the model, on the meta device ----------------------------------------------------------
@@ -182,12 +190,52 @@ def _optimizer_configs(
     return configs
 
 
-def estimate_shapes(shapes: ModelShapes, optimizers: Sequence[OptimizerConfig]) -> list[Estimate]:
-    """One :class:`Estimate` per optimizer config for the model described by ``shapes``."""
+def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
+    """State bytes of ``cfg``'s optimizer after one step on ``model``'s ``meta`` parameters, or None.
+
+    The optimizer is built as training builds it, every trainable parameter gets a ``meta`` gradient,
+    and ``step()`` runs: the state it creates is counted without allocating it. None when the
+    optimizer cannot be built or stepped on ``meta`` (an optimizer reading a value back with
+    ``.item()``, say): the figure is then unknown, not guessed.
+    """
+    import torch
+
+    from optiplug.context import BuildContext
+    from optiplug.factory import build_from_entry
+    from optiplug.helpers import optimizer_state_bytes
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params or any(p.device.type != "meta" for p in params):
+        return None
+    try:
+        optimizer = build_from_entry(get_entry(cfg.name), BuildContext(model=model), cfg)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        return optimizer_state_bytes(optimizer)
+    except Exception:  # any failure on meta means "not measurable here": reported as n/a, never guessed
+        return None
+    finally:
+        for p in params:
+            p.grad = None
+
+
+def estimate_shapes(
+    shapes: ModelShapes, optimizers: Sequence[OptimizerConfig], model: nn.Module | None = None
+) -> list[Estimate]:
+    """One :class:`Estimate` per optimizer config for the model described by ``shapes``.
+
+    ``model``, the same model on the ``meta`` device, lets entries without ``state_bytes`` be measured.
+    """
     rows = []
     for cfg in optimizers:
         entry = get_entry(cfg.name)
-        state = None if entry.state_bytes is None else int(entry.state_bytes(shapes.trainable, cfg))
+        state, source = None, None
+        if entry.state_bytes is not None:
+            state, source = int(entry.state_bytes(shapes.trainable, cfg)), "analytic"
+        elif model is not None:
+            state = measured_on_meta(model, cfg)
+            source = "measured" if state is not None else None
         grads = shapes.gradient_bytes if entry.grad_bytes is None else int(entry.grad_bytes(shapes.trainable, cfg))
         fixed = shapes.weights_bytes + grads
         rows.append(
@@ -199,6 +247,7 @@ def estimate_shapes(shapes: ModelShapes, optimizers: Sequence[OptimizerConfig]) 
                 total_bytes=None if state is None else fixed + state,
                 total_params=shapes.total_params,
                 trainable_params=shapes.trainable_params,
+                state_source=source,
             )
         )
     return rows
@@ -223,7 +272,8 @@ def estimate(
     """
     config = resolve_config(config, overrides)
     configs = _optimizer_configs(config, optimizers)  # unknown names fail before the model is built
-    return estimate_shapes(model_shapes(config), configs)
+    model = meta_model(config.model, config.finetuning)
+    return estimate_shapes(ModelShapes.of_model(model), configs, model)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -270,7 +320,7 @@ def _print_table(rows: list[Estimate], config: RunConfig) -> None:
             row.optimizer,
             format_bytes(row.weights_bytes),
             format_bytes(row.gradient_bytes),
-            format_bytes(row.state_bytes),
+            format_bytes(row.state_bytes) + (" (measured)" if row.state_source == "measured" else ""),
             format_bytes(row.total_bytes),
         )
     console.print(table)
