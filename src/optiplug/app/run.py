@@ -243,7 +243,8 @@ class _Skeleton:
     def optiplug_context(self, model: Any = None) -> Any:
         from optiplug.context import BuildContext
 
-        return BuildContext(model=self.model, trainer=self, args=self.args)
+        # a stand-in with the attributes checks read from a trainer (scheduler_config, args, model)
+        return BuildContext(model=self.model, trainer=self, args=self.args)  # type: ignore[arg-type]
 
 
 def validate_run(cfg: RunConfig) -> Any:
