@@ -35,7 +35,7 @@ __all__ = [
 MUON_MODULES = ("Linear", "Conv1d", "LSTM", "Conv2d")
 # Fields the run can fill in when left at None: ranger21's num_iterations is the run's step count.
 FROM_RUN = {"num_iterations"}
-# Optimizers whose state grows over the first steps: the estimate runs this field's value + 2 steps.
+# Optimizers whose state grows over the first steps: the estimate runs this field's value + 3 steps.
 GROWS_FOR = {"adashift": "keep_num"}
 _MAXLEN = ".maxlen"
 # Optimizers that keep their state in the weights' dtype and give NaN with bfloat16 weights.
@@ -81,7 +81,13 @@ def _resumable(original: Any) -> type:
                 base = name.removesuffix(_MAXLEN)
                 state[base] = deque(state[base], maxlen=state.pop(name))
 
-    namespace = {"state_dict": state_dict, "load_state_dict": load_state_dict, "__module__": original.__module__}
+    namespace = {
+        "state_dict": state_dict,
+        "load_state_dict": load_state_dict,
+        "__module__": original.__module__,
+        "__qualname__": original.__qualname__,
+        "__doc__": original.__doc__,
+    }
     return type(original.__name__, (original,), namespace)
 
 
@@ -295,7 +301,7 @@ def meta_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: Any) -> int:
     optimizer, _ = _optimizer_on(spec, cfg, shapes, "meta")
     try:
         sizes = _run(spec, optimizer, _steps(spec, cfg), optiplug.optimizer_state_bytes)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError) as error:
+    except Exception as error:  # any failure on meta: its step reads values; never a guess
         raise Unknown(f"{spec.name}: its step reads tensor values ({type(error).__name__} on meta)") from None
     if sizes[-1] != sizes[-2]:
         raise Unknown(f"{spec.name}: its state still grows after {len(sizes)} steps")
@@ -320,7 +326,10 @@ def _state_layout(
     """Per parameter, ``{state path: (shape, element size)}`` after stepping stand-ins cut to ``size``."""
     cut = [optiplug.ParamShape(s.name, tuple(min(d, size) for d in s.shape), s.itemsize, s.module_type) for s in shapes]
     optimizer, params = _optimizer_on(spec, cfg, cut, "cpu", seed)
-    _run(spec, optimizer, _steps(spec, cfg), lambda _: None)
+    try:
+        _run(spec, optimizer, _steps(spec, cfg), lambda _: None)
+    except Exception as error:  # a stand-in it cannot step (a shape it refuses): unknown, not a crash
+        raise Unknown(f"{spec.name}: its step fails on the stand-ins ({type(error).__name__})") from None
     state = optimizer.state_dict()["state"]
     # state_dict numbers the parameters in group order; map each back to its place in ``shapes``
     ordered = [id(p) for group in optimizer.param_groups for p in group["params"]]
