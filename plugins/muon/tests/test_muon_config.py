@@ -43,7 +43,7 @@ def test_registered_through_the_entry_point_without_importing_torch():
 def test_defaults():
     cfg = optiplug.get_entry("muon").config()
     assert (cfg.lr, cfg.momentum, cfg.nesterov, cfg.ns_steps, cfg.adjust_lr) == (0.02, 0.95, True, 5, "original")
-    assert (cfg.adamw_lr, cfg.adamw_betas, cfg.weight_decay, cfg.kernel) == (3e-3, (0.9, 0.95), 0.0, "auto")
+    assert (cfg.adamw_lr, cfg.adamw_betas, cfg.weight_decay, cfg.kernel) == (3e-2, (0.9, 0.95), 0.0, "auto")
     assert cfg.ns_coefficients == (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's
 
 

@@ -72,7 +72,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         ns_steps: int = 5,
         adjust_lr: str = "original",
         weight_decay: float = 0.0,
-        adamw_lr: float = 3e-3,
+        adamw_lr: float = 3e-2,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_kernel: dict[str, bool] | None = None,
