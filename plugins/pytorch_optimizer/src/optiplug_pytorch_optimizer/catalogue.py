@@ -19,6 +19,9 @@ import optiplug
 
 __all__ = ["PREFIX", "BridgedConfig", "Spec", "config_class", "load", "specs"]
 
+# Fields the run fills in when left at None: Ranger21's num_iterations is the run's step count.
+FROM_RUN = frozenset({"num_iterations"})
+
 PREFIX = "po_"
 """The bridge's namespace: pytorch-optimizer's ``lion`` is optiplug's ``po_lion``."""
 
@@ -112,7 +115,8 @@ def _field_info(spec: Spec, field: dict[str, Any]) -> tuple[Any, Any]:
         annotation = optiplug.LearningRate
     description = field.get("description") or None
     if field.get("required"):
-        description = f"{description or ''} Required by {spec.source}; None: see the bridge's README.".strip()
+        filled = "the run's training.max_steps" if field["name"] in FROM_RUN else "none; set it"
+        description = f"{description or ''} Required by {spec.source}; default: {filled}.".strip()
     return annotation, Field(_default(field), description=description)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import optiplug
-from optiplug_pytorch_optimizer.catalogue import Spec, specs
+from optiplug_pytorch_optimizer.catalogue import FROM_RUN, Spec, specs
 
 __all__ = [
     "Unknown",
@@ -33,8 +33,6 @@ __all__ = [
 
 # Module types whose >= 2-D weights pytorch-optimizer's prepare_muon_parameters gives to Muon (not "head" ones).
 MUON_MODULES = ("Linear", "Conv1d", "LSTM", "Conv2d")
-# Fields the run can fill in when left at None: ranger21's num_iterations is the run's step count.
-FROM_RUN = {"num_iterations"}
 # Optimizers whose state grows over the first steps: the estimate runs this field's value + 3 steps.
 GROWS_FOR = {"adashift": "keep_num"}
 _MAXLEN = ".maxlen"
