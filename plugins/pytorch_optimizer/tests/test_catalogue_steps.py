@@ -199,3 +199,24 @@ def test_measured_state_bytes_of_bfloat16_weights(name):
         real = max(real, optiplug.optimizer_state_bytes(optimizer))
     cfg = optiplug.parse_optimizer(name)
     assert optiplug.get_entry(name).state_bytes(optiplug.ParamShape.of_model(model), cfg) == real
+
+
+@pytest.mark.parametrize("projection_type", ["std", "reverse_std", "right", "left", "full", "random"])
+def test_conda_projectors_resume_exactly(projection_type, monkeypatch):
+    """Conda's GaLoreProjector objects go through the checkpoint as dicts, for every projection (re-drawn every 2 steps)."""
+    monkeypatch.setitem(RUN_FIELDS, "po_conda", {"projection_type": projection_type, "update_proj_gap": 2})
+    test_steps_and_resumes_exactly("po_conda")
+
+
+def test_only_listed_classes_are_rebuilt_from_a_checkpoint():
+    warnings.simplefilter("ignore")
+    model = tiny_model("po_conda")
+    optimizer, scheduler = _build("po_conda", model)
+    _step(model, optimizer, scheduler, 0)
+    saved = _roundtrip(optimizer.state_dict())
+    first = next(iter(saved["state"].values()))
+    assert first["projector"]["optiplug_object"] == "galore_projector"
+    first["projector"]["optiplug_object"] = "os:system"  # a forged checkpoint names something else
+    fresh, _ = _build("po_conda", tiny_model("po_conda"))
+    fresh.load_state_dict(saved)
+    assert isinstance(next(iter(fresh.state.values()))["projector"], dict)  # left as data, nothing imported

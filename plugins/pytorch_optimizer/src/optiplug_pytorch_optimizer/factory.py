@@ -53,8 +53,24 @@ def _import(path: str) -> Any:
     return obj
 
 
+# Objects kept in a state whose attributes are all tensors and plain values: saved as a dict of them (marked with
+# the class's key here) and rebuilt on load. Only these classes are ever rebuilt from a checkpoint.
+_STATE_OBJECTS = {"galore_projector": "pytorch_optimizer.optimizer.utils.galore:GaLoreProjector"}
+_OBJECT_KEY = "optiplug_object"
+
+
+def _packable(value: Any) -> str | None:
+    """The ``_STATE_OBJECTS`` key of ``value``'s class, or None."""
+    cls = type(value)
+    return next((key for key, path in _STATE_OBJECTS.items() if path == f"{cls.__module__}:{cls.__qualname__}"), None)
+
+
 def _resumable(original: Any) -> type:
-    """``original`` with a state dict of tensors and plain types: a ``deque`` in a state is saved as a list."""
+    """``original`` with a state dict of tensors and plain types.
+
+    A ``deque`` in a state is saved as a list (and its ``maxlen``); an object of a class in
+    ``_STATE_OBJECTS`` (Conda's GaLore projector) as a dict of its attributes. Both are restored on load.
+    """
 
     def state_dict(self: Any) -> dict[str, Any]:
         state_dict = original.state_dict(self)
@@ -62,11 +78,13 @@ def _resumable(original: Any) -> type:
             return state_dict  # a wrapper's own layout (Magma keeps its base optimizer's under another key)
         packed = {}
         for key, state in state_dict["state"].items():
-            if isinstance(state, dict) and any(isinstance(value, deque) for value in state.values()):
+            if isinstance(state, dict) and any(isinstance(v, deque) or _packable(v) for v in state.values()):
                 state = dict(state)  # the packed state shares the live dicts: never change those
                 for name, value in list(state.items()):
                     if isinstance(value, deque):
                         state[name], state[name + _MAXLEN] = list(value), value.maxlen
+                    elif (kind := _packable(value)) is not None:
+                        state[name] = {_OBJECT_KEY: kind, **vars(value)}
             packed[key] = state
         return {**state_dict, "state": packed}
 
@@ -78,6 +96,13 @@ def _resumable(original: Any) -> type:
             for name in [key for key in state if isinstance(key, str) and key.endswith(_MAXLEN)]:
                 base = name.removesuffix(_MAXLEN)
                 state[base] = deque(state[base], maxlen=state.pop(name))
+            for name, value in list(state.items()):
+                if isinstance(value, dict) and value.get(_OBJECT_KEY) in _STATE_OBJECTS:
+                    attributes = dict(value)
+                    cls = _import(_STATE_OBJECTS[attributes.pop(_OBJECT_KEY)])
+                    obj = cls.__new__(cls)
+                    obj.__dict__.update(attributes)
+                    state[name] = obj
 
     namespace = {
         "state_dict": state_dict,
