@@ -7,6 +7,7 @@ how many matrices Muon received on each rank (as tests/test_distributed.py does 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,18 @@ STEPS = 4
 B = 2  # per-device batch of the 2-process run; the 1-process reference uses 2 * B
 RTOL = 1e-5  # only the order of the gradient reduction differs
 OPTIMIZER = {"name": "muon", "weight_decay": 0.05, "adjust_lr": "spectral"}
+EXAMPLES = HERE.parents[3] / "examples"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+ENGINES = ["fsdp", "zero2", "zero3"] if HAS_DEEPSPEED else ["fsdp"]
+SHARDED = (
+    "muon: DeepSpeed ZeRO (stage {stage}) hands the optimizer flattened 1-D parameter partitions, so no weight "
+    "matrix would reach Muon (it would silently run AdamW on everything): train without training.deepspeed (DDP or "
+    "a single process)"
+)
+FSDP = (
+    "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and Muon must "
+    "orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
+)
 
 
 def _train(output_dir: Path, batch: int, resume: str | None = None, **arguments) -> dict:
@@ -72,6 +85,9 @@ def test_two_processes_match_one_process_with_twice_the_batch_and_resume(tmp_pat
     _same(losses, single["losses"])
     resumed = {int(step): loss for step, loss in got["resumed"].items() if int(step) > STEPS // 2}
     _same(resumed, {step: loss for step, loss in single["losses"].items() if step > STEPS // 2})
+    # the check with real TrainingArguments of the sharding engines, inside the 2-process launch
+    expected = {"fsdp": FSDP, "zero2": SHARDED.format(stage=2), "zero3": SHARDED.format(stage=3)}
+    assert got["checks"] == {engine: expected[engine] for engine in ENGINES}
 
 
 def _worker(root: Path) -> None:
@@ -82,8 +98,25 @@ def _worker(root: Path) -> None:
     ranks: list[dict | None] = [None, None]
     dist.all_gather_object(ranks, run)
     resumed = _train(root / "resumed", B, resume=str(root / "ddp" / f"checkpoint-{STEPS // 2}"))
+    checks = {engine: _check(root / engine, engine) for engine in ENGINES}
     if dist.get_rank() == 0:
-        (root / "result.json").write_text(json.dumps({"ranks": ranks, "resumed": resumed["losses"]}))
+        (root / "result.json").write_text(json.dumps({"ranks": ranks, "resumed": resumed["losses"], "checks": checks}))
+
+
+def _check(output_dir: Path, engine: str) -> str | None:
+    import optiplug
+    from optiplug.testing import tiny_llama, training_args
+
+    if engine == "fsdp":
+        extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    else:
+        extra = {"deepspeed": json.loads((EXAMPLES / f"deepspeed-zero{engine[-1]}.json").read_text())}
+    entry = optiplug.get_entry("muon")
+    try:
+        entry.check(optiplug.BuildContext(model=tiny_llama(), args=training_args(output_dir, **extra)), entry.config())
+    except optiplug.ConfigError as error:
+        return str(error)
+    return None
 
 
 if __name__ == "__main__":
