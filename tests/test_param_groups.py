@@ -213,3 +213,35 @@ def test_yaml_and_command_line_overrides(tmp_path):
     config = optiplug.load_config(str(path), ["optimizer.param_groups=[{match: lm_head, lr: 1.0e-2, eps: 1.0e-6}]"])
     (rule,) = config.optimizer.param_groups
     assert (rule.match, rule.lr, rule.options) == ("lm_head", 1e-2, {"lr": 1e-2, "eps": 1e-6})
+
+
+def test_the_plugin_guides_contract_example_splits_and_keeps_the_users_groups(temp_plugin):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "writing-a-plugin.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "def build_split" in b)
+    namespace: dict = {"optiplug": optiplug}
+    exec(compile(source, "writing-a-plugin.md", "exec"), namespace)
+
+    class SplitConfig(optiplug.OptimizerConfig):
+        name: Literal["split_sgd"] = "split_sgd"
+        lr: float = 0.1
+        weight_decay: float = 0.01
+
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=SplitConfig, build=namespace["build_split"]))
+
+    temp_plugin(Plugin(), "split-plugin")
+    optimizer = optiplug.build_optimizer(
+        tiny_llama(), "split_sgd", param_groups=[{"match": "layers\\.1\\.", "lr": 0.5}]
+    )
+    rows = [(g[GROUP_KEY], len(g["params"]), g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups]
+    assert rows == [
+        ("default", 9, 0.1, 0.9, 0.01),  # embedding, layer 0's seven matrices, lm_head
+        ("default", 3, 0.1, 0.0, 0.0),  # layer 0's norms, the final norm
+        (r"layers\.1\.", 7, 0.5, 0.9, 0.01),
+        (r"layers\.1\.", 2, 0.5, 0.0, 0.0),
+    ]

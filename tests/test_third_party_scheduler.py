@@ -98,3 +98,8 @@ def test_optiplug_schedule_draws_it(site, tmp_path):
     assert lines[0] == "half_life (warmup_steps=10), 100 steps: learning rate as a multiple of optimizer.lr"
     assert lines[4:6] == ["  step  25  0.678302", "  step  50  0.339151"]  # 0.5 ** ((step - 1 - 10) / 25)
     assert lines[-1] == "wrote schedule-half_life.png" and (tmp_path / "schedule-half_life.png").is_file()
+
+
+def test_the_plugin_guide_shows_this_plugin_verbatim():
+    text = DOCS.read_text()
+    assert f"```python\n# src/optiplug_testhalflife/__init__.py\n{SOURCE.read_text()}```" in text
