@@ -43,3 +43,23 @@ def test_trains_with_groups_and_logs_their_rates(tmp_path):
     record = next(r for r in trainer.state.log_history if "loss" in r)
     assert (record["lr/default"], record[r"lr/layers\.1\."]) == (1e-3, 2e-3)  # each group's lora_A rate
     assert len(logged_losses(trainer)) == 4
+
+
+def test_resume_with_groups_is_exact(tmp_path):
+    optimizer = {"name": "loraplus", "lr": 1e-3, "param_groups": [{"match": r"layers\.0\.", "lr_scale": 0.5}]}
+
+    def trainer(path, **args):
+        return optiplug.OptiTrainer(
+            model=lora_llama(),
+            args=training_args(path, max_steps=6, **args),
+            train_dataset=TokenBlocks(n=32, distinct=4),
+            optimizer=optimizer,
+            scheduler={"name": "cosine", "warmup_steps": 2},
+        )
+
+    full = trainer(tmp_path / "full", save_strategy="steps", save_steps=3)
+    full.train()
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    after = {s: v for s, v in logged_losses(resumed).items() if s > 3}
+    assert after == {s: v for s, v in logged_losses(full).items() if s > 3} and len(after) == 3
