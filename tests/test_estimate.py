@@ -419,3 +419,34 @@ def test_estimate_measures_an_entry_without_a_formula_and_says_so(temp_plugin):
     rows = {row.optimizer: row for row in estimate(None, ["no_formula_sgd", "sgd"])}
     assert rows["sgd"].state_source == "analytic" and rows["no_formula_sgd"].state_source == "measured"
     assert rows["no_formula_sgd"].state_bytes == rows["sgd"].state_bytes  # one momentum buffer per parameter
+
+
+class _DescribedPlugin:
+    @optiplug.hookimpl
+    def register_optimizers(self, register):
+        def build(ctx, cfg):
+            import torch
+
+            return torch.optim.SGD(ctx.param_groups(0.0), lr=0.1)
+
+        def describe(shapes, cfg):
+            return f"{sum(len(s.shape) == 2 for s in shapes)} matrices, {sum(len(s.shape) != 2 for s in shapes)} others"
+
+        register(
+            optiplug.OptimizerEntry(
+                config=_NoFormulaConfig, build=build, state_bytes=lambda shapes, cfg: 0, describe=describe
+            )
+        )
+
+
+def test_estimate_shows_what_an_entry_describes(temp_plugin, capsys):
+    from optiplug.app.cli import main
+
+    temp_plugin(_DescribedPlugin(), "described")
+    [row] = estimate(None, ["no_formula_sgd"])
+    assert (
+        row.detail == "15 matrices, 5 others"
+    )  # the embedded Llama: 7 matrices in each of 2 layers, the tied embedding
+    with pytest.raises(SystemExit):
+        main(["estimate", "--optimizers", "no_formula_sgd"])
+    assert "no_formula_sgd: 15 matrices, 5 others" in capsys.readouterr().out

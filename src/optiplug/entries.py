@@ -85,6 +85,9 @@ class OptimizerEntry(Generic[C]):
             otherwise with ``step()`` over ``param_groups`` narrowed to that one parameter.
         default_scheduler: the scheduler this optimizer runs with when the run names none (a
             schedule-free optimizer brings its own schedule: ``"constant"``); None: the usual default.
+        describe: ``describe(shapes, cfg) -> str``, one line saying how the optimizer treats the
+            trainable parameters ``shapes`` (Muon: which go to Muon, which to AdamW), shown by
+            ``optiplug estimate`` under its table.
     """
 
     config: type[C]
@@ -98,6 +101,7 @@ class OptimizerEntry(Generic[C]):
     grad_bytes: Callable[[Sequence[ParamShape], C], int] | None = None
     per_parameter: bool = False
     default_scheduler: str | None = None
+    describe: Callable[[Sequence[ParamShape], C], str] | None = None
 
     def __post_init__(self) -> None:
         name_of(self.config, OptimizerConfig, "optimizer")

@@ -126,3 +126,10 @@ def test_state_bytes_is_one_buffer_per_muon_matrix_and_two_plus_a_step_per_adamw
     assert entries.state_bytes(shapes, MuonConfig()) == muon + adamw
     # every tensor on AdamW when the patterns say so: exactly AdamW's state
     assert entries.state_bytes(shapes, MuonConfig(adamw_patterns=(".",))) == optiplug.adam_state_bytes(shapes)
+
+
+def test_estimate_says_what_goes_where():
+    from optiplug.app.estimate import estimate
+
+    [row] = estimate(None, ["muon"])
+    assert row.detail == "muon: 14 matrices (0.43M parameters) · adamw: 6 tensors (0.26M)"

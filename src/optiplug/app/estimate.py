@@ -93,6 +93,7 @@ class Estimate:
     total_params: int
     trainable_params: int
     state_source: str | None = None
+    detail: str | None = None
 
 
 # ---- the model, on the meta device ----------------------------------------------------------
@@ -248,6 +249,7 @@ def estimate_shapes(
                 total_params=shapes.total_params,
                 trainable_params=shapes.trainable_params,
                 state_source=source,
+                detail=entry.describe(shapes.trainable, cfg) if entry.describe is not None else None,
             )
         )
     return rows
@@ -324,6 +326,9 @@ def _print_table(rows: list[Estimate], config: RunConfig) -> None:
             format_bytes(row.total_bytes),
         )
     console.print(table)
+    for row in rows:
+        if row.detail:
+            console.print(f"{row.optimizer}: {row.detail}", soft_wrap=True, highlight=False, markup=False)
 
 
 def command(

@@ -26,5 +26,6 @@ def register_optimizers(register) -> None:
             summary="Muon (torch.optim.Muon) on 2-D hidden matrices + fused AdamW on embeddings, head, norms, biases",
             check=entries.check,
             state_bytes=entries.state_bytes,
+            describe=entries.describe,
         )
     )

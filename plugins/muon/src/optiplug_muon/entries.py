@@ -115,6 +115,11 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
     return optimizer
 
 
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: MuonConfig) -> str:
+    """What goes where, for ``optiplug estimate``: ``muon: 14 matrices (0.43M parameters) · adamw: ...``."""
+    return Routing.of(shapes, cfg.adamw_patterns).summary()
+
+
 def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: MuonConfig) -> int:
     """One momentum buffer per Muon matrix (torch's Muon keeps no step); AdamW's two moments and step elsewhere."""
     route = Routing.of(shapes, cfg.adamw_patterns)
