@@ -305,3 +305,23 @@ def test_tied_weights_and_gradient_checkpointing_step_once_like_the_whole_step()
             layerwise.step()
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_hooks_step_only_while_training_and_only_for_the_newest_optimizer(tmp_path):
+    trainer = _trainer(tmp_path, _adamw(True), max_steps=2)
+    trainer.train()
+    model = trainer.model
+    batch = torch.stack([TokenBlocks(n=4)[i]["input_ids"] for i in range(4)])
+    before = [p.detach().clone() for p in model.parameters()]
+    model(input_ids=batch, labels=batch).loss.backward()  # after train(): the hooks no longer step
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    # a layerwise optimizer still alive, then a plain one built on the same model: only the plain one steps
+    old = optiplug.build_optimizer(model, _adamw(True))
+    plain = optiplug.build_optimizer(model, _adamw(False))
+    model(input_ids=batch, labels=batch).loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    plain.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert optiplug.layerwise_stepper(old) is not None  # it exists, but no longer owns the parameters' hooks

@@ -11,7 +11,7 @@ from optiplug.context import BuildContext, ScheduleContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError, MissingDependencyError, OptiplugError, PluginError
 from optiplug.helpers import unwrap_optimizer
-from optiplug.layerwise import check_layerwise, enable_layerwise
+from optiplug.layerwise import check_layerwise, enable_layerwise, release_parameters
 from optiplug.params import apply_group_rules
 from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
 
@@ -104,6 +104,8 @@ def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerCon
         apply_group_rules(optimizer, rules, ctx._rule_of, entry.name)
     if getattr(cfg, "layerwise", False):
         enable_layerwise(optimizer, ctx)
+    else:
+        release_parameters(optimizer)  # a layerwise optimizer built before on these parameters stops stepping them
     return optimizer
 
 

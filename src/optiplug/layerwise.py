@@ -47,7 +47,14 @@ if TYPE_CHECKING:
     from optiplug.entries import OptimizerEntry
     from optiplug.patches import Patch
 
-__all__ = ["LayerwiseStepper", "check_layerwise", "disable_layerwise", "enable_layerwise", "layerwise_stepper"]
+__all__ = [
+    "LayerwiseStepper",
+    "check_layerwise",
+    "disable_layerwise",
+    "enable_layerwise",
+    "layerwise_stepper",
+    "release_parameters",
+]
 
 # parameter -> (hook handle, weakref to its stepper); torch's dictionary compares tensor keys by identity
 _HOOKS: Any = None
@@ -298,6 +305,28 @@ def disable_layerwise(optimizer: Any) -> None:
     stepper = layerwise_stepper(optimizer)
     if stepper is not None:
         stepper.detach()
+
+
+def release_parameters(optimizer: Any) -> None:
+    """Stop every other optimizer's layerwise hooks on ``optimizer``'s parameters: it has taken them over.
+
+    The core calls it on every optimizer built without ``layerwise: true``, so a layerwise optimizer
+    built earlier on the same model (and not yet garbage-collected) never steps them again.
+    """
+    from optiplug.helpers import unwrap_optimizer
+
+    if _HOOKS is None:
+        return
+    optimizer = unwrap_optimizer(optimizer)
+    for group in getattr(optimizer, "param_groups", ()):
+        for p in group["params"]:
+            entry = _HOOKS.get(p)
+            if entry is None:
+                continue
+            stepper = entry[1]()
+            if stepper is None or stepper.optimizer is not optimizer:
+                entry[0].remove()
+                del _HOOKS[p]
 
 
 def owner_of(params: Iterable[torch.Tensor]) -> LayerwiseStepper | None:

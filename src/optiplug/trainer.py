@@ -23,7 +23,7 @@ from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler, check_param_groups
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
-from optiplug.layerwise import check_layerwise
+from optiplug.layerwise import check_layerwise, layerwise_stepper
 from optiplug.layerwise import patches as layerwise_patches
 from optiplug.patches import applied
 from optiplug.registry import (
@@ -220,12 +220,20 @@ class OptiTrainerMixin(_TrainerBase):
         patches += layerwise_patches(cfg)  # the core's, for layerwise: true on any per-parameter optimizer
         for callback in callbacks:
             self.add_callback(callback)
+        self._set_layerwise_active(True)  # a second train() with the same optimizer
         try:
             with applied(self, patches):
                 return super().train(*args, **kwargs)
         finally:
             for callback in callbacks:
                 self.remove_callback(callback)
+            self._set_layerwise_active(False)
+
+    def _set_layerwise_active(self, active: bool) -> None:
+        """Layerwise hooks step only during ``train()``: a backward pass after it changes no weight."""
+        stepper = layerwise_stepper(self.optimizer) if self.optimizer is not None else None
+        if stepper is not None:
+            stepper.active = active
 
 
 class OptiTrainer(OptiTrainerMixin, Trainer):
