@@ -24,6 +24,8 @@ parameter's group holding only that parameter (every ``torch.optim`` optimizer w
   norm is below it is not changed).
 - The logged gradient norm is the true global norm before clipping, assembled from the per-parameter
   norms (:meth:`LayerwiseStepper.grad_norm`; the Trainer's clipping call returns it, see :func:`patches`).
+- Inside an OptiTrainer the hooks step only during ``train()``; an optimizer built without layerwise on the
+  same parameters takes their hooks over (:func:`release_parameters`).
 - Refused under DDP, DeepSpeed and FSDP (a hook would step before the gradient is reduced across
   processes) and in fp16 (its loss scaling unscales gradients only after backward).
 
