@@ -220,3 +220,33 @@ def test_only_listed_classes_are_rebuilt_from_a_checkpoint():
     fresh, _ = _build("po_conda", tiny_model("po_conda"))
     fresh.load_state_dict(saved)
     assert isinstance(next(iter(fresh.state.values()))["projector"], dict)  # left as data, nothing imported
+
+
+@pytest.mark.parametrize("graft_type", ["none", "sgd", "adagrad", "rmsprop", "sqrtn"])
+@pytest.mark.parametrize("pre_conditioner_type", ["all", "input"])
+def test_scalable_shampoo_preconditioners_resume_exactly(graft_type, pre_conditioner_type, monkeypatch):
+    """ScalableShampoo's PreConditioner, BlockPartitioner and graft objects go through the checkpoint as dicts:
+    preconditioning from step 2, blocks of 4 (every weight partitioned), roots recomputed every 2 steps."""
+    fields = {
+        "graft_type": graft_type,
+        "pre_conditioner_type": pre_conditioner_type,
+        "block_size": 4,
+        "start_preconditioning_step": 2,
+        "preconditioning_compute_steps": 2,
+    }
+    monkeypatch.setitem(RUN_FIELDS, "po_scalableshampoo", fields)
+    test_steps_and_resumes_exactly("po_scalableshampoo")
+
+
+def test_scalable_shampoo_state_is_measured_before_preconditioning_starts_and_stays():
+    """Its statistics are allocated at the first step: the size measured then holds after preconditioning starts."""
+    warnings.simplefilter("ignore")
+    name = "po_scalableshampoo"
+    model = tiny_model(name)
+    optimizer, scheduler = _build(name, model)
+    sizes = set()
+    for k in range(30):  # preconditioning starts at step 25 by default
+        _step(model, optimizer, scheduler, k)
+        sizes.add(optiplug.optimizer_state_bytes(optimizer))
+    cfg = optiplug.parse_optimizer(name)
+    assert sizes == {optiplug.get_entry(name).state_bytes(optiplug.ParamShape.of_model(model), cfg)}

@@ -53,9 +53,19 @@ def _import(path: str) -> Any:
     return obj
 
 
-# Objects kept in a state whose attributes are all tensors and plain values: saved as a dict of them (marked with
-# the class's key here) and rebuilt on load. Only these classes are ever rebuilt from a checkpoint.
-_STATE_OBJECTS = {"galore_projector": "pytorch_optimizer.optimizer.utils.galore:GaLoreProjector"}
+# Objects kept in a state whose attributes are tensors, plain values, enums and more such objects: saved as a dict
+# of them (marked with the class's key here) and rebuilt on load. Only these classes are ever rebuilt from a checkpoint.
+_UTILS = "pytorch_optimizer.optimizer.utils"
+_STATE_OBJECTS = {
+    "galore_projector": f"{_UTILS}.galore:GaLoreProjector",
+    "pre_conditioner": f"{_UTILS}.preconditioner:PreConditioner",
+    "block_partitioner": f"{_UTILS}.partition:BlockPartitioner",
+    "graft": f"{_UTILS}.graft:Graft",
+    "sgd_graft": f"{_UTILS}.graft:SGDGraft",
+    "sqrtn_graft": f"{_UTILS}.graft:SQRTNGraft",
+    "adagrad_graft": f"{_UTILS}.graft:AdaGradGraft",
+    "rmsprop_graft": f"{_UTILS}.graft:RMSPropGraft",
+}
 _OBJECT_KEY = "optiplug_object"
 
 
@@ -63,6 +73,45 @@ def _packable(value: Any) -> str | None:
     """The ``_STATE_OBJECTS`` key of ``value``'s class, or None."""
     cls = type(value)
     return next((key for key, path in _STATE_OBJECTS.items() if path == f"{cls.__module__}:{cls.__qualname__}"), None)
+
+
+def _pack(value: Any) -> Any:
+    """``value`` with every listed object turned into a dict of its attributes and every int enum into an int."""
+    import enum
+
+    if (kind := _packable(value)) is not None:
+        return {_OBJECT_KEY: kind, **{name: _pack(item) for name, item in vars(value).items()}}
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _pack(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_pack(item) for item in value)
+    return value
+
+
+def _unpack(value: Any) -> Any:
+    """:func:`_pack` undone: a dict marked with a listed class's key becomes that object again."""
+    if isinstance(value, dict):
+        if value.get(_OBJECT_KEY) in _STATE_OBJECTS:
+            cls = _import(_STATE_OBJECTS[value[_OBJECT_KEY]])
+            obj = cls.__new__(cls)
+            obj.__dict__.update({name: _unpack(item) for name, item in value.items() if name != _OBJECT_KEY})
+            return obj
+        return {key: _unpack(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_unpack(item) for item in value)
+    return value
+
+
+def _holds_object(value: Any) -> bool:
+    if _packable(value) is not None:
+        return True
+    if isinstance(value, dict):
+        return any(_holds_object(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_object(item) for item in value)
+    return False
 
 
 def _resumable(original: Any) -> type:
@@ -78,13 +127,13 @@ def _resumable(original: Any) -> type:
             return state_dict  # a wrapper's own layout (Magma keeps its base optimizer's under another key)
         packed = {}
         for key, state in state_dict["state"].items():
-            if isinstance(state, dict) and any(isinstance(v, deque) or _packable(v) for v in state.values()):
+            if isinstance(state, dict) and any(isinstance(v, deque) or _holds_object(v) for v in state.values()):
                 state = dict(state)  # the packed state shares the live dicts: never change those
                 for name, value in list(state.items()):
                     if isinstance(value, deque):
                         state[name], state[name + _MAXLEN] = list(value), value.maxlen
-                    elif (kind := _packable(value)) is not None:
-                        state[name] = {_OBJECT_KEY: kind, **vars(value)}
+                    elif _holds_object(value):
+                        state[name] = _pack(value)
             packed[key] = state
         return {**state_dict, "state": packed}
 
@@ -97,12 +146,8 @@ def _resumable(original: Any) -> type:
                 base = name.removesuffix(_MAXLEN)
                 state[base] = deque(state[base], maxlen=state.pop(name))
             for name, value in list(state.items()):
-                if isinstance(value, dict) and value.get(_OBJECT_KEY) in _STATE_OBJECTS:
-                    attributes = dict(value)
-                    cls = _import(_STATE_OBJECTS[attributes.pop(_OBJECT_KEY)])
-                    obj = cls.__new__(cls)
-                    obj.__dict__.update(attributes)
-                    state[name] = obj
+                if isinstance(value, dict):
+                    state[name] = _unpack(value)
 
     namespace = {
         "state_dict": state_dict,

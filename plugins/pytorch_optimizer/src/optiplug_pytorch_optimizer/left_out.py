@@ -44,7 +44,6 @@ LEFT_OUT: dict[str, str] = {
         "(optimizer name adam_mini), which reads them from the model's config"
     ),
     "lorarite": "needs LoRA factor pairs handed over in its own parameter layout; it fails on any other model",
-    "scalableshampoo": OBJECTS_IN_STATE.format(what="graft and preconditioner objects per parameter"),
     "asgd": ZERO_LR.format(where="at every step (it adapts the rate itself and a schedule overwrites it)"),
     "gravity": ZERO_LR.format(where="when it creates its state"),
     "ftrl": ZERO_LR.format(where="(through lr ** lr_power), giving NaN weights").replace(
