@@ -118,7 +118,8 @@ def _resumable(original: Any) -> type:
     """``original`` with a state dict of tensors and plain types.
 
     A ``deque`` in a state is saved as a list (and its ``maxlen``); an object of a class in
-    ``_STATE_OBJECTS`` (Conda's GaLore projector) as a dict of its attributes. Both are restored on load.
+    ``_STATE_OBJECTS`` (Conda's GaLore projector, ScalableShampoo's preconditioner and graft) as a dict of its
+    attributes. Both are restored on load.
     """
 
     def state_dict(self: Any) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def constructor(spec: Spec) -> type:
     """pytorch-optimizer's class for ``spec``, subclassed so its state dict is ``weights_only``-readable.
 
     The subclass keeps the class's name; only ``state_dict``/``load_state_dict`` change, and only
-    for states holding a ``deque`` (AdaShift's gradient queue), which are saved as lists.
+    for states holding a ``deque`` (AdaShift's gradient queue) or a listed object (see :func:`_resumable`).
     """
     if spec.cls not in _CLASSES:
         _CLASSES[spec.cls] = _resumable(_import(spec.cls))
