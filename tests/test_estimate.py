@@ -450,3 +450,21 @@ def test_estimate_shows_what_an_entry_describes(temp_plugin, capsys):
     with pytest.raises(SystemExit):
         main(["estimate", "--optimizers", "no_formula_sgd"])
     assert "no_formula_sgd: 15 matrices, 5 others" in capsys.readouterr().out
+
+
+def test_layerwise_holds_one_gradient_at_a_time_without_accumulation():
+    plain, layerwise = estimate(None, ["adamw", {"name": "adamw", "layerwise": True}])
+    largest = max(s.numel * s.itemsize for s in _default_shapes().trainable)
+    assert layerwise.gradient_bytes == largest < plain.gradient_bytes
+    assert layerwise.state_bytes == plain.state_bytes
+    [accumulating] = estimate(
+        None, [{"name": "adamw", "layerwise": True}], overrides=["training.gradient_accumulation_steps=2"]
+    )
+    assert accumulating.gradient_bytes == plain.gradient_bytes  # every gradient lives until the boundary
+
+
+def _default_shapes():
+    from optiplug.app.config import load_config
+    from optiplug.app.estimate import model_shapes
+
+    return model_shapes(load_config())

@@ -222,9 +222,16 @@ def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
 
 
 def estimate_shapes(
-    shapes: ModelShapes, optimizers: Sequence[OptimizerConfig], model: nn.Module | None = None
+    shapes: ModelShapes,
+    optimizers: Sequence[OptimizerConfig],
+    model: nn.Module | None = None,
+    accumulation_steps: int = 1,
 ) -> list[Estimate]:
     """One :class:`Estimate` per optimizer config for the model described by ``shapes``.
+
+    With ``layerwise: true`` and no gradient accumulation, each gradient is freed as soon as its
+    parameter steps, so the gradient figure is the largest single parameter's; with accumulation
+    every gradient lives until the boundary, as in a plain step.
 
     ``model``, the same model on the ``meta`` device, lets entries without ``state_bytes`` be measured.
     """
@@ -238,6 +245,8 @@ def estimate_shapes(
             state = measured_on_meta(model, cfg)
             source = "measured" if state is not None else None
         grads = shapes.gradient_bytes if entry.grad_bytes is None else int(entry.grad_bytes(shapes.trainable, cfg))
+        if getattr(cfg, "layerwise", False) is True and accumulation_steps == 1 and shapes.trainable:
+            grads = min(grads, max(s.numel * s.itemsize for s in shapes.trainable))
         fixed = shapes.weights_bytes + grads
         rows.append(
             Estimate(
@@ -275,7 +284,8 @@ def estimate(
     config = resolve_config(config, overrides)
     configs = _optimizer_configs(config, optimizers)  # unknown names fail before the model is built
     model = meta_model(config.model, config.finetuning)
-    return estimate_shapes(ModelShapes.of_model(model), configs, model)
+    accumulation = int(config.training.get("gradient_accumulation_steps", 1) or 1)
+    return estimate_shapes(ModelShapes.of_model(model), configs, model, accumulation)
 
 
 # ---- the command ----------------------------------------------------------------------------
