@@ -185,6 +185,11 @@ def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")
         typer.echo(f"  {doc.splitlines()[0]}")
     if row.entry.requires:
         typer.echo(f"  requires: {', '.join(row.entry.requires)}")
+    if row.kind == "optimizer":
+        per_parameter = row.entry.per_parameter
+        typer.echo(f"  layerwise: {'supported' if per_parameter else 'not supported (the entry is not per-parameter)'}")
+        if row.entry.default_scheduler:
+            typer.echo(f"  scheduler when the run names none: {row.entry.default_scheduler}")
     typer.echo("fields:")
     common = OptimizerConfig.model_fields if row.kind == "optimizer" else {}
     # the fields every optimizer has (param_groups, ...) after the optimizer's own
