@@ -55,7 +55,8 @@ LEFT_OUT: dict[str, str] = {
     ),
     "muonclip": (
         "needs extra inputs at every step (the attention's per-head maximum logits, step(attention_max_logits=...)) "
-        "and attention groups labelled by hand; the Trainer passes neither, and without them it clips nothing (po_muon does the rest)"
+        "and attention groups labelled by hand; the Trainer passes neither, and without them it clips nothing "
+        "(po_muon does the rest)"
     ),
 }
 """registry name in pytorch-optimizer -> why the bridge leaves it out."""
