@@ -311,8 +311,13 @@ def _with_lora(name: str):
     return name
 
 
+# optiplug-pytorch-optimizer's ~110 optimizers: a fixed sample here (as in test_every_optimizer.py)
+BRIDGE, BRIDGE_SAMPLE = "optiplug-pytorch-optimizer", {"po_lion", "po_muon", "po_prodigy", "po_soap"}
+
+
 def every_optimizer_with_lora():
-    return [_with_lora(row.name) for row in optiplug.list_optimizers()]
+    rows = optiplug.list_optimizers()
+    return [_with_lora(row.name) for row in rows if row.plugin != BRIDGE or row.name in BRIDGE_SAMPLE]
 
 
 @pytest.mark.parametrize("name", every_optimizer_with_lora())
