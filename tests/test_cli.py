@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import optiplug
 from optiplug.app.cli import main
 
 
@@ -134,3 +135,15 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"optiplug: config file '{tmp_path / 'nope.yaml'}' does not exist"
+
+
+def test_list_ends_with_the_count_of_each_plugin(capsys):
+    code, out, _ = run_cli(capsys, "list")
+    lines = out.splitlines()
+    rows = optiplug.list_optimizers() + optiplug.list_schedulers()
+    assert code == 0 and len(lines) == len(rows) + 2  # header, one line per entry, the counts
+    optimizers, schedulers = len(optiplug.list_optimizers()), len(optiplug.list_schedulers())
+    assert lines[-1].startswith(f"{optimizers} optimizers and {schedulers} schedulers from ")
+    default = sum(1 for row in rows if row.plugin.startswith("optiplug:"))
+    ours = [r for r in optiplug.list_optimizers() if r.plugin.startswith("optiplug:")]
+    assert f"optiplug {len(ours)} + {default - len(ours)}" in lines[-1]

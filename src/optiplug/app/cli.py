@@ -124,7 +124,25 @@ def list_(
     widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]] if rows else [4, 4, 6]
     for cells in [dict(zip(columns, columns)), *rows]:
         typer.echo("  ".join(str(cells[c]).ljust(w) for c, w in zip(columns, widths)) + "  " + cells["summary"])
+    if rows:
+        typer.echo(_counts(rows))
     _warn_failures()
+
+
+def _counts(rows: list[dict[str, Any]]) -> str:
+    """``133 optimizers and 12 schedulers from 9 plugins: optiplug-pytorch-optimizer 113 + 2, ...``."""
+    kinds = [kind for kind in ("optimizer", "scheduler") if any(row["kind"] == kind for row in rows)]
+    by_plugin: dict[str, dict[str, int]] = {}
+    for row in rows:
+        plugin = row["plugin"].split(":")[0]  # the default plugin's modules count as one plugin
+        counts = by_plugin.setdefault(plugin, dict.fromkeys(kinds, 0))
+        counts[row["kind"]] += 1
+    totals = " and ".join(f"{sum(c[kind] for c in by_plugin.values())} {kind}s" for kind in kinds)
+    parts = [
+        f"{plugin} {' + '.join(str(counts[kind]) for kind in kinds)}"
+        for plugin, counts in sorted(by_plugin.items(), key=lambda item: -sum(item[1].values()))
+    ]
+    return f"{totals} from {len(by_plugin)} plugins ({' + '.join(kind + 's' for kind in kinds)}): {', '.join(parts)}"
 
 
 def _warn_failures() -> None:

@@ -17,6 +17,7 @@ training step holds them; activations, the data and framework buffers are not co
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,7 +241,11 @@ def estimate_shapes(
         entry = get_entry(cfg.name)
         state, source = None, None
         if entry.state_bytes is not None:
-            state, source = int(entry.state_bytes(shapes.trainable, cfg)), "analytic"
+            try:
+                state, source = int(entry.state_bytes(shapes.trainable, cfg)), "analytic"
+            except Exception as error:  # one entry that cannot size a setting must not hide the other rows
+                problem = f"{type(error).__name__}: {error}"
+                warnings.warn(f"optiplug: {cfg.name}: state_bytes failed ({problem}); shown as n/a", stacklevel=2)
         elif model is not None:
             state = measured_on_meta(model, cfg)
             source = "measured" if state is not None else None
