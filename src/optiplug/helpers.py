@@ -131,31 +131,29 @@ def adam_state_bytes(shapes: Sequence[ParamShape], cfg: Any = None) -> int:
     return moment_bytes(shapes, 3 if getattr(cfg, "amsgrad", False) else 2)
 
 
-def _is_wrapper(optimizer: Any) -> bool:
-    # accelerate's AcceleratedOptimizer and its subclasses (DeepSpeedOptimizerWrapper), and DeepSpeed's ZeRO optimizers
-    kind = type(optimizer)
-    return any(c.__name__ == "AcceleratedOptimizer" for c in kind.__mro__) or kind.__module__.startswith("deepspeed.")
-
-
 def unwrap_optimizer(optimizer: Any, *, until: Callable[[Any], bool] | None = None) -> Any:
-    """The raw optimizer under accelerate's ``AcceleratedOptimizer`` and DeepSpeed's ZeRO wrappers.
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (or, with ``until``, the one you look for).
 
     Args:
         optimizer: what the Trainer holds (``trainer.optimizer``, a callback's ``optimizer``).
-        until: stop at the outermost optimizer for which ``until(optimizer)`` is true and
+        until: look for the outermost optimizer for which ``until(optimizer)`` is true, following
+            ``.optimizer`` through any wrapper (accelerate's, DeepSpeed's ZeRO optimizers), and
             return it, or None when none is (``until=lambda o: hasattr(o, "switch_block")``).
 
     Returns:
-        The innermost optimizer (or the one ``until`` accepts).
+        Without ``until``: the optimizer inside ``AcceleratedOptimizer`` (the one to build schedulers
+        on). accelerate's DeepSpeed wrapper is left as it is: under DeepSpeed the Trainer's
+        optimizer is DeepSpeed's, which holds the partitioned state and its ``state_dict``.
     """
-    while optimizer is not None:
-        if until is not None and until(optimizer):
+    if until is None:
+        while type(optimizer).__name__ == "AcceleratedOptimizer" and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        return optimizer
+    for _ in range(8):  # wrappers nest a few deep at most; a cycle must not hang
+        if optimizer is None or until(optimizer):
             return optimizer
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or not _is_wrapper(optimizer):
-            break
-        optimizer = inner
-    return None if until is not None else optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 def tensor_bytes(obj: Any) -> int:
