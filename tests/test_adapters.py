@@ -45,6 +45,13 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _schedule_for(optimizer) -> str | dict:
+    """The optimizer's own scheduler when its entry brings one (schedule-free: constant), else cosine with warmup."""
+    name = optimizer if isinstance(optimizer, str) else optimizer["name"]
+    own = optiplug.get_entry(name).default_scheduler
+    return own if own is not None else {"name": "cosine", "warmup_steps": 2}
+
+
 def make_trainer(output_dir, model, optimizer="adamw", run_config=None, **args):
     """A trainer with the callbacks `optiplug train` adds for ``run_config``'s fine-tuning section."""
     trainer = optiplug.OptiTrainer(
@@ -52,7 +59,7 @@ def make_trainer(output_dir, model, optimizer="adamw", run_config=None, **args):
         args=training_args(output_dir, **args),
         train_dataset=TokenBlocks(n=32, distinct=4),
         optimizer=optimizer,
-        scheduler={"name": "cosine", "warmup_steps": 2},
+        scheduler=_schedule_for(optimizer),
         run_config=run_config,
     )
     for callback in pissa_callbacks(trainer, run_config.finetuning) if run_config is not None else ():
@@ -304,7 +311,10 @@ def _with_lora(name: str):
     try:
         entry.check_requires()
         if entry.check is not None:
-            args = TrainingArguments(output_dir="/tmp/optiplug-probe", use_cpu=True, report_to="none")
+            schedule = entry.default_scheduler or "cosine"  # what make_trainer trains it with
+            args = TrainingArguments(
+                output_dir="/tmp/optiplug-probe", use_cpu=True, report_to="none", lr_scheduler_type=schedule
+            )
             entry.check(optiplug.BuildContext(model=lora_llama(), args=args), entry.config())
     except optiplug.OptiplugError as error:
         return pytest.param(name, marks=pytest.mark.skip(reason=f"refuses LoRA: {error}"))
