@@ -272,17 +272,13 @@ class Registry:
         self._load_once()
         return self._deny_names.get(name)
 
-    def _record_failure(self, name: str, cause: str) -> None:
+    def _record_failure(self, name: str, cause: str, *, whole_plugin: bool = True) -> None:
+        """Record a failure of plugin ``name``: the whole plugin left out, or (a duplicate) one of its names."""
         if any(f.name == name and f.cause == cause for f in self._failures):
             return
         self._failures.append(PluginFailure(name, cause))
-        warnings.warn(
-            f"optiplug: {cause}"
-            if cause.startswith(("optimizer", "scheduler"))
-            else f"optiplug: plugin {name!r} was left out: {cause}",
-            RuntimeWarning,
-            stacklevel=5,
-        )
+        message = f"plugin {name!r} was left out: {cause}" if whole_plugin else cause
+        warnings.warn(f"optiplug: {message}", RuntimeWarning, stacklevel=5)
 
     # ---- entries ------------------------------------------------------------------------------
     def _duplicate_message(self, kind: str, name: str, first: str, second: str) -> str:
@@ -316,7 +312,7 @@ class Registry:
                         if name in table:
                             message = self._duplicate_message(kind, name, table.pop(name).plugin, plugin)
                             tables.duplicates[(kind, name)] = message
-                            self._record_failure(plugin, message)
+                            self._record_failure(plugin, message, whole_plugin=False)
                             continue
                         table[name] = row
             self._tables = tables
