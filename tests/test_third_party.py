@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,47 +16,29 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.registry import reload_plugins
-from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
+from optiplug.testing import (
+    TokenBlocks,
+    install_distribution,
+    installed_site,
+    logged_losses,
+    tiny_llama,
+    training_args,
+)
 
 DIST = Path(__file__).parent / "plugin_dist"
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    source = tmp_path_factory.mktemp("src") / "plugin_dist"
-    shutil.copytree(DIST, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-    )
+    target = install_distribution(DIST, tmp_path_factory.mktemp("dist"))
     assert (target / "optiplug_testlion-0.3.0.dist-info" / "entry_points.txt").is_file()
     return target
 
 
 @pytest.fixture
 def installed(site, monkeypatch):
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("OPTIPLUG_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("OPTIPLUG_DISABLE_PLUGINS", raising=False)
-    reload_plugins()
-    yield site
-    monkeypatch.undo()
-    for name in [m for m in sys.modules if m.startswith("optiplug_testlion")]:
-        del sys.modules[name]
-    reload_plugins()
+    with installed_site(site, monkeypatch, "optiplug_testlion"):
+        yield site
 
 
 def test_discovered_through_its_entry_point(installed):

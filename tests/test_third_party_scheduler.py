@@ -8,7 +8,6 @@ It is pip-installed into a temporary directory, so nothing leaks into other test
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,14 @@ from pathlib import Path
 import pytest
 
 import optiplug
-from optiplug.registry import reload_plugins
-from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
+from optiplug.testing import (
+    TokenBlocks,
+    install_distribution,
+    installed_site,
+    logged_losses,
+    tiny_llama,
+    training_args,
+)
 
 DIST = Path(__file__).parent / "scheduler_dist"
 SOURCE = DIST / "src" / "optiplug_testhalflife" / "__init__.py"
@@ -26,26 +31,15 @@ DOCS = Path(__file__).parents[1] / "docs" / "writing-a-plugin.md"
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
-    source = tmp_path_factory.mktemp("src") / "scheduler_dist"
-    shutil.copytree(DIST, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    target = tmp_path_factory.mktemp("site")
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "--target", str(target), str(source)], check=True)
+    target = install_distribution(DIST, tmp_path_factory.mktemp("dist"))
     assert (target / "optiplug_testhalflife-0.1.0.dist-info" / "entry_points.txt").is_file()
     return target
 
 
 @pytest.fixture
 def installed(site, monkeypatch):
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("OPTIPLUG_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("OPTIPLUG_DISABLE_PLUGINS", raising=False)
-    reload_plugins()
-    yield site
-    monkeypatch.undo()
-    for name in [m for m in sys.modules if m.startswith("optiplug_testhalflife")]:
-        del sys.modules[name]
-    reload_plugins()
+    with installed_site(site, monkeypatch, "optiplug_testhalflife"):
+        yield site
 
 
 def test_discovered_through_its_entry_point(installed):

@@ -4,11 +4,16 @@ Use them from a plugin's own tests::
 
     from optiplug.testing import tiny_llama, TokenBlocks, training_args, logged_losses
     pytest_plugins = ["optiplug.testing"]   # provides the ``temp_plugin`` fixture
+
+``install_distribution`` and ``installed_site`` test a plugin as a real pip-installed
+distribution, found through its entry point.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,3 +100,45 @@ def temp_plugin() -> Iterator:
     yield register
     for name in names:
         unregister_plugin(name)
+
+
+def install_distribution(source: Path, workdir: Path) -> Path:
+    """pip-install the distribution at ``source`` into a fresh folder under ``workdir`` and return that folder.
+
+    The source tree is copied first (build leftovers ignored), so the repository stays clean; nothing
+    is installed into the running environment: put the folder on ``sys.path`` with :func:`installed_site`.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    copy = workdir / "src" / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    target = workdir / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(target), str(copy)], check=True)
+    return target
+
+
+@contextlib.contextmanager
+def installed_site(site: Path, monkeypatch: pytest.MonkeyPatch, package: str) -> Iterator[Path]:
+    """Plugins load with ``site`` (from :func:`install_distribution`) on ``sys.path``, every entry point allowed.
+
+    On exit ``site`` leaves ``sys.path``, the modules of ``package`` are forgotten and the plugins load
+    again without it.
+    """
+    import sys
+
+    from optiplug.registry import reload_plugins
+
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("OPTIPLUG_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("OPTIPLUG_DISABLE_PLUGINS", raising=False)
+    reload_plugins()
+    try:
+        yield site
+    finally:
+        monkeypatch.undo()
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
+        reload_plugins()
