@@ -55,11 +55,16 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
     return parse_optimizer(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in wanted.items()})
 
 
-def _scheduler_left_at_default(args: Any) -> bool:
-    """True when ``args`` keep TrainingArguments' own scheduler default (``linear``, no kwargs, no warmup)."""
+def _argument_defaults(args: Any) -> dict[str, Any]:
+    """The defaults of ``args``'s dataclass (``TrainingArguments`` or a subclass), by field name."""
     import dataclasses
 
-    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
+    return {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
+
+
+def _scheduler_left_at_default(args: Any) -> bool:
+    """True when ``args`` keep TrainingArguments' own scheduler default (``linear``, no kwargs, no warmup)."""
+    defaults = _argument_defaults(args)
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     default = getattr(defaults.get("lr_scheduler_type"), "value", defaults.get("lr_scheduler_type"))
     warmup = getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0)
@@ -77,9 +82,7 @@ def _scheduler_from_args(args: Any) -> SchedulerConfig:
 
 def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
     """Say so when TrainingArguments set a value the optimizer config overrides (one source of truth)."""
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
+    defaults = _argument_defaults(args)
     for key in TRAINING_ARGUMENT_FIELDS:
         value, given = training_argument_value(cfg, key), getattr(args, key, None)
         if value is not None and given != defaults.get(key) and given != value:
