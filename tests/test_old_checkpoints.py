@@ -1,0 +1,60 @@
+"""Checkpoints written by an earlier optiplug (commit 6f05005) still resume, exactly.
+
+The fixtures in ``tests/fixtures/old_checkpoints`` (see its ``write.py``) hold ``checkpoint-3`` of a
+6-step run for adamw, galore_adamw, apollo_adamw, badam and muon, with the configs the run was
+given and as that code recorded them, and the uninterrupted run's losses. A renamed config field must still parse (the old
+name is an accepted alias) and still match the checkpoint's record; a reordered parameter group must
+not load the old optimizer state onto the wrong parameters: either would change the losses below.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import optiplug
+from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
+
+FIXTURES = Path(__file__).parent / "fixtures" / "old_checkpoints"
+CHECKPOINT = "checkpoint-3"
+NAMES = sorted(path.parent.name for path in FIXTURES.glob("*/run.json"))
+
+
+def test_every_fixture_is_here():
+    assert NAMES == ["adamw", "apollo_adamw", "badam", "galore_adamw", "muon"]
+
+
+def _record(name: str) -> dict:
+    return json.loads((FIXTURES / name / "run.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_old_config_parses_and_matches_the_checkpoints_record(name):
+    from optiplug.app.safety import check_checkpoint
+
+    given = _record(name)["given"]
+    optimizer = optiplug.parse_optimizer(given["optimizer"])
+    scheduler = optiplug.parse_scheduler(given["scheduler"])
+    assert optimizer.name == name
+    # what `optiplug train ... training.resume_from_checkpoint=` checks before it resumes (raises on a difference)
+    check_checkpoint(str(FIXTURES / name / CHECKPOINT), optimizer, scheduler, engine=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_old_checkpoint_resumes_to_the_old_runs_losses(name, tmp_path):
+    record = _record(name)
+    trainer = optiplug.OptiTrainer(
+        model=tiny_llama(seed=0),
+        args=training_args(tmp_path, **{**record["arguments"], "save_strategy": "no"}),
+        train_dataset=TokenBlocks(**record["data"]),
+        optimizer=record["given"]["optimizer"],
+        scheduler=record["given"]["scheduler"],
+    )
+    trainer.train(resume_from_checkpoint=str(FIXTURES / name / CHECKPOINT))
+    resumed = {step: loss for step, loss in logged_losses(trainer).items() if step > 3}  # 1-3: the checkpoint's
+    expected = {int(step): loss for step, loss in record["losses"].items() if int(step) > 3}
+    assert sorted(resumed) == sorted(expected) == [4, 5, 6]
+    for step, loss in expected.items():
+        assert resumed[step] == loss, f"{name}: step {step}: resumed {resumed[step]} != the old run's {loss}"
