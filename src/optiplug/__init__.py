@@ -39,6 +39,7 @@ from optiplug.helpers import (
     unwrap_optimizer,
 )
 from optiplug.hookspecs import hookimpl, hookspec
+from optiplug.params import GROUP_ROLE
 from optiplug.patches import Patch
 from optiplug.registry import (
     get_entry,
@@ -80,6 +81,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "GROUP_ROLE",
     "STEP_BYTES",
     "TRAINING_ARGUMENT_FIELDS",
     "AdamFields",

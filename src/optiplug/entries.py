@@ -87,7 +87,7 @@ class OptimizerEntry(Generic[C]):
             schedule-free optimizer brings its own schedule: ``"constant"``); None: the usual default.
         describe: ``describe(shapes, cfg) -> str``, one line saying how the optimizer treats the
             trainable parameters ``shapes`` (Muon: which go to Muon, which to AdamW), shown by
-            ``optiplug estimate`` under its table.
+            ``optiplug estimate`` under its table and in the run header.
     """
 
     config: type[C]
@@ -125,12 +125,16 @@ class SchedulerEntry(Generic[C]):
         build: ``build(ctx, cfg) -> LRScheduler``; ``ctx`` is a :class:`ScheduleContext`.
         summary: one line for ``optiplug list``.
         requires: distributions the scheduler needs.
+        describe: ``describe(ctx, cfg) -> str``, one line on the schedule a run of
+            ``ctx.num_training_steps`` steps gets (WSD: its warmup, stable and decay steps), shown
+            in the run header; ``ctx`` is the :class:`ScheduleContext` the factory would get.
     """
 
     config: type[C]
     build: Callable[[ScheduleContext, C], Any]
     summary: str = ""
     requires: tuple[str, ...] = ()
+    describe: Callable[[ScheduleContext, C], str] | None = None
 
     def __post_init__(self) -> None:
         name_of(self.config, SchedulerConfig, "scheduler")

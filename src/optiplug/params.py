@@ -18,6 +18,7 @@ __all__ = [
     "ALL_LINEAR",
     "DEFAULT_GROUP",
     "GROUP_KEY",
+    "GROUP_ROLE",
     "NO_DECAY_RULE",
     "apply_group_rules",
     "assign_rules",
@@ -42,6 +43,10 @@ _INTERNAL_OPTIONS = ("params", "differentiable", "foreach", "fused", "capturable
 
 GROUP_KEY = "optiplug_group"
 """The key of a parameter group dict that holds its ``optimizer.param_groups`` label (set only when rules are)."""
+
+GROUP_ROLE = "optiplug_role"
+"""The key a plugin may set in each parameter-group dict it builds: a few words on what it does with that group
+(``"muon"``, ``"adamw (not a hidden matrix)"``, ``"galore rank 8"``); ``--dry-run`` and the run header print it."""
 
 DEFAULT_GROUP = "default"
 """The label of the parameters no ``optimizer.param_groups`` entry matches."""

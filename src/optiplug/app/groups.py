@@ -18,7 +18,8 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
     """One row per parameter group of the optimizer ``config`` builds on its model (or on ``model``).
 
     Each row: ``group`` (the ``optimizer.param_groups`` label, ``default`` for the rest), ``pattern``
-    (the entry's ``match``, or None), ``tensors``, ``parameters`` (elements), ``lr``, ``weight_decay``.
+    (the entry's ``match``, or None), ``tensors``, ``parameters`` (elements), ``lr``, ``weight_decay``,
+    ``role`` (what the plugin does with the group, its :data:`~optiplug.params.GROUP_ROLE`, or None).
 
     Raises:
         ConfigError: as ``optiplug train`` would, before any step (unmatched patterns, unknown options).
@@ -29,7 +30,7 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
     from optiplug.context import BuildContext
     from optiplug.factory import build_from_entry
     from optiplug.helpers import unwrap_optimizer
-    from optiplug.params import DEFAULT_GROUP, GROUP_KEY
+    from optiplug.params import DEFAULT_GROUP, GROUP_KEY, GROUP_ROLE
     from optiplug.registry import get_entry
 
     args = training_arguments(config, default_training_arguments())
@@ -49,6 +50,7 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
                 "parameters": sum(p.numel() for p in group["params"]),
                 "lr": float(group["lr"]) if "lr" in group else None,
                 "weight_decay": float(group["weight_decay"]) if "weight_decay" in group else None,
+                "role": group.get(GROUP_ROLE),
             }
         )
     return rows
@@ -59,10 +61,14 @@ def _number(value: float | None) -> str:
 
 
 def groups_table(config: RunConfig, rows: list[dict[str, Any]]) -> str:
-    """The rows as an aligned table under a title line, with the no-decay rule below."""
+    """The rows as an aligned table under a title line, with the no-decay rule below.
+
+    A ``role`` column (what the plugin does with each group) is shown when the optimizer labels its groups.
+    """
     from optiplug.params import NO_DECAY_RULE
 
-    header = ("group", "pattern", "tensors", "parameters", "lr", "weight_decay")
+    roles = any(row.get("role") for row in rows)
+    header = ("group", "pattern", "tensors", "parameters", "lr", "weight_decay") + (("role",) if roles else ())
     cells = [header] + [
         (
             row["group"],
@@ -72,6 +78,7 @@ def groups_table(config: RunConfig, rows: list[dict[str, Any]]) -> str:
             _number(row["lr"]),
             _number(row["weight_decay"]),
         )
+        + ((str(row.get("role") or "-"),) if roles else ())
         for row in rows
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]

@@ -33,11 +33,18 @@ class _Warmup(SchedulerConfig):
     def warmup(self, ctx: ScheduleContext) -> int:
         return ctx.warmup_steps(self.warmup_steps, self.warmup_ratio)
 
+    def after_warmup(self, steps: int) -> str:
+        """What the rate does over the ``steps`` after warmup, in a few words (the run header)."""
+        return f"{self.name} for {steps} steps"
+
 
 class LinearConfig(_Warmup):
     """Linear decay to 0 after warmup."""
 
     name: Literal["linear"] = "linear"
+
+    def after_warmup(self, steps: int) -> str:
+        return f"linear decay to 0 over {steps} steps"
 
 
 class CosineConfig(_Warmup):
@@ -46,12 +53,19 @@ class CosineConfig(_Warmup):
     name: Literal["cosine"] = "cosine"
     num_cycles: float = Field(0.5, gt=0, description="Number of cosine waves (0.5: from the peak down to 0).")
 
+    def after_warmup(self, steps: int) -> str:
+        cycles = "" if self.num_cycles == 0.5 else f" ({self.num_cycles:g} cycles)"
+        return f"cosine decay{cycles} to 0 over {steps} steps"
+
 
 class CosineWithRestartsConfig(_Warmup):
     """Cosine decay with hard restarts."""
 
     name: Literal["cosine_with_restarts"] = "cosine_with_restarts"
     num_cycles: int = Field(1, ge=1, description="Number of hard restarts.")
+
+    def after_warmup(self, steps: int) -> str:
+        return f"cosine decay with {self.num_cycles} hard restart(s) over {steps} steps"
 
 
 class PolynomialConfig(_Warmup):
@@ -60,6 +74,9 @@ class PolynomialConfig(_Warmup):
     name: Literal["polynomial"] = "polynomial"
     lr_end: float = Field(1e-7, ge=0, description="Final learning rate.")
     power: float = Field(1.0, gt=0, description="Power of the polynomial.")
+
+    def after_warmup(self, steps: int) -> str:
+        return f"polynomial (power {self.power:g}) decay to {self.lr_end:g} over {steps} steps"
 
 
 class ConstantConfig(SchedulerConfig):
@@ -73,12 +90,18 @@ class ConstantWithWarmupConfig(_Warmup):
 
     name: Literal["constant_with_warmup"] = "constant_with_warmup"
 
+    def after_warmup(self, steps: int) -> str:
+        return f"constant for {steps} steps"
+
 
 class InverseSqrtConfig(_Warmup):
     """Inverse square-root decay after warmup."""
 
     name: Literal["inverse_sqrt"] = "inverse_sqrt"
     timescale: int | None = Field(None, gt=0, description="Time scale of the decay (default: the warmup steps).")
+
+    def after_warmup(self, steps: int) -> str:
+        return f"inverse square-root decay for {steps} steps"
 
 
 class CosineWithMinLrConfig(_Warmup):
@@ -94,6 +117,10 @@ class CosineWithMinLrConfig(_Warmup):
         if self.min_lr is not None and "min_lr_rate" in self.model_fields_set:
             raise ValueError("set min_lr or min_lr_rate, not both")
         return self
+
+    def after_warmup(self, steps: int) -> str:
+        floor = f"{self.min_lr:g}" if self.min_lr is not None else f"{self.min_lr_rate:g} x lr"
+        return f"cosine decay to {floor} over {steps} steps"
 
 
 class WarmupStableDecayConfig(_Warmup):
@@ -236,29 +263,108 @@ def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
     )
 
 
+# ---- one line on the schedule a run gets (the run header) -------------------------------------
+
+
+def describe_warmup(ctx: ScheduleContext, cfg: _Warmup) -> str:
+    """``warmup 10 steps, then cosine decay to 0 over 390 steps``."""
+    warmup = cfg.warmup(ctx)
+    rest = cfg.after_warmup(max(ctx.num_training_steps - warmup, 0))
+    return f"warmup {warmup} steps, then {rest}" if warmup else rest
+
+
+def describe_constant(ctx: ScheduleContext, cfg: ConstantConfig) -> str:
+    return f"constant for {ctx.num_training_steps} steps"
+
+
+def describe_wsd(ctx: ScheduleContext, cfg: WarmupStableDecayConfig) -> str:
+    """``warmup 10 + stable 350 + decay 40 steps (linear warmup, cosine decay to 0 x lr)``."""
+    warmup, stable, decay = cfg.lengths(ctx)
+    line = (
+        f"warmup {warmup} + stable {stable} + decay {decay} steps ({cfg.warmup_type} warmup, {cfg.decay_type} "
+        f"decay to {cfg.min_lr_ratio:g} x lr)"
+    )
+    after = ctx.num_training_steps - warmup - stable - decay
+    return line + (f", then {after} steps at the floor" if after > 0 else "")
+
+
+def describe_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig) -> str:
+    return (
+        f"the rate times {cfg.factor:g} after {cfg.patience} evaluations without improvement of the eval loss "
+        f"(floor {cfg.min_lr:g})"
+    )
+
+
 @hookimpl
 def register_schedulers(register):
-    register(SchedulerEntry(config=LinearConfig, build=build_linear, summary="linear decay to 0 after warmup"))
-    register(SchedulerEntry(config=CosineConfig, build=build_cosine, summary="cosine decay to 0 after warmup"))
     register(
         SchedulerEntry(
-            config=CosineWithRestartsConfig, build=build_cosine_with_restarts, summary="cosine with hard restarts"
+            config=LinearConfig, describe=describe_warmup, build=build_linear, summary="linear decay to 0 after warmup"
         )
     )
-    register(SchedulerEntry(config=PolynomialConfig, build=build_polynomial, summary="polynomial decay to lr_end"))
-    register(SchedulerEntry(config=ConstantConfig, build=build_constant, summary="constant learning rate"))
     register(
         SchedulerEntry(
-            config=ConstantWithWarmupConfig, build=build_constant_with_warmup, summary="constant after warmup"
+            config=CosineConfig, describe=describe_warmup, build=build_cosine, summary="cosine decay to 0 after warmup"
         )
     )
-    register(SchedulerEntry(config=InverseSqrtConfig, build=build_inverse_sqrt, summary="inverse square-root decay"))
-    register(
-        SchedulerEntry(config=CosineWithMinLrConfig, build=build_cosine_with_min_lr, summary="cosine decay to a floor")
-    )
-    register(SchedulerEntry(config=WarmupStableDecayConfig, build=build_wsd, summary="warmup, stable, decay (WSD)"))
     register(
         SchedulerEntry(
-            config=ReduceLROnPlateauConfig, build=build_plateau, summary="reduce on plateau of the eval metric"
+            config=CosineWithRestartsConfig,
+            describe=describe_warmup,
+            build=build_cosine_with_restarts,
+            summary="cosine with hard restarts",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=PolynomialConfig,
+            describe=describe_warmup,
+            build=build_polynomial,
+            summary="polynomial decay to lr_end",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=ConstantConfig, describe=describe_constant, build=build_constant, summary="constant learning rate"
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=ConstantWithWarmupConfig,
+            describe=describe_warmup,
+            build=build_constant_with_warmup,
+            summary="constant after warmup",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=InverseSqrtConfig,
+            describe=describe_warmup,
+            build=build_inverse_sqrt,
+            summary="inverse square-root decay",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=CosineWithMinLrConfig,
+            describe=describe_warmup,
+            build=build_cosine_with_min_lr,
+            summary="cosine decay to a floor",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=WarmupStableDecayConfig,
+            describe=describe_wsd,
+            build=build_wsd,
+            summary="warmup, stable, decay (WSD)",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=ReduceLROnPlateauConfig,
+            describe=describe_plateau,
+            build=build_plateau,
+            summary="reduce on plateau of the eval metric",
         )
     )

@@ -9,6 +9,7 @@ step, the models and launches it cannot train. Importing this module does not im
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import optiplug
@@ -89,6 +90,8 @@ def build(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> Any:
     options = {
         id(param): {k: v for k, v in group.items() if k != "params"} for group in groups for param in group["params"]
     }
+    for name, param in named:
+        options[id(param)][optiplug.GROUP_ROLE] = ROLES[block_kind(name)]
     config = getattr(ctx.model, "config", None)
     return AdamMini(
         named,
@@ -102,6 +105,27 @@ def build(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> Any:
     )
 
 
+ROLES = {
+    "heads": "one second moment per head",
+    "rows": "one second moment per row",
+    "one": "one second moment per tensor",
+    "adam": "adam (one per weight)",
+}
+"""What adam-mini does with a parameter of each block kind (the role of its group)."""
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: AdamMiniConfig) -> str:
+    """How adam-mini partitions the parameters: how many get one second moment per head, per row, per tensor."""
+    counts = {kind: 0 for kind in ROLES}
+    for shape in shapes:
+        counts[block_kind(shape.name)] += 1
+    return (
+        f"adam_mini: one second moment per head of {counts['heads']} query/key weights, per row of "
+        f"{counts['rows']} weights, per tensor of {counts['one']} others (norms), per weight of {counts['adam']} "
+        "biases"
+    )
+
+
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
@@ -112,5 +136,6 @@ def register_optimizers(register: Any) -> None:
             check=check,
             requires=("adam-mini",),
             per_parameter=True,  # one group and one state per parameter: layerwise stepping changes nothing
+            describe=describe,
         )
     )

@@ -31,6 +31,7 @@ def register_optimizers(register) -> None:
                 check=entries.check,
                 requires=("apollo-torch",),
                 state_bytes=entries.state_bytes,
+                describe=entries.describe,
                 per_parameter=True,  # each update reads only its own parameter: optimizer.layerwise: true works
             )
         )

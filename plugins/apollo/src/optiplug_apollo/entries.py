@@ -41,13 +41,15 @@ def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[di
     name_of = {id(param): name for name, param in ctx.named_parameters()}
     seed_of = transformers_seeds(ctx.model, targets, cfg.seed)
     apollo = {key: getattr(cfg, key) for key in _GROUP_KEYS}
+    roles = {True: f"apollo rank {cfg.rank} ({cfg.scale_type}-wise)", False: "adamw (not a target)"}
     groups: list[dict[str, Any]] = []
     seeds: list[int] = []
     for group in ctx.param_groups(cfg.weight_decay):
         for targeted in (False, True):
             params = [p for p in group["params"] if (name_of[id(p)] in targets) == targeted]
             if params:
-                groups.append({**group, "params": params, **(apollo if targeted else {})})
+                extra = apollo if targeted else {}
+                groups.append({**group, "params": params, **extra, optiplug.GROUP_ROLE: roles[targeted]})
                 seeds.extend(seed_of[name_of[id(p)]] for p in params)
     return groups, seeds
 
@@ -87,6 +89,25 @@ def check(ctx: optiplug.BuildContext, cfg: ApolloFields) -> None:
             f"model whose trainable weights are already low-rank; use adamw for adapters"
         )
     optiplug.target_parameters(ctx.model, cfg.target_modules)
+
+
+# ---- what the optimizer does, in a line -----------------------------------------------------
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: ApolloFields) -> str:
+    """``apollo_adamw: 14 matrices (0.43M parameters) scaled channel-wise from a rank-256 random projection ...``."""
+    targets = optiplug.target_shapes(shapes, cfg.target_modules)
+    scaled = [s for s in shapes if s.name in targets]
+    plain = [s for s in shapes if s.name not in targets]
+    return (
+        f"{cfg.name}: {_count(scaled, 'matrix', 'matrices')} scaled {cfg.scale_type}-wise from a rank-{cfg.rank} "
+        f"{cfg.proj} projection (new every {cfg.update_proj_gap} steps) · adamw: {_count(plain)}"
+    )
+
+
+def _count(shapes: Sequence[optiplug.ParamShape], one: str = "tensor", many: str = "tensors") -> str:
+    numel = sum(s.numel for s in shapes)
+    return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"
 
 
 # ---- analytic state size --------------------------------------------------------------------

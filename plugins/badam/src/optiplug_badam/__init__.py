@@ -149,6 +149,26 @@ def grad_bytes(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> int:
     return max(block_bytes(index) for index in range(len(plan.blocks)))
 
 
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> str:
+    """``badam: 4 blocks, one trained at a time for 50 steps (ascending), 0.10M-0.12M parameters each``."""
+    names = [shape.name for shape in shapes]
+    if cfg.mode == "ratio":
+        frozen = ratio_frozen(names, cfg)
+        line = (
+            f"badam ratio mode: {cfg.update_ratio:g} of the entries of each of {len(names) - len(frozen)} tensors "
+            f"updated at a time ({cfg.mask_mode}), a new window every {cfg.switch_every} steps"
+        )
+        return line + (f"; frozen: {', '.join(frozen)}" if frozen else "")
+    plan = plan_blocks(names, cfg)
+    numel = {shape.name: shape.numel for shape in shapes}
+    sizes = [sum(numel[name] for name in plan.members(i, names, cfg.active_modules)) for i in range(len(plan.blocks))]
+    line = (
+        f"badam: {len(plan.blocks)} blocks, one trained at a time for {cfg.switch_every} steps ({cfg.switch_mode} "
+        f"order), {min(sizes) / 1e6:.2f}M-{max(sizes) / 1e6:.2f}M parameters each"
+    )
+    return line + (f"; never trained: {len(plan.never_trained)} tensors" if plan.never_trained else "")
+
+
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
@@ -162,5 +182,6 @@ def register_optimizers(register: Any) -> None:
             requires=("badam",),
             state_bytes=state_bytes,
             grad_bytes=grad_bytes,
+            describe=describe,
         )
     )

@@ -454,8 +454,9 @@ def build_badam(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> BlockAdamW | Ra
         frozen = ratio_frozen(names, cfg)
         if frozen:
             warnings.warn(never_trained_message(frozen), UserWarning, stacklevel=2)
+        role = {optiplug.GROUP_ROLE: f"sparse adam on {cfg.update_ratio:g} of each tensor at a time"}
         return RatioAdam(
-            ctx.param_groups(0.0),
+            ctx.param_groups(0.0, **role),
             named,
             update_ratio=cfg.update_ratio,
             switch_every=cfg.switch_every,
@@ -470,7 +471,7 @@ def build_badam(ctx: optiplug.BuildContext, cfg: BAdamConfig) -> BlockAdamW | Ra
     if plan.never_trained:
         warnings.warn(never_trained_message(plan.never_trained), UserWarning, stacklevel=2)
     base = torch.optim.AdamW(
-        ctx.param_groups(cfg.weight_decay),
+        ctx.param_groups(cfg.weight_decay, **{optiplug.GROUP_ROLE: "adamw on the active block"}),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,

@@ -28,6 +28,7 @@ def register_optimizers(register) -> None:
             per_parameter=True,
             requires=("galore-torch",),
             state_bytes=entries.adamw_state_bytes,
+            describe=entries.describe,
         )
     )
     register(
@@ -39,6 +40,7 @@ def register_optimizers(register) -> None:
             per_parameter=True,
             requires=("galore-torch",),
             state_bytes=entries.adafactor_state_bytes,
+            describe=entries.describe,
         )
     )
     register(
@@ -50,5 +52,6 @@ def register_optimizers(register) -> None:
             per_parameter=True,
             requires=("galore-torch", "bitsandbytes"),
             state_bytes=entries.adamw8bit_state_bytes,
+            describe=entries.describe,
         )
     )

@@ -37,13 +37,15 @@ def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str
     names = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
     targets = {id(param) for name, param in ctx.named_parameters() if name in names}
     galore = {key: getattr(cfg, key) for key in _GALORE_KEYS}
+    roles = {True: f"galore rank {cfg.rank}", False: "full rank (not a target)"}
     base = ctx.param_groups(cfg.weight_decay)
     groups = []
     for targeted in (False, True):
         for group in base:
             params = [param for param in group["params"] if (id(param) in targets) == targeted]
             if params:
-                groups.append({**group, "params": params, **(galore if targeted else {})})
+                extra = galore if targeted else {}
+                groups.append({**group, "params": params, **extra, optiplug.GROUP_ROLE: roles[targeted]})
     return groups
 
 
@@ -140,6 +142,25 @@ def _bnb_8bit_problem(device: str) -> str | None:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             _BNB_PROBES[device] = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
     return _BNB_PROBES[device]
+
+
+# ---- what the optimizer does, in a line -----------------------------------------------------
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreConfig) -> str:
+    """``galore_adamw: 14 matrices (0.43M parameters) projected to rank 8 ... · full rank: 6 tensors (0.26M)``."""
+    targets = optiplug.target_shapes(shapes, cfg.target_modules)
+    projected = [s for s in shapes if s.name in targets]
+    full = [s for s in shapes if s.name not in targets]
+    return (
+        f"{cfg.name}: {_count(projected, 'matrix', 'matrices')} projected to rank {cfg.rank} "
+        f"({cfg.projection}, new projection every {cfg.update_proj_gap} steps) · full rank: {_count(full)}"
+    )
+
+
+def _count(shapes: Sequence[optiplug.ParamShape], one: str = "tensor", many: str = "tensors") -> str:
+    numel = sum(s.numel for s in shapes)
+    return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"
 
 
 # ---- analytic state sizes -------------------------------------------------------------------

@@ -75,8 +75,28 @@ def loraplus_groups(
             lr = base.get("lr", cfg.lr)
             rate = {"lora_A": lr, "lora_B": lr * cfg.lr_ratio, "embedding": cfg.embedding_lr}[kind]
             name = kind if names[id(params[0])] in decay_names else f"{kind}_no_decay"
-            groups.append({**base, "name": name, "params": params, "lr": rate})
+            role = _ROLES[kind].format(ratio=cfg.lr_ratio)
+            groups.append({**base, "name": name, "params": params, "lr": rate, optiplug.GROUP_ROLE: role})
     return groups
+
+
+_ROLES = {
+    "lora_A": "lora A (lr)",
+    "lora_B": "lora B, 1-D (lr x {ratio:g})",
+    "embedding": "lora embedding (embedding_lr)",
+}
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: LoraPlusConfig) -> str:
+    """``loraplus: 12 lora_A at lr 0.0002 · 14 lora_B and 1-D at lr x 16 (0.0032) · 0 embedding factors at 1e-06``."""
+    counts = {"lora_A": 0, "lora_B": 0, "embedding": 0}
+    for shape in shapes:
+        counts[_kind(shape.name, len(shape.shape))] += 1
+    return (
+        f"loraplus: {counts['lora_A']} lora_A at lr {cfg.lr:g} · {counts['lora_B']} lora_B and 1-D at lr x "
+        f"{cfg.lr_ratio:g} ({cfg.lr * cfg.lr_ratio:g}) · {counts['embedding']} embedding factors at "
+        f"{cfg.embedding_lr:g}"
+    )
 
 
 def check_loraplus(ctx: optiplug.BuildContext, cfg: LoraPlusConfig) -> None:
@@ -116,5 +136,6 @@ def register_optimizers(register):
             summary="LoRA+: AdamW, LoRA B matrices at lr * lr_ratio (needs finetuning.type lora)",
             check=check_loraplus,
             state_bytes=state_bytes,
+            describe=describe,
         )
     )

@@ -84,8 +84,8 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
     plain = [n for n in muon_names if n not in transposed]
     flipped = [n for n in muon_names if n in transposed]
     muon_groups = [
-        {"params": [parameters[n] for n in names], "transposed": flag}
-        for flag, names in ((False, plain), (True, flipped))
+        {"params": [parameters[n] for n in names], "transposed": flag, optiplug.GROUP_ROLE: role}
+        for flag, names, role in ((False, plain, "muon"), (True, flipped, "muon (transposed Conv1D)"))
         if names
     ]
     on_muon = {id(parameters[n]) for n in muon_names}
@@ -93,7 +93,7 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
     for group in ctx.param_groups(cfg.weight_decay):  # the core's decay rule: no decay on norms and biases
         params = [p for p in group["params"] if id(p) not in on_muon]
         if params:
-            adamw_groups.append({**group, "params": params})
+            adamw_groups.append({**group, "params": params, optiplug.GROUP_ROLE: "adamw (not a hidden matrix)"})
     optimizer = MuonWithAdamW(
         muon_groups,
         adamw_groups,
