@@ -94,6 +94,22 @@ def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
             )
 
 
+def _follow_eval_loss(args: Any, scheduler: Any) -> None:
+    """A scheduler that follows a metric (``ReduceLROnPlateau``) follows the evaluation loss unless the arguments
+    name another (``metric_for_best_model``).
+
+    The Trainer steps such a scheduler after each evaluation with ``metric_for_best_model``, which
+    ``TrainingArguments`` only defaults to ``"loss"`` when its own ``lr_scheduler_type`` is a plateau
+    schedule; without it the first evaluation fails.
+    """
+    import torch
+
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and args.metric_for_best_model is None:
+        args.metric_for_best_model = "loss"
+        if args.greater_is_better is None:
+            args.greater_is_better = False
+
+
 if TYPE_CHECKING:  # type checkers see the Trainer the mixin is mixed into
     _TrainerBase = Trainer
 else:
@@ -198,6 +214,7 @@ class OptiTrainerMixin(_TrainerBase):
                 fields["warmup_steps"] = self.args.get_warmup_steps(num_training_steps)
             self.lr_scheduler = build_scheduler(raw, self.scheduler_config, num_training_steps, **fields)
             self._created_lr_scheduler = True
+            _follow_eval_loss(self.args, self.lr_scheduler)
         return self.lr_scheduler
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

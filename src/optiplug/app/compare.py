@@ -149,6 +149,9 @@ class CompareRun:
         output_dir: the run's output directory.
         losses: ``[step, loss]`` pairs of the logged training losses.
         learning_rates: ``[step, learning rate]`` pairs of the same log records (the rate of that step).
+        final_eval_loss: the last evaluation loss, when the run has evaluation data.
+        best_eval_loss: the lowest evaluation loss, likewise.
+        eval_losses: ``[step, eval loss]`` pairs of every evaluation.
     """
 
     optimizer: str
@@ -163,6 +166,9 @@ class CompareRun:
     output_dir: str = ""
     losses: list[list[float]] = field(default_factory=list)
     learning_rates: list[list[float]] = field(default_factory=list)
+    final_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    eval_losses: list[list[float]] = field(default_factory=list)
 
 
 def train_command(
@@ -226,6 +232,10 @@ def read_run(optimizer: str, output_dir: Path, process: ProcessResult) -> Compar
         run.steps_per_second = final.get("train_steps_per_second")
     run.tokens_per_second = _first(summary, "tokens_per_second", "train_tokens_per_second")
     run.optimizer_state_bytes = _first(summary, "optimizer_state_bytes")
+    run.eval_losses = [[h["step"], h["eval_loss"]] for h in history if "eval_loss" in h and "step" in h]
+    if run.eval_losses:
+        run.final_eval_loss = _first(summary, "final_eval_loss") or run.eval_losses[-1][1]
+        run.best_eval_loss = _first(summary, "best_eval_loss") or min(loss for _, loss in run.eval_losses)
     if not run.losses:
         run.ok, run.error = False, f"no training loss was logged in {output_dir / 'trainer_state.json'}"
     return run
@@ -383,18 +393,24 @@ def print_table(runs: list[CompareRun]) -> None:
     from optiplug.app.estimate import format_bytes
 
     table = Table()
-    for column in ("optimizer", "final loss", "steps/s", "tokens/s", "optimizer state", "peak RSS", "wall s"):
+    evaluated = any(run.eval_losses for run in runs)
+    columns = ["optimizer", "final loss", "eval loss", "best eval", "steps/s", "tokens/s", "optimizer state"]
+    columns += ["peak RSS", "wall s"]
+    if not evaluated:
+        columns = [c for c in columns if c not in ("eval loss", "best eval")]
+    for column in columns:
         table.add_column(column, justify="left" if column == "optimizer" else "right", no_wrap=True)
     for run in runs:
         if run.ok:
             state = format_bytes(run.optimizer_state_bytes) if run.optimizer_state_bytes is not None else "-"
             peak = format_bytes(run.peak_rss_bytes) if run.peak_rss_bytes is not None else "-"
+            evals = [_fmt(run.final_eval_loss, ".4f"), _fmt(run.best_eval_loss, ".4f")] if evaluated else []
             table.add_row(
-                run.optimizer, _fmt(run.final_loss, ".4f"), _fmt(run.steps_per_second, ".2f"),
+                run.optimizer, _fmt(run.final_loss, ".4f"), *evals, _fmt(run.steps_per_second, ".2f"),
                 _fmt(run.tokens_per_second, ",.0f"), state, peak, f"{run.wall_seconds:.1f}",
             )  # fmt: skip
         else:
-            table.add_row(run.optimizer, "[red]failed[/red]", "", "", "", "", f"{run.wall_seconds:.1f}")
+            table.add_row(run.optimizer, "[red]failed[/red]", *[""] * (len(columns) - 3), f"{run.wall_seconds:.1f}")
     console = Console(width=max(120, Console().width))
     console.print(table)
     for run in runs:
@@ -422,27 +438,31 @@ def write_outputs(
 
 
 def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:
-    """Loss curves and learning-rate schedules of the runs, then their optimizer state and peak memory as bars."""
+    """Loss curves (training, and evaluation when the runs have it) and learning-rate schedules of the runs,
+    then their optimizer state and peak memory as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, rates, state, rss) = plt.subplots(
-        1, 4, figsize=(18, 4.5), gridspec_kw={"width_ratios": [3, 2, 1.4, 1.4]}
-    )
+    evaluated = any(run.eval_losses for run in runs)
+    panels = 5 if evaluated else 4
+    ratios = [3, 3, 2, 1.4, 1.4] if evaluated else [3, 2, 1.4, 1.4]
+    fig, axes = plt.subplots(1, panels, figsize=(18 + 5 * evaluated, 4.5), gridspec_kw={"width_ratios": ratios})
+    curves, rates, state, rss = axes[0], axes[-3], axes[-2], axes[-1]
     for run in runs:
-        if run.losses:
-            steps, losses = zip(*run.losses)
-            curves.plot(
-                steps,
-                losses,
-                label=run.optimizer,
-                linewidth=1.5,
-                marker="o" if len(steps) <= 30 else None,
-                markersize=3,
-            )
+        for panel, points, marker in ((curves, run.losses, "o"), (axes[1], run.eval_losses, "s")):
+            if points and (evaluated or panel is curves):
+                steps, losses = zip(*points)
+                panel.plot(
+                    steps, losses, label=run.optimizer, linewidth=1.5, color=f"C{runs.index(run)}",
+                    marker=marker if len(steps) <= 30 else None, markersize=3,
+                )  # fmt: skip
     curves.set(xlabel="step", ylabel="training loss", title="loss")
+    if evaluated:
+        axes[1].set(xlabel="step", ylabel="eval loss", title="evaluation loss")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
     for run in runs:
         if run.learning_rates:
             lr_steps, lr_values = zip(*run.learning_rates)

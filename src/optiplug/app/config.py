@@ -86,7 +86,34 @@ class DataConfig(_Section):
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.json records.")
     block_size: int = Field(128, gt=0, description="Tokens per training example.")
-    max_blocks: int | None = Field(None, gt=0, description="Use at most this many blocks.")
+    max_blocks: int | None = Field(
+        None, gt=0, description="Use at most this many blocks (with eval_ratio: read, before the evaluation share)."
+    )
+    eval_path: str | list[str] | None = Field(
+        None,
+        description="Evaluation text: local .txt/.jsonl/.json files or directories (as path, none of path's files).",
+    )
+    eval_ratio: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Hold out this share of the corpus for evaluation: the last tokens, split off before the "
+        "blocks are cut, so no evaluation token is trained on.",
+    )
+    eval_max_blocks: int | None = Field(None, gt=0, description="Evaluate on at most this many blocks.")
+
+    @model_validator(mode="after")
+    def _one_evaluation_source(self) -> DataConfig:
+        if self.eval_path is not None and self.eval_ratio is not None:
+            raise ValueError("set eval_path or eval_ratio, not both")
+        if self.eval_max_blocks is not None and not self.has_evaluation:
+            raise ValueError("eval_max_blocks is only used with eval_path or eval_ratio")
+        return self
+
+    @property
+    def has_evaluation(self) -> bool:
+        """Whether the run has evaluation data (``eval_path`` or ``eval_ratio``)."""
+        return self.eval_path is not None or self.eval_ratio is not None
 
 
 class FinetuningConfig(_Section):

@@ -39,6 +39,13 @@ class GuardedTrainer(OptiTrainer):
             self.optiplug_step_loss_finite = False
         return loss
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "eval_loss" in logs:  # every evaluation also says its perplexity
+            from optiplug.app.evaluation import perplexity
+
+            logs = {**logs, "eval_perplexity": perplexity(float(logs["eval_loss"]))}
+        return super().log(logs, *args, **kwargs)
+
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:  # transformers' hook before the step
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self.optiplug_grad_norm = None if norm is None else float(norm)

@@ -72,9 +72,10 @@ def default_training_arguments() -> dict[str, Any]:
 
 def _training_arguments(cfg: RunConfig):
     """``TrainingArguments`` from the defaults and the ``training`` section (the optimizer's lr etc. copied in)."""
+    from optiplug.app.evaluation import evaluation_defaults
     from optiplug.app.validation import training_arguments
 
-    defaults = default_training_arguments()
+    defaults = {**default_training_arguments(), **evaluation_defaults(cfg.data.has_evaluation)}
     if "num_train_epochs" in cfg.training and "max_steps" not in cfg.training:
         del defaults["max_steps"]
     args = training_arguments(cfg, defaults)
@@ -138,15 +139,18 @@ def preflight(cfg: RunConfig) -> Any:
     Returns:
         The ``TrainingArguments`` of the run.
     """
-    from optiplug.app.data import resolve_paths
+    from optiplug.app.data import check_evaluation_data, resolve_paths
+    from optiplug.app.evaluation import check_evaluation
     from optiplug.app.launch import check_engine_launch
     from optiplug.app.safety import check_output_dir
 
     check_engine_launch(cfg.training)  # FSDP/DeepSpeed without a launcher: one line, not a traceback
+    check_evaluation(cfg.training, cfg.data.has_evaluation)
     args = _training_arguments(cfg)
     check_output_dir(cfg, args)
     _check_model_files(cfg.model)
     resolve_paths(cfg.data.path)
+    check_evaluation_data(cfg.data)
     return args
 
 
@@ -280,7 +284,11 @@ def validate_run(cfg: RunConfig) -> Any:
 # ---- outputs --------------------------------------------------------------------------------
 
 
-def _plot_losses(losses: list[tuple[int, float]], title: str, path: Path) -> None:
+def _plot_losses(
+    losses: list[tuple[int, float]], title: str, path: Path, evaluations: Sequence[tuple[int, float]] = ()
+) -> None:
+    """The training loss by step, and the evaluation loss at each evaluation (perplexity on the right axis)."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -289,9 +297,15 @@ def _plot_losses(losses: list[tuple[int, float]], title: str, path: Path) -> Non
     axes = figure.add_subplot()
     if losses:
         steps, values = zip(*losses)
-        axes.plot(steps, values, marker="o" if len(losses) < 30 else None, markersize=3)
+        axes.plot(steps, values, marker="o" if len(losses) < 30 else None, markersize=3, label="training loss")
+    if evaluations:
+        steps, values = zip(*evaluations)
+        axes.plot(steps, values, marker="s", markersize=4, color="C1", label="eval loss")
+        perplexity = axes.secondary_yaxis("right", functions=(np.exp, lambda p: np.log(np.maximum(p, 1e-300))))
+        perplexity.set_ylabel("perplexity (exp of the loss)")
+        axes.legend()
     axes.set_xlabel("step")
-    axes.set_ylabel("training loss")
+    axes.set_ylabel("loss" if evaluations else "training loss")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -309,6 +323,7 @@ def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
 
 
 def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int, float]], train_time: float) -> dict:
+    from optiplug.app.evaluation import evaluation_summary
     from optiplug.app.measure import peak_rss_bytes
     from optiplug.helpers import optimizer_state_bytes, unwrap_optimizer
 
@@ -329,6 +344,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
             "blocks": len(dataset),
             "block_size": dataset.block_size,
             "corpus_tokens": dataset.total_tokens,
+            **_evaluation_data(cfg, trainer.eval_dataset),
         },
         "optimizer": trainer.optimizer_config.model_dump(mode="json"),  # what ran (a resume must match it)
         "scheduler": trainer.scheduler_config.model_dump(mode="json"),
@@ -343,11 +359,20 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
         "final_loss": losses[-1][1] if losses else None,
         "final_loss_step": losses[-1][0] if losses else None,
         "mean_loss": train_loss[-1] if train_loss else None,
+        **evaluation_summary(state.log_history),
         "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         "peak_rss_bytes": peak_rss_bytes(),
         "device": str(args.device),
         "world_size": args.world_size,
     }
+
+
+def _evaluation_data(cfg: RunConfig, evaluation: Any) -> dict[str, Any]:
+    if evaluation is None:
+        return {}
+    data = cfg.data
+    source = {"eval_path": data.eval_path} if data.eval_path is not None else {"eval_ratio": data.eval_ratio}
+    return {**source, "eval_blocks": len(evaluation), "eval_tokens": evaluation.total_tokens}
 
 
 def _logged_losses(trainer: Any) -> list[tuple[int, float]]:
@@ -401,7 +426,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
         KeyboardInterrupt: with ``optiplug_message`` (the step and the last checkpoint) set.
     """
     from optiplug.app.adapters import apply_finetuning
-    from optiplug.app.data import load_dataset
+    from optiplug.app.data import load_datasets
     from optiplug.app.safety import prepare_output_dir
 
     cfg = resolve_config(config, overrides)
@@ -415,9 +440,11 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
             deepspeed.init_distributed()
     resume = args.resume_from_checkpoint
     tokenizer = _load_tokenizer(cfg.model)
-    dataset = load_dataset(cfg.data, tokenizer)
+    dataset, evaluation = load_datasets(cfg.data, tokenizer)
     model = apply_finetuning(_load_model(cfg.model, args.seed), cfg.finetuning)
-    _check_fits(model, dataset)
+    for blocks in (dataset, evaluation):
+        if blocks is not None:
+            _check_fits(model, blocks)
     if not any(p.requires_grad for p in model.parameters()):
         from optiplug.factory import NO_TRAINABLE_PARAMETERS
 
@@ -425,7 +452,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     output = prepare_output_dir(cfg, args, main=args.process_index == 0)
     status = "failed"
     try:
-        result = _train(cfg, args, tokenizer, dataset, model, resume)
+        result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation)
         status = "finished"
         return result
     except DivergedError:
@@ -438,10 +465,13 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
         output.finish(status)
 
 
-def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, resume: Any) -> RunResult:
+def _train(
+    cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, resume: Any, evaluation: Any = None
+) -> RunResult:
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
+    from optiplug.app.evaluation import evaluation_losses
     from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer
     from optiplug.app.safety import last_checkpoint
 
@@ -449,6 +479,7 @@ def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, 
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=evaluation,
         data_collator=default_data_collator,
         processing_class=tokenizer,
         optimizer=cfg.optimizer,
@@ -474,7 +505,8 @@ def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, 
         summary.update(status="diverged", diverged_at_step=error.step, diverged=error.what,
                        last_checkpoint=error.checkpoint)  # fmt: skip
         if main:
-            _plot_losses(losses, f"{cfg.optimizer.name} on {cfg.model.name_or_path}: diverged", out / "loss.png")
+            title = f"{cfg.optimizer.name} on {cfg.model.name_or_path}: diverged"
+            _plot_losses(losses, title, out / "loss.png", evaluation_losses(trainer.state.log_history))
             _write_json_atomic(summary, out / SUMMARY_FILE)
         raise
     except KeyboardInterrupt as interrupt:
@@ -483,6 +515,9 @@ def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, 
         interrupt.optiplug_message = f"interrupted at step {trainer.state.global_step}; {where}"  # type: ignore[attr-defined]
         raise
     train_time = time.perf_counter() - start
+    evaluated = evaluation_losses(trainer.state.log_history)
+    if evaluation is not None and (not evaluated or evaluated[-1][0] != trainer.state.global_step):
+        trainer.evaluate()  # the final weights' loss, unless the last step was evaluated
 
     trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
     if main and cfg.finetuning.type == "lora" and (cfg.model.name_or_path == EMBEDDED or cfg.model.from_scratch):
@@ -497,6 +532,6 @@ def _train(cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, 
         title = (
             f"{cfg.optimizer.name}{f' (lr {lr:g})' if lr else ''} + {cfg.scheduler.name} on {cfg.model.name_or_path}"
         )
-        _plot_losses(losses, title, out / "loss.png")
+        _plot_losses(losses, title, out / "loss.png", evaluation_losses(trainer.state.log_history))
         _write_json_atomic(summary, out / SUMMARY_FILE)
     return RunResult(output_dir=out, summary=summary, losses=losses)

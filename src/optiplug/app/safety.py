@@ -121,8 +121,9 @@ def check_output_dir(config: Any, args: Any) -> None:
 
     out = Path(args.output_dir).expanduser()
     inputs = [("model.name_or_path", config.model.name_or_path), ("model.tokenizer", config.model.tokenizer)]
-    paths = [config.data.path] if isinstance(config.data.path, str) else list(config.data.path)
-    inputs += [("data.path", path) for path in paths]
+    for key in ("path", "eval_path"):
+        value = getattr(config.data, key, None) or []
+        inputs += [(f"data.{key}", path) for path in ([value] if isinstance(value, str) else value)]
     for field_name, name in inputs:
         if name and name != EMBEDDED and Path(name).expanduser().is_dir() and _inside(out, Path(name)):
             raise ConfigError(
