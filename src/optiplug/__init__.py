@@ -39,6 +39,7 @@ from optiplug.helpers import (
     unwrap_optimizer,
 )
 from optiplug.hookspecs import hookimpl, hookspec
+from optiplug.matrices import check_whole_matrices, split_param_groups
 from optiplug.params import GROUP_ROLE
 from optiplug.patches import Patch
 from optiplug.registry import (
@@ -49,6 +50,7 @@ from optiplug.registry import (
     parse_optimizer,
     parse_scheduler,
 )
+from optiplug.shapes import effective_rank, low_rank_shape, projection_sides, projector_numel
 from optiplug.targets import TargetModules, select_target_modules, target_parameters, target_shapes
 
 __version__ = "0.1.0"
@@ -68,6 +70,8 @@ _LAZY = {
     "disable_layerwise": "optiplug.layerwise",
     "enable_layerwise": "optiplug.layerwise",
     "layerwise_stepper": "optiplug.layerwise",
+    "MatrixOptimizer": "optiplug.stepping",
+    "PerParameterOptimizer": "optiplug.stepping",
     # the app
     "RunConfig": "optiplug.app.config",
     "ModelConfig": "optiplug.app.config",
@@ -95,6 +99,7 @@ __all__ = [
     "Kernel",
     "LayerwiseStepper",
     "LearningRate",
+    "MatrixOptimizer",
     "MissingDependencyError",
     "ModelConfig",
     "OptiTrainer",
@@ -104,6 +109,7 @@ __all__ = [
     "OptiplugError",
     "ParamShape",
     "Patch",
+    "PerParameterOptimizer",
     "PissaConvertCallback",
     "PluginError",
     "Registered",
@@ -119,7 +125,9 @@ __all__ = [
     "apply_finetuning",
     "build_optimizer",
     "build_scheduler",
+    "check_whole_matrices",
     "disable_layerwise",
+    "effective_rank",
     "enable_layerwise",
     "get_entry",
     "get_scheduler_entry",
@@ -130,11 +138,15 @@ __all__ = [
     "list_optimizers",
     "list_schedulers",
     "load_config",
+    "low_rank_shape",
     "moment_bytes",
     "optimizer_state_bytes",
     "parse_optimizer",
     "parse_scheduler",
+    "projection_sides",
+    "projector_numel",
     "select_target_modules",
+    "split_param_groups",
     "target_parameters",
     "target_shapes",
     "tensor_bytes",

@@ -88,6 +88,11 @@ class OptimizerEntry(Generic[C]):
         describe: ``describe(shapes, cfg) -> str``, one line saying how the optimizer treats the
             trainable parameters ``shapes`` (Muon: which go to Muon, which to AdamW), shown by
             ``optiplug estimate`` under its table and in the run header.
+        whole_matrices: True when the optimizer updates some parameters as whole matrices (an SVD,
+            Newton-Schulz, row or column statistics) and ``build`` returns an
+            :class:`optiplug.MatrixOptimizer`: under FSDP2 the core then runs each matrix's update
+            once, on one owner process (:mod:`optiplug.sharded`). Refuse what it cannot train in
+            ``check`` with :func:`optiplug.check_whole_matrices`.
     """
 
     config: type[C]
@@ -102,6 +107,7 @@ class OptimizerEntry(Generic[C]):
     per_parameter: bool = False
     default_scheduler: str | None = None
     describe: Callable[[Sequence[ParamShape], C], str] | None = None
+    whole_matrices: bool = False
 
     def __post_init__(self) -> None:
         name_of(self.config, OptimizerConfig, "optimizer")

@@ -1,0 +1,194 @@
+"""One torchrun launch per engine for every multi-process test case of a test session, optiplug's and plugins'.
+
+Starting processes is the slow part of a multi-process test (each imports torch and transformers),
+so cases do not launch their own: a test module registers its case functions when it is imported,
+and the first test that asks for an engine's results starts ONE ``torchrun`` launch (2 processes,
+gloo) that runs every case of that engine registered so far; the other tests read the results.
+Under pytest-xdist the workers share the launch (a file lock; the first worker runs it).
+
+A case is a function without arguments, run in every process with ``torch.distributed``
+initialised; it returns a JSON-able value (its own result for that process)::
+
+    import pytest
+    from optiplug.testing_launch import launch_results, launched_case
+
+    @launched_case("fsdp2")
+    def galore_under_fully_shard():
+        ...                      # build a fully_shard-ed model, train, compare
+        return {"losses": losses}
+
+    @pytest.fixture(scope="module")
+    def fsdp2(tmp_path_factory):
+        return launch_results("fsdp2", tmp_path_factory)
+
+    @pytest.mark.slow
+    def test_galore(fsdp2):
+        rank0, rank1 = fsdp2[galore_under_fully_shard]
+
+A case that raises is reported by the test that reads it (with its traceback), the others still
+run; a case should not leave a collective half-done on one process (the launch would hang until
+its timeout). Cases run in registration order; each starts after a barrier.
+
+Run the launch by hand with ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m
+optiplug.testing_launch ROOT`` after writing ``ROOT/spec.json`` (see :func:`launch_results`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["LaunchResults", "launch_results", "launch_root", "launched_case"]
+
+PROCESSES = 2
+TIMEOUT_S = 1800
+
+_CASES: dict[str, dict[str, dict[str, str]]] = {}  # engine -> key -> {"file", "function"}
+_RESULTS: dict[tuple[str, str], LaunchResults] = {}
+
+
+def _key(function: Callable[..., Any]) -> str:
+    return f"{Path(function.__code__.co_filename).resolve()}::{function.__qualname__}"
+
+
+def launched_case(engine: str) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+    """Register the decorated function as a case of ``engine``'s shared launch (a module-level function)."""
+
+    def register(function: Callable[[], Any]) -> Callable[[], Any]:
+        if "<locals>" in function.__qualname__:
+            raise TypeError(f"launched_case: {function.__qualname__} must be defined at module level")
+        _CASES.setdefault(engine, {})[_key(function)] = {
+            "file": str(Path(function.__code__.co_filename).resolve()),
+            "function": function.__qualname__,
+        }
+        return function
+
+    return register
+
+
+def launch_root() -> Path:
+    """In a case: the launch's folder (files written there are read by the tests as ``results.root``)."""
+    return Path(os.environ["OPTIPLUG_LAUNCH_ROOT"])
+
+
+class LaunchResults:
+    """The per-process results of one engine's launch: ``results[case]`` is ``[process 0's, process 1's]``."""
+
+    def __init__(self, root: Path, engine: str, launch: subprocess.CompletedProcess | None):
+        self.root, self.engine, self.launch = root, engine, launch
+        self.per_rank = [
+            json.loads(path.read_text()) if path.exists() else {}
+            for path in (root / f"result-{rank}.json" for rank in range(PROCESSES))
+        ]
+
+    def __getitem__(self, case: Callable[[], Any] | str) -> list[Any]:
+        key = case if isinstance(case, str) else _key(case)
+        values = []
+        for rank, results in enumerate(self.per_rank):
+            if key not in results:
+                missing = f"{self.engine} launch: case {key} has no result from process {rank}"
+                raise AssertionError(missing + self._tail())
+            got = results[key]
+            if "error" in got:
+                raise AssertionError(f"{self.engine} launch: case {key} failed in process {rank}:\n{got['error']}")
+            values.append(got["value"])
+        return values
+
+    def _tail(self) -> str:
+        if self.launch is None:
+            return ""
+        return f" (launch exit {self.launch.returncode}):\n{self.launch.stdout[-2000:]}\n{self.launch.stderr[-6000:]}"
+
+
+def launch_results(engine: str, tmp_path_factory: Any, timeout: int = TIMEOUT_S) -> LaunchResults:
+    """Run every case of ``engine`` registered so far in one launch, once per test session; their results."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, shared by the xdist workers
+    root = base / f"launch-{engine}"
+    cached = _RESULTS.get((engine, str(root)))
+    if cached is not None:
+        return cached
+    cases = dict(_CASES.get(engine, {}))
+    launch = None
+    with FileLock(f"{root}.lock"):
+        if not (root / "spec.json").exists():
+            root.mkdir(parents=True, exist_ok=True)
+            (root / "spec.json").write_text(json.dumps({"engine": engine, "cases": cases}, indent=1))
+            launch = _launch(root, timeout)
+            (root / "launch.log").write_text(f"exit {launch.returncode}\n{launch.stdout}\n{launch.stderr}")
+    results = LaunchResults(root, engine, launch)
+    if launch is None and (root / "launch.log").exists():
+        results.launch = subprocess.CompletedProcess([], 0, (root / "launch.log").read_text(), "")
+    _RESULTS[(engine, str(root))] = results
+    return results
+
+
+def _launch(root: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES)]
+    command += ["-m", "optiplug.testing_launch", str(root)]
+    try:
+        return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        out = error.stdout.decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        err = error.stderr.decode() if isinstance(error.stderr, bytes) else (error.stderr or "")
+        return subprocess.CompletedProcess(command, -1, out, f"{err}\ntimed out after {timeout} s")
+
+
+# ---- the worker: every process of the launch ------------------------------------------------
+
+
+def _load(file: str, function: str) -> Callable[[], Any]:
+    folder = str(Path(file).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # the case's own helpers next to it, as pytest imports test modules
+    name = f"_launched_{abs(hash(file)):x}_{Path(file).stem}"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None, file
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    target: Any = module
+    for part in function.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _work(root: Path) -> None:
+    import torch.distributed as dist
+
+    os.environ["OPTIPLUG_LAUNCH_ROOT"] = str(root)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    spec = json.loads((root / "spec.json").read_text())
+    results: dict[str, Any] = {}
+    out = root / f"result-{rank}.json"
+    for key, case in spec["cases"].items():
+        dist.barrier()
+        try:
+            results[key] = {"value": _load(case["file"], case["function"])()}
+        except Exception:
+            results[key] = {"error": traceback.format_exc()}
+        out.write_text(json.dumps(results, indent=1))  # after every case: a later hang keeps the results so far
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _work(Path(sys.argv[1]))
