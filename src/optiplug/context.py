@@ -41,13 +41,17 @@ class ParamShape:
 
     @staticmethod
     def of_model(model: nn.Module) -> list[ParamShape]:
-        """The trainable parameters of ``model`` (also on the ``meta`` device), in model order."""
+        """The trainable parameters of ``model`` (also on the ``meta`` device), in model order.
+
+        A parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init``) is a 1-D placeholder
+        whose shape as a layer is its ``ds_shape``: that is the shape given.
+        """
         owners = {}
         for module_name, module in model.named_modules():
             for param_name, _ in module.named_parameters(recurse=False):
                 owners[f"{module_name}.{param_name}" if module_name else param_name] = type(module).__name__
         return [
-            ParamShape(name, tuple(p.shape), p.element_size(), owners.get(name, ""))
+            ParamShape(name, tuple(getattr(p, "ds_shape", None) or p.shape), p.element_size(), owners.get(name, ""))
             for name, p in model.named_parameters()
             if p.requires_grad
         ]
