@@ -205,3 +205,64 @@ def test_state_bytes_equal_the_measured_state(dtype):
     assert optiplug.optimizer_state_bytes(optimizer) == analytic
     adamw_only = optiplug.adam_state_bytes(optiplug.ParamShape.of_model(model))
     assert analytic < adamw_only
+
+
+# ---- the engagement check: Newton–Schulz counted where it runs, confirmed after the first step ----------------
+
+
+def test_first_step_confirms_that_every_matrix_was_orthogonalized(caplog):
+    import logging
+
+    from optiplug_muon.engagement import newton_schulz_flops, tally
+
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(model, "muon")
+    logger = logging.getLogger("transformers.trainer.muon")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="transformers.trainer.muon"):
+            calls, flops = tally.calls, tally.flops
+            _train(model, optimizer, 2)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert tally.calls - calls == 2 * 14
+    expected = sum(newton_schulz_flops(*p.shape) for g in optimizer.param_groups if g["use_muon"] for p in g["params"])
+    assert tally.flops - flops == 2 * expected
+    assert (
+        caplog.messages.count(
+            "muon: the first step ran Newton–Schulz 14 times under one process for the 14 matrices routed to Muon"
+        )
+        == 1
+    )  # once: the first step only
+
+
+def test_a_matrix_without_a_gradient_is_not_expected_to_be_orthogonalized():
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(model, "muon")
+    ids = _batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.model.layers[0].mlp.up_proj.weight.grad = None  # as a matrix unused in the step (an idle expert)
+    optimizer.step()  # 13 of 13 with a gradient: confirmed
+
+
+def test_first_step_stops_a_muon_that_skipped_newton_schulz(monkeypatch):
+    """The injected failure: the Muon step applies the momentum as it is (SGD), never orthogonalizing it."""
+    import optiplug_muon.optim
+    from optiplug_muon.engagement import EngagementError
+
+    def sgd(params, grads, buffers, *, lr, momentum, **_):
+        for param, grad, buffer in zip(params, grads, buffers):
+            buffer.lerp_(grad, 1 - momentum)
+            param.add_(buffer, alpha=-lr)
+
+    monkeypatch.setattr(optiplug_muon.optim, "_torch_muon", sgd)
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(model, "muon")
+    with pytest.raises(EngagementError) as error:
+        _train(model, optimizer, 1)
+    assert str(error.value) == (
+        "muon: the first step ran Newton–Schulz 0 times under one process, where the routing (14 matrices to Muon) "
+        "needs 14: Muon is not running as configured, and the run stops rather than train something else under its "
+        "name; please report it with your torch and engine versions"
+    )
+    assert isinstance(error.value, optiplug.OptiplugError)  # the CLI prints it as one line

@@ -25,7 +25,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.optim._muon
 from torch.optim._muon import muon as _torch_muon  # the functional torch.optim.Muon.step runs
+
+from optiplug_muon import engagement
 
 __all__ = ["MuonWithAdamW", "lr_scale"]
 
@@ -39,6 +42,14 @@ def lr_scale(adjust_lr: str, fan_out: int, fan_in: int) -> float:
     if adjust_lr == "spectral":
         return math.sqrt(fan_out / fan_in)
     raise ValueError(f"adjust_lr must be 'original', 'match_rms_adamw' or 'spectral', got {adjust_lr!r}")
+
+
+def _ns_shape(grad: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[int, int]:
+    return int(grad.shape[0]), int(grad.shape[1])
+
+
+def _ns_steps(grad: torch.Tensor, ns_coefficients: Any = None, ns_steps: int = 5, *args: Any, **kwargs: Any) -> int:
+    return int(ns_steps)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -98,6 +109,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     if p.ndim != 2:
                         raise ValueError(f"Muon trains 2-D weight matrices only, got a parameter of {tuple(p.shape)}")
         super().__init__(groups, {})
+        engagement.count_calls(torch.optim._muon, "_zeropower_via_newtonschulz", _ns_shape, _ns_steps)
+        self._confirmed = False
         self._adamw: torch.optim.AdamW | None = None
         adamw = [group for group in self.param_groups if not group["use_muon"]]
         if adamw:
@@ -124,15 +137,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        calls = engagement.tally.calls
+        expected = 0
         for group in self.param_groups:
             if group["use_muon"]:
-                self._muon_step(group)
+                expected += self._muon_step(group)
+        if not self._confirmed and expected:  # each process orthogonalizes every matrix it has a gradient for
+            self._confirmed = True
+            routed = len(self.routing.muon) if self.routing is not None else expected
+            engine = "DDP" if torch.distributed.is_available() and torch.distributed.is_initialized() else "one process"
+            engagement.confirm(engagement.tally.calls - calls, expected, routed, engine)
         if self._adamw is not None:
             self._adamw_lr_used = float(self._adamw.param_groups[0]["lr"])
             self._adamw.step()
         return loss
 
-    def _muon_step(self, group: dict[str, Any]) -> None:
+    def _muon_step(self, group: dict[str, Any]) -> int:
+        """Step the group's matrices that have a gradient; returns how many."""
+        stepped = 0
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -168,6 +190,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 adjust_lr_fn=adjust,
                 has_complex=False,
             )
+            stepped += 1
+        return stepped
 
     def log_values(self) -> dict[str, float]:
         """AdamW's learning rate in the last step, for the Trainer's log (its ``learning_rate`` is Muon's, also
