@@ -85,35 +85,88 @@ def test_lora_adapters_are_refused_before_any_step(tmp_path):
     assert str(error.value) == LORA_REFUSAL
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (
-            {"deepspeed": {"zero_optimization": {"stage": 2}}},
-            "muon: DeepSpeed ZeRO (stage 2) hands the optimizer flattened 1-D parameter partitions, so no weight matrix "
-            "would reach Muon (it would silently run AdamW on everything): train without training.deepspeed (DDP or a "
-            "single process)",
-        ),
-        (
-            {"deepspeed": {"zero_optimization": {"stage": 3}}},
-            "muon: DeepSpeed ZeRO (stage 3) hands the optimizer flattened 1-D parameter partitions, so no weight matrix "
-            "would reach Muon (it would silently run AdamW on everything): train without training.deepspeed (DDP or a "
-            "single process)",
-        ),
-        (
-            {"fsdp": "full_shard"},
-            "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and Muon must "
-            "orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)",
-        ),
-    ],
+FSDP_REFUSAL = (
+    "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and Muon must "
+    "orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
 )
-def test_sharding_engines_are_refused(args, message):
-    arguments = SimpleNamespace(**{"deepspeed": None, "fsdp": None, "world_size": 2, **args})
+
+
+def _check(model=None, **arguments):
+    """The entry's check with stand-in TrainingArguments (2 processes); the real ones run in the 2-process tests."""
+    optimizer = arguments.pop("optimizer", {})
+    args = SimpleNamespace(**{"deepspeed": None, "fsdp": None, "world_size": 2, "max_grad_norm": 0.0, **arguments})
+    entry = optiplug.get_entry("muon")
+    entry.check(optiplug.BuildContext(model=model or tiny_llama(), args=args), entry.config(**optimizer))
+
+
+def test_fsdp_is_refused():
     with pytest.raises(optiplug.ConfigError) as error:
-        optiplug.get_entry("muon").check(
-            optiplug.BuildContext(model=tiny_llama(), args=arguments), optiplug.get_entry("muon").config()
-        )
-    assert str(error.value) == message
+        _check(fsdp="full_shard")
+    assert str(error.value) == FSDP_REFUSAL
+
+
+def _zero(stage: int, **zero) -> dict:
+    return {"zero_optimization": {"stage": stage, **zero}, "gradient_clipping": "auto"}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_zero_is_allowed_without_clipping(stage):
+    _check(deepspeed=_zero(stage))
+
+
+def test_deepspeed_zero3_is_allowed_without_reduce_scatter():
+    _check(deepspeed=_zero(3, reduce_scatter=False))
+
+
+def test_deepspeed_stage_0_clips_gradients_and_is_allowed_to():
+    """Without ZeRO, DeepSpeed clips the gradients before the optimizer's step, as the Trainer does."""
+    _check(deepspeed=_zero(0), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_clipping_after_newton_schulz_is_refused(stage):
+    with pytest.raises(optiplug.ConfigError) as error:
+        _check(deepspeed={**_zero(stage, reduce_scatter=False), "gradient_clipping": 0.5})
+    assert str(error.value) == (
+        f"muon under DeepSpeed ZeRO-{stage}: DeepSpeed clips after Newton–Schulz, on the norm of Muon's orthogonalized "
+        "update (about sqrt(rows) per matrix), not of the gradient, so clipping at 0.5 would shrink every Muon step "
+        "many times over: set max_grad_norm to 0 (and gradient_clipping in the DeepSpeed config, if it is a number)"
+    )
+
+
+def test_deepspeed_zero3_with_reduce_scatter_is_refused():
+    with pytest.raises(optiplug.ConfigError, match=r'set "reduce_scatter": false in the DeepSpeed config'):
+        _check(deepspeed=_zero(3))
+
+
+def test_deepspeed_refuses_every_field_its_muon_fixes_in_one_sentence():
+    optimizer = {"adjust_lr": "match_rms_adamw", "nesterov": False, "ns_steps": 6, "ns_eps": 1e-6,
+                 "ns_coefficients": (3.0, -4.0, 2.0)}  # fmt: skip
+    with pytest.raises(optiplug.ConfigError) as error:
+        _check(deepspeed=_zero(2), optimizer=optimizer)
+    assert str(error.value) == (
+        "muon under DeepSpeed ZeRO-2 runs DeepSpeed's own Muon, which cannot honour adjust_lr 'match_rms_adamw' (its "
+        "learning rate scale is sqrt(max(1, fan_out/fan_in))); nesterov False (its momentum is Nesterov's); ns_steps "
+        "6 (it runs 5 Newton–Schulz steps); ns_coefficients (3.0, -4.0, 2.0) (its coefficients are (3.4445, -4.775, "
+        "2.0315)); ns_eps 1e-06 (it divides by the norm plus 1e-7): leave these fields at the default, or train "
+        "without DeepSpeed"
+    )
+
+
+def test_deepspeed_refuses_conv1d_matrices_whose_fans_it_reads_the_wrong_way_round():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(optiplug.ConfigError) as error:
+        _check(model=gpt2, deepspeed=_zero(2))
+    assert str(error.value) == (
+        "muon under DeepSpeed ZeRO-2: 3 Muon matrices (transformer.h.0.attn.c_attn.weight, ...) are transformers "
+        "Conv1D weights, stored as (fan_in, fan_out), and DeepSpeed's Muon scales each step by sqrt(rows/cols) as if "
+        "it were (fan_out, fan_in), the wrong factor for these: train this model with muon without DeepSpeed, or keep "
+        "them on AdamW with optimizer.adamw_patterns"
+    )
+    square_only = ["wte", "wpe", "lm_head", r"c_attn", r"mlp\.c_(fc|proj)"]  # attn.c_proj is 16 x 16: either way
+    _check(model=gpt2, deepspeed=_zero(2), optimizer={"adamw_patterns": square_only})
 
 
 def test_zero3_partitioned_parameters_never_silently_train_on_adamw_alone():

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import optiplug
 from optiplug_muon.config import MuonConfig
+from optiplug_muon.deepspeed_check import check_deepspeed
 from optiplug_muon.routing import TRANSPOSED_MODULES, Routing
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
     """Refuse setups where Muon cannot do what it says, each with one sentence saying what to change.
 
     Raises:
-        optiplug.ConfigError: a LoRA (PEFT) model; DeepSpeed or FSDP; no parameter routed to Muon.
+        optiplug.ConfigError: a LoRA (PEFT) model; FSDP; no parameter routed to Muon; under DeepSpeed, what its
+            own Muon cannot honour (:func:`optiplug_muon.deepspeed_check.check_deepspeed`).
     """
     if ctx.uses_adapters:
         raise optiplug.ConfigError(
@@ -55,12 +57,6 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
             "fine-tune the full model with muon, or train the adapters with adamw or loraplus"
         )
     engine = ctx.distributed
-    if engine == "deepspeed":
-        raise optiplug.ConfigError(
-            f"muon: DeepSpeed ZeRO (stage {ctx.deepspeed_stage}) hands the optimizer flattened 1-D parameter "
-            "partitions, so no weight matrix would reach Muon (it would silently run AdamW on everything): "
-            "train without training.deepspeed (DDP or a single process)"
-        )
     if engine == "fsdp":
         raise optiplug.ConfigError(
             "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and "
@@ -69,47 +65,72 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
     route = routing(ctx, cfg)
     if not route.muon:
         raise optiplug.ConfigError(_no_muon_message(route))
+    if engine == "deepspeed":
+        check_deepspeed(ctx, cfg, route)
 
 
 def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
-    """``MuonWithAdamW`` over the model's trainable parameters, split by :func:`routing`."""
-    from optiplug_muon.optim import MuonWithAdamW
+    """One optimizer over the model's trainable parameters, split by :func:`routing`.
 
+    ``MuonWithAdamW`` (torch.optim.Muon's steps) in one process and under DDP; under DeepSpeed,
+    DeepSpeed's own Muon with the same split (:class:`optiplug_muon.zero.DeepSpeedMuonWithAdamW`).
+    """
     route = routing(ctx, cfg)
     if not route.muon:  # also when the check was skipped: never a silent AdamW-only run
         raise optiplug.ConfigError(_no_muon_message(route))
     parameters = dict(ctx.named_parameters())
-    muon_names = [s.name for s in route.muon]
-    transposed = {s.name for s in route.muon if s.module_type in TRANSPOSED_MODULES}
-    plain = [n for n in muon_names if n not in transposed]
-    flipped = [n for n in muon_names if n in transposed]
-    muon_groups = [
-        {"params": [parameters[n] for n in names], "transposed": flag, optiplug.GROUP_ROLE: role}
-        for flag, names, role in ((False, plain, "muon"), (True, flipped, "muon (transposed Conv1D)"))
-        if names
-    ]
-    on_muon = {id(parameters[n]) for n in muon_names}
+    on_muon = {id(parameters[s.name]) for s in route.muon}
     adamw_groups = []
     for group in ctx.param_groups(cfg.weight_decay):  # the core's decay rule: no decay on norms and biases
         params = [p for p in group["params"] if id(p) not in on_muon]
         if params:
             adamw_groups.append({**group, "params": params, optiplug.GROUP_ROLE: "adamw (not a hidden matrix)"})
-    optimizer = MuonWithAdamW(
-        muon_groups,
-        adamw_groups,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        ns_coefficients=cfg.ns_coefficients,
-        ns_eps=cfg.ns_eps,
-        ns_steps=cfg.ns_steps,
-        adjust_lr=cfg.adjust_lr,
-        weight_decay=cfg.weight_decay,
-        adamw_lr=cfg.adamw_lr,
-        adamw_betas=cfg.adamw_betas,
-        adamw_eps=cfg.adamw_eps,
-        adamw_kernel=optiplug.kernel_kwargs(cfg.kernel, adamw_groups) if adamw_groups else None,
-    )
+    kernel = optiplug.kernel_kwargs(cfg.kernel, adamw_groups) if adamw_groups else None
+    optimizer: Any
+    if ctx.distributed == "deepspeed":
+        from optiplug_muon.zero import DeepSpeedMuonWithAdamW
+
+        optimizer = DeepSpeedMuonWithAdamW(
+            [{"params": [parameters[s.name] for s in route.muon], optiplug.GROUP_ROLE: "muon (DeepSpeed's)"}],
+            adamw_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            adamw_lr=cfg.adamw_lr,
+            adamw_betas=cfg.adamw_betas,
+            adamw_eps=cfg.adamw_eps,
+            adamw_kernel=kernel,
+            zero_stage=ctx.deepspeed_stage or 0,
+        )
+    else:
+        from optiplug_muon.optim import MuonWithAdamW
+
+        flipped = {s.name for s in route.muon if s.module_type in TRANSPOSED_MODULES}
+        muon_groups = [
+            {
+                "params": [parameters[s.name] for s in route.muon if (s.name in flipped) == flag],
+                "transposed": flag,
+                optiplug.GROUP_ROLE: role,
+            }
+            for flag, role in ((False, "muon"), (True, "muon (transposed Conv1D)"))
+            if any((s.name in flipped) == flag for s in route.muon)
+        ]
+        optimizer = MuonWithAdamW(
+            muon_groups,
+            adamw_groups,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            ns_coefficients=cfg.ns_coefficients,
+            ns_eps=cfg.ns_eps,
+            ns_steps=cfg.ns_steps,
+            adjust_lr=cfg.adjust_lr,
+            weight_decay=cfg.weight_decay,
+            adamw_lr=cfg.adamw_lr,
+            adamw_betas=cfg.adamw_betas,
+            adamw_eps=cfg.adamw_eps,
+            adamw_kernel=kernel,
+        )
     optimizer.routing = route
     logger.info("%s", route.summary())
     return optimizer
