@@ -91,7 +91,12 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
         from optiplug_muon.zero import DeepSpeedMuonWithAdamW
 
         optimizer = DeepSpeedMuonWithAdamW(
-            [{"params": [parameters[s.name] for s in route.muon], optiplug.GROUP_ROLE: "muon (DeepSpeed's)"}],
+            [
+                {
+                    "params": [parameters[s.name] for s in route.muon],
+                    optiplug.GROUP_ROLE: f"muon (DeepSpeed ZeRO-{ctx.deepspeed_stage or 0})",
+                }
+            ],
             adamw_groups,
             lr=cfg.lr,
             momentum=cfg.momentum,
