@@ -61,6 +61,8 @@ def refresh_rows() -> list[dict]:
     import torch
     from optiplug_galore import projector
 
+    from optiplug import projection_sides
+
     def randomized(grad, rank, left, right):
         generator = torch.Generator().manual_seed(0)
         return projector.randomized_bases(
@@ -70,7 +72,7 @@ def refresh_rows() -> list[dict]:
     rows = []
     for label, hidden, intermediate, name in CASES:
         grad = gradient(hidden, intermediate, name)
-        left, right = projector.sides(grad.shape, "std")
+        left, right = projection_sides(grad.shape, "std")
         timings = _common.interleaved(
             {
                 f"randomized-{rank}": (

@@ -62,9 +62,11 @@ DDP_REFUSALS = {
 }
 
 
-def _galore_sharded(name: str, engine: str) -> str:
+def _galore_zero(name: str, stage: int) -> str:
+    instead = "FSDP2 (fsdp_config.version: 2)" if name == "galore_adamw" else "galore_adamw under FSDP2"
     return (
-        f"{name} projects whole weight matrices, which {engine} splits into shards; train with DDP or a single process"
+        f"{name} projects whole weight matrices, and DeepSpeed (ZeRO stage {stage}) hands the optimizer flattened "
+        f"1-D partitions of the weights, cut at arbitrary elements; train with {instead}, DDP or a single process"
     )
 
 
@@ -76,8 +78,9 @@ ENGINE_CHECKS = {
         "DeepSpeed config whose zero_optimization.stage is 3",
         "badam:ratio": "badam: mode 'ratio' runs in a single process and this run is distributed (fsdp, 2 processes): "
         "train on one device, or use mode 'layer' with DeepSpeed ZeRO-3",
-        "galore_adamw": _galore_sharded("galore_adamw", "FSDP"),
-        "galore_adafactor": _galore_sharded("galore_adafactor", "FSDP"),
+        "galore_adamw": None,  # FSDP2 (transformers' default): the core's sharded matrix step
+        "galore_adafactor": "galore_adafactor projects whole weight matrices, which FSDP splits into row shards "
+        "across the processes; train with galore_adamw under FSDP2, DDP or a single process",
     },
     "zero2": {
         "adamw": None,
@@ -86,8 +89,8 @@ ENGINE_CHECKS = {
         "to 3 in the DeepSpeed config",
         "badam:ratio": "badam: mode 'ratio' runs in a single process and this run is distributed (deepspeed, "
         "2 processes): train on one device, or use mode 'layer' with DeepSpeed ZeRO-3",
-        "galore_adamw": _galore_sharded("galore_adamw", "DeepSpeed"),
-        "galore_adafactor": _galore_sharded("galore_adafactor", "DeepSpeed"),
+        "galore_adamw": _galore_zero("galore_adamw", 2),
+        "galore_adafactor": _galore_zero("galore_adafactor", 2),
     },
     "zero3": {
         "adamw": None,
@@ -95,8 +98,8 @@ ENGINE_CHECKS = {
         "badam": None,
         "badam:ratio": "badam: mode 'ratio' runs in a single process and this run is distributed (deepspeed, "
         "2 processes): train on one device, or use mode 'layer' with DeepSpeed ZeRO-3",
-        "galore_adamw": _galore_sharded("galore_adamw", "DeepSpeed"),
-        "galore_adafactor": _galore_sharded("galore_adafactor", "DeepSpeed"),
+        "galore_adamw": _galore_zero("galore_adamw", 3),
+        "galore_adafactor": _galore_zero("galore_adafactor", 3),
     },
 }
 FSDP2_OPTIMIZERS = ["adamw", "adam", "sgd", "adagrad", "rmsprop", "radam", "nadam", "adamax"]

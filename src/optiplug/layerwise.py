@@ -151,7 +151,7 @@ class LayerwiseStepper:
         self._round_ended = False
         self._norm_squares: torch.Tensor | None = None
         self._groups: dict[torch.Tensor, int] = {}
-        self._step_parameters = getattr(optimizer, "step_parameters", None)
+        self._per_parameter = callable(getattr(optimizer, "step_parameters", None))
         self._step = optimizer.step  # the real step, for optimizers without step_parameters
         optimizer.step = types.MethodType(_stepped_in_backward, optimizer)
 
@@ -194,9 +194,9 @@ class LayerwiseStepper:
 
         optimizer = self.optimizer
         gindex = self._group_index(p)
-        if self._step_parameters is not None:
+        if self._per_parameter:
             with torch.no_grad():
-                self._step_parameters(optimizer.param_groups[gindex], [p])
+                optimizer.step_parameters(optimizer.param_groups[gindex], [p])
             return
         groups = optimizer.param_groups
         group = groups[gindex]

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from optiplug.errors import ConfigError
+from optiplug.params import GROUP_ROLE
 
 if TYPE_CHECKING:
     from optiplug.context import BuildContext
@@ -25,7 +26,11 @@ __all__ = ["check_whole_matrices", "fsdp_version", "split_param_groups"]
 
 
 def split_param_groups(
-    groups: Sequence[Mapping[str, Any]], targeted: Iterable[Any], options: Mapping[str, Any] | None = None
+    groups: Sequence[Mapping[str, Any]],
+    targeted: Iterable[Any],
+    options: Mapping[str, Any] | None = None,
+    *,
+    roles: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Split each of ``groups`` into its parameters outside ``targeted`` and those in it.
 
@@ -38,19 +43,23 @@ def split_param_groups(
         groups: the groups to split, usually ``ctx.param_groups(weight_decay)``.
         targeted: the parameters (tensors, compared by identity) your optimizer treats as matrices.
         options: keys added to every targeted part (``{"rank": 8, ...}``).
+        roles: ``(untargeted, targeted)``: what each kind of part is for, a few words set under
+            ``optiplug.GROUP_ROLE`` (``("adamw (not a target)", "galore rank 8")``; ``--dry-run`` prints it).
 
     Returns:
         New group dicts; ``groups`` is not changed. A checkpoint's optimizer state is keyed by this
         order: keep it once released.
     """
     chosen = {id(param) for param in targeted}
-    extra = dict(options or {})
+    extra = {False: {}, True: dict(options or {})}
+    if roles is not None:
+        extra[False][GROUP_ROLE], extra[True][GROUP_ROLE] = roles
     parts: list[dict[str, Any]] = []
     for want in (False, True):
         for group in groups:
             params = [param for param in group["params"] if (id(param) in chosen) == want]
             if params:
-                parts.append({**group, "params": params, **(extra if want else {})})
+                parts.append({**group, "params": params, **extra[want]})
     return parts
 
 
@@ -78,6 +87,7 @@ def check_whole_matrices(
     *,
     fsdp2: bool = True,
     adapters: str | None = None,
+    instead: str | None = None,
 ) -> None:
     """Refuse, with one sentence, the set-ups where an optimizer that needs whole weight matrices cannot train.
 
@@ -98,12 +108,15 @@ def check_whole_matrices(
         fsdp2: True when the optimizer trains FSDP2's DTensor parameters through the core's sharded step.
         adapters: what the optimizer does that adapters defeat, after the name ("trains full weight
             matrices through low-rank projections"), or None to allow adapters.
+        instead: what to train with instead, ending the sentence (default: FSDP2, DDP or a single
+            process; without ``fsdp2``, DDP or a single process).
 
     Raises:
         ConfigError: one of the above, saying what to train with instead.
     """
     engine = ctx.distributed
-    instead = "FSDP2 (fsdp_config.version: 2), DDP or a single process" if fsdp2 else "DDP or a single process"
+    if instead is None:
+        instead = "FSDP2 (fsdp_config.version: 2), DDP or a single process" if fsdp2 else "DDP or a single process"
     if engine == "deepspeed":
         stage = ctx.deepspeed_stage
         raise ConfigError(

@@ -273,10 +273,10 @@ def _step_bucket(optimizer: Any, bucket: list[_Matrix]) -> int:
             break
         calls += 1
         headers[index] = header
-        for target in range(processes):
-            replies[target].append(_to_bytes(_shard_of(matrix, update, target)))
+        for target in range(processes):  # copies: the update may be a buffer the next call reuses
+            replies[target].append(_to_bytes(_shard_of(matrix, update, target)).clone())
             for key, _shape, _dtype in header["tensors"]:
-                replies[target].append(_to_bytes(_shard_of(matrix, whole[key], target)))
+                replies[target].append(_to_bytes(_shard_of(matrix, whole[key], target)).clone())
         del update, whole, x_full
     del received
 

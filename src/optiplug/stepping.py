@@ -182,6 +182,7 @@ class MatrixOptimizer(PerParameterOptimizer):
         )
 
     # ---- one process, DDP, layerwise ----
+    @torch.no_grad()
     def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         """Step ``params``: the matrices one by one through the three functions, the others elementwise."""
         matrices = [p for p in params if self.is_matrix(group, p)]

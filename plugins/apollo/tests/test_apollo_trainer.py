@@ -161,7 +161,10 @@ def test_invalid_fields_are_refused(fields, message):
 
 def _args(**fields):
     """TrainingArguments' fields the checks read: a stand-in, as DeepSpeed and FSDP cannot be set up on a CPU."""
-    values = dict(deepspeed=None, fsdp=None, world_size=1, fp16=False, gradient_accumulation_steps=1, max_grad_norm=1.0)
+    values = dict(
+        deepspeed=None, fsdp=None, fsdp_config=None, world_size=1, fp16=False, gradient_accumulation_steps=1,
+        max_grad_norm=1.0,
+    )  # fmt: skip
     return types.SimpleNamespace(**{**values, **fields})
 
 
@@ -170,15 +173,17 @@ def _args(**fields):
     [
         (
             "apollo_adamw",
-            {"deepspeed": "ds.json"},
-            "apollo_adamw projects whole weight matrices and scales their rows or columns, which DeepSpeed splits "
-            "into shards; train with DDP or a single process",
+            {"deepspeed": {"zero_optimization": {"stage": 2}}},
+            "apollo_adamw projects whole weight matrices and scales their rows or columns, and DeepSpeed (ZeRO stage "
+            "2) hands the optimizer flattened 1-D partitions of the weights, cut at arbitrary elements; train with "
+            "FSDP2 (fsdp_config.version: 2), DDP or a single process",
         ),
         (
             "apollo_mini",
-            {"fsdp": "full_shard"},
-            "apollo_mini projects whole weight matrices and scales their rows or columns, which FSDP splits "
-            "into shards; train with DDP or a single process",
+            {"fsdp": "full_shard", "fsdp_config": {"version": 1}},
+            "apollo_mini projects whole weight matrices and scales their rows or columns, and FSDP version 1 flattens "
+            "each unit's weights into one 1-D parameter; train with FSDP2 (fsdp_config.version: 2), DDP or a single "
+            "process",
         ),
     ],
 )
@@ -188,6 +193,8 @@ def test_check_refuses_sharded_engines_with_one_sentence(name, args, message):
         entry.check(optiplug.BuildContext(model=tiny_llama(), args=_args(**args)), entry.config())
     assert str(error.value) == message
     entry.check(optiplug.BuildContext(model=tiny_llama(), args=_args(world_size=2)), entry.config())  # DDP is fine
+    fsdp2 = _args(world_size=2, fsdp="full_shard", fsdp_config={"version": 2})
+    entry.check(optiplug.BuildContext(model=tiny_llama(), args=fsdp2), entry.config())  # so is FSDP2
 
 
 def test_check_refuses_targets_that_select_nothing_trainable():

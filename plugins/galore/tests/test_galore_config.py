@@ -116,7 +116,10 @@ def test_parameter_groups_split_projected_decay_and_no_decay():
 def _args(**fields):
     """TrainingArguments' fields the checks read. A stand-in because DeepSpeed, FSDP, several processes
     and fp16 cannot be set up on this CPU-only machine; the checks only read these attributes."""
-    values = dict(deepspeed=None, fsdp=None, world_size=1, fp16=False, gradient_accumulation_steps=1, max_grad_norm=1.0)
+    values = dict(
+        deepspeed=None, fsdp=None, fsdp_config=None, world_size=1, fp16=False, gradient_accumulation_steps=1,
+        max_grad_norm=1.0,
+    )  # fmt: skip
     values.update(fields)
     return types.SimpleNamespace(**values)
 
@@ -127,14 +130,32 @@ def _args(**fields):
         (
             "galore_adamw",
             {},
-            {"deepspeed": "ds.json"},
-            "galore_adamw projects whole weight matrices, which DeepSpeed splits into shards; train with DDP or a single process",
+            {"deepspeed": {"zero_optimization": {"stage": 2}}},
+            "galore_adamw projects whole weight matrices, and DeepSpeed (ZeRO stage 2) hands the optimizer flattened "
+            "1-D partitions of the weights, cut at arbitrary elements; train with FSDP2 (fsdp_config.version: 2), DDP "
+            "or a single process",
+        ),
+        (
+            "galore_adamw",
+            {},
+            {"fsdp": "full_shard", "fsdp_config": {"version": 1}},
+            "galore_adamw projects whole weight matrices, and FSDP version 1 flattens each unit's weights into one 1-D "
+            "parameter; train with FSDP2 (fsdp_config.version: 2), DDP or a single process",
         ),
         (
             "galore_adafactor",
             {},
             {"fsdp": "full_shard"},
-            "galore_adafactor projects whole weight matrices, which FSDP splits into shards; train with DDP or a single process",
+            "galore_adafactor projects whole weight matrices, which FSDP splits into row shards across the processes; "
+            "train with galore_adamw under FSDP2, DDP or a single process",
+        ),
+        (
+            "galore_adamw8bit",
+            {},
+            {"deepspeed": {"zero_optimization": {"stage": 3}}},
+            "galore_adamw8bit projects whole weight matrices, and DeepSpeed (ZeRO stage 3) hands the optimizer "
+            "flattened 1-D partitions of the weights, cut at arbitrary elements; train with galore_adamw under FSDP2, "
+            "DDP or a single process",
         ),
         (
             "galore_adamw",
@@ -169,9 +190,11 @@ def test_check_refuses_with_one_sentence(name, fields, args, message):
     assert str(error.value) == message
 
 
-def test_check_accepts_ddp_without_layerwise_and_bf16_layerwise():
+def test_check_accepts_ddp_without_layerwise_fsdp2_and_bf16_layerwise():
     entry = optiplug.get_entry("galore_adamw")
     entry.check(optiplug.BuildContext(model=tiny_llama(), args=_args(world_size=2)), entry.config())
+    fsdp2 = _args(world_size=2, fsdp="full_shard", fsdp_config={"version": 2})
+    entry.check(optiplug.BuildContext(model=tiny_llama(), args=fsdp2), entry.config())
     entry.check(optiplug.BuildContext(model=tiny_llama(), args=_args(bf16=True)), entry.config(layerwise=True))
 
 

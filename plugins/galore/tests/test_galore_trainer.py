@@ -77,13 +77,13 @@ def test_layerwise_with_accumulation_matches_the_whole_model_step(tmp_path):
         )
         if layerwise:
             optimizer = trainer.create_optimizer()
-            step_params = optimizer._step_params
+            step_params = optimizer.step_parameters
 
             def spy(group, params, step_params=step_params, trainer=trainer):
                 lrs_seen.append((trainer.state.global_step, group["lr"]))
                 return step_params(group, params)
 
-            optimizer._step_params = spy
+            optimizer.step_parameters = spy
         trainer.train()
         runs[layerwise] = trainer
     whole, layerwise = runs[False], runs[True]
@@ -106,13 +106,13 @@ def test_layerwise_clips_each_parameter_and_logs_the_global_norm(tmp_path):
     trainer = _trainer(tmp_path, _galore(layerwise=True), max_steps=2, max_grad_norm=max_norm)
     optimizer = trainer.create_optimizer()
     norms_after_clipping = []
-    step_params = optimizer._step_params
+    step_params = optimizer.step_parameters
 
     def spy(group, params):
         norms_after_clipping.append(float(params[0].grad.norm()))
         return step_params(group, params)
 
-    optimizer._step_params = spy
+    optimizer.step_parameters = spy
     trainer.train()
     assert max(norms_after_clipping) <= max_norm * (1 + 1e-4)
     logged = _history(trainer, "grad_norm")

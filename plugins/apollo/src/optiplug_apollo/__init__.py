@@ -33,5 +33,6 @@ def register_optimizers(register) -> None:
                 state_bytes=entries.state_bytes,
                 describe=entries.describe,
                 per_parameter=True,  # each update reads only its own parameter: optimizer.layerwise: true works
+                whole_matrices=True,  # FSDP2: each projection and scaling computed once, on one process per matrix
             )
         )

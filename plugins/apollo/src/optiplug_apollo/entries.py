@@ -11,7 +11,6 @@ from typing import Any
 
 import optiplug
 from optiplug_apollo.config import ApolloFields
-from optiplug_apollo.shapes import low_rank_shape, projector_numel
 
 _GROUP_KEYS = ("rank", "proj", "proj_type", "scale_type", "update_proj_gap", "scale")
 
@@ -32,8 +31,9 @@ def transformers_seeds(model: Any, targets: set[str], seed: int = 0) -> dict[str
 
 
 def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[dict[str, Any]], list[int]]:
-    """The context's parameter groups (``ctx.param_groups``: decay and no-decay, and the user's groups by name),
-    each split into its plain and its APOLLO parameters (empty parts dropped), and every parameter's seed.
+    """The context's parameter groups (``ctx.param_groups``: decay and no-decay, and the user's groups by name)
+    split by :func:`optiplug.split_param_groups` (the plain parts, then the APOLLO parts), and every
+    parameter's seed in that order.
 
     APOLLO parts carry ``rank``, ``proj``, ``proj_type``, ``scale_type``, ``update_proj_gap`` and ``scale``.
     """
@@ -41,16 +41,10 @@ def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[di
     name_of = {id(param): name for name, param in ctx.named_parameters()}
     seed_of = transformers_seeds(ctx.model, targets, cfg.seed)
     apollo = {key: getattr(cfg, key) for key in _GROUP_KEYS}
-    roles = {True: f"apollo rank {cfg.rank} ({cfg.scale_type}-wise)", False: "adamw (not a target)"}
-    groups: list[dict[str, Any]] = []
-    seeds: list[int] = []
-    for group in ctx.param_groups(cfg.weight_decay):
-        for targeted in (False, True):
-            params = [p for p in group["params"] if (name_of[id(p)] in targets) == targeted]
-            if params:
-                extra = apollo if targeted else {}
-                groups.append({**group, "params": params, **extra, optiplug.GROUP_ROLE: roles[targeted]})
-                seeds.extend(seed_of[name_of[id(p)]] for p in params)
+    roles = ("adamw (not a target)", f"apollo rank {cfg.rank} ({cfg.scale_type}-wise)")
+    targeted = [param for name, param in ctx.named_parameters() if name in targets]
+    groups = optiplug.split_param_groups(ctx.param_groups(cfg.weight_decay), targeted, apollo, roles=roles)
+    seeds = [seed_of[name_of[id(p)]] for group in groups for p in group["params"]]
     return groups, seeds
 
 
@@ -75,19 +69,17 @@ def build(ctx: optiplug.BuildContext, cfg: ApolloFields) -> Any:
 
 
 def check(ctx: optiplug.BuildContext, cfg: ApolloFields) -> None:
-    """The setups APOLLO cannot train, each refused with one sentence saying what to do instead."""
-    name = cfg.name
-    if ctx.distributed in ("deepspeed", "fsdp"):
-        engine = "DeepSpeed" if ctx.distributed == "deepspeed" else "FSDP"
-        raise optiplug.ConfigError(
-            f"{name} projects whole weight matrices and scales their rows or columns, which {engine} splits into "
-            f"shards; train with DDP or a single process"
-        )
-    if ctx.uses_adapters:
-        raise optiplug.ConfigError(
-            f"{name} trains full weight matrices with low-rank scaling estimates, and the model is a PEFT adapter "
-            f"model whose trainable weights are already low-rank; use adamw for adapters"
-        )
+    """The setups APOLLO cannot train, each refused with one sentence saying what to do instead.
+
+    FSDP2 trains through the core's sharded matrix step (each weight's projection and scaling computed
+    once, by one process per matrix).
+    """
+    optiplug.check_whole_matrices(
+        ctx,
+        cfg.name,
+        "projects whole weight matrices and scales their rows or columns",
+        adapters="trains full weight matrices with low-rank scaling estimates",
+    )
     optiplug.target_parameters(ctx.model, cfg.target_modules)
 
 
@@ -121,7 +113,7 @@ def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: ApolloFields) -> int
     total = optiplug.moment_bytes(plain, 2, scalars=0)
     for s in shapes:
         if s.name in targets:
-            low = math.prod(low_rank_shape(s.shape, cfg.rank, cfg.proj_type))
+            low = math.prod(optiplug.low_rank_shape(s.shape, cfg.rank, cfg.proj_type))
             scalars = 1 if cfg.norm_growth_limiter else 0
-            total += (2 * low + projector_numel(s.shape, cfg.rank, cfg.proj_type) + scalars) * s.itemsize
+            total += (2 * low + optiplug.projector_numel(s.shape, cfg.rank, cfg.proj_type) + scalars) * s.itemsize
     return total

@@ -30,18 +30,23 @@ the same result as one full step: the optimizer is per-parameter safe.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any
 
 import torch
 
-from optiplug_apollo.shapes import effective_rank, projects_right
+import optiplug
 
 PROJECTED_KEYS = ("rank", "proj", "proj_type", "scale_type", "update_proj_gap", "scale")
 """A parameter group with these keys gets APOLLO's update (the same keys as apollo-torch's groups)."""
 
 _LIMIT = 1.01  # Fira's norm-growth limiter: at most 1.01x growth per step
 _TINY = 1e-8  # apollo-torch's guard in the scaling factor and the limiter
+
+
+def _projects_right(shape: Sequence[int], proj_type: str) -> bool:
+    """True when the weight is projected on its right (``G P^T``, ``m x r``), False for the left (``P^T G``)."""
+    return optiplug.projection_sides(shape, proj_type)[1]
 
 
 def _random_projection(grad: torch.Tensor, rank: int, right: bool, seed: int) -> torch.Tensor:
@@ -66,7 +71,7 @@ def _svd_projection(grad: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
     return basis.clone() if basis.is_contiguous() else basis.contiguous()
 
 
-class ApolloAdamW(torch.optim.Optimizer):
+class ApolloAdamW(optiplug.MatrixOptimizer):
     """AdamW with APOLLO's approximate gradient scaling on the groups that carry the APOLLO keys.
 
     A parameter group with ``rank``, ``proj`` (``random``/``svd``), ``proj_type``, ``scale_type``
@@ -82,6 +87,8 @@ class ApolloAdamW(torch.optim.Optimizer):
         seeds: one seed per parameter, in the order of the groups; by default apollo-torch's, the
             1-based position in the groups.
     """
+
+    elementwise_state = ()  # every targeted weight's state is its matrix state (low-rank, the projection)
 
     def __init__(
         self,
@@ -111,79 +118,101 @@ class ApolloAdamW(torch.optim.Optimizer):
             "norm_growth_limiter": norm_growth_limiter,
         }
         super().__init__(params, defaults)
-        flat = [p for group in self.param_groups for p in group["params"]]
-        if seeds is None:
-            seeds = range(1, len(flat) + 1)
-        elif len(seeds) != len(flat):
-            raise ValueError(f"seeds: expected one per parameter ({len(flat)}), got {len(seeds)}")
-        # Fixed at construction, never derived from which parameters step: what makes a step per-parameter safe.
-        self._seeds: dict[torch.Tensor, int] = dict(zip(flat, (int(s) for s in seeds)))
+        count = sum(len(group["params"]) for group in self.param_groups)
+        if seeds is not None and len(seeds) != count:
+            raise ValueError(f"seeds: expected one per parameter ({count}), got {len(seeds)}")
+        # By position in the optimizer, fixed at construction: never derived from which parameters step, so a
+        # step is per-parameter safe, and the same in every process (also when FSDP2 swaps the parameters).
+        self._seeds = [int(s) for s in seeds] if seeds is not None else list(range(1, count + 1))
 
     def _seed_of(self, p: torch.Tensor) -> int:
-        if p not in self._seeds:  # a group added later with add_param_group: apollo-torch's rule, continued
-            self._seeds[p] = len(self._seeds) + 1
-        return self._seeds[p]
+        index = self.parameter_index(p)
+        # a group added later with add_param_group: apollo-torch's rule (the 1-based position), continued
+        return self._seeds[index] if index < len(self._seeds) else index + 1
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step of every parameter that has a gradient (the others are left alone)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self.step_parameters(group, [p for p in group["params"] if p.grad is not None])
-        return loss
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, after putting a checkpoint's groups into this optimizer's order.
 
-    @torch.no_grad()
-    def step_parameters(self, group: dict[str, Any], params: Iterable[torch.Tensor]) -> None:
-        """Update ``params`` (all of ``group``) from their gradients: the whole step of each, one at a time.
-
-        optiplug's layerwise stepping calls it with one parameter from that parameter's gradient hook.
+        Up to optiplug 0.1 (commit 6f05005) each of ``ctx.param_groups`` was followed by its APOLLO part;
+        now every plain part comes first (:func:`optiplug.split_param_groups`). Both orders list the
+        plain parts, and the APOLLO parts, in the same order, so a stable sort by "has the APOLLO keys"
+        turns an old checkpoint's groups into the new order and changes nothing in a new one.
         """
-        for p in params:
-            self._step_parameter(p, group)
+        groups = sorted(state_dict["param_groups"], key=lambda group: "rank" in group)
+        super().load_state_dict({**state_dict, "param_groups": groups})
 
-    def _step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        grad = p.grad
-        if grad is None:
-            return
-        if grad.is_sparse:
+    # ---- the optiplug.MatrixOptimizer methods: one process, DDP and FSDP2 ----
+    def is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return "rank" in group and p.dim() == 2
+
+    def step_elementwise(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The parameters without APOLLO's scaling: AdamW, one parameter at a time (apollo-torch's arithmetic)."""
+        for p in params:
+            state = self.state[p]
+            update = self._adam(state, self._grad(p), group)
+            self.apply_update(p, update, state, group)
+
+    def matrix_update(
+        self, p: torch.Tensor, matrix: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        """A targeted weight's whole gradient in, its scaled gradient (before the step size) out.
+
+        Projection (drawn again every ``update_proj_gap`` steps), the low-rank AdamW moments, and the
+        channel- or tensor-wise scaling of the gradient. Under FSDP2 it runs once per matrix, on its owner.
+        """
+        if matrix.is_sparse:
             raise RuntimeError("APOLLO AdamW does not support sparse gradients")
-        state = self.state[p]
         if "step" not in state:
             state["step"] = 0
-        projected = "rank" in group and p.dim() == 2
-        low = self._project(p, grad, group, state) if projected else grad
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        low = self._project(p, matrix, group, state)
+        update = self._adam(state, low, group)
+        return self._scaled_gradient(matrix, low, update, group, state)
+
+    def apply_update(
+        self, p: torch.Tensor, update: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> None:
+        """The bias-corrected step, then decoupled weight decay."""
         step_size = group["lr"]
         if group["correct_bias"]:
+            beta1, beta2 = group["betas"]
             bias_correction1 = 1.0 - beta1 ** state["step"]
             bias_correction2 = 1.0 - beta2 ** state["step"]
             step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
-        update = exp_avg / denom
-        del denom
-        if projected:
-            update = self._scaled_gradient(grad, low, update, group, state)
         p.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
+    @staticmethod
+    def _grad(p: torch.Tensor) -> torch.Tensor:
+        grad = p.grad
+        assert grad is not None, "stepping a parameter without a gradient"
+        if grad.is_sparse:
+            raise RuntimeError("APOLLO AdamW does not support sparse gradients")
+        return grad
+
+    @staticmethod
+    def _adam(state: MutableMapping[str, Any], grad: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """AdamW's moments of ``grad`` (the low-rank gradient of a targeted weight): ``m / (sqrt(v) + eps)``."""
+        if "step" not in state:
+            state["step"] = 0
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        return exp_avg / denom
+
     def _project(
-        self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]
+        self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: MutableMapping[str, Any]
     ) -> torch.Tensor:
         """The low-rank gradient; the projection is drawn (or recomputed) first on every ``update_proj_gap``-th step."""
-        right = projects_right(grad.shape, group["proj_type"])
+        right = _projects_right(grad.shape, group["proj_type"])
         if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
-            rank = effective_rank(grad.shape, group["rank"])
+            rank = optiplug.effective_rank(grad.shape, group["rank"])
             if group["proj"] == "random":
                 from apollo_torch.random_projector import next_seed
 
@@ -203,11 +232,11 @@ class ApolloAdamW(torch.optim.Optimizer):
         low: torch.Tensor,
         update: torch.Tensor,
         group: dict[str, Any],
-        state: dict[str, Any],
+        state: MutableMapping[str, Any],
     ) -> torch.Tensor:
         """The full-rank gradient scaled as the low-rank AdamW update scales its projection (APOLLO's steps 3-4)."""
         if group["scale_type"] == "channel":
-            dim = 1 if projects_right(grad.shape, group["proj_type"]) else 0
+            dim = 1 if _projects_right(grad.shape, group["proj_type"]) else 0
             factor = torch.norm(update, dim=dim) / (torch.norm(low, dim=dim) + _TINY)
             if dim == 1:
                 factor = factor.unsqueeze(1)

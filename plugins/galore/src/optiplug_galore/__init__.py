@@ -29,6 +29,7 @@ def register_optimizers(register) -> None:
             requires=("galore-torch",),
             state_bytes=entries.adamw_state_bytes,
             describe=entries.describe,
+            whole_matrices=True,  # FSDP2: each projection computed once, on one process per matrix
         )
     )
     register(

@@ -20,6 +20,8 @@ from optiplug_galore.base import GaLoreMixin
 class GaLoreAdafactor(GaLoreMixin, _GaLoreTorchAdafactor):
     """Adafactor on low-rank projections of the targeted weights' gradients (see :class:`GaLoreAdamW`)."""
 
+    param_groups: list[dict[str, Any]]  # galore-torch's base leaves it untyped
+
     def __init__(
         self,
         params: Any,
@@ -42,9 +44,9 @@ class GaLoreAdafactor(GaLoreMixin, _GaLoreTorchAdafactor):
             relative_step=False,
             warmup_init=False,
         )
-        self._init_galore()
 
-    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    @torch.no_grad()
+    def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         # galore-torch's step walks self.param_groups: show it just these parameters, with this group's settings.
         groups = self.param_groups
         self.param_groups = [{**group, "params": params}]

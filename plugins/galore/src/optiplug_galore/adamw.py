@@ -15,12 +15,13 @@ place (galore-torch allocates two full-size temporaries per weight per step).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import torch
 from galore_torch import GaLoreAdamW as _GaLoreTorchAdamW
 
+import optiplug
 from optiplug_galore.base import GaLoreMixin, bias_corrected_step_size, grad_of
 from optiplug_galore.projector import project, project_back
 
@@ -41,7 +42,7 @@ def _chunks(sizes: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
-class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
+class GaLoreAdamW(GaLoreMixin, optiplug.MatrixOptimizer, _GaLoreTorchAdamW):
     """AdamW on low-rank projections of the targeted weights' gradients (and plain AdamW elsewhere).
 
     A parameter group with a ``rank`` key is projected; its other GaLore keys are
@@ -68,48 +69,76 @@ class GaLoreAdamW(GaLoreMixin, _GaLoreTorchAdamW):
             correct_bias=correct_bias,
             no_deprecation_warning=True,
         )
-        self._init_galore()
 
-    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    # ---- the optiplug.MatrixOptimizer methods: one process, DDP and FSDP2 ----
+    def is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return "rank" in group
+
+    def step_elementwise(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """The parameters that are not projected: AdamW with foreach kernels, then weight decay."""
         for p in params:
             if grad_of(p).is_sparse:
                 raise RuntimeError("GaLore AdamW does not support sparse gradients")
-        if "rank" in group:
-            self._step_projected(group, params)
-        else:
-            self._step_foreach(group, params)
+        self._step_foreach(group, params)
         if group["weight_decay"] > 0.0:
             torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+    def matrix_update(
+        self, p: torch.Tensor, matrix: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        """A projected weight's whole gradient in, its full-rank update (before the step size) out.
+
+        The projection (refreshed every ``update_proj_gap`` steps: an SVD or a randomized range finder of
+        the whole gradient), the low-rank moments and the projection back, as galore-torch. Under FSDP2
+        this runs once per matrix, on its owner process.
+        """
+        if matrix.is_sparse:
+            raise RuntimeError("GaLore AdamW does not support sparse gradients")
+        beta1, beta2 = group["betas"]
+        step = state.setdefault("step", 0)
+        grad = project(state, matrix, group, self._index(p), step)
+        exp_avg, exp_avg_sq, step = self._moments(state, grad)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        # one full-size output per weight shape, reused until the end of the step (galore-torch allocates two)
+        key = (tuple(matrix.shape), grad.dtype, matrix.device)
+        buffers = self.__dict__.setdefault("_update_buffers", {})
+        if key not in buffers:
+            buffers[key] = torch.empty(matrix.shape, dtype=grad.dtype, device=matrix.device)
+        return project_back(state, exp_avg / denom, group, out=buffers[key])
+
+    def apply_update(
+        self, p: torch.Tensor, update: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> None:
+        """The bias-corrected step, then weight decay (after the update, as galore-torch)."""
+        p.add_(update, alpha=-self._step_size(group, state["step"]))
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+    def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        try:
+            super().step_parameters(group, params)
+        finally:
+            self.__dict__.pop("_update_buffers", None)  # freed after each call, as galore-torch's temporaries
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        try:
+            return super().step(closure)
+        finally:
+            self.__dict__.pop("_update_buffers", None)
 
     def _step_size(self, group: dict[str, Any], step: int) -> float:
         beta1, beta2 = group["betas"]
         return bias_corrected_step_size(group["lr"], beta1, beta2, step) if group["correct_bias"] else group["lr"]
 
-    def _moments(self, state: dict[str, Any], grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _moments(self, state: MutableMapping[str, Any], grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
         state["step"] += 1
         return state["exp_avg"], state["exp_avg_sq"], state["step"]
-
-    def _step_projected(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        # One parameter at a time, as galore-torch: its small low-rank tensors stay in cache through the
-        # element-wise chain, and the two matrix products dominate anyway.
-        beta1, beta2 = group["betas"]
-        buffers: dict[tuple, torch.Tensor] = {}  # one full-size output per weight shape for the whole step
-        for p in params:
-            state = self.state[p]
-            step = state.setdefault("step", 0)
-            grad = project(state, grad_of(p), group, self._index(p), step)
-            exp_avg, exp_avg_sq, step = self._moments(state, grad)
-            exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            denom = exp_avg_sq.sqrt().add_(group["eps"])
-            key = (p.shape, grad.dtype, p.device)
-            if key not in buffers:
-                buffers[key] = torch.empty(p.shape, dtype=grad.dtype, device=p.device)
-            update = project_back(state, exp_avg / denom, group, out=buffers[key])
-            p.add_(update, alpha=-self._step_size(group, step))
 
     def _step_foreach(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -42,9 +42,9 @@ class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):  # type: ignore[misc]  # bo
             optim_bits=8,
             min_8bit_size=min_8bit_size,
         )
-        self._init_galore()
 
-    def _step_params(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    @torch.no_grad()
+    def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()

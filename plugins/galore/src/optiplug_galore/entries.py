@@ -11,7 +11,6 @@ from typing import Any
 
 import optiplug
 from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
-from optiplug_galore.shapes import low_rank_shape, projector_numel
 
 _GALORE_KEYS = (
     "rank",
@@ -29,24 +28,15 @@ _GALORE_KEYS = (
 
 
 def param_groups(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> list[dict[str, Any]]:
-    """Non-projected then projected parameters, each split as ``ctx.param_groups`` splits them (decay and
-    no-decay, and the user's ``optimizer.param_groups``); empty groups dropped.
-
-    Projected groups carry the GaLore settings (``rank``, ``update_proj_gap``, ...).
-    """
+    """``ctx.param_groups`` split by :func:`optiplug.split_param_groups`: the parts that are not projected
+    (each group's untargeted parameters), then the projected parts, which carry the GaLore settings
+    (``rank``, ``update_proj_gap``, ...). The order is galore-torch's under transformers (and
+    checkpoints' optimizer state is keyed by it)."""
     names = set(optiplug.target_parameters(ctx.model, cfg.target_modules))
-    targets = {id(param) for name, param in ctx.named_parameters() if name in names}
+    targets = [param for name, param in ctx.named_parameters() if name in names]
     galore = {key: getattr(cfg, key) for key in _GALORE_KEYS}
-    roles = {True: f"galore rank {cfg.rank}", False: "full rank (not a target)"}
-    base = ctx.param_groups(cfg.weight_decay)
-    groups = []
-    for targeted in (False, True):
-        for group in base:
-            params = [param for param in group["params"] if (id(param) in targets) == targeted]
-            if params:
-                extra = galore if targeted else {}
-                groups.append({**group, "params": params, **extra, optiplug.GROUP_ROLE: roles[targeted]})
-    return groups
+    roles = ("full rank (not a target)", f"galore rank {cfg.rank}")
+    return optiplug.split_param_groups(ctx.param_groups(cfg.weight_decay), targets, galore, roles=roles)
 
 
 def build_adamw(ctx: optiplug.BuildContext, cfg: GaLoreAdamWConfig):
@@ -88,20 +78,20 @@ def build_adamw8bit(ctx: optiplug.BuildContext, cfg: GaLoreAdamW8bitConfig):
 def check(ctx: optiplug.BuildContext, cfg: GaLoreConfig) -> None:
     """The setups GaLore cannot train, each refused with one sentence saying what to do instead.
 
+    FSDP2 trains ``galore_adamw`` through the core's sharded matrix step (each projection computed
+    once, on one process per matrix); ``galore_adafactor`` and ``galore_adamw8bit`` run galore-torch's
+    and bitsandbytes' step code, which needs the whole matrix in every process, so they are refused.
     ``layerwise: true`` is checked by the core (``optiplug.layerwise.check_layerwise``) after this.
     """
-    name = cfg.name
-    if ctx.distributed in ("deepspeed", "fsdp"):
-        engine = "DeepSpeed" if ctx.distributed == "deepspeed" else "FSDP"
-        raise optiplug.ConfigError(
-            f"{name} projects whole weight matrices, which {engine} splits into shards; "
-            "train with DDP or a single process"
-        )
-    if ctx.uses_adapters:
-        raise optiplug.ConfigError(
-            f"{name} trains full weight matrices through low-rank projections, and the model is a PEFT adapter "
-            f"model whose trainable weights are already low-rank; use adamw for adapters"
-        )
+    sharded = cfg.name == "galore_adamw"
+    optiplug.check_whole_matrices(
+        ctx,
+        cfg.name,
+        "projects whole weight matrices",
+        fsdp2=sharded,
+        adapters="trains full weight matrices through low-rank projections",
+        instead=None if sharded else "galore_adamw under FSDP2, DDP or a single process",
+    )
     optiplug.target_parameters(ctx.model, cfg.target_modules)
 
 
@@ -179,8 +169,8 @@ def adamw_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdamWCon
     total = 0
     for s, projected in _projected(shapes, cfg):
         if projected:
-            low = math.prod(low_rank_shape(s.shape, cfg.rank, cfg.proj_type))
-            total += (2 * low + projector_numel(s.shape, cfg.rank, cfg.proj_type)) * s.itemsize
+            low = math.prod(optiplug.low_rank_shape(s.shape, cfg.rank, cfg.proj_type))
+            total += (2 * low + optiplug.projector_numel(s.shape, cfg.rank, cfg.proj_type)) * s.itemsize
         else:
             total += 2 * s.numel * s.itemsize
     return total
@@ -192,13 +182,13 @@ def adafactor_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdaf
     total = 0
     for s, projected in _projected(shapes, cfg):
         size = max(s.itemsize, 4)  # galore-torch's Adafactor works on float32 gradients of half-precision weights
-        shape = low_rank_shape(s.shape, cfg.rank, cfg.proj_type) if projected else tuple(s.shape)
+        shape = optiplug.low_rank_shape(s.shape, cfg.rank, cfg.proj_type) if projected else tuple(s.shape)
         numel = math.prod(shape)
         elements = numel if cfg.beta1 is not None else 0
         elements += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else numel
         elements += 1  # RMS
         if projected:
-            elements += projector_numel(s.shape, cfg.rank, cfg.proj_type)
+            elements += optiplug.projector_numel(s.shape, cfg.rank, cfg.proj_type)
         total += elements * size
     return total
 
@@ -208,12 +198,12 @@ def adamw8bit_state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreAdam
     tensors below ``min_8bit_size`` elements; the two shared 256-entry quantisation maps once; projections."""
     total, quantized = 0, False
     for s, projected in _projected(shapes, cfg):
-        numel = math.prod(low_rank_shape(s.shape, cfg.rank, cfg.proj_type)) if projected else s.numel
+        numel = math.prod(optiplug.low_rank_shape(s.shape, cfg.rank, cfg.proj_type)) if projected else s.numel
         if numel < cfg.min_8bit_size:
             total += 2 * 4 * numel
         else:
             quantized = True
             total += 2 * numel + 2 * 4 * math.ceil(numel / 256)
         if projected:
-            total += projector_numel(s.shape, cfg.rank, cfg.proj_type) * s.itemsize
+            total += optiplug.projector_numel(s.shape, cfg.rank, cfg.proj_type) * s.itemsize
     return total + (2 * 256 * 4 if quantized else 0)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from optiplug_galore.shapes import sides
+from optiplug import projection_sides
 
 LEFT, RIGHT = "proj_left", "proj_right"
 
@@ -81,7 +81,7 @@ def _seed(seed: int, index: int, step: int) -> int:
 
 def refresh(state: MutableMapping[str, Any], grad: torch.Tensor, group: dict[str, Any], index: int, step: int) -> None:
     """Recompute the projection of one parameter from its gradient ``grad`` and store it in ``state``."""
-    left, right = sides(grad.shape, group["proj_type"])
+    left, right = projection_sides(grad.shape, group["proj_type"])
     if group.get("projection", "svd") == "randomized":
         generator = torch.Generator(device=grad.device).manual_seed(_seed(group.get("seed", 0), index, step))
         bases = randomized_bases(
