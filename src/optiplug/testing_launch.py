@@ -45,7 +45,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LaunchResults", "launch_results", "launch_root", "launched_case"]
+__all__ = [
+    "LaunchResults",
+    "fsdp2_side_by_side",
+    "launch_results",
+    "launch_root",
+    "launched_case",
+    "load_checkpoint",
+    "local_state_bytes",
+    "resume_in_one_process",
+]
 
 PROCESSES = 2
 TIMEOUT_S = 1800
@@ -192,3 +201,142 @@ def _work(root: Path) -> None:
 
 if __name__ == "__main__":
     _work(Path(sys.argv[1]))
+
+
+# ---- a ready-made FSDP2 case: one optimizer, sharded and in one process, side by side --------
+
+
+def local_state_bytes(optimizer: Any) -> int:
+    """Bytes of the optimizer state this process holds: a DTensor counts its local shard only."""
+    import torch
+
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                total += local.numel() * local.element_size()
+    return total
+
+
+def _fully_sharded(seed: int = 0) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    from optiplug.testing import tiny_llama
+
+    model = tiny_llama(seed=seed)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _train_steps(model: Any, optimizer: Any, steps: range, batch: int, rank: int | None = None) -> list[float]:
+    """Losses of ``steps`` on global batches of ``PROCESSES * batch`` blocks: all of each (``rank`` None), or
+    process ``rank``'s ``batch`` rows of it (the loss then averaged over the processes)."""
+    import torch
+    import torch.distributed as dist
+
+    from optiplug.testing import TokenBlocks
+
+    data = TokenBlocks(n=256, distinct=8)
+    size = PROCESSES * batch
+    losses = []
+    for step in steps:
+        ids = torch.stack([data[i]["input_ids"] for i in range(step * size, (step + 1) * size)])
+        if rank is not None:
+            ids = ids[rank * batch : (rank + 1) * batch]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.detach()
+        if rank is not None:
+            dist.all_reduce(loss)
+            loss /= PROCESSES
+        losses.append(loss.item())
+    return losses
+
+
+def _dcp_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_checkpoint(model: Any, optimizer: Any, path: Path | str) -> None:
+    """Load a ``torch.distributed.checkpoint`` of model and optimizer (as :func:`fsdp2_side_by_side` saves it)
+    into ``model``/``optimizer``: sharded in a launch, or unsharded in a process without one (DCP reshards)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def fsdp2_side_by_side(optimizer: dict[str, Any], steps: int = 4, batch: int = 2, name: str = "") -> dict[str, Any]:
+    """In a case of the "fsdp2" launch: train ``optimizer`` on a ``fully_shard``-ed tiny Llama and on an unsharded
+    copy with the whole global batch, side by side; checkpoint, resume, measure.
+
+    The sharded optimizer is built through ``OptiTrainer.create_optimizer`` (and compared with
+    ``optiplug.build_optimizer``'s groups). Its state is saved with ``torch.distributed.checkpoint`` after
+    ``steps // 2`` steps into ``launch_root() / name`` and a fresh sharded model and optimizer resume from it.
+
+    Returns (JSON): ``losses`` (``sharded``, ``single``, ``resumed``: the resumed run's last steps),
+    ``weights_gap`` (largest difference of the weights at the end), ``state_bytes`` (this process's
+    ``sharded`` state and the ``single`` one), ``matrices`` / ``updates`` (``last_step_matrices`` and this
+    process's ``last_step_matrix_updates`` of a :class:`optiplug.MatrixOptimizer`, else None),
+    ``checkpoint`` (its folder), ``class``, ``groups_match`` (trainer-built groups == build_optimizer's).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import optiplug
+    from optiplug.testing import tiny_llama, training_args
+
+    rank = dist.get_rank()
+    label = name or str(optimizer["name"])
+    sharded, single = _fully_sharded(), tiny_llama(seed=0)
+    trainer = optiplug.OptiTrainer(
+        model=sharded, args=training_args(launch_root() / label / "out"), optimizer=optimizer
+    )
+    built = trainer.create_optimizer()
+    direct = optiplug.build_optimizer(sharded, optimizer)
+    groups_match = [len(g["params"]) for g in built.param_groups] == [len(g["params"]) for g in direct.param_groups]
+    del direct, trainer
+    reference = optiplug.build_optimizer(single, optimizer)
+    half = steps // 2
+    losses = {"sharded": _train_steps(sharded, built, range(half), batch, rank)}
+    checkpoint = launch_root() / label / "checkpoint"
+    dcp.save(_dcp_state(sharded, built), checkpoint_id=str(checkpoint))
+    losses["sharded"] += _train_steps(sharded, built, range(half, steps), batch, rank)
+    losses["single"] = _train_steps(single, reference, range(steps), batch)
+    resumed_model = _fully_sharded(seed=1)  # other weights: everything must come from the checkpoint
+    resumed = optiplug.build_optimizer(resumed_model, optimizer)
+    load_checkpoint(resumed_model, resumed, checkpoint)
+    losses["resumed"] = _train_steps(resumed_model, resumed, range(half, steps), batch, rank)
+    gap = max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), single.parameters()))
+    return {
+        "losses": losses,
+        "weights_gap": gap,
+        "state_bytes": {"sharded": local_state_bytes(built), "single": local_state_bytes(reference)},
+        "matrices": getattr(built, "last_step_matrices", None),
+        "updates": getattr(built, "last_step_matrix_updates", None),
+        "checkpoint": str(checkpoint),
+        "class": type(built).__name__,
+        "groups_match": groups_match,
+    }
+
+
+def resume_in_one_process(optimizer: dict[str, Any], checkpoint: str, steps: int = 4, batch: int = 2) -> list[float]:
+    """In the test process (no launch): the losses of the last ``steps - steps // 2`` steps of
+    :func:`fsdp2_side_by_side`'s run, resumed from its 2-process checkpoint in one unsharded process."""
+    import optiplug
+    from optiplug.testing import tiny_llama
+
+    model = tiny_llama(seed=1)
+    resumed = optiplug.build_optimizer(model, optimizer)
+    load_checkpoint(model, resumed, checkpoint)
+    return _train_steps(model, resumed, range(steps // 2, steps), batch)
