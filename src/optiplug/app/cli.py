@@ -57,6 +57,7 @@ def train(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Check the config, print the optimizer's parameter groups, and stop."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no run header, progress or log lines; only errors."),
 ) -> None:
     """Train: the embedded tiny model and corpus by default, or what CONFIG says.
 
@@ -79,14 +80,14 @@ def train(
     if nproc > 1:
         from optiplug.app.launch import relaunch_with_torchrun
 
-        raise typer.Exit(relaunch_with_torchrun(nproc, list(items or [])))
+        raise typer.Exit(relaunch_with_torchrun(nproc, [*(items or []), *(["--quiet"] if quiet else [])]))
     from optiplug.app.run import train as run_train
 
     try:
-        result = run_train(config)
+        result = run_train(config, quiet=quiet)
     except KeyboardInterrupt as interrupt:  # typer would turn it into a silent exit 130
         _fail(getattr(interrupt, "optiplug_message", "interrupted before training started"), 130)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only the main process speaks
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet:  # under torchrun, only the main process speaks
         typer.echo(f"optiplug: done, outputs in {result.output_dir}", err=True)
 
 
@@ -265,9 +266,14 @@ def validate(
 
 
 def _print_groups(config: Any) -> None:
-    from optiplug.app.groups import group_rows, groups_table
+    from optiplug.app.groups import group_rows, groups_table, run_model
+    from optiplug.context import ParamShape
+    from optiplug.registry import get_entry
 
-    typer.echo(groups_table(config, group_rows(config)))
+    model = run_model(config)
+    describe = get_entry(config.optimizer.name).describe
+    line = describe(ParamShape.of_model(model), config.optimizer) if describe is not None else None
+    typer.echo(groups_table(config, group_rows(config, model), line))
 
 
 @app.command()

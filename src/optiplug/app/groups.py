@@ -11,7 +11,17 @@ from typing import Any
 
 from optiplug.app.config import RunConfig
 
-__all__ = ["group_rows", "groups_table"]
+__all__ = ["group_rows", "groups_table", "run_model"]
+
+
+def run_model(config: RunConfig) -> Any:
+    """The model ``config`` trains, loaded (with its seed) and with the fine-tuning applied."""
+    from optiplug.app.adapters import apply_finetuning
+    from optiplug.app.run import _load_model, default_training_arguments
+    from optiplug.app.validation import training_arguments
+
+    args = training_arguments(config, default_training_arguments())
+    return apply_finetuning(_load_model(config.model, args.seed), config.finetuning)
 
 
 def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
@@ -24,8 +34,7 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
     Raises:
         ConfigError: as ``optiplug train`` would, before any step (unmatched patterns, unknown options).
     """
-    from optiplug.app.adapters import apply_finetuning
-    from optiplug.app.run import _load_model, default_training_arguments
+    from optiplug.app.run import default_training_arguments
     from optiplug.app.validation import training_arguments
     from optiplug.context import BuildContext
     from optiplug.factory import build_from_entry
@@ -35,7 +44,7 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
 
     args = training_arguments(config, default_training_arguments())
     if model is None:
-        model = apply_finetuning(_load_model(config.model, args.seed), config.finetuning)
+        model = run_model(config)
     cfg = config.optimizer
     optimizer = unwrap_optimizer(build_from_entry(get_entry(cfg.name), BuildContext(model=model, args=args), cfg))
     patterns = {rule.label: rule.match for rule in cfg.param_groups}
@@ -60,7 +69,7 @@ def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def groups_table(config: RunConfig, rows: list[dict[str, Any]]) -> str:
+def groups_table(config: RunConfig, rows: list[dict[str, Any]], describe: str | None = None) -> str:
     """The rows as an aligned table under a title line, with the no-decay rule below.
 
     A ``role`` column (what the plugin does with each group) is shown when the optimizer labels its groups.
@@ -84,5 +93,7 @@ def groups_table(config: RunConfig, rows: list[dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     lines = [f"parameter groups of optimizer {config.optimizer.name!r} on {config.model.name_or_path}:"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    if describe:
+        lines.append(describe)
     lines.append(f"weight decay: {NO_DECAY_RULE}.")
     return "\n".join(lines)

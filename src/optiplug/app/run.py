@@ -7,11 +7,12 @@ optiplug, with the default optimizer and scheduler, in about a minute on two CPU
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
         "final_loss": losses[-1][1] if losses else None,
         "final_loss_step": losses[-1][0] if losses else None,
         "mean_loss": train_loss[-1] if train_loss else None,
+        "plan": getattr(trainer, "optiplug_plan", None),  # what the run header said
         **evaluation_summary(state.log_history),
         "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -388,10 +390,27 @@ def _version() -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _progress_bars(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars (saving the model's shards) off for a quiet run, and back after it."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    if not shown:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled and not shown:
+            logging.enable_progress_bar()
+
+
 # ---- the job --------------------------------------------------------------------------------
 
 
-def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
+def train(
+    config: RunConfig | str | Path | None = None, overrides: Sequence[str] = (), *, quiet: bool = False
+) -> RunResult:
     """Train a causal language model with the configured optimizer and scheduler, and write the results.
 
     The output directory (``training.output_dir``, default ``outputs/optiplug-run``) receives
@@ -416,6 +435,7 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     Args:
         config: a :class:`RunConfig`, a YAML file, or None for the embedded default run.
         overrides: ``"a.b=value"`` strings applied on top (``"optimizer.lr=3e-4"``).
+        quiet: print no run header, progress bar or log lines (errors still raise).
 
     Returns:
         A :class:`RunResult` with the output directory, the summary and the logged losses.
@@ -452,7 +472,8 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
     output = prepare_output_dir(cfg, args, main=args.process_index == 0)
     status = "failed"
     try:
-        result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation)
+        with _progress_bars(not quiet):
+            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet)
         status = "finished"
         return result
     except DivergedError:
@@ -466,13 +487,21 @@ def train(config: RunConfig | str | Path | None = None, overrides: Sequence[str]
 
 
 def _train(
-    cfg: RunConfig, args: Any, tokenizer: Any, dataset: Any, model: Any, resume: Any, evaluation: Any = None
+    cfg: RunConfig,
+    args: Any,
+    tokenizer: Any,
+    dataset: Any,
+    model: Any,
+    resume: Any,
+    evaluation: Any = None,
+    quiet: bool = False,
 ) -> RunResult:
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
     from optiplug.app.evaluation import evaluation_losses
     from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer
+    from optiplug.app.header import add_header
     from optiplug.app.safety import last_checkpoint
 
     trainer = GuardedTrainer(
@@ -486,6 +515,7 @@ def _train(
         scheduler=cfg.scheduler,
         run_config=cfg,
     )
+    add_header(trainer, quiet)
     trainer.add_callback(DivergenceCallback(trainer))
     trainer.add_callback(CheckpointRecordCallback(trainer))
     for callback in pissa_callbacks(trainer, cfg.finetuning):
