@@ -11,10 +11,12 @@ lines; ``summary.json`` keeps the same facts under ``"plan"``. :class:`HeaderCal
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from transformers import TrainerCallback
+
+from optiplug.context import ParamShape
 
 __all__ = ["HeaderCallback", "add_header", "format_header", "run_plan"]
 
@@ -50,17 +52,13 @@ def _groups(optimizer: Any) -> list[dict[str, Any]]:
         key = (group.get(GROUP_KEY, DEFAULT_GROUP), group.get(GROUP_ROLE), lr)
         row = merged.setdefault(key, {"group": key[0], "role": key[1], "lr": lr, "tensors": 0, "parameters": 0})
         row["tensors"] += len(group["params"])
-        row["parameters"] += sum(p.numel() for p in group["params"])
+        row["parameters"] += sum(_numel(p) for p in group["params"])
     return list(merged.values())
 
 
-def _trained(optimizer: Any, parameters: list[Any]) -> int:
-    """Elements the optimizer trains: its groups' parameters (BAdam freezes all but one block between steps, so
-    ``requires_grad`` alone would count that block); without groups, the parameters that require grad."""
-    held = {id(p): p for group in getattr(optimizer, "param_groups", ()) for p in group["params"]}
-    if not held:
-        return sum(p.numel() for p in parameters if p.requires_grad)
-    return sum(p.numel() for p in held.values())
+def _numel(parameter: Any) -> int:
+    """Elements of a parameter, also of a DeepSpeed ZeRO-3 placeholder (its full size is ``ds_numel``)."""
+    return int(getattr(parameter, "ds_numel", None) or parameter.numel())
 
 
 def _engine(trainer: Any) -> str:
@@ -105,21 +103,26 @@ def _evaluation(trainer: Any, run_config: Any) -> dict[str, Any] | None:
     }
 
 
-def run_plan(trainer: Any, max_steps: int, optimizer: Any = None) -> dict[str, Any]:
+def run_plan(
+    trainer: Any, max_steps: int, optimizer: Any = None, shapes: Sequence[ParamShape] | None = None
+) -> dict[str, Any]:
     """What the run will do, as plain values (``summary.json``'s ``"plan"``).
 
     Args:
         trainer: an :class:`~optiplug.OptiTrainer` whose optimizer and scheduler are built.
         max_steps: the run's optimizer steps (``state.max_steps``).
         optimizer: the built optimizer (default: the trainer's), unwrapped here.
+        shapes: the trainable parameters as the run configured them, taken before the optimizer was
+            built (BAdam's freezes all but its active block); default: the model's trainable ones now.
     """
-    from optiplug.context import ParamShape, ScheduleContext
+    from optiplug.context import ScheduleContext
     from optiplug.helpers import unwrap_optimizer
     from optiplug.registry import get_scheduler_entry
 
     args, model, run_config = trainer.args, trainer.model, trainer.optiplug_run_config
     raw = unwrap_optimizer(trainer.optimizer if optimizer is None else optimizer)
     parameters = list(model.parameters())
+    shapes = ParamShape.of_model(model) if shapes is None else shapes
     cfg, entry = trainer.optimizer_config, trainer.optimizer_entry
     schedule = trainer.scheduler_config
     dataset = trainer.train_dataset
@@ -132,14 +135,14 @@ def run_plan(trainer: Any, max_steps: int, optimizer: Any = None) -> dict[str, A
             "name": name or None,
             "class": type(model).__name__,
             "dtype": str(next(iter(parameters)).dtype).removeprefix("torch.") if parameters else None,
-            "parameters": sum(p.numel() for p in parameters),
-            "trainable_parameters": _trained(raw, parameters),
+            "parameters": sum(_numel(p) for p in parameters),
+            "trainable_parameters": sum(shape.numel for shape in shapes),
         },
         "finetuning": finetuning or ("lora" if hasattr(model, "peft_config") else None),
         "optimizer": {
             "name": cfg.name,
             "changed": _changed(cfg),
-            "describe": _describe(entry.describe, ParamShape.of_model(model), cfg),
+            "describe": _describe(entry.describe, shapes, cfg),
             "groups": _groups(raw),
         },
         "scheduler": {
@@ -254,15 +257,17 @@ def format_header(plan: Mapping[str, Any]) -> str:
 class HeaderCallback(TrainerCallback):
     """At ``on_train_begin`` (the optimizer and scheduler are built, no step taken): the plan, printed on stderr.
 
-    The plan is kept on the trainer (``trainer.optiplug_plan``) for ``summary.json``. Only the main
+    The trainable parameters are read when the callback is made, before the optimizer is built. The
+    plan is kept on the trainer (``trainer.optiplug_plan``) for ``summary.json``. Only the main
     process prints; ``quiet`` prints nothing.
     """
 
     def __init__(self, trainer: Any, quiet: bool = False):
         self.trainer, self.quiet = trainer, quiet
+        self.shapes = ParamShape.of_model(trainer.model)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        plan = run_plan(self.trainer, int(state.max_steps), kwargs.get("optimizer"))
+        plan = run_plan(self.trainer, int(state.max_steps), kwargs.get("optimizer"), self.shapes)
         self.trainer.optiplug_plan = plan
         if state.is_world_process_zero and not self.quiet:
             print(format_header(plan), file=sys.stderr, flush=True)

@@ -270,7 +270,7 @@ def describe_warmup(ctx: ScheduleContext, cfg: _Warmup) -> str:
     """``warmup 10 steps, then cosine decay to 0 over 390 steps``."""
     warmup = cfg.warmup(ctx)
     rest = cfg.after_warmup(max(ctx.num_training_steps - warmup, 0))
-    return f"warmup {warmup} steps, then {rest}" if warmup else rest
+    return f"warmup {warmup} step{'s' if warmup != 1 else ''}, then {rest}" if warmup else rest
 
 
 def describe_constant(ctx: ScheduleContext, cfg: ConstantConfig) -> str:

@@ -162,9 +162,10 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> str:
     plan = plan_blocks(names, cfg)
     numel = {shape.name: shape.numel for shape in shapes}
     sizes = [sum(numel[name] for name in plan.members(i, names, cfg.active_modules)) for i in range(len(plan.blocks))]
+    low, high = f"{min(sizes) / 1e6:.2f}M", f"{max(sizes) / 1e6:.2f}M"
     line = (
         f"badam: {len(plan.blocks)} blocks, one trained at a time for {cfg.switch_every} steps ({cfg.switch_mode} "
-        f"order), {min(sizes) / 1e6:.2f}M-{max(sizes) / 1e6:.2f}M parameters each"
+        f"order), {low if low == high else f'{low}-{high}'} parameters each"
     )
     return line + (f"; never trained: {len(plan.never_trained)} tensors" if plan.never_trained else "")
 
