@@ -325,3 +325,55 @@ def test_hooks_step_only_while_training_and_only_for_the_newest_optimizer(tmp_pa
     plain.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert optiplug.layerwise_stepper(old) is not None  # it exists, but no longer owns the parameters' hooks
+
+
+def test_hooks_running_on_several_threads_step_like_one_thread():
+    """With ``device_map`` autograd runs each device's hooks on that device's thread: the stepper serialises them
+    (an optimizer without step_parameters narrows its param_groups for each step, which two threads would mix)."""
+    import threading
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(16)))
+
+    grads = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(model().parameters())
+    ]
+    results = []
+    for threads in (1, 8):
+        net = model()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.1)
+        stepper = optiplug.enable_layerwise(optimizer)
+        params = list(net.parameters())
+        for _ in range(5):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            if threads == 1:
+                for p in params:
+                    stepper.on_grad_ready(p)
+            else:
+                workers = [
+                    threading.Thread(
+                        target=lambda part=params[i::threads], s=stepper: [s.on_grad_ready(p) for p in part]
+                    )
+                    for i in range(threads)
+                ]
+                for worker in workers:
+                    worker.start()
+                for worker in workers:
+                    worker.join()
+            optimizer.step()  # ends the round
+        results.append((params, stepper.grad_norm()))
+        assert all(p.grad is None for p in params) and len(optimizer.state) == len(params)
+    (one, norm_one), (many, norm_many) = results
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+    assert torch.allclose(norm_one, norm_many)
+
+
+def test_the_global_norm_adds_each_devices_part():
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    stepper = optiplug.enable_layerwise(optimizer)
+    stepper._norm_squares = {torch.device("cpu"): torch.tensor(9.0), torch.device("cpu", 1): torch.tensor(16.0)}
+    assert stepper.grad_norm().item() == 5.0
+    stepper._norm_squares = {}
+    assert stepper.grad_norm().item() == 0.0

@@ -111,16 +111,6 @@ def _step(model, optimizer, step: int, rows: slice | None = None) -> float:
     return loss.item()
 
 
-def _local_bytes(optimizer) -> int:
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                local = value.to_local() if optiplug.sharded.is_sharded(value) else value
-                total += local.numel() * local.element_size()
-    return total
-
-
 def _mine() -> slice:
     import torch.distributed as dist
 
@@ -189,7 +179,10 @@ def polar_sharded_and_one_process():
         states.append({"keys": keys, "single_keys": sorted(theirs), "gaps": gaps, "numbers": numbers,
                        "placements": placements})  # fmt: skip
     result["states"] = states
-    result["state_bytes"] = {"sharded": _local_bytes(opt_sharded), "single": _local_bytes(opt_single)}
+    result["state_bytes"] = {
+        "sharded": optiplug.optimizer_state_bytes(opt_sharded),
+        "single": optiplug.optimizer_state_bytes(opt_single),
+    }
     return result
 
 
@@ -261,8 +254,36 @@ def third_party_shampoo_from_the_docs():
         "losses": losses,
         "matrices": optimizer.last_step_matrices,
         "updates": optimizer.last_step_matrix_updates,
-        "state_bytes": {"sharded": _local_bytes(optimizer), "single": _local_bytes(reference)},
+        "state_bytes": {
+            "sharded": optiplug.optimizer_state_bytes(optimizer),
+            "single": optiplug.optimizer_state_bytes(reference),
+        },
     }
+
+
+@launched_case("fsdp2")
+def layerwise_on_a_fully_shard_model():
+    """``layerwise: true`` steps each parameter in its gradient hook: no hook can run the collective step."""
+    from optiplug.testing import tiny_llama
+
+    refusals = {}
+    for name in ("adamw", "galore_adamw", "apollo_adamw"):
+        model = tiny_llama(seed=0)
+        for layer in model.model.layers:
+            _fsdp(layer)
+        _fsdp(model)
+        try:
+            optiplug.build_optimizer(model, name, layerwise=True)
+            refusals[name] = None
+        except optiplug.ConfigError as error:
+            refusals[name] = str(error)
+    return refusals
+
+
+def _fsdp(module):
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(module)
 
 
 # ---- the tests ---------------------------------------------------------------------------------
@@ -355,3 +376,12 @@ def test_a_third_party_matrix_optimizer_written_from_the_docs_trains_under_fsdp2
     )
     for rank in (zero, one):
         assert rank["state_bytes"]["sharded"] < 0.6 * rank["state_bytes"]["single"]
+
+
+def test_layerwise_is_refused_on_a_fully_shard_model(fsdp2):
+    refusals, _ = fsdp2[layerwise_on_a_fully_shard_model]
+    for name, message in refusals.items():
+        assert message == (
+            f"{name} with layerwise: true steps each parameter during backward, before FSDP has reduce-scattered its "
+            "gradient across the 2 processes; set layerwise: false for distributed training"
+        )

@@ -160,7 +160,8 @@ def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor in ``obj`` (tensors, dicts, lists, tuples, nested), each storage counted once.
 
     A tensor's whole storage is counted, so views of one buffer (a flat buffer and the
-    per-parameter slices of it) count as that buffer. Non-tensor values count nothing.
+    per-parameter slices of it) count as that buffer. Non-tensor values count nothing. A DTensor
+    (FSDP2's parameters and optimizer state) counts the shard this process holds.
     """
     import torch
 
@@ -168,6 +169,8 @@ def tensor_bytes(obj: Any) -> int:
     stack = [obj]
     while stack:
         item = stack.pop()
+        if isinstance(item, torch.Tensor) and callable(getattr(item, "to_local", None)):
+            item = item.to_local()  # type: ignore[attr-defined]  # a DTensor: this process's shard
         if isinstance(item, torch.Tensor):
             storage = item.untyped_storage()
             pointer = storage.data_ptr()

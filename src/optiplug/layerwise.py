@@ -25,9 +25,14 @@ parameter's group holding only that parameter (every ``torch.optim`` optimizer w
 - The logged gradient norm is the true global norm before clipping, assembled from the per-parameter
   norms (:meth:`LayerwiseStepper.grad_norm`; the Trainer's clipping call returns it, see :func:`patches`).
 - Inside an OptiTrainer the hooks step only during ``train()``; an optimizer built without layerwise on the
-  same parameters takes their hooks over (:func:`release_parameters`).
+  same parameters takes their hooks over (:func:`release_parameters`). The Trainer's side (its clipping
+  call returns the norm the hooks saw) is a patch the trainer applies (``optiplug.trainer``).
+- A model spread over several devices (``device_map``): autograd runs the hooks of each device on that
+  device's own thread, so one lock serialises the hooks' stepping and bookkeeping, and the squared
+  norms are summed per device and added up on one device only when the norm is read.
 - Refused under DDP, DeepSpeed and FSDP (a hook would step before the gradient is reduced across
-  processes) and in fp16 (its loss scaling unscales gradients only after backward).
+  processes, and FSDP2's sharded matrix step is a collective no single hook can run) and in fp16 (its
+  loss scaling unscales gradients only after backward).
 
 This module imports torch only inside functions: importing optiplug must not import torch.
 """
@@ -35,6 +40,7 @@ This module imports torch only inside functions: importing optiplug must not imp
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable
@@ -47,7 +53,6 @@ if TYPE_CHECKING:
 
     from optiplug.context import BuildContext
     from optiplug.entries import OptimizerEntry
-    from optiplug.patches import Patch
 
 __all__ = [
     "LayerwiseStepper",
@@ -55,6 +60,7 @@ __all__ = [
     "disable_layerwise",
     "enable_layerwise",
     "layerwise_stepper",
+    "owner_of",
     "release_parameters",
 ]
 
@@ -144,12 +150,14 @@ class LayerwiseStepper:
         self.should_sync = should_sync
         self.max_grad_norm = max_grad_norm or None
         self.active = True
+        self._lock = threading.Lock()  # hooks of a model on several devices run on one thread per device
         self._backward_passes: dict[torch.Tensor, int] = {}
-        # The parameters stepped in this round (one optimizer step) and the sum of their squared norms. A round
-        # ends when step() is called (the Trainer calls it after reading the norm) or a parameter steps again.
+        # The parameters stepped in this round (one optimizer step) and the sums of their squared norms, one per
+        # device. A round ends when step() is called (the Trainer calls it after reading the norm) or a
+        # parameter steps again.
         self._round: set[int] = set()
         self._round_ended = False
-        self._norm_squares: torch.Tensor | None = None
+        self._norm_squares: dict[torch.device, torch.Tensor] = {}
         self._groups: dict[torch.Tensor, int] = {}
         self._per_parameter = callable(getattr(optimizer, "step_parameters", None))
         self._step = optimizer.step  # the real step, for optimizers without step_parameters
@@ -168,25 +176,26 @@ class LayerwiseStepper:
         """The hook's work: at the accumulation boundary, clip, step and free ``p``'s gradient."""
         import torch
 
-        if self.should_sync is not None:
-            boundary = bool(self.should_sync())
-        else:
-            self._backward_passes[p] = self._backward_passes.get(p, 0) + 1
-            boundary = self._backward_passes[p] % self.accumulation_steps == 0
-        if not boundary or p.grad is None:
-            return
-        if self.max_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad])
-        square = norm.detach().float().square()
-        if self._round_ended or id(p) in self._round or self._norm_squares is None:
-            self._round, self._round_ended, self._norm_squares = set(), False, square
-        else:
-            self._norm_squares = self._norm_squares + square
-        self._round.add(id(p))
-        self.step_parameter(p)
-        p.grad = None
+        with self._lock:
+            if self.should_sync is not None:
+                boundary = bool(self.should_sync())
+            else:
+                self._backward_passes[p] = self._backward_passes.get(p, 0) + 1
+                boundary = self._backward_passes[p] % self.accumulation_steps == 0
+            if not boundary or p.grad is None:
+                return
+            if self.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+            else:  # clip_grad_norm_'s norm of one tensor (torch.nn.utils.get_total_norm needs torch 2.6)
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach(), 2.0)]), 2.0)
+            square = norm.detach().float().square()
+            if self._round_ended or id(p) in self._round:
+                self._round, self._round_ended, self._norm_squares = set(), False, {}
+            previous = self._norm_squares.get(square.device)
+            self._norm_squares[square.device] = square if previous is None else previous + square
+            self._round.add(id(p))
+            self.step_parameter(p)
+            p.grad = None
 
     def step_parameter(self, p: torch.Tensor) -> None:
         """Update ``p`` (which has a gradient) by one step of the optimizer, with its group's settings."""
@@ -214,12 +223,20 @@ class LayerwiseStepper:
         self._round_ended = True
 
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 norm, before clipping, of the gradients of the latest layerwise step."""
+        """The global L2 norm, before clipping, of the gradients of the latest layerwise step.
+
+        On the device of the first parameter stepped (a model on several devices adds each device's part there).
+        """
         import torch
 
-        if self._norm_squares is None:
+        with self._lock:
+            squares = list(self._norm_squares.values())
+        if not squares:
             return torch.tensor(0.0)
-        return self._norm_squares.sqrt()
+        total = squares[0]
+        for square in squares[1:]:
+            total = total + square.to(total.device)
+        return total.sqrt()
 
     def attach(self) -> None:
         hooks = _hooks()
@@ -342,32 +359,3 @@ def owner_of(params: Iterable[torch.Tensor]) -> LayerwiseStepper | None:
             if stepper is not None and stepper.active:
                 return stepper
     return None
-
-
-def _make_clip_grad_norm(accelerator: Any, original: Any) -> Callable[..., Any]:
-    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any) -> Any:
-        params = [parameters] if hasattr(parameters, "grad") else list(parameters)
-        stepper = owner_of(params)
-        if stepper is None:
-            return original(params, max_norm, norm_type, **kwargs)
-        return stepper.grad_norm()
-
-    return clip_grad_norm_
-
-
-def patches(cfg: Any) -> list[Patch]:
-    """What the Trainer needs in layerwise mode: its clipping call returns the true global norm of the
-    gradients the hooks already consumed (and clipped per parameter), instead of the 0 of no gradients."""
-    from optiplug.patches import Patch
-
-    if not getattr(cfg, "layerwise", False):
-        return []
-    return [
-        Patch(
-            "accelerator",
-            "clip_grad_norm_",
-            _make_clip_grad_norm,
-            "layerwise stepping steps and frees each gradient during backward (clipped per parameter); "
-            "report the global norm they had",
-        )
-    ]

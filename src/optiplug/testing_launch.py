@@ -52,7 +52,6 @@ __all__ = [
     "launch_root",
     "launched_case",
     "load_checkpoint",
-    "local_state_bytes",
     "resume_in_one_process",
 ]
 
@@ -206,19 +205,6 @@ if __name__ == "__main__":
 # ---- a ready-made FSDP2 case: one optimizer, sharded and in one process, side by side --------
 
 
-def local_state_bytes(optimizer: Any) -> int:
-    """Bytes of the optimizer state this process holds: a DTensor counts its local shard only."""
-    import torch
-
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total
-
-
 def _fully_sharded(seed: int = 0) -> Any:
     from torch.distributed.fsdp import fully_shard
 
@@ -321,7 +307,10 @@ def fsdp2_side_by_side(optimizer: dict[str, Any], steps: int = 4, batch: int = 2
     return {
         "losses": losses,
         "weights_gap": gap,
-        "state_bytes": {"sharded": local_state_bytes(built), "single": local_state_bytes(reference)},
+        "state_bytes": {
+            "sharded": optiplug.optimizer_state_bytes(built),
+            "single": optiplug.optimizer_state_bytes(reference),
+        },
         "matrices": getattr(built, "last_step_matrices", None),
         "updates": getattr(built, "last_step_matrix_updates", None),
         "checkpoint": str(checkpoint),

@@ -23,9 +23,8 @@ from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler, check_param_groups
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
-from optiplug.layerwise import check_layerwise, layerwise_stepper
-from optiplug.layerwise import patches as layerwise_patches
-from optiplug.patches import applied
+from optiplug.layerwise import check_layerwise, layerwise_stepper, owner_of
+from optiplug.patches import Patch, applied
 from optiplug.registry import (
     get_entry,
     get_plugin_manager,
@@ -38,6 +37,29 @@ from optiplug.registry import (
 __all__ = ["OptiTrainer", "OptiTrainerMixin"]
 
 logger = logging.getLogger(__name__)
+
+
+def _layerwise_clip_grad_norm(accelerator: Any, original: Any) -> Any:
+    def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any) -> Any:
+        params = [parameters] if hasattr(parameters, "grad") else list(parameters)
+        stepper = owner_of(params)
+        if stepper is None:
+            return original(params, max_norm, norm_type, **kwargs)
+        return stepper.grad_norm()
+
+    return clip_grad_norm_
+
+
+def layerwise_patches(cfg: Any) -> list[Patch]:
+    """What the Trainer needs with ``layerwise: true``: its clipping call returns the true global norm of the
+    gradients the hooks already consumed (and clipped per parameter), instead of the 0 of no gradients."""
+    if not getattr(cfg, "layerwise", False):
+        return []
+    reason = (
+        "layerwise stepping steps and frees each gradient during backward (clipped per parameter); "
+        "report the global norm they had"
+    )
+    return [Patch("accelerator", "clip_grad_norm_", _layerwise_clip_grad_norm, reason)]
 
 
 def _optimizer_from_args(args: Any) -> OptimizerConfig:
