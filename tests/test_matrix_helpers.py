@@ -248,3 +248,12 @@ def test_the_plugin_guide_shows_the_whole_matrix_plugin_verbatim():
     package = root / "tests" / "matrix_dist" / "src" / "optiplug_testshampoo"
     for name in ("__init__.py", "optim.py"):
         assert f"```python\n# src/optiplug_testshampoo/{name}\n{(package / name).read_text()}```" in text, name
+
+
+def test_split_and_count_shapes_for_describe():
+    from optiplug.context import ParamShape
+
+    shapes = [ParamShape("a", (1000, 200), 4, "Linear"), ParamShape("b", (10,), 4, "LayerNorm")]
+    assert optiplug.split_shapes(shapes, {"a"}) == ([shapes[0]], [shapes[1]])
+    assert optiplug.count_shapes(shapes[:1], "matrix", "matrices") == "1 matrix (0.20M parameters)"
+    assert optiplug.count_shapes(shapes) == "2 tensors (0.20M parameters)"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import optiplug
-from optiplug.testing_launch import launch_results, launch_root, launched_case
+from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_results, launch_root, launched_case
 
 STEPS = 4
 BATCH = 4  # per process; the one-process reference trains on both processes' rows
@@ -197,6 +197,9 @@ def a_failing_matrix_update_stops_every_process():
     return "no error"
 
 
+SHAMPOO = {"name": "one_sided_shampoo", "lr": 0.02}
+
+
 @launched_case("fsdp2")
 def third_party_shampoo_from_the_docs():
     """The plugin of docs/writing-a-plugin.md (tests/matrix_dist), pip-installed, trained under FSDP2."""
@@ -205,7 +208,7 @@ def third_party_shampoo_from_the_docs():
     import torch.distributed as dist
 
     from optiplug.registry import reload_plugins
-    from optiplug.testing import TokenBlocks, install_distribution, tiny_llama, training_args
+    from optiplug.testing import install_distribution
 
     site = launch_root() / "shampoo" / "site"
     if dist.get_rank() == 0:
@@ -213,52 +216,8 @@ def third_party_shampoo_from_the_docs():
     dist.barrier()
     sys.path.insert(0, str(site))
     reload_plugins()
-    row = next(r for r in optiplug.list_optimizers() if r.name == "one_sided_shampoo")
-
-    from torch.distributed.fsdp import fully_shard
-
-    sharded, single = tiny_llama(seed=0), tiny_llama(seed=0)
-    for layer in sharded.model.layers:
-        fully_shard(layer)
-    fully_shard(sharded)
-    trainer = optiplug.OptiTrainer(
-        model=sharded, args=training_args(launch_root() / "shampoo" / "out"), optimizer={"name": "one_sided_shampoo"}
-    )
-    through_trainer = trainer.create_optimizer()
-    optimizer = optiplug.build_optimizer(sharded, "one_sided_shampoo", lr=0.02)
-    reference = optiplug.build_optimizer(single, "one_sided_shampoo", lr=0.02)
-    data = TokenBlocks(n=64, distinct=4)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    losses: dict[str, list[float]] = {"sharded": [], "single": []}
-    for step in range(STEPS):
-        batch = torch.stack([data[i]["input_ids"] for i in range(step * world * 2, (step + 1) * world * 2)])
-        for key, model, opt, ids in (
-            ("sharded", sharded, optimizer, batch[rank * 2 : (rank + 1) * 2]),
-            ("single", single, reference, batch),
-        ):
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            loss = loss.detach()
-            if key == "sharded":
-                dist.all_reduce(loss)
-                loss /= world
-            losses[key].append(loss.item())
-    return {
-        "plugin": row.plugin,
-        "trainer_built": type(through_trainer).__name__,
-        "trainer_groups": [len(g["params"]) for g in through_trainer.param_groups],
-        "groups": [len(g["params"]) for g in optimizer.param_groups],
-        "class": type(optimizer).__name__,
-        "losses": losses,
-        "matrices": optimizer.last_step_matrices,
-        "updates": optimizer.last_step_matrix_updates,
-        "state_bytes": {
-            "sharded": optiplug.optimizer_state_bytes(optimizer),
-            "single": optiplug.optimizer_state_bytes(reference),
-        },
-    }
+    plugin = next(r for r in optiplug.list_optimizers() if r.name == "one_sided_shampoo").plugin
+    return {**fsdp2_side_by_side(SHAMPOO), "plugin": plugin}
 
 
 @launched_case("fsdp2")
@@ -366,16 +325,12 @@ def test_a_failing_matrix_update_is_reported_by_every_process(fsdp2):
 
 
 def test_a_third_party_matrix_optimizer_written_from_the_docs_trains_under_fsdp2(fsdp2):
-    zero, one = fsdp2[third_party_shampoo_from_the_docs]
-    assert zero["plugin"] == "optiplug-testshampoo" and zero["class"] == "OneSidedShampoo"
-    assert zero["trainer_built"] == "OneSidedShampoo" and zero["trainer_groups"] == zero["groups"]
-    _close(zero["losses"]["sharded"], zero["losses"]["single"], rtol=1e-4)
-    assert zero["losses"]["sharded"][-1] < zero["losses"]["sharded"][0]
-    assert (
-        zero["matrices"] == 14 and zero["updates"] + one["updates"] == 14 and min(zero["updates"], one["updates"]) >= 5
-    )
-    for rank in (zero, one):
-        assert rank["state_bytes"]["sharded"] < 0.6 * rank["state_bytes"]["single"]
+    per_process = fsdp2[third_party_shampoo_from_the_docs]
+    assert per_process[0]["plugin"] == "optiplug-testshampoo"
+    # eigendecompositions of G G^T: within 1e-4 of one process (the gradient is summed in another order)
+    check_side_by_side(per_process, cls="OneSidedShampoo", matrices=14, rtol=1e-4, weights_atol=1e-4)
+    losses = per_process[0]["losses"]["sharded"]
+    assert losses[-1] < losses[0]
 
 
 def test_layerwise_is_refused_on_a_fully_shard_model(fsdp2):

@@ -39,7 +39,7 @@ from optiplug.helpers import (
     unwrap_optimizer,
 )
 from optiplug.hookspecs import hookimpl, hookspec
-from optiplug.matrices import check_whole_matrices, split_param_groups
+from optiplug.matrices import check_whole_matrices, count_shapes, split_param_groups, split_shapes
 from optiplug.params import GROUP_ROLE
 from optiplug.patches import Patch
 from optiplug.registry import (
@@ -126,6 +126,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_whole_matrices",
+    "count_shapes",
     "disable_layerwise",
     "effective_rank",
     "enable_layerwise",
@@ -147,6 +148,7 @@ __all__ = [
     "projector_numel",
     "select_target_modules",
     "split_param_groups",
+    "split_shapes",
     "target_parameters",
     "target_shapes",
     "tensor_bytes",

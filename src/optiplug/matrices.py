@@ -20,9 +20,9 @@ from optiplug.errors import ConfigError
 from optiplug.params import GROUP_ROLE
 
 if TYPE_CHECKING:
-    from optiplug.context import BuildContext
+    from optiplug.context import BuildContext, ParamShape
 
-__all__ = ["check_whole_matrices", "fsdp_version", "split_param_groups"]
+__all__ = ["check_whole_matrices", "count_shapes", "fsdp_version", "split_param_groups", "split_shapes"]
 
 
 def split_param_groups(
@@ -139,3 +139,15 @@ def check_whole_matrices(
             f"{name} {adapters}, and the model is a PEFT adapter model whose trainable weights are already "
             f"low-rank; use adamw for adapters"
         )
+
+
+def split_shapes(shapes: Sequence[ParamShape], names: Iterable[str]) -> tuple[list[ParamShape], list[ParamShape]]:
+    """``(those named in names, the others)`` of ``shapes``, each in order (names: ``optiplug.target_shapes``)."""
+    chosen = set(names)
+    return [s for s in shapes if s.name in chosen], [s for s in shapes if s.name not in chosen]
+
+
+def count_shapes(shapes: Sequence[ParamShape], one: str = "tensor", many: str = "tensors") -> str:
+    """``"14 matrices (0.43M parameters)"``: how many of ``shapes`` and their size, for an entry's ``describe``."""
+    numel = sum(s.numel for s in shapes)
+    return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"

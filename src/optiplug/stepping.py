@@ -40,6 +40,14 @@ from optiplug.sharded import is_sharded, sharded_matrix_step
 __all__ = ["MatrixOptimizer", "PerParameterOptimizer"]
 
 
+def _evaluate(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss (computed with gradients on, as torch's optimizers do), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class PerParameterOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``step()`` is :meth:`step_parameters` over each group.
 
@@ -61,10 +69,7 @@ class PerParameterOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of every parameter that has a gradient (the others are left alone)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -204,10 +209,7 @@ class MatrixOptimizer(PerParameterOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step: under FSDP2 the matrices through the sharded step, everything else as in one process."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         sharded: list[tuple[dict[str, Any], torch.Tensor]] = []
         local_matrices = 0
         for group in self.param_groups:

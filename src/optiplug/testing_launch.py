@@ -47,6 +47,8 @@ from typing import Any
 
 __all__ = [
     "LaunchResults",
+    "check_resume_in_one_process",
+    "check_side_by_side",
     "fsdp2_side_by_side",
     "launch_results",
     "launch_root",
@@ -329,3 +331,50 @@ def resume_in_one_process(optimizer: dict[str, Any], checkpoint: str, steps: int
     resumed = optiplug.build_optimizer(model, optimizer)
     load_checkpoint(model, resumed, checkpoint)
     return _train_steps(model, resumed, range(steps // 2, steps), batch)
+
+
+def check_side_by_side(
+    per_process: list[dict[str, Any]],
+    *,
+    cls: str,
+    matrices: int | None = None,
+    rtol: float = 1e-5,
+    weights_atol: float = 1e-5,
+    state_share: float = 0.55,
+) -> None:
+    """Assert what :func:`fsdp2_side_by_side` measured, as a test of the launch's results does.
+
+    Per-step losses equal one process's within ``rtol`` and the final weights within ``weights_atol``;
+    the resumed run's losses exactly the uninterrupted run's; the optimizer is ``cls`` whichever way
+    it was built; each process holds at most ``state_share`` of one process's state; and, for a
+    :class:`optiplug.MatrixOptimizer`, ``matrices`` matrices were stepped, each updated by exactly
+    one process, every process doing some.
+    """
+    import math
+
+    first = per_process[0]
+    assert first["class"] == cls and first["groups_match"], (first["class"], first["groups_match"])
+    sharded, single = first["losses"]["sharded"], first["losses"]["single"]
+    assert len(sharded) == len(single) and all(math.isclose(a, b, rel_tol=rtol) for a, b in zip(sharded, single)), (
+        sharded,
+        single,
+    )
+    assert first["weights_gap"] <= weights_atol, first["weights_gap"]
+    resumed = first["losses"]["resumed"]
+    assert resumed == sharded[len(sharded) - len(resumed) :], (resumed, sharded)
+    for result in per_process:
+        assert result["state_bytes"]["sharded"] <= state_share * result["state_bytes"]["single"], result["state_bytes"]
+    if matrices is not None:
+        assert all(result["matrices"] == matrices for result in per_process)
+        updates = [result["updates"] for result in per_process]
+        assert sum(updates) == matrices and min(updates) > 0, updates
+
+
+def check_resume_in_one_process(optimizer: dict[str, Any], result: dict[str, Any], rtol: float = 1e-5) -> None:
+    """Assert that :func:`fsdp2_side_by_side`'s 2-process checkpoint (``result`` of process 0) continues in this
+    one unsharded process with the uninterrupted 2-process run's losses, within ``rtol``."""
+    import math
+
+    losses = resume_in_one_process(optimizer, result["checkpoint"])
+    expected = result["losses"]["sharded"][-len(losses) :]
+    assert all(math.isclose(a, b, rel_tol=rtol) for a, b in zip(losses, expected)), (losses, expected)

@@ -88,18 +88,12 @@ def check(ctx: optiplug.BuildContext, cfg: ApolloFields) -> None:
 
 def describe(shapes: Sequence[optiplug.ParamShape], cfg: ApolloFields) -> str:
     """``apollo_adamw: 14 matrices (0.43M parameters) scaled channel-wise from a rank-256 random projection ...``."""
-    targets = optiplug.target_shapes(shapes, cfg.target_modules)
-    scaled = [s for s in shapes if s.name in targets]
-    plain = [s for s in shapes if s.name not in targets]
+    scaled, plain = optiplug.split_shapes(shapes, optiplug.target_shapes(shapes, cfg.target_modules))
+    matrices = optiplug.count_shapes(scaled, "matrix", "matrices")
     return (
-        f"{cfg.name}: {_count(scaled, 'matrix', 'matrices')} scaled {cfg.scale_type}-wise from a rank-{cfg.rank} "
-        f"{cfg.proj} projection (new every {cfg.update_proj_gap} steps) · adamw: {_count(plain)}"
+        f"{cfg.name}: {matrices} scaled {cfg.scale_type}-wise from a rank-{cfg.rank} {cfg.proj} projection "
+        f"(new every {cfg.update_proj_gap} steps) · adamw: {optiplug.count_shapes(plain)}"
     )
-
-
-def _count(shapes: Sequence[optiplug.ParamShape], one: str = "tensor", many: str = "tensors") -> str:
-    numel = sum(s.numel for s in shapes)
-    return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"
 
 
 # ---- analytic state size --------------------------------------------------------------------

@@ -139,18 +139,12 @@ def _bnb_8bit_problem(device: str) -> str | None:
 
 def describe(shapes: Sequence[optiplug.ParamShape], cfg: GaLoreConfig) -> str:
     """``galore_adamw: 14 matrices (0.43M parameters) projected to rank 8 ... · full rank: 6 tensors (0.26M)``."""
-    targets = optiplug.target_shapes(shapes, cfg.target_modules)
-    projected = [s for s in shapes if s.name in targets]
-    full = [s for s in shapes if s.name not in targets]
+    projected, full = optiplug.split_shapes(shapes, optiplug.target_shapes(shapes, cfg.target_modules))
+    matrices = optiplug.count_shapes(projected, "matrix", "matrices")
     return (
-        f"{cfg.name}: {_count(projected, 'matrix', 'matrices')} projected to rank {cfg.rank} "
-        f"({cfg.projection}, new projection every {cfg.update_proj_gap} steps) · full rank: {_count(full)}"
+        f"{cfg.name}: {matrices} projected to rank {cfg.rank} ({cfg.projection}, new projection every "
+        f"{cfg.update_proj_gap} steps) · full rank: {optiplug.count_shapes(full)}"
     )
-
-
-def _count(shapes: Sequence[optiplug.ParamShape], one: str = "tensor", many: str = "tensors") -> str:
-    numel = sum(s.numel for s in shapes)
-    return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"
 
 
 # ---- analytic state sizes -------------------------------------------------------------------
