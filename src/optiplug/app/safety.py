@@ -332,7 +332,7 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
                 f"{field_name}: {checkpoint!r} was trained with {kind} {saved.get('name')!r}, this run selects "
                 f"{now.get('name')!r}; resume with {kind}.name={saved.get('name')}, or start a new run"
             )
-        changed = [f"{kind}.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in _differing(saved, now)]
+        changed = [f"{kind}.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in _differing(saved, now, config)]
         if changed:
             raise CheckpointError(
                 f"{field_name}: {', '.join(changed)}: a resumed run continues the checkpoint's {kind} state; "
@@ -340,5 +340,13 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
             )
 
 
-def _differing(saved: dict[str, Any], now: dict[str, Any]) -> Iterable[str]:
-    return [key for key in sorted(set(saved) | set(now)) if key != "name" and saved.get(key) != now.get(key)]
+def _differing(saved: dict[str, Any], now: dict[str, Any], config: Any) -> Iterable[str]:
+    """The fields that differ; one the checkpoint's record lacks (added to the config since) differs only
+    when this run sets it to something other than its default, which is what the older run did."""
+    fields = type(config).model_fields
+
+    def added_at_default(key: str) -> bool:
+        return key not in saved and key in fields and getattr(config, key) == fields[key].get_default()
+
+    keys = sorted(set(saved) | set(now))
+    return [k for k in keys if k != "name" and saved.get(k) != now.get(k) and not added_at_default(k)]
