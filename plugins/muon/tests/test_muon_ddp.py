@@ -21,10 +21,10 @@ STEPS = 4
 B = 2  # per-device batch of the 2-process run; the 1-process reference uses 2 * B
 RTOL = 1e-5  # only the order of the gradient reduction differs
 OPTIMIZER = {"name": "muon", "weight_decay": 0.05, "adjust_lr": "spectral"}
-ENGINES = ["fsdp"]  # DeepSpeed: tests/test_muon_deepspeed.py
-FSDP = (
-    "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and Muon must "
-    "orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
+ENGINES = {"fsdp1": 1, "fsdp2": 2}  # fsdp_config.version; DeepSpeed: test_muon_deepspeed.py, FSDP2: test_muon_fsdp2.py
+FSDP1 = (
+    "muon orthogonalizes each whole weight matrix, and FSDP version 1 flattens each unit's weights into one 1-D "
+    "parameter; train with FSDP2 (fsdp_config.version: 2), DDP or a single process"
 )
 
 
@@ -78,7 +78,7 @@ def test_two_processes_match_one_process_with_twice_the_batch_and_resume(tmp_pat
     resumed = {int(step): loss for step, loss in got["resumed"].items() if int(step) > STEPS // 2}
     _same(resumed, {step: loss for step, loss in single["losses"].items() if step > STEPS // 2})
     # the check with real TrainingArguments of the sharding engines, inside the 2-process launch
-    assert got["checks"] == {"fsdp": FSDP}
+    assert got["checks"] == {"fsdp1": FSDP1, "fsdp2": None}
 
 
 def _worker(root: Path) -> None:
@@ -89,19 +89,20 @@ def _worker(root: Path) -> None:
     ranks: list[dict | None] = [None, None]
     dist.all_gather_object(ranks, run)
     resumed = _train(root / "resumed", B, resume=str(root / "ddp" / f"checkpoint-{STEPS // 2}"))
-    checks = {engine: _check(root / engine, engine) for engine in ENGINES}
+    checks = {engine: _check(root / engine, version) for engine, version in ENGINES.items()}
     if dist.get_rank() == 0:
         (root / "result.json").write_text(json.dumps({"ranks": ranks, "resumed": resumed["losses"], "checks": checks}))
 
 
-def _check(output_dir: Path, engine: str) -> str | None:
+def _check(output_dir: Path, version: int) -> str | None:
     import optiplug
     from optiplug.testing import tiny_llama, training_args
 
-    extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    fsdp = {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "version": version}
     entry = optiplug.get_entry("muon")
     try:
-        entry.check(optiplug.BuildContext(model=tiny_llama(), args=training_args(output_dir, **extra)), entry.config())
+        ctx = optiplug.BuildContext(model=tiny_llama(), args=training_args(output_dir, fsdp=True, fsdp_config=fsdp))
+        entry.check(ctx, entry.config())
     except optiplug.ConfigError as error:
         return str(error)
     return None

@@ -247,15 +247,13 @@ def test_a_matrix_without_a_gradient_is_not_expected_to_be_orthogonalized():
 
 def test_first_step_stops_a_muon_that_skipped_newton_schulz(monkeypatch):
     """The injected failure: the Muon step applies the momentum as it is (SGD), never orthogonalizing it."""
-    import optiplug_muon.optim
     from optiplug_muon.engagement import EngagementError
 
-    def sgd(params, grads, buffers, *, lr, momentum, **_):
-        for param, grad, buffer in zip(params, grads, buffers):
-            buffer.lerp_(grad, 1 - momentum)
-            param.add_(buffer, alpha=-lr)
+    def sgd(self, p, matrix, state, group):
+        state["lr_scale"] = 1.0
+        return matrix
 
-    monkeypatch.setattr(optiplug_muon.optim, "_torch_muon", sgd)
+    monkeypatch.setattr(MuonWithAdamW, "matrix_update", sgd)
     model = tiny_llama()
     optimizer = optiplug.build_optimizer(model, "muon")
     with pytest.raises(EngagementError) as error:
@@ -266,3 +264,53 @@ def test_first_step_stops_a_muon_that_skipped_newton_schulz(monkeypatch):
         "name; please report it with your torch and engine versions"
     )
     assert isinstance(error.value, optiplug.OptiplugError)  # the CLI prints it as one line
+
+
+def test_a_0_1_0_checkpoint_of_transposed_conv1d_momentum_resumes_exactly():
+    """0.1.0 kept a Conv1D weight's momentum as (fan_out, fan_in); it is turned on load (the 16 x 16 c_proj too,
+    where the shapes alone cannot tell). Fixture: tests/fixtures/conv1d-0.1.0/make.py, run by the 0.1.0 code."""
+    import json
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "conv1d-0.1.0"
+    make = _load_module(fixture / "make.py")
+    expected = json.loads((fixture / "run.json").read_text())["losses"][3:]
+    saved = torch.load(fixture / "optimizer.pt", weights_only=True)
+    outcomes = {}
+    for how in ("load_state_dict", "torch's own load"):
+        model = make.gpt2()
+        model.load_state_dict(torch.load(fixture / "model.pt", weights_only=True))
+        muon, adamw = make.groups(model)
+        optimizer = MuonWithAdamW(muon, adamw, lr=0.02, weight_decay=0.1)
+        if how == "load_state_dict":
+            optimizer.load_state_dict(saved)
+        else:
+            torch.optim.Optimizer.load_state_dict(optimizer, saved)
+        losses = []
+        try:
+            for step in range(3, 6):
+                ids = make.batch(step)
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+        except RuntimeError as error:  # a non-square momentum in the other layout does not even fit
+            outcomes[how] = str(error)
+            continue
+        final = torch.load(fixture / "final.pt", weights_only=True)
+        outcomes[how] = (losses, all(torch.equal(p, final[n]) for n, p in model.state_dict().items()))
+    assert outcomes["load_state_dict"] == (expected, True)
+    assert (
+        outcomes["torch's own load"] == "The size of tensor a (16) must match the size of tensor b (48) at "
+        "non-singleton dimension 1"
+    )
+
+
+def _load_module(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem + "_fixture", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

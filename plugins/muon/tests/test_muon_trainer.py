@@ -85,9 +85,9 @@ def test_lora_adapters_are_refused_before_any_step(tmp_path):
     assert str(error.value) == LORA_REFUSAL
 
 
-FSDP_REFUSAL = (
-    "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and Muon must "
-    "orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
+FSDP1_REFUSAL = (
+    "muon orthogonalizes each whole weight matrix, and FSDP version 1 flattens each unit's weights into one 1-D "
+    "parameter; train with FSDP2 (fsdp_config.version: 2), DDP or a single process"
 )
 
 
@@ -99,10 +99,11 @@ def _check(model=None, **arguments):
     entry.check(optiplug.BuildContext(model=model or tiny_llama(), args=args), entry.config(**optimizer))
 
 
-def test_fsdp_is_refused():
+def test_fsdp2_is_allowed_and_fsdp1_refused():
+    _check(fsdp="full_shard", fsdp_config={"version": 2})
     with pytest.raises(optiplug.ConfigError) as error:
-        _check(fsdp="full_shard")
-    assert str(error.value) == FSDP_REFUSAL
+        _check(fsdp="full_shard", fsdp_config={"version": 1})
+    assert str(error.value) == FSDP1_REFUSAL
 
 
 def _zero(stage: int, **zero) -> dict:
@@ -209,3 +210,14 @@ def test_a_partial_freeze_trains_only_the_unfrozen_matrices(tmp_path):
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
     muon = [p for g in trainer.optimizer.param_groups if g["use_muon"] for p in g["params"]]
     assert len(muon) == 7
+
+
+def test_a_checkpoint_written_before_ns_dtype_resumes_at_its_default_and_refuses_another():
+    from optiplug.app.safety import check_checkpoint
+
+    checkpoint = Path(__file__).parents[3] / "tests" / "fixtures" / "old_checkpoints" / "muon" / "checkpoint-3"
+    scheduler = optiplug.parse_scheduler({"name": "cosine", "warmup_steps": 1})
+    check_checkpoint(str(checkpoint), optiplug.parse_optimizer("muon"), scheduler, engine=False)
+    with pytest.raises(optiplug.CheckpointError, match=r"optimizer\.ns_dtype='float32' \(checkpoint: None\)"):
+        check_checkpoint(str(checkpoint), optiplug.parse_optimizer({"name": "muon", "ns_dtype": "float32"}), scheduler,
+                         engine=False)  # fmt: skip

@@ -27,5 +27,6 @@ def register_optimizers(register) -> None:
             check=entries.check,
             state_bytes=entries.state_bytes,
             describe=entries.describe,
+            whole_matrices=True,
         )
     )

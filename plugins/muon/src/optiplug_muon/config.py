@@ -50,6 +50,11 @@ class MuonConfig(optiplug.OptimizerConfig):
         NS_COEFFICIENTS, description="Coefficients (a, b, c) of the quintic Newton-Schulz iteration."
     )
     ns_eps: float = Field(1e-7, gt=0, description="Floor of the norm the update is divided by before Newton-Schulz.")
+    ns_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16",
+        description="Precision of Newton-Schulz: bfloat16 (torch.optim.Muon's, fast on GPUs) or float32 (steps that "
+        "agree to float rounding across one process, DDP and FSDP2; several times slower on GPUs).",
+    )
     weight_decay: float = Field(
         0.0,
         ge=0,

@@ -22,7 +22,7 @@ from typing import Any
 
 import optiplug
 
-__all__ = ["EngagementError", "Tally", "confirm", "count_calls", "newton_schulz_flops", "tally"]
+__all__ = ["EngagementError", "Tally", "confirm", "count_calls", "newton_schulz_flops", "record", "tally"]
 
 logger = logging.getLogger("transformers.trainer.muon")
 
@@ -53,6 +53,12 @@ def newton_schulz_flops(rows: int, cols: int, steps: int = 5) -> int:
     return steps * (4 * m * m * n + 2 * m**3)
 
 
+def record(rows: int, cols: int, steps: int) -> None:
+    """Count one Newton–Schulz orthogonalization of a ``rows x cols`` matrix in :data:`tally`."""
+    tally.calls += 1
+    tally.flops += newton_schulz_flops(rows, cols, steps)
+
+
 def count_calls(module: Any, name: str, shape_of: Callable[..., tuple[int, int]], steps_of: Callable[..., int]) -> None:
     """Wrap ``module.name`` once so every call adds to :data:`tally` (it computes, returns and raises as before).
 
@@ -68,9 +74,7 @@ def count_calls(module: Any, name: str, shape_of: Callable[..., tuple[int, int]]
 
     @functools.wraps(current)
     def counted(*args: Any, **kwargs: Any) -> Any:
-        rows, cols = shape_of(*args, **kwargs)
-        tally.calls += 1
-        tally.flops += newton_schulz_flops(rows, cols, steps_of(*args, **kwargs))
+        record(*shape_of(*args, **kwargs), steps_of(*args, **kwargs))
         return current(*args, **kwargs)
 
     counted._optiplug_counted = True  # type: ignore[attr-defined]

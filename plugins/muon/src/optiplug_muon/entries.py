@@ -57,11 +57,8 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
             "fine-tune the full model with muon, or train the adapters with adamw or loraplus"
         )
     engine = ctx.distributed
-    if engine == "fsdp":
-        raise optiplug.ConfigError(
-            "muon: FSDP shards each weight matrix across processes (flattened or as DTensor row shards), and "
-            "Muon must orthogonalize the whole matrix: train without training.fsdp (DDP or a single process)"
-        )
+    if engine == "fsdp":  # FSDP2 steps through optiplug.MatrixOptimizer's sharded step; FSDP1 is refused
+        optiplug.check_whole_matrices(ctx, "muon", "orthogonalizes each whole weight matrix")
     route = routing(ctx, cfg)
     if not route.muon:
         raise optiplug.ConfigError(_no_muon_message(route))
@@ -69,34 +66,53 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
         check_deepspeed(ctx, cfg, route)
 
 
+ADAMW_ROLE = "adamw (not a hidden matrix)"
+
+
+def param_groups(ctx: optiplug.BuildContext, cfg: MuonConfig, route: Routing) -> tuple[list[dict], list[dict]]:
+    """``(muon_groups, adamw_groups)``: the context's groups (the user's, and the core's decay rule) split.
+
+    Each group of ``ctx.param_groups`` is split by :func:`optiplug.split_param_groups` into its Muon
+    matrices and the rest, and each Muon part again into plain and transposed (``Conv1D``) matrices.
+    The Muon parts come first, as 0.1.0 saved them: the Trainer's ``learning_rate`` column stays Muon's
+    and older checkpoints load onto the same groups.
+    """
+    parameters = dict(ctx.named_parameters())
+    muon = [parameters[s.name] for s in route.muon]
+    flipped = {id(parameters[s.name]) for s in route.muon if s.module_type in TRANSPOSED_MODULES}
+    on_muon = {id(p) for p in muon}
+    muon_groups, adamw_groups = [], []
+    for part in optiplug.split_param_groups(ctx.param_groups(cfg.weight_decay), muon):
+        if id(part["params"][0]) not in on_muon:
+            adamw_groups.append({**part, optiplug.GROUP_ROLE: ADAMW_ROLE})
+            continue
+        for flag, role in ((False, "muon"), (True, "muon (transposed Conv1D)")):
+            params = [p for p in part["params"] if (id(p) in flipped) == flag]
+            if params:
+                muon_groups.append({**part, "params": params, "transposed": flag, optiplug.GROUP_ROLE: role})
+    return muon_groups, adamw_groups
+
+
 def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
     """One optimizer over the model's trainable parameters, split by :func:`routing`.
 
-    ``MuonWithAdamW`` (torch.optim.Muon's steps) in one process and under DDP; under DeepSpeed,
-    DeepSpeed's own Muon with the same split (:class:`optiplug_muon.zero.DeepSpeedMuonWithAdamW`).
+    ``MuonWithAdamW`` (torch.optim.Muon's steps; under FSDP2 each matrix orthogonalized once, by one
+    process) in one process, under DDP and FSDP2; under DeepSpeed, DeepSpeed's own Muon with the same
+    split (:class:`optiplug_muon.zero.DeepSpeedMuonWithAdamW`).
     """
     route = routing(ctx, cfg)
     if not route.muon:  # also when the check was skipped: never a silent AdamW-only run
         raise optiplug.ConfigError(_no_muon_message(route))
-    parameters = dict(ctx.named_parameters())
-    on_muon = {id(parameters[s.name]) for s in route.muon}
-    adamw_groups = []
-    for group in ctx.param_groups(cfg.weight_decay):  # the core's decay rule: no decay on norms and biases
-        params = [p for p in group["params"] if id(p) not in on_muon]
-        if params:
-            adamw_groups.append({**group, "params": params, optiplug.GROUP_ROLE: "adamw (not a hidden matrix)"})
+    muon_groups, adamw_groups = param_groups(ctx, cfg, route)
     kernel = optiplug.kernel_kwargs(cfg.kernel, adamw_groups) if adamw_groups else None
     optimizer: Any
     if ctx.distributed == "deepspeed":
         from optiplug_muon.zero import DeepSpeedMuonWithAdamW
 
+        stage = ctx.deepspeed_stage or 0
+        role = {optiplug.GROUP_ROLE: f"muon (DeepSpeed ZeRO-{stage})"}
         optimizer = DeepSpeedMuonWithAdamW(
-            [
-                {
-                    "params": [parameters[s.name] for s in route.muon],
-                    optiplug.GROUP_ROLE: f"muon (DeepSpeed ZeRO-{ctx.deepspeed_stage or 0})",
-                }
-            ],
+            [{k: v for k, v in {**group, **role}.items() if k != "transposed"} for group in muon_groups],
             adamw_groups,
             lr=cfg.lr,
             momentum=cfg.momentum,
@@ -105,21 +121,11 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
             adamw_betas=cfg.adamw_betas,
             adamw_eps=cfg.adamw_eps,
             adamw_kernel=kernel,
-            zero_stage=ctx.deepspeed_stage or 0,
+            zero_stage=stage,
         )
     else:
         from optiplug_muon.optim import MuonWithAdamW
 
-        flipped = {s.name for s in route.muon if s.module_type in TRANSPOSED_MODULES}
-        muon_groups = [
-            {
-                "params": [parameters[s.name] for s in route.muon if (s.name in flipped) == flag],
-                "transposed": flag,
-                optiplug.GROUP_ROLE: role,
-            }
-            for flag, role in ((False, "muon"), (True, "muon (transposed Conv1D)"))
-            if any((s.name in flipped) == flag for s in route.muon)
-        ]
         optimizer = MuonWithAdamW(
             muon_groups,
             adamw_groups,
@@ -129,6 +135,7 @@ def build(ctx: optiplug.BuildContext, cfg: MuonConfig) -> Any:
             ns_coefficients=cfg.ns_coefficients,
             ns_eps=cfg.ns_eps,
             ns_steps=cfg.ns_steps,
+            ns_dtype=cfg.ns_dtype,
             adjust_lr=cfg.adjust_lr,
             weight_decay=cfg.weight_decay,
             adamw_lr=cfg.adamw_lr,

@@ -6,31 +6,47 @@ Trainer, accelerate's wrapper and the learning-rate scheduler see a single optim
 alike), and whose ``state_dict()``/``load_state_dict()`` carry both halves in one
 ``weights_only``-safe dict (tensors, numbers, strings, tuples).
 
-* Muon groups are stepped with torch's functional ``muon`` (what ``torch.optim.Muon.step``
-  calls): for ``adjust_lr`` ``original`` and ``match_rms_adamw`` the call is exactly
-  ``torch.optim.Muon``'s, so the result is bit-identical to it. ``spectral``
-  (lr * sqrt(fan_out / fan_in)) equals ``original`` for fan_out >= fan_in; for a wide matrix the
-  learning rate is scaled by sqrt(fan_out / fan_in) and the weight decay applied here with the
-  unscaled rate, as torch applies it. A transformers ``Conv1D`` weight (GPT-2) is stepped through
-  its transpose, so its fans are read the right way round.
-* AdamW groups are stepped by a real ``torch.optim.AdamW`` (fused where supported) whose
-  ``param_groups`` are the same dict objects and whose ``state`` is this optimizer's state.
-  Loading a state dict replaces the group dicts, so the inner AdamW is re-wired after each load.
+It is an :class:`optiplug.MatrixOptimizer`: each Muon matrix's step is split in three, so that
+under FSDP2 (``fully_shard``, DTensor parameters) the core runs the middle one once per matrix,
+on one owner process, and each process keeps only its row shard of the momentum:
+
+1. ``matrix_input`` (elementwise, every process): the momentum, and Nesterov's blend;
+2. ``matrix_update`` (whole matrix, once): Newton–Schulz, and the matrix's learning-rate factor;
+3. ``apply_update`` (elementwise, every process): decoupled weight decay, then the step.
+
+In one process and under DDP the three run in a row on each matrix, with exactly the operations
+of torch's ``torch.optim.Muon.step`` (``_single_tensor_muon``), so for ``adjust_lr`` ``original``
+and ``match_rms_adamw`` the result is bit-identical to it. ``spectral`` (lr * sqrt(fan_out /
+fan_in)) equals ``original`` for fan_out >= fan_in; for a wide matrix the learning rate is scaled
+by sqrt(fan_out / fan_in) and the weight decay uses the unscaled rate, as torch applies it. A
+transformers ``Conv1D`` weight (GPT-2) is orthogonalized as its contiguous transpose, so its fans
+are read the right way round; its momentum is kept as the weight is stored (checkpoints of
+0.1.0 kept it transposed: :meth:`MuonWithAdamW.load_state_dict` turns them).
+
+``ns_dtype`` ``bfloat16`` runs torch's own Newton–Schulz (bfloat16, as torch.optim.Muon);
+``float32`` runs the same iteration in float32 (slower on GPUs, but steps that agree to float
+rounding across engines: the sharded tests use it).
+
+AdamW groups are stepped by a real ``torch.optim.AdamW`` (fused where supported) on this
+optimizer's group dicts and state, one group at a time.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import torch
 import torch.optim._muon
-from torch.optim._muon import muon as _torch_muon  # the functional torch.optim.Muon.step runs
 
+import optiplug
 from optiplug_muon import engagement
 
-__all__ = ["MuonWithAdamW", "lr_scale"]
+__all__ = ["MOMENTUM_LAYOUT", "MuonWithAdamW", "lr_scale", "newton_schulz"]
+
+MOMENTUM_LAYOUT = "momentum_layout"
+"""Group key: ``"parameter"`` when a transposed group's momentum has its parameter's layout (0.1.0 transposed it)."""
 
 
 def lr_scale(adjust_lr: str, fan_out: int, fan_in: int) -> float:
@@ -52,7 +68,40 @@ def _ns_steps(grad: torch.Tensor, ns_coefficients: Any = None, ns_steps: int = 5
     return int(ns_steps)
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
+def _is_dtensor(tensor: Any) -> bool:
+    """True for an FSDP2 (``fully_shard``) parameter."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def newton_schulz(
+    matrix: torch.Tensor, coefficients: Sequence[float], steps: int, eps: float, dtype: str = "bfloat16"
+) -> torch.Tensor:
+    """The quintic Newton–Schulz orthogonalization of ``matrix`` (a new tensor; ``matrix`` is left as it is).
+
+    ``bfloat16``: torch's own ``_zeropower_via_newtonschulz`` (what torch.optim.Muon runs, counted by
+    :mod:`optiplug_muon.engagement`). ``float32``: the same operations in float32, counted likewise.
+    """
+    a, b, c = coefficients
+    if dtype == "bfloat16":
+        return torch.optim._muon._zeropower_via_newtonschulz(matrix, (a, b, c), steps, eps)
+    if dtype != "float32":
+        raise ValueError(f"ns_dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    engagement.record(int(matrix.shape[0]), int(matrix.shape[1]), steps)
+    x = matrix.to(torch.float32, copy=True)
+    if matrix.size(0) > matrix.size(1):
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if matrix.size(0) > matrix.size(1) else x
+
+
+class MuonWithAdamW(optiplug.MatrixOptimizer):
     """Muon on the parameters of the ``use_muon`` groups, AdamW on the others.
 
     Args:
@@ -61,6 +110,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         adamw_groups: parameter groups for AdamW (dicts with ``params`` and ``weight_decay``).
         lr, momentum, nesterov, ns_coefficients, ns_eps, ns_steps, adjust_lr, weight_decay: Muon's
             settings (``ns_eps`` is torch.optim.Muon's ``eps``).
+        ns_dtype: ``bfloat16`` (torch's Newton–Schulz) or ``float32``.
         adamw_lr, adamw_betas, adamw_eps: AdamW's settings; AdamW's weight decay is each group's own.
         adamw_kernel: ``fused``/``foreach`` keyword arguments for ``torch.optim.AdamW``.
 
@@ -69,6 +119,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """
 
     routing: Any = None
+    elementwise_state = ("momentum_buffer",)
+    _adamw_lr_used: float | None = None
 
     def __init__(
         self,
@@ -81,6 +133,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
         ns_eps: float = 1e-7,
         ns_steps: int = 5,
+        ns_dtype: str = "bfloat16",
         adjust_lr: str = "original",
         weight_decay: float = 0.0,
         adamw_lr: float = 3e-2,
@@ -97,9 +150,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
             "ns_coefficients": tuple(ns_coefficients),
             "ns_eps": ns_eps,
             "ns_steps": ns_steps,
+            "ns_dtype": ns_dtype,
             "adjust_lr": adjust_lr,
             "weight_decay": weight_decay,
             "transposed": False,
+            MOMENTUM_LAYOUT: "parameter",
         }
         groups = [{**muon, **group} for group in muon_groups]
         groups += [{"use_muon": False, "lr": adamw_lr, **group} for group in adamw_groups]
@@ -117,81 +172,103 @@ class MuonWithAdamW(torch.optim.Optimizer):
             # Adds AdamW's settings (betas, eps, fused, ...) to the same group dicts: they are saved with them.
             kernel = adamw_kernel or {}
             self._adamw = torch.optim.AdamW(adamw, lr=adamw_lr, betas=adamw_betas, eps=adamw_eps, **kernel)
-        self._wire()
 
-    def _wire(self) -> None:
-        """Point the inner AdamW at this optimizer's AdamW group dicts and its state."""
-        if self._adamw is not None:
-            self._adamw.param_groups = [group for group in self.param_groups if not group["use_muon"]]
-            self._adamw.state = self.state
+    # ---- Muon: the three parts of a matrix's step (optiplug.MatrixOptimizer) ----
+    def is_matrix(self, group: dict[str, Any], p: torch.Tensor) -> bool:
+        return bool(group["use_muon"])
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        if "_adamw" in self.__dict__:  # load_state_dict replaced the group dicts (unpickling sets _adamw after)
-            self._wire()
+    def matrix_input(
+        self, p: torch.Tensor, grad: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        """The momentum step, and what Newton–Schulz orthogonalizes (Nesterov's blend, or the momentum)."""
+        if torch.is_complex(p):
+            raise RuntimeError("Muon does not support complex parameters")
+        if grad.is_sparse:
+            raise RuntimeError("Muon does not support sparse gradients")
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(grad, 1 - group["momentum"])
+        return grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
+    def matrix_update(
+        self, p: torch.Tensor, matrix: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> torch.Tensor:
+        """Newton–Schulz of the whole matrix, read as ``(fan_out, fan_in)``; its lr factor goes to ``apply_update``."""
+        x = matrix.T.contiguous() if group["transposed"] else matrix
+        fan_out, fan_in = x.shape
+        update = newton_schulz(x, group["ns_coefficients"], group["ns_steps"], group["ns_eps"], group["ns_dtype"])
+        state["lr_scale"] = lr_scale(group["adjust_lr"], fan_out, fan_in)  # a number, gone after apply_update
+        return update.T if group["transposed"] else update
+
+    def apply_update(
+        self, p: torch.Tensor, update: torch.Tensor, state: MutableMapping[str, Any], group: dict[str, Any]
+    ) -> None:
+        """Decoupled weight decay with the unscaled rate, then the step at the matrix's rate (torch's order)."""
+        lr = group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update, alpha=-(lr * state.pop("lr_scale")))
+
+    # ---- AdamW ----
+    def step_elementwise(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """torch's AdamW on ``params`` of an AdamW ``group`` (this optimizer's group dict and state)."""
+        assert self._adamw is not None, "a Muon group has a parameter that is not a matrix"
+        self._adamw.state = self.state  # load_state_dict replaces the state dict and the group dicts
+        self._adamw.param_groups = [group if len(params) == len(group["params"]) else {**group, "params": params}]
+        self._adamw_lr_used = float(group["lr"])
+        self._adamw.step()
+
+    # ---- the step, and the first step's check ----
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One step: Muon on the ``use_muon`` groups, then AdamW on the others."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """One step (:meth:`optiplug.MatrixOptimizer.step`); after the first, Newton–Schulz's count is confirmed."""
         calls = engagement.tally.calls
-        expected = 0
-        for group in self.param_groups:
-            if group["use_muon"]:
-                expected += self._muon_step(group)
-        if not self._confirmed and expected:  # each process orthogonalizes every matrix it has a gradient for
+        self._adamw_lr_used = None
+        loss = super().step(closure)
+        if not self._confirmed and self.last_step_matrices:
             self._confirmed = True
-            routed = len(self.routing.muon) if self.routing is not None else expected
-            engine = "DDP" if torch.distributed.is_available() and torch.distributed.is_initialized() else "one process"
-            engagement.confirm(engagement.tally.calls - calls, expected, routed, engine)
-        if self._adamw is not None:
-            self._adamw_lr_used = float(self._adamw.param_groups[0]["lr"])
-            self._adamw.step()
+            self._confirm(engagement.tally.calls - calls)
         return loss
 
-    def _muon_step(self, group: dict[str, Any]) -> int:
-        """Step the group's matrices that have a gradient; returns how many."""
-        stepped = 0
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if torch.is_complex(p):
-                raise RuntimeError("Muon does not support complex parameters")
-            if p.grad.is_sparse:
-                raise RuntimeError("Muon does not support sparse gradients")
-            # A transposed (Conv1D) weight is stepped as its (fan_out, fan_in) transpose, with a contiguous
-            # gradient copy and momentum buffer in that layout: the same arithmetic, bit for bit, as nn.Linear's.
-            param, grad = (p.T, p.grad.T.contiguous()) if group["transposed"] else (p, p.grad)
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            buffer = state["momentum_buffer"]
-            lr, weight_decay, adjust = group["lr"], group["weight_decay"], group["adjust_lr"]
-            if adjust == "spectral":
-                fan_out, fan_in = param.shape
-                adjust = "original"  # sqrt(max(1, fan_out/fan_in)): spectral's factor when fan_out >= fan_in
-                if fan_out < fan_in:  # original's factor is 1 here: scale the rate, decay with the unscaled one
-                    param.mul_(1.0 - lr * weight_decay)
-                    lr, weight_decay = lr * math.sqrt(fan_out / fan_in), 0.0
-            _torch_muon(
-                [param],
-                [grad],
-                [buffer],
-                lr=lr,
-                weight_decay=weight_decay,
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                ns_coefficients=group["ns_coefficients"],
-                eps=group["ns_eps"],
-                ns_steps=group["ns_steps"],
-                adjust_lr_fn=adjust,
-                has_complex=False,
-            )
-            stepped += 1
-        return stepped
+    def _confirm(self, done: int) -> None:
+        """Each process orthogonalizes every matrix it holds whole; a sharded one once per shard group."""
+        sharded = [
+            p
+            for group in self.param_groups
+            if group["use_muon"]
+            for p in group["params"]
+            if p.grad is not None and _is_dtensor(p)
+        ]
+        routed = len(self.routing.muon) if self.routing is not None else self.last_step_matrices
+        if not sharded:
+            engine = "DDP" if torch.distributed.is_available() and torch.distributed.is_initialized() else "one process"
+            engagement.confirm(done, self.last_step_matrices, routed, engine)
+            return
+        first: Any = sharded[0]
+        shard_dim = next(i for i, placement in enumerate(first.placements) if placement.is_shard())
+        lead = first.device_mesh.get_local_rank(shard_dim) == 0  # counts the sharded matrices of its shard group
+        expected = self.last_step_matrices - len(sharded) + (len(sharded) if lead else 0)
+        engagement.confirm(done, expected, routed, "FSDP2", collective=True, device=first.to_local().device)
+
+    # ---- checkpoints ----
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, after turning 0.1.0's transposed Conv1D momentum to the parameter's layout; labels kept."""
+        roles = [group.get(optiplug.GROUP_ROLE) for group in self.param_groups]
+        groups = []
+        state = dict(state_dict["state"])
+        for group in state_dict["param_groups"]:
+            if group.get("use_muon") and MOMENTUM_LAYOUT not in group:
+                if group.get("transposed"):
+                    for index in group["params"]:
+                        if "momentum_buffer" in state.get(index, {}):
+                            buffer = state[index]["momentum_buffer"]
+                            state[index] = {**state[index], "momentum_buffer": buffer.T.contiguous()}
+                group = {**group, MOMENTUM_LAYOUT: "parameter", "ns_dtype": group.get("ns_dtype", "bfloat16")}
+            groups.append(group)
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        for group, role in zip(self.param_groups, roles):
+            if role is not None:
+                group.setdefault(optiplug.GROUP_ROLE, role)
 
     def log_values(self) -> dict[str, float]:
         """AdamW's learning rate in the last step, for the Trainer's log (its ``learning_rate`` is Muon's, also
@@ -199,4 +276,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if self._adamw is None:
             return {}
         used = getattr(self, "_adamw_lr_used", None)
-        return {"adamw_learning_rate": float(self._adamw.param_groups[0]["lr"]) if used is None else used}
+        if used is None:
+            used = next(float(g["lr"]) for g in self.param_groups if not g["use_muon"])
+        return {"adamw_learning_rate": used}
