@@ -314,3 +314,18 @@ def _load_module(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_param_group_rules_apply_to_muon_matrices_and_adamw_tensors_alike():
+    """The context's groups split by optiplug.split_param_groups: a rule's parameters keep its label on both sides."""
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(
+        model, {"name": "muon", "param_groups": [{"match": r"layers\.0\.", "lr_scale": 0.5}]}
+    )
+    rows = [(len(g["params"]), g["use_muon"], g["optiplug_group"], g["lr"]) for g in optimizer.param_groups]
+    assert rows == [
+        (7, True, "default", 0.02), (7, True, r"layers\.0\.", 0.01),  # Muon's parts first, as 0.1.0 saved them
+        (2, False, "default", 0.03), (3, False, "default", 0.03), (2, False, r"layers\.0\.", 0.015),
+    ]  # fmt: skip
+    layer0 = next(g for g in optimizer.param_groups if g["use_muon"] and g["lr"] == 0.01)
+    assert _names(model, layer0) == {n for n in _names_on(optimizer, model, True) if ".layers.0." in n}
