@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 
@@ -147,3 +148,59 @@ def test_list_ends_with_the_count_of_each_plugin(capsys):
     default = sum(1 for row in rows if row.plugin.startswith("optiplug:"))
     ours = [r for r in optiplug.list_optimizers() if r.plugin.startswith("optiplug:")]
     assert f"optiplug {len(ours)} + {default - len(ours)}" in lines[-1]
+
+
+class _DemoMomentum(optiplug.OptimizerConfig):
+    name: Literal["demo_momentum"] = "demo_momentum"
+    momentum: float = 0.9
+
+
+class _AliasedPlugin:
+    @optiplug.hookimpl
+    def register_optimizers(self, register):
+        aliases = (
+            optiplug.Alias("demo_heavy_ball", {"momentum": 0.99}, summary="heavy ball"),
+            optiplug.Alias("demo_nag", {}),
+            optiplug.Alias("demo_momentum", {"momentum": 0.0}, transformers=True),
+            optiplug.Alias("demo_sgd_hf", {"momentum": 0.0}, transformers=True),
+        )
+        register(optiplug.OptimizerEntry(config=_DemoMomentum, build=print, summary="demo", aliases=aliases))
+
+
+def test_list_and_show_tell_aliases(capsys, temp_plugin):
+    temp_plugin(_AliasedPlugin(), "aliased")
+    code, out, _ = run_cli(capsys, "list", "demo")
+    row = "demo_momentum  optimizer  aliased  demo; also: demo_heavy_ball, demo_nag; transformers: demo_momentum, demo_sgd_hf"
+    assert code == 0 and out.splitlines()[1] == row and len(out.splitlines()) == 3
+    code, out, _ = run_cli(capsys, "list", "--json", "heavy")
+    [listed] = json.loads(out)
+    assert listed["aliases"][0] == {
+        "name": "demo_heavy_ball",
+        "preset": {"momentum": 0.99},
+        "transformers": False,
+        "summary": "heavy ball",
+    }
+    code, out, _ = run_cli(capsys, "show", "demo_heavy_ball")
+    assert out.startswith(
+        "demo_heavy_ball: an alias of optimizer 'demo_momentum' with momentum=0.99\n  heavy ball\n"
+        "demo_momentum  (optimizer, plugin aliased)\n"
+    )
+    assert "  transformers' name demo_sgd_hf: momentum=0.0\n" in out
+    code, out, _ = run_cli(capsys, "show", "demo_momentum")  # the canonical entry, listing transformers' meaning
+    assert out.startswith("demo_momentum  (optimizer, plugin aliased)\n")
+    assert "  transformers' name demo_momentum: momentum=0.0\n" in out
+
+
+def test_list_filters_by_plugin_and_name(capsys):
+    code, out, _ = run_cli(capsys, "list", "--plugin", "optiplug", "--kind", "optimizer")
+    names = [line.split()[0] for line in out.splitlines()[1:-1]]
+    assert code == 0 and names == sorted(
+        r.name for r in optiplug.list_optimizers() if r.plugin == "optiplug:optimizers"
+    )
+    code, out, _ = run_cli(capsys, "list", "--plugin", "optiplug-galore", "adafactor")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()[1:-1]] == ["galore_adafactor"]
+    code, out, err = run_cli(capsys, "list", "no-such-name")
+    assert code == 0 and out == "" and err == "optiplug: no optimizer or scheduler matches\n"
+    code, _, err = run_cli(capsys, "list", "--plugin", "acme")
+    assert code == 1 and err.startswith("optiplug: --plugin 'acme' registered nothing; plugins with entries: ")
+    assert "optiplug-galore" in err

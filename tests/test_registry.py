@@ -312,3 +312,146 @@ def test_import_error_inside_a_factory_becomes_a_clear_message(temp_plugin):
         match=r"optimizer 'lazy_missing' needs the module 'not_installed_module_xyz', which is not installed: pip install 'not_installed_module_xyz'",
     ):
         optiplug.build_optimizer(tiny_llama(), "lazy_missing")
+
+
+# ---- aliases: other names for an entry, with preset fields ------------------------------------
+
+
+class AliasedConfig(optiplug.OptimizerConfig):
+    name: Literal["demo_momentum"] = "demo_momentum"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+def build_aliased(ctx, cfg):
+    import torch
+
+    return torch.optim.SGD(ctx.param_groups(0.0), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+ALIASES = (
+    optiplug.Alias("demo_heavy_ball", {"momentum": 0.99}, summary="heavy ball"),
+    optiplug.Alias("demo_nag", {"nesterov": True}),
+    optiplug.Alias("demo_momentum", {"momentum": 0.0}, transformers=True),  # transformers' meaning of the name
+    optiplug.Alias("demo_sgd_hf", {"momentum": 0.0}, transformers=True),
+)
+
+
+def aliased_plugin(aliases=ALIASES, config=AliasedConfig):
+    class Plugin:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=config, build=build_aliased, summary="demo", aliases=aliases))
+
+    return Plugin()
+
+
+def test_an_alias_selects_its_entry_with_the_preset_and_the_canonical_name(temp_plugin):
+    temp_plugin(aliased_plugin(), "aliased")
+    cfg = optiplug.parse_optimizer("demo_heavy_ball")
+    assert type(cfg) is AliasedConfig and cfg.name == "demo_momentum" and cfg.momentum == 0.99
+    assert optiplug.parse_optimizer({"name": "demo_nag", "lr": 0.5}) == AliasedConfig(nesterov=True, lr=0.5)
+    assert optiplug.parse_optimizer("demo_heavy_ball", momentum=0.99).momentum == 0.99  # agreeing is fine
+    assert optiplug.get_entry("demo_nag") is optiplug.get_entry("demo_momentum")
+    from optiplug.testing import tiny_llama
+
+    optimizer = optiplug.build_optimizer(tiny_llama(), "demo_heavy_ball")
+    assert {group["momentum"] for group in optimizer.param_groups} == {0.99}
+
+
+def test_a_value_contradicting_the_preset_is_one_clear_error(temp_plugin):
+    temp_plugin(aliased_plugin(), "aliased")
+    with pytest.raises(optiplug.ConfigError) as info:
+        optiplug.parse_optimizer({"name": "demo_heavy_ball", "momentum": 0.5})
+    assert str(info.value) == (
+        "optimizer.momentum: 'demo_heavy_ball' is 'demo_momentum' with momentum=0.99, but momentum=0.5 is given: "
+        "drop momentum, or select 'demo_momentum' with momentum=0.5"
+    )
+
+
+def test_transformers_names_look_at_transformers_aliases_first(temp_plugin):
+    from optiplug.registry import registry, resolve
+
+    temp_plugin(aliased_plugin(), "aliased")
+    assert optiplug.parse_optimizer("demo_momentum").momentum == 0.9  # a config's name: the canonical entry
+    found = resolve("optimizer", "demo_momentum", transformers=True)
+    assert found.row.name == "demo_momentum" and dict(found.preset) == {"momentum": 0.0}
+    assert registry.parse("optimizer", "demo_momentum", transformers=True).momentum == 0.0
+    # a transformers alias no canonical name shadows is a config name too; a plain alias is found on that route
+    assert optiplug.parse_optimizer("demo_sgd_hf").momentum == 0.0
+    assert registry.parse("optimizer", "demo_nag", transformers=True).nesterov is True
+    assert resolve("optimizer", "adamw", transformers=True).alias is None
+
+
+def test_unknown_names_suggest_aliases_too(temp_plugin):
+    temp_plugin(aliased_plugin(), "aliased")
+    with pytest.raises(optiplug.UnknownNameError, match=r"Did you mean 'demo_heavy_ball'"):
+        optiplug.parse_optimizer("demo_heavy_bal")
+
+
+class OtherConfig(optiplug.OptimizerConfig):
+    name: Literal["demo_heavy_ball"] = "demo_heavy_ball"
+
+
+def test_an_alias_colliding_with_another_plugins_name_follows_the_duplicate_rule(temp_plugin):
+    temp_plugin(aliased_plugin(), "aliased")
+    temp_plugin(make_plugin(OtherConfig), "other")
+    with pytest.warns(RuntimeWarning, match="'demo_heavy_ball' is registered twice"):
+        names = {r.name for r in optiplug.list_optimizers()}
+    assert "demo_heavy_ball" not in names and "demo_momentum" in names
+    with pytest.raises(optiplug.DuplicateNameError) as info:
+        optiplug.parse_optimizer("demo_heavy_ball")
+    assert str(info.value) == (
+        "optimizer 'demo_heavy_ball' is registered twice, by plugins 'other' and 'aliased' (an alias of "
+        "'demo_momentum'): uninstall one"
+    )
+    assert optiplug.parse_optimizer("demo_nag").nesterov is True  # every other name keeps working
+
+
+def test_two_plugins_giving_one_alias_make_it_unusable(temp_plugin):
+    class TwinConfig(optiplug.OptimizerConfig):
+        name: Literal["demo_twin"] = "demo_twin"
+        momentum: float = 0.0
+
+    temp_plugin(aliased_plugin(), "aliased")
+    temp_plugin(aliased_plugin(aliases=(optiplug.Alias("demo_nag", {"momentum": 0.5}),), config=TwinConfig), "twin")
+    with (
+        pytest.warns(RuntimeWarning, match="'demo_nag' is registered twice"),
+        pytest.raises(optiplug.DuplicateNameError),
+    ):
+        optiplug.parse_optimizer("demo_nag")
+    assert optiplug.parse_optimizer("demo_heavy_ball").momentum == 0.99
+
+
+def test_aliases_are_checked_where_the_plugin_declares_them(temp_plugin):
+    with pytest.raises(optiplug.PluginError, match=r"alias 'x': preset cannot set 'name'"):
+        optiplug.Alias("x", {"name": "y"})
+    with pytest.raises(optiplug.PluginError, match=r"aliases must be optiplug.Alias objects, got 'x'"):
+        optiplug.OptimizerEntry(config=AliasedConfig, build=build_aliased, aliases=("x",))
+    with pytest.raises(optiplug.PluginError, match=r"an alias cannot repeat the entry's own name"):
+        optiplug.OptimizerEntry(config=AliasedConfig, build=build_aliased, aliases=(optiplug.Alias("demo_momentum"),))
+    temp_plugin(aliased_plugin(aliases=(optiplug.Alias("demo_typo", {"momentun": 0.5}),)), "typo-preset")
+    with pytest.raises(optiplug.PluginError) as info:
+        optiplug.parse_optimizer("demo_typo")
+    assert str(info.value) == (
+        "optimizer alias 'demo_typo' (plugin 'typo-preset') presets momentun, which 'demo_momentum' does not have; "
+        "report it to the plugin's authors"
+    )
+
+
+def test_scheduler_aliases(temp_plugin):
+    class Plugin:
+        @optiplug.hookimpl
+        def register_schedulers(self, register):
+            from optiplug.builtin.schedulers import CosineWithMinLrConfig, build_cosine_with_min_lr
+
+            class DemoFloor(CosineWithMinLrConfig):
+                name: Literal["demo_floor"] = "demo_floor"  # type: ignore[assignment]
+
+            alias = optiplug.Alias("demo_floor_half", {"min_lr_rate": 0.5}, transformers=True)
+            register(optiplug.SchedulerEntry(config=DemoFloor, build=build_cosine_with_min_lr, aliases=(alias,)))
+
+    temp_plugin(Plugin(), "floor")
+    cfg = optiplug.parse_scheduler("demo_floor_half", warmup_steps=2)
+    assert (cfg.name, cfg.min_lr_rate, cfg.warmup_steps) == ("demo_floor", 0.5, 2)

@@ -14,7 +14,7 @@ from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
+from optiplug.entries import Alias, OptimizerEntry, Registered, SchedulerEntry
 from optiplug.errors import (
     CheckpointError,
     ConfigError,
@@ -89,6 +89,7 @@ __all__ = [
     "STEP_BYTES",
     "TRAINING_ARGUMENT_FIELDS",
     "AdamFields",
+    "Alias",
     "Betas",
     "BuildContext",
     "CheckpointError",

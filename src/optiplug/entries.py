@@ -2,16 +2,19 @@
 
 A plugin describes each optimizer with one frozen :class:`OptimizerEntry` (and each scheduler
 with a :class:`SchedulerEntry`). The registry key is the ``Literal`` default of the config
-class's ``name`` field.
+class's ``name`` field. An entry may also answer to other names, each an :class:`Alias`: the
+entry with some fields preset (transformers' ``paged_adamw_8bit`` is an 8-bit paged AdamW entry
+with ``bits=8, paged=True``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import types
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.errors import MissingDependencyError, PluginError
@@ -20,9 +23,45 @@ if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape, ScheduleContext
     from optiplug.patches import Patch
 
-__all__ = ["OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
+__all__ = ["Alias", "OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
 
 C = TypeVar("C")
+E = TypeVar("E", "OptimizerEntry[Any]", "SchedulerEntry[Any]")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another name for an entry: selecting it selects the entry with the ``preset`` fields.
+
+    Attributes:
+        name: the alias, selectable wherever the entry's own name is (configs, the Python API).
+        preset: config fields the alias sets. A user value that contradicts one is an error; the
+            parsed config carries the entry's canonical name and these values.
+        summary: one line for ``optiplug list`` (default: the preset, in words).
+        transformers: True when this alias is what transformers means by ``TrainingArguments.optim``
+            (for an optimizer) or ``lr_scheduler_type`` (for a scheduler) equal to ``name``. Such an
+            alias may share its name with a canonical entry (transformers' ``sgd`` is optiplug's ``sgd``
+            with ``momentum=0``): the transformers arguments look at transformers aliases first, a
+            config's ``name`` looks at canonical names first.
+    """
+
+    name: str
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    transformers: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PluginError(f"an alias needs a non-empty name, got {self.name!r}")
+        if not isinstance(self.preset, Mapping) or not all(isinstance(key, str) for key in self.preset):
+            raise PluginError(f"alias {self.name!r}: preset must be a mapping of field names to values")
+        if "name" in self.preset:
+            raise PluginError(f"alias {self.name!r}: preset cannot set 'name' (the alias is the name)")
+        object.__setattr__(self, "preset", types.MappingProxyType(dict(self.preset)))
+
+    def describe(self) -> str:
+        """``kernel='fused', momentum=0`` (the preset in words), or ``same fields`` for a plain second name."""
+        return ", ".join(f"{key}={value!r}" for key, value in self.preset.items()) or "same fields"
 
 
 def name_of(config: Any, base: type, kind: str) -> str:
@@ -42,6 +81,21 @@ def name_of(config: Any, base: type, kind: str) -> str:
             f'`name: Literal["..."] = "..."` (one literal, equal to the default)'
         )
     return str(literal[0])
+
+
+def _aliases(kind: str, name: str, aliases: Sequence[Alias]) -> tuple[Alias, ...]:
+    """The entry's aliases as a tuple, each checked: an :class:`Alias`, not the entry's own name, not given twice."""
+    aliases = tuple(aliases)
+    seen: set[tuple[str, bool]] = set()
+    for alias in aliases:
+        if not isinstance(alias, Alias):
+            raise PluginError(f"{kind} {name!r}: aliases must be optiplug.Alias objects, got {alias!r}")
+        if alias.name == name and not alias.transformers:
+            raise PluginError(f"{kind} {name!r}: an alias cannot repeat the entry's own name")
+        if (alias.name, alias.transformers) in seen:
+            raise PluginError(f"{kind} {name!r} declares the alias {alias.name!r} twice")
+        seen.add((alias.name, alias.transformers))
+    return aliases
 
 
 def _check_requires(kind: str, name: str, requires: Sequence[str]) -> None:
@@ -93,6 +147,8 @@ class OptimizerEntry(Generic[C]):
             :class:`optiplug.MatrixOptimizer`: under FSDP2 the core then runs each matrix's update
             once, on one owner process (:mod:`optiplug.sharded`). Refuse what it cannot train in
             ``check`` with :func:`optiplug.check_whole_matrices`.
+        aliases: other names for this optimizer, each an :class:`Alias` (a name and preset fields);
+            transformers' ``TrainingArguments.optim`` names are aliases with ``transformers=True``.
     """
 
     config: type[C]
@@ -108,10 +164,12 @@ class OptimizerEntry(Generic[C]):
     default_scheduler: str | None = None
     describe: Callable[[Sequence[ParamShape], C], str] | None = None
     whole_matrices: bool = False
+    aliases: tuple[Alias, ...] = ()
 
     def __post_init__(self) -> None:
-        name_of(self.config, OptimizerConfig, "optimizer")
+        name = name_of(self.config, OptimizerConfig, "optimizer")
         object.__setattr__(self, "requires", tuple(self.requires))
+        object.__setattr__(self, "aliases", _aliases("optimizer", name, self.aliases))
 
     @property
     def name(self) -> str:
@@ -134,6 +192,8 @@ class SchedulerEntry(Generic[C]):
         describe: ``describe(ctx, cfg) -> str``, one line on the schedule a run of
             ``ctx.num_training_steps`` steps gets (WSD: its warmup, stable and decay steps), shown
             in the run header; ``ctx`` is the :class:`ScheduleContext` the factory would get.
+        aliases: other names for this scheduler, each an :class:`Alias`; transformers'
+            ``lr_scheduler_type`` names are aliases with ``transformers=True``.
     """
 
     config: type[C]
@@ -141,10 +201,12 @@ class SchedulerEntry(Generic[C]):
     summary: str = ""
     requires: tuple[str, ...] = ()
     describe: Callable[[ScheduleContext, C], str] | None = None
+    aliases: tuple[Alias, ...] = ()
 
     def __post_init__(self) -> None:
-        name_of(self.config, SchedulerConfig, "scheduler")
+        name = name_of(self.config, SchedulerConfig, "scheduler")
         object.__setattr__(self, "requires", tuple(self.requires))
+        object.__setattr__(self, "aliases", _aliases("scheduler", name, self.aliases))
 
     @property
     def name(self) -> str:
@@ -156,13 +218,15 @@ class SchedulerEntry(Generic[C]):
 
 
 @dataclass(frozen=True)
-class Registered:
-    """A registry row: the entry and the plugin that registered it."""
+class Registered(Generic[E]):
+    """A registry row: the entry (an :class:`OptimizerEntry` or a :class:`SchedulerEntry`) and the plugin
+    that registered it."""
 
-    kind: str
-    entry: Any
+    kind: Literal["optimizer", "scheduler"]
+    entry: E
     plugin: str
 
     @property
     def name(self) -> str:
+        """The entry's canonical name."""
         return self.entry.name

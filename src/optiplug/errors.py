@@ -35,9 +35,10 @@ class ConfigError(OptiplugError):
 class UnknownNameError(ConfigError, KeyError):
     """A config selects an optimizer or scheduler name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str, registered: Iterable[str]):
+    def __init__(self, kind: str, name: str, registered: Iterable[str], also: Iterable[str] = ()):
+        """``registered``: the names listed; ``also``: further names to suggest from (aliases)."""
         self.kind, self.name, self.registered = kind, name, sorted(registered)
-        close = difflib.get_close_matches(str(name), self.registered, n=3, cutoff=0.5)
+        close = difflib.get_close_matches(str(name), [*self.registered, *sorted(also)], n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(self.registered) or "(none)"
         super().__init__(f"unknown {kind} {name!r}.{hint}\n  registered: {listing} (see `optiplug list`)")

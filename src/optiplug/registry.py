@@ -16,6 +16,12 @@ other name keeps working.
 
 The registry also owns parsing: :meth:`Registry.parse` turns a name, a mapping or a config
 object into the registered config class, through one discriminated union per kind.
+
+Names: an entry's canonical name, and its aliases (:class:`~optiplug.entries.Alias`: a name plus
+preset fields). A config's ``name`` is looked up among canonical names first, then aliases;
+transformers' ``TrainingArguments.optim`` / ``lr_scheduler_type`` (``transformers=True``) among
+the aliases flagged for transformers first. Two plugins giving one name (entry or alias) make that
+name unusable, as for entries; a transformers alias may share its name with a canonical entry.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import importlib
 import importlib.metadata
 import os
 import threading
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +41,7 @@ from pydantic import Field, ValidationError
 
 from optiplug import hookspecs
 from optiplug.configs import OptimizerConfig, SchedulerConfig, format_validation_error
-from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
+from optiplug.entries import Alias, OptimizerEntry, Registered, SchedulerEntry
 from optiplug.errors import ConfigError, DuplicateNameError, PluginError, UnknownNameError
 
 __all__ = [
@@ -44,6 +51,7 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "Registry",
+    "Resolved",
     "get_entry",
     "get_plugin_manager",
     "get_scheduler_entry",
@@ -58,6 +66,7 @@ __all__ = [
     "register_plugin",
     "registry",
     "reload_plugins",
+    "resolve",
     "scheduler_names",
     "unregister_plugin",
 ]
@@ -90,13 +99,33 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What a name selects: the registry row of its entry, and the alias it went through (None: the entry's name)."""
+
+    row: Registered[Any]
+    alias: Alias | None = None
+
+    @property
+    def preset(self) -> Mapping[str, Any]:
+        """The fields the alias sets (empty for the entry's own name)."""
+        return self.alias.preset if self.alias is not None else {}
+
+
+def _kinds_dict() -> dict[str, dict[str, Any]]:
+    return {kind: {} for kind in KINDS}
+
+
 @dataclass
 class _Tables:
-    """What the register hooks produced: rows by kind and name, and names registered twice."""
+    """What the register hooks produced, by kind: rows by canonical name, aliases by name (those a config's
+    ``name`` reaches, and transformers' names), and names registered twice with the message saying so."""
 
-    rows: dict[str, dict[str, Registered]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    rows: dict[str, dict[str, Registered[Any]]] = field(default_factory=_kinds_dict)
+    aliases: dict[str, dict[str, Resolved]] = field(default_factory=_kinds_dict)
+    transformers: dict[str, dict[str, Resolved]] = field(default_factory=_kinds_dict)
     duplicates: dict[tuple[str, str], str] = field(default_factory=dict)
-    defaults: dict[str, str] = field(default_factory=dict)
+    transformers_duplicates: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -104,6 +133,15 @@ def _env_list(name: str) -> set[str] | None:
     if raw is None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _plain(value: Any) -> Any:
+    """A value as YAML gives it (tuples as lists), to compare a user's value with a preset."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _union_of(classes: list[type]) -> Any:
@@ -281,9 +319,16 @@ class Registry:
         warnings.warn(f"optiplug: {message}", RuntimeWarning, stacklevel=5)
 
     # ---- entries ------------------------------------------------------------------------------
-    def _duplicate_message(self, kind: str, name: str, first: str, second: str) -> str:
-        message = f"{kind} {name!r} is registered twice, by plugins {first!r} and {second!r}: uninstall one"
-        deny = self.deny_list_name(second) or self.deny_list_name(first)
+    def _duplicate_message(self, kind: str, name: str, first: Resolved | Registered[Any], second: Resolved) -> str:
+        def who(what: Resolved | Registered[Any]) -> str:
+            if isinstance(what, Registered):
+                return repr(what.plugin)
+            row, alias = what.row, what.alias
+            return repr(row.plugin) + (f" (an alias of {row.name!r})" if alias is not None else "")
+
+        plugins = (first.plugin if isinstance(first, Registered) else first.row.plugin, second.row.plugin)
+        message = f"{kind} {name!r} is registered twice, by plugins {who(first)} and {who(second)}: uninstall one"
+        deny = self.deny_list_name(plugins[1]) or self.deny_list_name(plugins[0])
         return message + (f", or set OPTIPLUG_DISABLE_PLUGINS={deny}" if deny else "")
 
     def _collect(self) -> _Tables:
@@ -292,7 +337,7 @@ class Registry:
         if tables is not None:
             return tables
         with self._lock:
-            tables = _Tables(defaults=dict(self._defaults))
+            tables = _Tables()
             for kind in KINDS:
                 hook = getattr(pm.hook, f"register_{kind}s")
                 table = tables.rows[kind]
@@ -300,7 +345,7 @@ class Registry:
                 # plugin whose hook raises is reported and left out while the others still register.
                 for impl in hook.get_hookimpls():  # registration order: the default plugin first
                     plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
-                    scratch: dict[str, Registered] = {}
+                    scratch: dict[str, Registered[Any]] = {}
                     try:
                         impl.function(register=self._make_register(kind, scratch, plugin))
                     except Exception as error:  # a broken plugin must not break every command
@@ -310,51 +355,119 @@ class Registry:
                         if (kind, name) in tables.duplicates:
                             continue
                         if name in table:
-                            message = self._duplicate_message(kind, name, table.pop(name).plugin, plugin)
+                            message = self._duplicate_message(kind, name, table.pop(name), Resolved(row))
                             tables.duplicates[(kind, name)] = message
                             self._record_failure(plugin, message, whole_plugin=False)
                             continue
                         table[name] = row
+                self._collect_aliases(kind, tables)
             self._tables = tables
         return tables
 
-    def _make_register(self, kind: str, scratch: dict[str, Registered], plugin: str) -> Callable[[Any], None]:
+    def _collect_aliases(self, kind: str, tables: _Tables) -> None:
+        """Add the aliases of every registered ``kind`` entry (after all entries: a canonical name comes first)."""
+        rows, reachable, transformers = tables.rows[kind], tables.aliases[kind], tables.transformers[kind]
+        for row in list(rows.values()):
+            for alias in row.entry.aliases:
+                found = Resolved(row, alias)
+                if alias.transformers:
+                    self._add_alias(kind, transformers, tables.transformers_duplicates, found)
+                    if alias.name in rows or (kind, alias.name) in tables.duplicates:
+                        continue  # a config's name means the canonical entry; transformers' name means this
+                if alias.name in rows:
+                    canonical = rows.pop(alias.name)
+                    message = self._duplicate_message(kind, alias.name, canonical, found)
+                    tables.duplicates[(kind, alias.name)] = message
+                    self._record_failure(row.plugin, message, whole_plugin=False)
+                    continue
+                self._add_alias(kind, reachable, tables.duplicates, found)
+
+    def _add_alias(self, kind: str, into: dict[str, Resolved], duplicates: dict[tuple[str, str], str], found: Resolved):
+        name = found.alias.name if found.alias is not None else found.row.name
+        if (kind, name) in duplicates:
+            return
+        earlier = into.get(name)
+        if earlier is not None and earlier.row is found.row and earlier.preset == found.preset:
+            return  # the same entry and preset under one name twice (a transformers alias a config also reaches)
+        if earlier is not None:
+            del into[name]
+            message = self._duplicate_message(kind, name, earlier, found)
+            duplicates[(kind, name)] = message
+            self._record_failure(found.row.plugin, message, whole_plugin=False)
+            return
+        into[name] = found
+
+    def _make_register(self, kind: str, scratch: dict[str, Registered[Any]], plugin: str) -> Callable[[Any], None]:
         entry_type = _ENTRY_TYPES[kind]
+        given: dict[bool, set[str]] = {False: set(), True: set()}  # names this plugin gave: config's, transformers'
 
         def register(entry: Any) -> None:
             if not isinstance(entry, entry_type):
                 raise PluginError(
                     f"plugin {plugin!r} registered {entry!r} as a {kind}; expected optiplug.{entry_type.__name__}"
                 )
-            if entry.name in scratch:
-                raise DuplicateNameError(f"plugin {plugin!r} registered the {kind} {entry.name!r} twice")
-            scratch[entry.name] = Registered(kind, entry, plugin)
+            names = [(entry.name, False)] + [(alias.name, alias.transformers) for alias in entry.aliases]
+            for name, transformers in names:
+                if name in given[transformers]:
+                    raise DuplicateNameError(f"plugin {plugin!r} registered the {kind} {name!r} twice")
+                given[transformers].add(name)
+            scratch[entry.name] = Registered(typing.cast(Any, kind), entry, plugin)
 
         return register
 
-    def rows(self, kind: str) -> list[Registered]:
+    def rows(self, kind: str) -> list[Registered[Any]]:
         """Every registered entry of ``kind`` (``"optimizer"`` or ``"scheduler"``), sorted by name."""
         return [row for _, row in sorted(self._collect().rows[kind].items())]
 
     def names(self, kind: str) -> list[str]:
+        """The canonical names of ``kind``, sorted."""
         return sorted(self._collect().rows[kind])
 
-    def lookup(self, kind: str, name: str) -> Registered:
-        """The registry row for ``name``.
+    def aliases(self, kind: str) -> dict[str, Resolved]:
+        """The aliases a config's ``name`` can select, by name (an alias shadowed by a canonical name is not here)."""
+        return dict(sorted(self._collect().aliases[kind].items()))
+
+    def lookup(self, kind: str, name: str) -> Registered[Any]:
+        """The registry row ``name`` selects in a config: the entry of that name, or of that alias.
 
         Raises:
             UnknownNameError: no plugin registered ``name`` (the message suggests close names).
             DuplicateNameError: two plugins registered ``name``.
         """
+        return self.resolve(kind, name).row
+
+    def resolve(self, kind: str, name: str, *, transformers: bool = False) -> Resolved:
+        """What ``name`` selects: the entry's row, and the alias (with its preset fields) it goes through.
+
+        Args:
+            kind: ``"optimizer"`` or ``"scheduler"``.
+            name: a canonical name or an alias.
+            transformers: ``name`` is transformers' ``TrainingArguments.optim`` (or ``lr_scheduler_type``):
+                the aliases flagged ``transformers=True`` are looked at first, then the config names.
+
+        Raises:
+            UnknownNameError, DuplicateNameError.
+        """
         tables = self._collect()
-        table = tables.rows[kind]
-        try:
-            return table[name]
-        except (KeyError, TypeError):
-            message = tables.duplicates.get((kind, name)) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            raise UnknownNameError(kind, name, tables.rows[kind])
+        if transformers:
+            found = tables.transformers[kind].get(name)
+            if found is not None:
+                return found
+            message = tables.transformers_duplicates.get((kind, name))
             if message:
-                raise DuplicateNameError(message) from None
-            raise UnknownNameError(kind, name, table) from None
+                raise DuplicateNameError(message)
+        row = tables.rows[kind].get(name)
+        if row is not None:
+            return Resolved(row)
+        found = tables.aliases[kind].get(name)
+        if found is not None:
+            return found
+        message = tables.duplicates.get((kind, name))
+        if message:
+            raise DuplicateNameError(message)
+        raise UnknownNameError(kind, name, tables.rows[kind], also=tables.aliases[kind])
 
     def default_name(self, kind: str) -> str:
         """The default plugin's default ``kind`` (what a section without a name selects)."""
@@ -372,12 +485,18 @@ class Registry:
             union = self._unions[kind] = _union_of([row.entry.config for row in self.rows(kind)])
         return union
 
-    def parse(self, kind: str, value: Any, fields: Mapping[str, Any] | None = None) -> Any:
-        """Validate ``value`` (a registered name, a mapping with ``name``, a config object, or None for
+    def parse(
+        self, kind: str, value: Any, fields: Mapping[str, Any] | None = None, *, transformers: bool = False
+    ) -> Any:
+        """Validate ``value`` (a registered name or alias, a mapping with ``name``, a config object, or None for
         the default) with ``fields`` on top, into the registered config class.
 
+        An alias selects its entry with the alias's preset fields; the parsed config carries the entry's
+        canonical name. ``transformers=True`` reads the name as transformers' (see :meth:`resolve`).
+
         Raises:
-            UnknownNameError, DuplicateNameError, ConfigError (one line per invalid field).
+            UnknownNameError, DuplicateNameError, ConfigError (one line per invalid field; a value that
+            contradicts an alias's preset).
         """
         base = _BASES[kind]
         if isinstance(value, base) and not fields:
@@ -394,7 +513,29 @@ class Registry:
         value = {**value, **(fields or {})}
         if "name" not in value:  # a section without a name configures the default entry
             value["name"] = self.default_name(kind)
+        found = self.resolve(kind, value["name"], transformers=transformers)
+        if found.alias is not None:
+            value = self._with_preset(kind, found, value)
         return self.validate(kind, value)
+
+    def _with_preset(self, kind: str, found: Resolved, value: Mapping[str, Any]) -> dict[str, Any]:
+        """``value`` with the alias's preset fields and the canonical name (a contradicting value is an error)."""
+        alias, row = found.alias, found.row
+        assert alias is not None
+        fields = row.entry.config.model_fields
+        unknown = sorted(key for key in alias.preset if key not in fields)
+        if unknown:
+            raise PluginError(
+                f"{kind} alias {alias.name!r} (plugin {row.plugin!r}) presets {', '.join(unknown)}, which "
+                f"{row.name!r} does not have; report it to the plugin's authors"
+            )
+        for key, preset in alias.preset.items():
+            if key in value and _plain(value[key]) != _plain(preset):
+                raise ConfigError(
+                    f"{kind}.{key}: {alias.name!r} is {row.name!r} with {key}={preset!r}, but {key}={value[key]!r} "
+                    f"is given: drop {key}, or select {row.name!r} with {key}={value[key]!r}"
+                )
+        return {**alias.preset, **value, "name": row.name}
 
     def validate(self, kind: str, value: Mapping[str, Any]) -> Any:
         """Validate a mapping with a registered ``name`` into that entry's config class (the one place that does).
@@ -422,12 +563,12 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return registry.plugin_manager
 
 
-def list_optimizers() -> list[Registered]:
+def list_optimizers() -> list[Registered[OptimizerEntry[Any]]]:
     """Every registered optimizer, sorted by name."""
     return registry.rows("optimizer")
 
 
-def list_schedulers() -> list[Registered]:
+def list_schedulers() -> list[Registered[SchedulerEntry[Any]]]:
     """Every registered scheduler, sorted by name."""
     return registry.rows("scheduler")
 
@@ -440,9 +581,18 @@ def scheduler_names() -> list[str]:
     return registry.names("scheduler")
 
 
-def lookup(kind: str, name: str) -> Registered:
+def lookup(kind: str, name: str) -> Registered[Any]:
     """The registry row for ``name``; ``kind`` is ``"optimizer"`` or ``"scheduler"``."""
     return registry.lookup(kind, name)
+
+
+def resolve(kind: str, name: str, *, transformers: bool = False) -> Resolved:
+    """What ``name`` selects (the entry's row and the alias it goes through): see :meth:`Registry.resolve`.
+
+    ``resolve("optimizer", args.optim, transformers=True)`` answers which entry and preset fields
+    transformers' ``TrainingArguments.optim`` value means.
+    """
+    return registry.resolve(kind, name, transformers=transformers)
 
 
 def get_entry(name: str) -> OptimizerEntry:

@@ -94,6 +94,7 @@ def train(
 def _rows() -> list[dict[str, Any]]:
     from optiplug.registry import list_optimizers, list_schedulers
 
+    registered: list[Any] = [*list_optimizers(), *list_schedulers()]
     return [
         {
             "name": row.name,
@@ -101,32 +102,66 @@ def _rows() -> list[dict[str, Any]]:
             "plugin": row.plugin,
             "summary": row.entry.summary,
             "requires": list(row.entry.requires),
+            "aliases": [
+                {"name": a.name, "preset": dict(a.preset), "transformers": a.transformers, "summary": a.summary}
+                for a in row.entry.aliases
+            ],
         }
-        for row in [*list_optimizers(), *list_schedulers()]
+        for row in registered
     ]
+
+
+def _with_aliases(row: dict[str, Any]) -> str:
+    """The summary, then the entry's other names: ``...; also: x; transformers: adamw_torch, adamw_torch_fused``."""
+    parts = [row["summary"]] if row["summary"] else []
+    for label, flag in (("also", False), ("transformers", True)):
+        names = [a["name"] for a in row["aliases"] if a["transformers"] is flag]
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    return "; ".join(parts)
+
+
+def _plugin_names(plugin: str) -> set[str]:
+    """What ``--plugin`` matches for a row's plugin: its name, and the default plugin's modules as ``optiplug``."""
+    return {plugin, plugin.split(":")[0]}
 
 
 @app.command("list")
 def list_(
+    pattern: str | None = typer.Argument(
+        None, metavar="[TEXT]", help="Only names (or aliases) containing TEXT, e.g. `optiplug list lion`."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     kind: str | None = typer.Option(None, "--kind", help="Only 'optimizer' or 'scheduler'."),
+    plugin: str | None = typer.Option(None, "--plugin", help="Only this plugin's entries."),
 ) -> None:
-    """List registered optimizers and schedulers with the plugin that registered each."""
+    """List registered optimizers and schedulers with the plugin that registered each, and their aliases."""
     rows = _rows()
     if kind is not None:
         if kind not in ("optimizer", "scheduler"):
             _fail(f"--kind must be 'optimizer' or 'scheduler', got {kind!r}")
         rows = [r for r in rows if r["kind"] == kind]
+    if plugin is not None:
+        known = sorted({name for r in _rows() for name in _plugin_names(r["plugin"])})
+        if plugin not in known:
+            _fail(f"--plugin {plugin!r} registered nothing; plugins with entries: {', '.join(known)}")
+        rows = [r for r in rows if plugin in _plugin_names(r["plugin"])]
+    if pattern is not None:
+        text = pattern.lower()
+        rows = [r for r in rows if any(text in n.lower() for n in [r["name"], *(a["name"] for a in r["aliases"])])]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    if not rows:
+        typer.echo("optiplug: no optimizer or scheduler matches", err=True)
+        _warn_failures()
+        return
     # Plain aligned columns: rendering a rich table would double this command's start-up time.
     columns = ("name", "kind", "plugin", "summary")
-    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]] if rows else [4, 4, 6]
-    for cells in [dict(zip(columns, columns)), *rows]:
+    widths = [max(len(c), *(len(r[c]) for r in rows)) for c in columns[:-1]]
+    for cells in [dict(zip(columns, columns)), *({**r, "summary": _with_aliases(r)} for r in rows)]:
         typer.echo("  ".join(str(cells[c]).ljust(w) for c, w in zip(columns, widths)) + "  " + cells["summary"])
-    if rows:
-        typer.echo(_counts(rows))
+    typer.echo(_counts(rows))
     _warn_failures()
 
 
@@ -177,24 +212,37 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def _find_name(name: str) -> Any:
+    """What ``name`` is: an optimizer or scheduler, or an alias of one (a transformers name if nothing else)."""
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import registry
+
+    for transformers in (False, True):
+        for kind in ("optimizer", "scheduler"):
+            try:
+                return registry.resolve(kind, name, transformers=transformers)
+            except UnknownNameError:
+                continue
+    names = registry.names("optimizer") + registry.names("scheduler")
+    aliases = [*registry.aliases("optimizer"), *registry.aliases("scheduler")]
+    raise UnknownNameError("optimizer or scheduler", name, names, also=aliases)
+
+
 @app.command()
-def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")) -> None:
-    """Show the config fields (type, default, description), plugin and required packages of NAME."""
+def show(name: str = typer.Argument(..., help="An optimizer or scheduler name, or an alias.")) -> None:
+    """Show the config fields (type, default, description), plugin, aliases and required packages of NAME."""
     from pydantic_core import PydanticUndefined
 
     from optiplug.configs import OptimizerConfig
-    from optiplug.errors import UnknownNameError
-    from optiplug.registry import lookup, optimizer_names, scheduler_names
 
-    row = None
-    for kind in ("optimizer", "scheduler"):
-        try:
-            row = lookup(kind, name)
-            break
-        except UnknownNameError:
-            continue
-    if row is None:
-        raise UnknownNameError("optimizer or scheduler", name, optimizer_names() + scheduler_names())
+    found = _find_name(name)
+    row = found.row
+    if found.alias is not None:
+        alias = found.alias
+        what = "transformers' name for " if alias.transformers else "an alias of "
+        typer.echo(f"{name}: {what}{row.kind} {row.name!r} with {alias.describe()}")
+        if alias.summary:
+            typer.echo(f"  {alias.summary}")
     config = row.entry.config
     typer.echo(f"{row.name}  ({row.kind}, plugin {row.plugin})")
     if row.entry.summary:
@@ -204,6 +252,9 @@ def show(name: str = typer.Argument(..., help="An optimizer or scheduler name.")
         typer.echo(f"  {doc.splitlines()[0]}")
     if row.entry.requires:
         typer.echo(f"  requires: {', '.join(row.entry.requires)}")
+    for alias in row.entry.aliases:
+        where = "transformers' name" if alias.transformers else "alias"
+        typer.echo(f"  {where} {alias.name}: {alias.describe()}" + (f" ({alias.summary})" if alias.summary else ""))
     if row.kind == "optimizer":
         per_parameter = row.entry.per_parameter
         typer.echo(f"  layerwise: {'supported' if per_parameter else 'not supported (the entry is not per-parameter)'}")
