@@ -257,3 +257,25 @@ def test_split_and_count_shapes_for_describe():
     assert optiplug.split_shapes(shapes, {"a"}) == ([shapes[0]], [shapes[1]])
     assert optiplug.count_shapes(shapes[:1], "matrix", "matrices") == "1 matrix (0.20M parameters)"
     assert optiplug.count_shapes(shapes) == "2 tensors (0.20M parameters)"
+
+
+def test_an_entry_declaring_whole_matrices_must_build_a_matrix_optimizer_under_fsdp2(temp_plugin):
+    from typing import Literal
+
+    from optiplug.factory import build_from_entry
+
+    class FakeConfig(optiplug.OptimizerConfig):
+        name: Literal["fake_matrices"] = "fake_matrices"
+
+    entry = optiplug.OptimizerEntry(
+        config=FakeConfig, build=lambda ctx, cfg: torch.optim.AdamW(ctx.param_groups()), whole_matrices=True
+    )
+    fsdp2 = optiplug.BuildContext(model=tiny_llama(), args=_args(fsdp="full_shard", world_size=2))
+    with pytest.raises(optiplug.PluginError) as error:
+        build_from_entry(entry, fsdp2, FakeConfig())
+    assert str(error.value) == (
+        "optimizer 'fake_matrices' declares whole_matrices=True, but its build returned AdamW, not an "
+        "optiplug.MatrixOptimizer: under FSDP2 it would update row shards as if they were whole matrices; fix the "
+        "plugin, or train without FSDP2"
+    )
+    build_from_entry(entry, optiplug.BuildContext(model=tiny_llama(), args=_args(world_size=2)), FakeConfig())  # DDP

@@ -16,13 +16,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from optiplug.errors import ConfigError
+from optiplug.errors import ConfigError, PluginError
 from optiplug.params import GROUP_ROLE
 
 if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape
+    from optiplug.entries import OptimizerEntry
 
-__all__ = ["check_whole_matrices", "count_shapes", "fsdp_version", "split_param_groups", "split_shapes"]
+__all__ = [
+    "check_built_for_fsdp2",
+    "check_whole_matrices",
+    "count_shapes",
+    "fsdp_version",
+    "split_param_groups",
+    "split_shapes",
+]
 
 
 def split_param_groups(
@@ -151,3 +159,26 @@ def count_shapes(shapes: Sequence[ParamShape], one: str = "tensor", many: str = 
     """``"14 matrices (0.43M parameters)"``: how many of ``shapes`` and their size, for an entry's ``describe``."""
     numel = sum(s.numel for s in shapes)
     return f"{len(shapes)} {one if len(shapes) == 1 else many} ({numel / 1e6:.2f}M parameters)"
+
+
+def check_built_for_fsdp2(entry: OptimizerEntry, optimizer: Any, ctx: BuildContext) -> None:
+    """After ``build``: under FSDP2 a ``whole_matrices`` entry must have built an ``optiplug.MatrixOptimizer``.
+
+    Anything else would run its whole-matrix update on each process's row shards, silently. The core
+    calls it on what every entry's ``build`` returns.
+
+    Raises:
+        PluginError: naming the entry and the class it built.
+    """
+    if not getattr(entry, "whole_matrices", False) or fsdp_version(ctx) != 2:
+        return
+    from optiplug.helpers import unwrap_optimizer
+    from optiplug.stepping import MatrixOptimizer
+
+    built = unwrap_optimizer(optimizer)
+    if not isinstance(built, MatrixOptimizer):
+        raise PluginError(
+            f"optimizer {entry.name!r} declares whole_matrices=True, but its build returned "
+            f"{type(built).__name__}, not an optiplug.MatrixOptimizer: under FSDP2 it would update row shards as if "
+            f"they were whole matrices; fix the plugin, or train without FSDP2"
+        )
