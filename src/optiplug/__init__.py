@@ -59,6 +59,17 @@ __version__ = "0.1.0"
 # kernel package; it is irrelevant to optiplug users and would be the first line of every run.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+
+def _not_cuda_only_noise(record: logging.LogRecord) -> bool:
+    """False for the lines torchao logs on every import on a machine without its CUDA extensions (transformers imports
+    torchao whenever it is installed), and torch's note about the enums torchao registers; True for anything else."""
+    message = record.getMessage()
+    return not (message.startswith("Failed to load ") and ".so" in message) and "is an Enum subclass" not in message
+
+
+logging.getLogger("torchao").addFilter(_not_cuda_only_noise)
+logging.getLogger("torch.utils._pytree").addFilter(_not_cuda_only_noise)
+
 _LAZY = {
     # the contract's Trainer side (imports transformers)
     "OptiTrainer": "optiplug.trainer",

@@ -73,7 +73,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "optiplug"
 DEFAULT_PLUGIN = "optiplug"
-DEFAULT_PLUGIN_MODULES = ("optiplug.builtin.optimizers", "optiplug.builtin.schedulers")
+DEFAULT_PLUGIN_MODULES = ("optiplug.builtin.optimizers", "optiplug.builtin.schedulers", "optiplug.builtin.transformers")
 """The default plugin, by module path. Each module may name its default entry in ``DEFAULT``."""
 
 KINDS = ("optimizer", "scheduler")

@@ -123,6 +123,37 @@ class CosineWithMinLrConfig(_Warmup):
         return f"cosine decay to {floor} over {steps} steps"
 
 
+class CosineWarmupWithMinLrConfig(CosineWithMinLrConfig):
+    """Cosine decay to a floor after a warmup that starts at ``warmup_lr_rate`` x the peak (not at 0)."""
+
+    name: Literal["cosine_warmup_with_min_lr"] = "cosine_warmup_with_min_lr"  # type: ignore[assignment]
+    warmup_lr_rate: float | None = Field(
+        None, ge=0, le=1, description="Where warmup starts, as a fraction of the peak (default: 1 / warmup steps)."
+    )
+
+
+class GreedyConfig(SchedulerConfig):
+    """GreedyLR (transformers): raise the rate while the evaluation metric improves, lower it while it does not.
+
+    Like ``reduce_lr_on_plateau`` it steps on the evaluation metric, so the run needs evaluation.
+    """
+
+    name: Literal["greedy"] = "greedy"
+    mode: Literal["min", "max"] = "min"
+    factor: float = Field(0.95, gt=0, lt=1, description="Multiply (or divide) the rate by this.")
+    patience: int = Field(10, ge=0)
+    threshold: float = Field(1e-6, ge=0)
+    threshold_mode: Literal["rel", "abs"] = "abs"
+    cooldown: int = Field(0, ge=0)
+    warmup: int = Field(0, ge=0, description="Evaluations during which the rate only increases.")
+    min_lr: float = Field(1e-3, ge=0)
+    max_lr: float = Field(1.0, gt=0)
+    eps: float = Field(1e-8, ge=0)
+    smooth: bool = Field(False, description="Smooth the metric over window_size evaluations.")
+    window_size: int = Field(50, ge=1)
+    reset_start: int = Field(500, ge=0)
+
+
 class WarmupStableDecayConfig(_Warmup):
     """Warmup, a stable phase, then decay (WSD).
 
@@ -234,6 +265,26 @@ def build_cosine_with_min_lr(ctx: ScheduleContext, cfg: CosineWithMinLrConfig):
     )
 
 
+def build_cosine_warmup_with_min_lr(ctx: ScheduleContext, cfg: CosineWarmupWithMinLrConfig):
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup_lr_rate
+
+    floor = {"min_lr": cfg.min_lr} if cfg.min_lr is not None else {"min_lr_rate": cfg.min_lr_rate}
+    return get_cosine_with_min_lr_schedule_with_warmup_lr_rate(
+        ctx.optimizer,
+        cfg.warmup(ctx),
+        ctx.num_training_steps,
+        num_cycles=cfg.num_cycles,
+        warmup_lr_rate=cfg.warmup_lr_rate,
+        **floor,
+    )
+
+
+def build_greedy(ctx: ScheduleContext, cfg: GreedyConfig):
+    from transformers.optimization import get_greedy_schedule
+
+    return get_greedy_schedule(ctx.optimizer, **cfg.model_dump(exclude={"name"}))
+
+
 def build_wsd(ctx: ScheduleContext, cfg: WarmupStableDecayConfig):
     from transformers.optimization import get_wsd_schedule
 
@@ -286,6 +337,13 @@ def describe_wsd(ctx: ScheduleContext, cfg: WarmupStableDecayConfig) -> str:
     )
     after = ctx.num_training_steps - warmup - stable - decay
     return line + (f", then {after} steps at the floor" if after > 0 else "")
+
+
+def describe_greedy(ctx: ScheduleContext, cfg: GreedyConfig) -> str:
+    return (
+        f"the rate times or divided by {cfg.factor:g} as the eval loss improves or not for {cfg.patience} "
+        f"evaluations (between {cfg.min_lr:g} and {cfg.max_lr:g})"
+    )
 
 
 def describe_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig) -> str:
@@ -366,5 +424,21 @@ def register_schedulers(register):
             describe=describe_plateau,
             build=build_plateau,
             summary="reduce on plateau of the eval metric",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=CosineWarmupWithMinLrConfig,
+            describe=describe_warmup,
+            build=build_cosine_warmup_with_min_lr,
+            summary="cosine decay to a floor, warmup from a floor",
+        )
+    )
+    register(
+        SchedulerEntry(
+            config=GreedyConfig,
+            describe=describe_greedy,
+            build=build_greedy,
+            summary="GreedyLR: follows the eval metric",
         )
     )

@@ -1,0 +1,86 @@
+"""optiplug-torchao: torchao's AdamW with 8-bit, 4-bit or FP8 moments.
+
+``torchao_adamw8bit`` and ``torchao_adamw4bit`` are transformers' ``adamw_torch_8bit`` and
+``adamw_torch_4bit``; ``torchao_adamwfp8`` has no transformers name. Each moment of a parameter
+with at least 4096 elements (and a whole number of blocks) is quantized blockwise; smaller ones
+stay in the parameter's dtype (torchao's rule). torchao compiles each parameter's update with
+``torch.compile`` (on a CPU that needs a C++ compiler; the first step of each shape pays for it).
+The state dict holds plain tensors, so the Trainer's ``weights_only`` resume reads it (torchao's
+own optimizers cannot be resumed that way). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import optiplug
+from optiplug_torchao.config import (
+    LowBitAdamWFields,
+    TorchaoAdamW4bitConfig,
+    TorchaoAdamW8bitConfig,
+    TorchaoAdamWFp8Config,
+)
+
+__all__ = ["TorchaoAdamW4bitConfig", "TorchaoAdamW8bitConfig", "TorchaoAdamWFp8Config", "register_optimizers"]
+__version__ = "0.1.0"
+
+MIN_QUANTIZED = 4096
+"""torchao quantizes a moment only when the parameter has at least this many elements."""
+
+
+def build(ctx: optiplug.BuildContext, cfg: LowBitAdamWFields) -> Any:
+    from optiplug_torchao.optim import build as build_torchao
+
+    return build_torchao(ctx, cfg)
+
+
+def quantized(shape: optiplug.ParamShape, cfg: LowBitAdamWFields) -> bool:
+    """Whether torchao quantizes the moments of ``shape`` (else they are plain tensors of its dtype)."""
+    return shape.numel >= MIN_QUANTIZED and shape.numel % cfg.block_size == 0
+
+
+def moment_bytes(shape: optiplug.ParamShape, cfg: LowBitAdamWFields) -> int:
+    """One moment of ``shape``: codes, one float32 scale per block and (8- and 4-bit) the map of its own."""
+    n = shape.numel
+    if not quantized(shape, cfg):
+        return n * shape.itemsize
+    scales = n // cfg.block_size * 4
+    if isinstance(cfg, TorchaoAdamW8bitConfig):
+        return n + scales + 256 * 4
+    if isinstance(cfg, TorchaoAdamW4bitConfig):
+        return n // 2 + scales + 16 * 4
+    return n + scales  # fp8: one byte a value, no map
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: LowBitAdamWFields) -> int:
+    """Two moments (three with amsgrad) per parameter and its float32 step."""
+    moments = 3 if cfg.amsgrad else 2
+    return sum(moments * moment_bytes(s, cfg) + optiplug.STEP_BYTES for s in shapes)
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: LowBitAdamWFields) -> str:
+    plain = [s for s in shapes if not quantized(s, cfg)]
+    return (
+        f"{len(shapes) - len(plain)} parameters: quantized moments (blocks of {cfg.block_size}); "
+        f"{len(plain)} unquantized (fewer than {MIN_QUANTIZED} elements or not a whole number of blocks)"
+    )
+
+
+def _entry(config: type[LowBitAdamWFields], summary: str) -> optiplug.OptimizerEntry:
+    return optiplug.OptimizerEntry(
+        config=config,
+        build=build,
+        summary=summary,
+        requires=("torchao",),
+        state_bytes=state_bytes,
+        describe=describe,
+        per_parameter=True,
+    )
+
+
+@optiplug.hookimpl
+def register_optimizers(register: Any) -> None:
+    register(_entry(TorchaoAdamW8bitConfig, "AdamW with 8-bit moments, torchao (weights_only resume)"))
+    register(_entry(TorchaoAdamW4bitConfig, "AdamW with 4-bit moments, torchao (weights_only resume)"))
+    register(_entry(TorchaoAdamWFp8Config, "AdamW with FP8 moments, torchao (weights_only resume)"))

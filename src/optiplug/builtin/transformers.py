@@ -1,0 +1,136 @@
+"""transformers' own optimizer and schedule: ``adafactor`` (transformers.optimization.Adafactor) and the
+``adafactor`` scheduler (its ``AdafactorSchedule``), and the install hints for transformers' names.
+
+``adafactor``'s defaults are what ``TrainingArguments(optim="adafactor")`` builds: an external
+learning rate (``relative_step=False``, ``scale_parameter=False``). With ``relative_step: true``
+Adafactor computes its own rate; the run must then use the ``adafactor`` scheduler, which only
+reports that rate (any other schedule would be silently ignored, so it is refused).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from optiplug.configs import OptimizerConfig, SchedulerConfig
+from optiplug.context import BuildContext, ParamShape, ScheduleContext
+from optiplug.entries import OptimizerEntry, SchedulerEntry
+from optiplug.errors import ConfigError
+from optiplug.hookspecs import hookimpl
+
+
+class AdafactorConfig(OptimizerConfig):
+    """Adafactor (factored second moments), transformers.optimization.Adafactor."""
+
+    name: Literal["adafactor"] = "adafactor"
+    lr: float | None = Field(1e-3, gt=0, description="External learning rate; null with relative_step.")
+    eps: tuple[float, float] = Field((1e-30, 1e-3), description="Regularizers of the squared gradient and the scale.")
+    clip_threshold: float = Field(1.0, gt=0, description="Threshold of the root-mean-square of the final update.")
+    decay_rate: float = Field(-0.8, lt=0, description="Exponent of the running average of the squared gradient.")
+    beta1: float | None = Field(None, ge=0, lt=1, description="First-moment coefficient (None: no first moment).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on biases and norms).")
+    scale_parameter: bool = Field(False, description="Scale the rate by the parameter's root-mean-square.")
+    relative_step: bool = Field(False, description="Compute a time-dependent rate instead of using lr.")
+    warmup_init: bool = Field(False, description="With relative_step, warm the rate up from 1e-6.")
+
+    @model_validator(mode="after")
+    def _one_rate(self):
+        if self.relative_step and self.lr is not None:
+            raise ValueError("relative_step computes the learning rate: set lr to null and the scheduler to adafactor")
+        if not self.relative_step and self.lr is None:
+            raise ValueError("lr is required unless relative_step is true")
+        if self.warmup_init and not self.relative_step:
+            raise ValueError("warmup_init needs relative_step: true")
+        return self
+
+
+def build_adafactor(ctx: BuildContext, cfg: AdafactorConfig):
+    from transformers.optimization import Adafactor
+
+    return Adafactor(
+        ctx.param_groups(cfg.weight_decay),
+        lr=cfg.lr,
+        eps=cfg.eps,
+        clip_threshold=cfg.clip_threshold,
+        decay_rate=cfg.decay_rate,
+        beta1=cfg.beta1,
+        scale_parameter=cfg.scale_parameter,
+        relative_step=cfg.relative_step,
+        warmup_init=cfg.warmup_init,
+    )
+
+
+def check_adafactor(ctx: BuildContext, cfg: AdafactorConfig) -> None:
+    schedule = getattr(getattr(ctx.trainer, "scheduler_config", None), "name", None)
+    if cfg.relative_step and schedule not in (None, "adafactor"):
+        raise ConfigError(
+            f"adafactor with relative_step: true computes its own learning rate, so the scheduler {schedule!r} would "
+            "be ignored: set scheduler.name to adafactor (it reports Adafactor's rate)"
+        )
+    if not cfg.relative_step and schedule == "adafactor":
+        raise ConfigError(
+            "the adafactor scheduler reports the rate Adafactor computes with relative_step: true; with an external "
+            "lr choose another scheduler, or set optimizer.relative_step: true and optimizer.lr: null"
+        )
+
+
+def adafactor_state_bytes(shapes: Sequence[ParamShape], cfg: AdafactorConfig) -> int:
+    """Per parameter: a row and a column average for matrices (a full average for vectors), a first moment with
+    ``beta1``; in the parameter's dtype. The step and RMS are Python numbers (no tensor)."""
+    total = 0
+    for s in shapes:
+        if len(s.shape) >= 2:
+            rows = math.prod(s.shape[:-1])
+            cols = math.prod(s.shape[:-2]) * s.shape[-1]
+            total += (rows + cols) * s.itemsize
+        else:
+            total += s.numel * s.itemsize
+        if cfg.beta1 is not None:
+            total += s.numel * s.itemsize
+    return total
+
+
+class AdafactorScheduleConfig(SchedulerConfig):
+    """Reports the rate Adafactor computes with ``relative_step: true`` (transformers' AdafactorSchedule)."""
+
+    name: Literal["adafactor"] = "adafactor"
+    initial_lr: float = Field(0.0, ge=0, description="The rate reported before the first step.")
+
+
+def build_adafactor_schedule(ctx: ScheduleContext, cfg: AdafactorScheduleConfig):
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    if not isinstance(ctx.optimizer, Adafactor) or not all(g["relative_step"] for g in ctx.optimizer.param_groups):
+        raise ConfigError(
+            "scheduler 'adafactor' reports the rate of the adafactor optimizer with relative_step: true; "
+            f"the optimizer is {type(ctx.optimizer).__name__}: choose another scheduler"
+        )
+    return AdafactorSchedule(ctx.optimizer, initial_lr=cfg.initial_lr)
+
+
+@hookimpl
+def register_optimizers(register):
+    register(
+        OptimizerEntry(
+            config=AdafactorConfig,
+            build=build_adafactor,
+            summary="Adafactor, transformers (external lr by default, as TrainingArguments builds it)",
+            check=check_adafactor,
+            state_bytes=adafactor_state_bytes,
+            per_parameter=True,
+        )
+    )
+
+
+@hookimpl
+def register_schedulers(register):
+    register(
+        SchedulerEntry(
+            config=AdafactorScheduleConfig,
+            build=build_adafactor_schedule,
+            summary="the rate Adafactor computes (relative_step)",
+        )
+    )
