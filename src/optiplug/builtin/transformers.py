@@ -19,6 +19,7 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
 from optiplug.entries import OptimizerEntry, SchedulerEntry
 from optiplug.errors import ConfigError
+from optiplug.helpers import STEP_BYTES
 from optiplug.hookspecs import hookimpl
 
 
@@ -79,7 +80,7 @@ def check_adafactor(ctx: BuildContext, cfg: AdafactorConfig) -> None:
 
 def adafactor_state_bytes(shapes: Sequence[ParamShape], cfg: AdafactorConfig) -> int:
     """Per parameter: a row and a column average for matrices (a full average for vectors), a first moment with
-    ``beta1``; in the parameter's dtype. The step and RMS are Python numbers (no tensor)."""
+    ``beta1``; in the parameter's dtype; and the parameter's RMS, a float32 scalar tensor (the step is an int)."""
     total = 0
     for s in shapes:
         if len(s.shape) >= 2:
@@ -90,6 +91,7 @@ def adafactor_state_bytes(shapes: Sequence[ParamShape], cfg: AdafactorConfig) ->
             total += s.numel * s.itemsize
         if cfg.beta1 is not None:
             total += s.numel * s.itemsize
+        total += STEP_BYTES
     return total
 
 
