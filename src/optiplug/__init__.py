@@ -52,6 +52,7 @@ from optiplug.registry import (
 )
 from optiplug.shapes import effective_rank, low_rank_shape, projection_sides, projector_numel
 from optiplug.targets import TargetModules, select_target_modules, target_parameters, target_shapes
+from optiplug.transformers_args import ADAM_ARGUMENTS, transformers_fields
 
 __version__ = "0.1.0"
 
@@ -97,6 +98,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "ADAM_ARGUMENTS",
     "GROUP_ROLE",
     "STEP_BYTES",
     "TRAINING_ARGUMENT_FIELDS",
@@ -167,6 +169,7 @@ __all__ = [
     "target_shapes",
     "tensor_bytes",
     "train",
+    "transformers_fields",
     "unwrap_optimizer",
 ]
 

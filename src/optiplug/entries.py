@@ -43,12 +43,18 @@ class Alias:
             alias may share its name with a canonical entry (transformers' ``sgd`` is optiplug's ``sgd``
             with ``momentum=0``): the transformers arguments look at transformers aliases first, a
             config's ``name`` looks at canonical names first.
+        arguments: for a transformers alias, ``arguments(args, optim_args) -> fields``: the config fields
+            transformers' Trainer takes from ``TrainingArguments`` and the parsed ``optim_args`` for this name,
+            with its defaults (``optiplug.transformers_fields`` builds the usual ones). None: the learning rate,
+            Adam betas and epsilon and weight decay the config has fields for, and each ``optim_args`` key as
+            the field of that name.
     """
 
     name: str
     preset: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
     transformers: bool = False
+    arguments: Callable[[Any, Mapping[str, str]], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -31,7 +31,6 @@ from optiplug.registry import (
     get_scheduler_entry,
     parse_optimizer,
     parse_scheduler,
-    registry,
 )
 
 __all__ = ["OptiTrainer", "OptiTrainerMixin"]
@@ -62,19 +61,59 @@ def layerwise_patches(cfg: Any) -> list[Patch]:
     return [Patch("accelerator", "clip_grad_norm_", _layerwise_clip_grad_norm, reason)]
 
 
+def _optim_name(args: Any) -> str:
+    return str(getattr(args.optim, "value", args.optim))
+
+
 def _optimizer_from_args(args: Any) -> OptimizerConfig:
-    """The default optimizer with the ``TrainingArguments`` values it owns (learning rate, betas, eps, weight decay)."""
-    name = registry.default_name("optimizer")
-    fields = get_entry(name).config.model_fields
-    wanted: dict[str, Any] = {}
-    for key, (field, index) in TRAINING_ARGUMENT_FIELDS.items():
-        if field not in fields:
-            continue
-        if index is None:
-            wanted[field] = getattr(args, key)
-        else:
-            wanted.setdefault(field, list(fields[field].default))[index] = getattr(args, key)
-    return parse_optimizer(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in wanted.items()})
+    """The optimizer transformers' Trainer would build for ``args.optim``, ``optim_args`` and
+    ``optim_target_modules``: the entry whose transformers alias has that name, with the values transformers
+    takes (learning rate, betas, eps, weight decay, its defaults and ``optim_args``), or a one-line refusal."""
+    from optiplug.builtin.transformers import transformers_hint
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import registry as the_registry
+    from optiplug.transformers_args import parse_optim_args, transformers_fields
+
+    name = _optim_name(args)
+    try:
+        found = the_registry.resolve("optimizer", name, transformers=True)
+    except UnknownNameError:
+        found = None
+    alias = found.alias if found is not None else None
+    if found is None or alias is None or not alias.transformers:
+        raise ConfigError(transformers_hint(name, found.row.plugin if found is not None else None))
+    optim_args = parse_optim_args(getattr(args, "optim_args", None))
+    if alias.arguments is not None:
+        fields = dict(alias.arguments(args, optim_args))
+    else:
+        known = found.row.entry.config.model_fields
+        fields = {k: v for k, v in transformers_fields(args, {}).items() if k in known}
+        fields.update(optim_args)
+    targets = getattr(args, "optim_target_modules", None)
+    if targets is not None and "target_modules" in found.row.entry.config.model_fields:
+        fields.setdefault("target_modules", targets)
+    try:
+        return the_registry.parse("optimizer", name, fields, transformers=True)
+    except ConfigError as error:
+        raise ConfigError(f"TrainingArguments.optim={name!r} (with optim_args {optim_args}): {error}") from None
+
+
+def _check_optim_agrees(args: Any, cfg: OptimizerConfig) -> None:
+    """``optimizer=`` with a non-default ``args.optim`` naming another optimizer is an error (one line)."""
+    from optiplug.errors import OptiplugError
+
+    name, default = _optim_name(args), _argument_defaults(args).get("optim")
+    if name == str(getattr(default, "value", default)):
+        return
+    try:
+        chosen = _optimizer_from_args(args)
+    except OptiplugError:
+        chosen = None
+    if chosen is None or chosen.name != cfg.name:
+        raise ConfigError(
+            f"TrainingArguments.optim={name!r} and optimizer={cfg.name!r} disagree: the optimizer section selects "
+            "the optimizer; leave TrainingArguments.optim at its default (or drop optimizer= to use it)"
+        )
 
 
 def _argument_defaults(args: Any) -> dict[str, Any]:
@@ -183,6 +222,7 @@ class OptiTrainerMixin(_TrainerBase):
             _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)
         )
         if optimizer is not None:
+            _check_optim_agrees(self.args, self.optimizer_config)
             _warn_ignored_arguments(self.args, self.optimizer_config)
         for callback in self._plugin_callbacks():
             self.add_callback(callback)

@@ -8,6 +8,7 @@ them updates each parameter from its own gradient and state only, so every entry
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -15,9 +16,10 @@ from pydantic import Field, model_validator
 
 from optiplug.configs import OptimizerConfig
 from optiplug.context import BuildContext, ParamShape
-from optiplug.entries import OptimizerEntry
+from optiplug.entries import Alias, OptimizerEntry
 from optiplug.helpers import AdamFields, Kernel, LearningRate, adam_state_bytes, kernel_kwargs, moment_bytes
 from optiplug.hookspecs import hookimpl
+from optiplug.transformers_args import transformers_fields
 
 DEFAULT = "adamw"
 """What an optimizer section without a name selects."""
@@ -206,6 +208,11 @@ def build_adamax(ctx: BuildContext, cfg: AdamaxConfig):
     return torch.optim.Adamax(ctx.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+# transformers passes these the learning rate (weight decay through the groups) and optim_args; SGD's momentum is 0.
+_HF_LR_AND_DECAY = functools.partial(transformers_fields, take=("learning_rate", "weight_decay"))
+_HF_SGD = functools.partial(transformers_fields, take=("learning_rate", "weight_decay"), defaults={"momentum": 0.0})
+
+
 @hookimpl
 def register_optimizers(register):
     register(
@@ -213,6 +220,10 @@ def register_optimizers(register):
             config=AdamWConfig,
             build=build_adamw,
             summary="AdamW, torch (fused where supported)",
+            aliases=(
+                Alias("adamw_torch", transformers=True),
+                Alias("adamw_torch_fused", {"implementation": "fused"}, transformers=True),
+            ),
             state_bytes=adam_state_bytes,
             per_parameter=True,
         )
@@ -227,6 +238,7 @@ def register_optimizers(register):
             config=SGDConfig,
             build=build_sgd,
             summary="SGD with momentum, torch",
+            aliases=(Alias("sgd", transformers=True, arguments=_HF_SGD),),
             state_bytes=sgd_state_bytes,
             per_parameter=True,
         )
@@ -236,6 +248,7 @@ def register_optimizers(register):
             config=AdagradConfig,
             build=build_adagrad,
             summary="Adagrad, torch",
+            aliases=(Alias("adagrad", transformers=True, arguments=_HF_LR_AND_DECAY),),
             state_bytes=one_moment_state_bytes,
             per_parameter=True,
         )
@@ -245,6 +258,7 @@ def register_optimizers(register):
             config=RMSpropConfig,
             build=build_rmsprop,
             summary="RMSprop, torch",
+            aliases=(Alias("rmsprop", transformers=True, arguments=_HF_LR_AND_DECAY),),
             state_bytes=rmsprop_state_bytes,
             per_parameter=True,
         )

@@ -9,6 +9,8 @@ reports that rate (any other schedule would be silently ignored, so it is refuse
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -17,10 +19,11 @@ from pydantic import Field, model_validator
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import OptimizerEntry, SchedulerEntry
+from optiplug.entries import Alias, OptimizerEntry, SchedulerEntry
 from optiplug.errors import ConfigError
 from optiplug.helpers import STEP_BYTES
 from optiplug.hookspecs import hookimpl
+from optiplug.transformers_args import transformers_fields
 
 
 class AdafactorConfig(OptimizerConfig):
@@ -121,6 +124,13 @@ def register_optimizers(register):
             build=build_adafactor,
             summary="Adafactor, transformers (external lr by default, as TrainingArguments builds it)",
             check=check_adafactor,
+            aliases=(
+                Alias(
+                    "adafactor",
+                    transformers=True,
+                    arguments=functools.partial(transformers_fields, take=("learning_rate", "weight_decay")),
+                ),
+            ),
             state_bytes=adafactor_state_bytes,
             per_parameter=True,
         )
@@ -135,4 +145,53 @@ def register_schedulers(register):
             build=build_adafactor_schedule,
             summary="the rate Adafactor computes (relative_step)",
         )
+    )
+
+
+# ---- transformers' TrainingArguments.optim names that no installed plugin maps ---------------------------------
+
+_INSTALL = {
+    "optiplug-bitsandbytes": (
+        "adamw_bnb_8bit adamw_8bit paged_adamw_32bit paged_adamw_8bit ademamix ademamix_8bit paged_ademamix_32bit "
+        "paged_ademamix_8bit lion_8bit lion_32bit paged_lion_32bit paged_lion_8bit rmsprop_bnb rmsprop_bnb_8bit "
+        "rmsprop_bnb_32bit"
+    ),
+    "optiplug-torchao": "adamw_torch_4bit adamw_torch_8bit",
+    "optiplug-galore": "galore_adamw galore_adamw_8bit galore_adafactor galore_adamw_layerwise "
+    "galore_adamw_8bit_layerwise galore_adafactor_layerwise",
+    "optiplug-apollo": "apollo_adamw apollo_adamw_layerwise",
+    "optiplug-schedulefree": "schedule_free_adamw schedule_free_sgd schedule_free_radam",
+}
+_REFUSED = {
+    "adamw_torch_xla": "is torch_xla's AdamW for TPUs, and torch_xla is not installed: use adamw_torch_fused",
+    "adamw_torch_npu_fused": "is torch_npu's fused AdamW for Ascend NPUs, and torch_npu is not installed: use "
+    "adamw_torch_fused",
+    "adamw_anyprecision": "needs torchdistx's AnyPrecisionAdamW, which is not installable from PyPI: use "
+    "adamw_torch_fused (or bf16 moments with another optimizer)",
+}
+
+
+def transformers_hint(name: str, plugin: str | None = None) -> str:
+    """One line for a ``TrainingArguments.optim`` name no installed entry maps: what to install or use instead."""
+    head = f"TrainingArguments.optim={name!r}"
+    if name in _REFUSED:
+        return f"{head} {_REFUSED[name]}"
+    if plugin is not None:
+        return (
+            f"{head}: plugin {plugin!r} registers {name!r} but declares no transformers mapping for it (transformers' "
+            f"Trainer builds it with other defaults); select it explicitly: optimizer={{'name': {name!r}, ...}}"
+        )
+    for distribution, names in _INSTALL.items():
+        if name in names.split():
+            try:
+                importlib.metadata.distribution(distribution)
+            except importlib.metadata.PackageNotFoundError:
+                return f"{head} needs the plugin {distribution}: pip install {distribution}"
+            return (
+                f"{head}: plugin {distribution!r} is installed but declares no transformers mapping for {name!r} "
+                "(transformers' Trainer builds it with other defaults); select its optimizer explicitly (optiplug list)"
+            )
+    return (
+        f"{head} is not mapped by any installed optiplug plugin: select an optimizer explicitly "
+        "(optimizer=NAME; `optiplug list`), or train with transformers.Trainer"
     )

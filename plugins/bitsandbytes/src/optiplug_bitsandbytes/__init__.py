@@ -9,8 +9,9 @@ importing bitsandbytes looks a kernel up on the model hub, so it happens inside 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optiplug
@@ -71,8 +72,56 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: BnbFields) -> str:
     )
 
 
+_LR_BETAS_DECAY = ("learning_rate", "adam_beta1", "adam_beta2", "weight_decay")
+_ARGUMENTS: dict[str, Any] = {
+    "bnb_adamw": functools.partial(optiplug.transformers_fields),  # lr, betas, eps, weight decay
+    "bnb_lion": functools.partial(optiplug.transformers_fields, take=_LR_BETAS_DECAY),
+    "bnb_rmsprop": functools.partial(optiplug.transformers_fields, take=("learning_rate", "weight_decay")),
+}
+
+
+def ademamix_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str, Any]:
+    """transformers' AdEMAMix: betas from optim_args beta1/beta2/beta3 (else the Adam betas and 0.9999)."""
+    fields = optiplug.transformers_fields(args, {}, take=("learning_rate", "adam_epsilon", "weight_decay"))
+    betas = (optim_args.get("beta1", args.adam_beta1), optim_args.get("beta2", args.adam_beta2))
+    fields["betas"] = (*betas, optim_args.get("beta3", 0.9999))
+    rest = {k: v for k, v in optim_args.items() if k not in ("beta1", "beta2", "beta3")}
+    return {**fields, **rest}
+
+
+_ARGUMENTS["bnb_ademamix"] = ademamix_arguments
+TRANSFORMERS_NAMES = {
+    "bnb_adamw": {
+        "adamw_bnb_8bit": {"bits": 8},
+        "adamw_8bit": {"bits": 8},
+        "paged_adamw_32bit": {"bits": 32, "paged": True},
+        "paged_adamw_8bit": {"bits": 8, "paged": True},
+    },
+    "bnb_lion": {
+        "lion_32bit": {"bits": 32},
+        "lion_8bit": {"bits": 8},
+        "paged_lion_32bit": {"bits": 32, "paged": True},
+        "paged_lion_8bit": {"bits": 8, "paged": True},
+    },
+    "bnb_ademamix": {
+        "ademamix": {"bits": 32},
+        "ademamix_8bit": {"bits": 8},
+        "paged_ademamix_32bit": {"bits": 32, "paged": True},
+        "paged_ademamix_8bit": {"bits": 8, "paged": True},
+    },
+    "bnb_rmsprop": {"rmsprop_bnb": {"bits": 32}, "rmsprop_bnb_8bit": {"bits": 8}, "rmsprop_bnb_32bit": {"bits": 32}},
+}
+"""transformers' names for each entry, with the fields they fix (transformers' rmsprop_bnb is 32-bit)."""
+
+
 def _entry(config: type[BnbFields], summary: str) -> optiplug.OptimizerEntry:
+    name = optiplug.OptimizerEntry(config=config, build=build).name
+    aliases = tuple(
+        optiplug.Alias(alias, preset, transformers=True, arguments=_ARGUMENTS[name])
+        for alias, preset in TRANSFORMERS_NAMES[name].items()
+    )
     return optiplug.OptimizerEntry(
+        aliases=aliases,
         config=config,
         build=build,
         summary=summary,

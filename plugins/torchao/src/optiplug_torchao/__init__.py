@@ -11,6 +11,7 @@ own optimizers cannot be resumed that way). Importing this module does not impor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,8 +68,12 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: LowBitAdamWFields) -> s
     )
 
 
-def _entry(config: type[LowBitAdamWFields], summary: str) -> optiplug.OptimizerEntry:
+def _entry(config: type[LowBitAdamWFields], summary: str, transformers: str | None = None) -> optiplug.OptimizerEntry:
+    # transformers passes the Adam values, block_size 256 (also for 4-bit, whose torchao default is 128) and optim_args
+    arguments = functools.partial(optiplug.transformers_fields, defaults={"block_size": 256})
+    aliases = (optiplug.Alias(transformers, transformers=True, arguments=arguments),) if transformers else ()
     return optiplug.OptimizerEntry(
+        aliases=aliases,
         config=config,
         build=build,
         summary=summary,
@@ -81,6 +86,10 @@ def _entry(config: type[LowBitAdamWFields], summary: str) -> optiplug.OptimizerE
 
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
-    register(_entry(TorchaoAdamW8bitConfig, "AdamW with 8-bit moments, torchao (weights_only resume)"))
-    register(_entry(TorchaoAdamW4bitConfig, "AdamW with 4-bit moments, torchao (weights_only resume)"))
+    register(
+        _entry(TorchaoAdamW8bitConfig, "AdamW with 8-bit moments, torchao (weights_only resume)", "adamw_torch_8bit")
+    )
+    register(
+        _entry(TorchaoAdamW4bitConfig, "AdamW with 4-bit moments, torchao (weights_only resume)", "adamw_torch_4bit")
+    )
     register(_entry(TorchaoAdamWFp8Config, "AdamW with FP8 moments, torchao (weights_only resume)"))

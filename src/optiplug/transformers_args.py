@@ -1,0 +1,74 @@
+"""What transformers' ``TrainingArguments`` mean for the registry: ``optim`` + ``optim_args`` -> an optimizer config.
+
+``TrainingArguments.optim`` names are aliases (``optiplug.Alias(..., transformers=True)``) declared by the
+entries that provide them; an alias's ``arguments(args, optim_args)`` says which values transformers' own
+Trainer takes for that name (:func:`transformers_fields` builds the usual ones). Importing this module does
+not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from optiplug.errors import ConfigError
+from optiplug.helpers import TRAINING_ARGUMENT_FIELDS
+
+__all__ = ["ADAM_ARGUMENTS", "parse_optim_args", "transformers_fields"]
+
+ADAM_ARGUMENTS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
+"""What transformers passes to an Adam-family optimizer: the rate, betas, epsilon (and weight decay via groups)."""
+
+
+def parse_optim_args(text: str | None) -> dict[str, str]:
+    """``"rank=8, scale=0.25"`` -> ``{"rank": "8", "scale": "0.25"}`` (transformers' own parsing).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    parsed: dict[str, str] = {}
+    for item in filter(None, (text or "").replace(" ", "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"TrainingArguments.optim_args: expected KEY=VALUE items separated by commas, got {item!r}"
+            )
+        parsed[key] = value
+    return parsed
+
+
+def transformers_fields(
+    args: Any,
+    optim_args: Mapping[str, str],
+    *,
+    take: Iterable[str] = ADAM_ARGUMENTS,
+    defaults: Mapping[str, Any] | None = None,
+    keys: Mapping[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """The config fields transformers' Trainer uses for ``args``: an alias's ``arguments`` in one call.
+
+    Args:
+        args: the ``TrainingArguments``.
+        optim_args: the parsed ``args.optim_args``.
+        take: the ``TrainingArguments`` fields transformers passes for this name (of ``ADAM_ARGUMENTS``).
+        defaults: transformers' defaults for this name where they differ from the entry's (``optim_args``
+            may change them, unlike an alias's preset).
+        keys: ``optim_args`` keys to rename (``{"proj": "projection"}``) or to drop (None: transformers
+            ignores it too); any other key is the config field of its name (values are validated as
+            that field's type).
+    """
+    fields: dict[str, Any] = {}
+    betas = [getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)]
+    for key in take:
+        field, index = TRAINING_ARGUMENT_FIELDS[key]
+        if index is None:
+            fields[field] = getattr(args, key)
+        else:
+            fields[field] = tuple(betas)
+    fields.update(defaults or {})
+    renames = dict(keys or {})
+    for key, value in optim_args.items():
+        target = renames.get(key, key)
+        if target is not None:
+            fields[target] = value
+    return fields
