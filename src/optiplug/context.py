@@ -139,8 +139,8 @@ class BuildContext:
         return int(os.environ.get("WORLD_SIZE", "1"))
 
     @property
-    def deepspeed_stage(self) -> int | None:
-        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+    def deepspeed_config(self) -> dict[str, Any] | None:
+        """The DeepSpeed config (``"auto"`` values filled in once transformers read it), or None without DeepSpeed."""
         ds = getattr(self.args, "deepspeed", None)
         if not ds:
             return None
@@ -148,6 +148,14 @@ class BuildContext:
         config = getattr(plugin, "config", None)
         if config is None:
             config = ds if isinstance(ds, dict) else _read_json(ds)
+        return dict(config)
+
+    @property
+    def deepspeed_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage, or None without DeepSpeed."""
+        config = self.deepspeed_config
+        if config is None:
+            return None
         return int(config.get("zero_optimization", {}).get("stage", 0))
 
     @property

@@ -108,13 +108,77 @@ def test_the_trainer_arguments_scheduler_and_warmup_are_checked_without_a_schedu
     optiplug.build_optimizer(model, "schedule_free_adamw")  # no trainer, no arguments: nothing to refuse
 
 
-@pytest.mark.parametrize(("flag", "engine"), [("is_deepspeed_enabled", "DeepSpeed"), ("is_fsdp_enabled", "FSDP")])
-def test_sharded_engines_are_refused(flag, engine):
-    trainer = SimpleNamespace(accelerator=object(), scheduler_config=SimpleNamespace(name="constant"), **{flag: True})
-    ctx = optiplug.BuildContext(model=tiny_llama(), trainer=trainer)
-    entry = optiplug.get_entry("schedule_free_radam")
-    with pytest.raises(optiplug.ConfigError, match=f"^schedule_free_radam: {engine} is not supported.*DDP$"):
-        entry.check(ctx, entry.config())
+# The DeepSpeed set-ups whose copy of the weights the switch cannot reach (ZeRO stages 1-3 train: see
+# test_schedulefree_sharded.py), with the config that asks for each and the Trainer's half-precision flags.
+REFUSED_DEEPSPEED = {
+    "stage 0, bf16": (
+        {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},
+        {},
+        "schedule_free_radam: DeepSpeed ZeRO stage 0 with fp16/bf16 steps fp32 master weights that the switch between "
+        "the training point y and the saved weights x cannot reach: set zero_optimization.stage to 1, 2 or 3",
+    ),
+    "stage 0, fp16 auto": (
+        {"zero_optimization": {"stage": 0}, "fp16": {"enabled": "auto"}},
+        {"fp16": True},
+        "schedule_free_radam: DeepSpeed ZeRO stage 0 with fp16/bf16 steps fp32 master weights that the switch between "
+        "the training point y and the saved weights x cannot reach: set zero_optimization.stage to 1, 2 or 3",
+    ),
+    "elastic checkpoint": (
+        {"zero_optimization": {"stage": 2, "elastic_checkpoint": True}},
+        {},
+        "schedule_free_radam: DeepSpeed's elastic_checkpoint saves only the per-parameter state tensors, not "
+        "schedule-free's per-group averaging weights and step count, so a resumed run would restart its average: set "
+        "zero_optimization.elastic_checkpoint to false",
+    ),
+    "nvme": (
+        {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+        {},
+        "schedule_free_radam: DeepSpeed's NVMe offload swaps the weights out between steps, where the switch between "
+        "the training point y and the saved weights x cannot reach them: offload to cpu or not at all "
+        "(zero_optimization.offload_param.device is nvme)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_DEEPSPEED)
+def test_deepspeed_set_ups_the_switch_cannot_reach_are_refused(case):
+    from optiplug_schedulefree import check_deepspeed
+
+    config, flags, message = REFUSED_DEEPSPEED[case]
+    with pytest.raises(optiplug.ConfigError) as error:
+        check_deepspeed("schedule_free_radam", config, SimpleNamespace(**{"fp16": False, "bf16": False, **flags}))
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_zero_stages_and_fsdp_pass_the_check(stage):
+    from optiplug_schedulefree import check_deepspeed
+
+    config = {
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+        "bf16": {"enabled": "auto"},
+    }
+    check_deepspeed("schedule_free_adamw", config, SimpleNamespace(fp16=False, bf16=stage > 0))
+    trainer = SimpleNamespace(accelerator=object(), scheduler_config=SimpleNamespace(name="constant"),
+                              is_deepspeed_enabled=False, is_fsdp_enabled=True)  # fmt: skip
+    entry = optiplug.get_entry("schedule_free_adamw")
+    entry.check(optiplug.BuildContext(model=tiny_llama(), trainer=trainer), entry.config())
+
+
+def test_an_engine_with_its_own_copy_of_the_weights_is_refused_never_silently_missed():
+    from optiplug_schedulefree.engines import EngineWeights, engine_weights
+
+    class AnotherEngineOptimizer:
+        """Holds the optimizer the way DeepSpeed's wrappers do, with weights the plugin does not know how to reach."""
+
+    with pytest.raises(optiplug.ConfigError) as error:
+        engine_weights("schedule_free_sgd", AnotherEngineOptimizer())
+    assert str(error.value) == (
+        "schedule_free_sgd: the optimizer runs inside AnotherEngineOptimizer, which steps its own copy of the weights; "
+        "the switch between the training point y and the saved weights x is wired for DeepSpeed ZeRO stages 1-3 only: "
+        "train with DDP, FSDP or a DeepSpeed ZeRO stage from 1 to 3"
+    )
+    assert type(engine_weights("schedule_free_sgd", None)) is EngineWeights  # the model's own weights: nothing to do
 
 
 # ---- the switch and the state ----

@@ -19,8 +19,15 @@ from optiplug_schedulefree.config import (
     ScheduleFreeRAdamConfig,
     ScheduleFreeSGDConfig,
 )
+from optiplug_schedulefree.engines import NVME
 
-__all__ = ["ScheduleFreeAdamWConfig", "ScheduleFreeRAdamConfig", "ScheduleFreeSGDConfig", "register_optimizers"]
+__all__ = [
+    "ScheduleFreeAdamWConfig",
+    "ScheduleFreeRAdamConfig",
+    "ScheduleFreeSGDConfig",
+    "check_deepspeed",
+    "register_optimizers",
+]
 __version__ = "0.1.0"
 
 
@@ -61,20 +68,45 @@ def check(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> None:
             f"{name}: the Trainer's warmup_steps/warmup_ratio are set, and the constant scheduler ignores them: the "
             f"optimizer warms up by itself ({warmup}); set the Trainer's warmup to 0"
         )
-    engine = {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}.get(ctx.distributed)
-    if engine is not None:
+    if ctx.distributed == "deepspeed":
+        check_deepspeed(name, ctx.deepspeed_config or {}, ctx.args)
+
+
+def _enabled(config: dict[str, Any], key: str, args: Any) -> bool:
+    """DeepSpeed's ``fp16``/``bf16`` section is on (``"auto"``: as the Trainer's argument of the same name says)."""
+    enabled = config.get(key, {}).get("enabled", False)
+    return bool(getattr(args, key, False)) if enabled == "auto" else bool(enabled)
+
+
+def check_deepspeed(name: str, config: dict[str, Any], args: Any) -> None:
+    """Refuse the DeepSpeed set-ups whose copy of the weights the switch cannot reach (ZeRO stages 1-3 train).
+
+    Schedule-free is elementwise, so DeepSpeed's flat partitions change nothing in its step; what matters is
+    that every switch between y and x reaches the model's weights (see :mod:`optiplug_schedulefree.engines`).
+    """
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    if stage == 0 and (_enabled(config, "fp16", args) or _enabled(config, "bf16", args)):
         raise optiplug.ConfigError(
-            f"{name}: {engine} is not supported: it shards the parameters the optimizer steps, and the exact switch "
-            "between the training point y and the saved weights x (and the y kept in checkpoints) is not wired "
-            "through its shards; train in one process or with DDP"
+            f"{name}: DeepSpeed ZeRO stage 0 with fp16/bf16 steps fp32 master weights that the switch between the "
+            "training point y and the saved weights x cannot reach: set zero_optimization.stage to 1, 2 or 3"
         )
+    if zero.get("elastic_checkpoint"):
+        raise optiplug.ConfigError(
+            f"{name}: DeepSpeed's elastic_checkpoint saves only the per-parameter state tensors, not schedule-free's "
+            "per-group averaging weights and step count, so a resumed run would restart its average: set "
+            "zero_optimization.elastic_checkpoint to false"
+        )
+    nvme = [key for key in ("offload_optimizer", "offload_param") if (zero.get(key) or {}).get("device") == "nvme"]
+    if nvme:
+        raise optiplug.ConfigError(f"{name}: {NVME} (zero_optimization.{nvme[0]}.device is nvme)")
 
 
 def callbacks(cfg: ScheduleFreeConfig) -> list[Any]:
-    """The callback that leaves the model at x when training ends."""
+    """The callback that wires the switch through the engine and leaves the model at x when training ends."""
     from optiplug_schedulefree.callback import ScheduleFreeCallback
 
-    return [ScheduleFreeCallback()]
+    return [ScheduleFreeCallback(cfg.name)]
 
 
 def _saving_x(trainer: Any, original: Any) -> Any:

@@ -5,7 +5,9 @@ before evaluation, never before saving, so its checkpoints hold the training poi
 plugin's patch wraps the trainer's ``save_model`` (which writes every checkpoint's weights and
 the output directory) in ``eval()``/``train()``; with the plugin's exact switch the run goes on
 bit for bit as if nothing was saved. Its callback puts the model at x when training ends, so a
-``save_model``, ``evaluate`` or ``push_to_hub`` after ``train()`` sees x too.
+``save_model``, ``evaluate`` or ``push_to_hub`` after ``train()`` sees x too; when training begins,
+it finds the engine around the optimizer (DeepSpeed's ZeRO optimizer steps fp32 copies of the
+weights) so that the switch reaches the model's weights (:mod:`optiplug_schedulefree.engines`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+import optiplug
+from optiplug_schedulefree.engines import engine_weights
 from optiplug_schedulefree.optim import schedule_free_optimizer
 
 
 class ScheduleFreeCallback(TrainerCallback):
-    """At the end of training, switch the model to x (the optimizer to eval mode); the next step switches back."""
+    """Wire the switch through the engine when training begins; at the end of training, switch the model to x
+    (the optimizer to eval mode); the next step switches back."""
+
+    def __init__(self, name: str = "schedule-free") -> None:
+        self.name = name
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        wrapped = kwargs.get("optimizer")
+        optimizer = schedule_free_optimizer(wrapped)
+        if optimizer is not None:
+            holder = optiplug.unwrap_optimizer(wrapped, until=lambda o: getattr(o, "optimizer", None) is optimizer)
+            optimizer.engine = engine_weights(self.name, None if _is_accelerate(holder) else holder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = schedule_free_optimizer(kwargs.get("optimizer"))
@@ -56,3 +71,8 @@ def x_before_loading_best(trainer: Any, original: Any) -> Any:
         return original(*args, **kwargs)
 
     return load_best_model
+
+
+def _is_accelerate(holder: Any) -> bool:
+    """accelerate's wrappers (``AcceleratedOptimizer`` and its DeepSpeed subclass) hold no weights of their own."""
+    return holder is None or type(holder).__module__.startswith("accelerate.")

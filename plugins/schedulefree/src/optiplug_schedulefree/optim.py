@@ -12,6 +12,13 @@ so any number of evaluations and saves leave training bit for bit as it was.
 and y cannot be recovered exactly from x and z. ``load_state_dict()`` keeps the loaded y aside and
 leaves the optimizer in eval mode, so the next ``train()`` (the Trainer calls it before every
 step) puts y into the model whatever weights were loaded into it.
+
+Under DeepSpeed ZeRO the optimizer steps fp32 partitions, not the model's weights: the plugin's
+callback gives it the engine's :class:`~optiplug_schedulefree.engines.EngineWeights` when training
+starts, so a switch reaches the model's weights there too (see :mod:`optiplug_schedulefree.engines`).
+A new optimizer starts in train mode: before its first step y, x and z are the same point, so only the
+mode's name changes (torch's distributed checkpoint steps a fresh optimizer once, with lr 0, to create
+its state before loading one, and upstream's step refuses to run in eval mode).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 from schedulefree import AdamWScheduleFree, RAdamScheduleFree, SGDScheduleFree
 
 import optiplug
+from optiplug_schedulefree.engines import EngineWeights
 
 __all__ = ["ExactAdamWScheduleFree", "ExactRAdamScheduleFree", "ExactSGDScheduleFree", "build_schedule_free"]
 
@@ -30,6 +38,13 @@ class ExactSwitch(torch.optim.Optimizer):
     """Mixin for a schedulefree optimizer: exact ``train()``/``eval()`` and a resumable ``state_dict()``."""
 
     _kept_y: dict[torch.Tensor, torch.Tensor]
+    engine: EngineWeights = EngineWeights()
+    """Where the switch must reach the model's weights; the plugin's callback sets it under DeepSpeed ZeRO."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for group in self.param_groups:
+            group["train_mode"] = True  # no state yet: y = x = z, so the mode is only a name (see the module)
 
     def _beta(self, group: dict[str, Any]) -> float:
         """The interpolation weight of x in y (``beta1``, or SGD's ``momentum``)."""
@@ -50,27 +65,52 @@ class ExactSwitch(torch.optim.Optimizer):
     @torch.no_grad()
     def eval(self) -> None:
         """Set the parameters to x, keeping y aside so that :meth:`train` restores it exactly."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                for p in group["params"]:
-                    if "z" in self.state[p]:
-                        self.kept_y[p] = p.detach().clone()
-        super().eval()  # type: ignore[misc]  # upstream's in-place y -> x (the mixin precedes its class)
+        if not self.in_train_mode:
+            return
+        with self.engine.exposed():
+            for group in self.param_groups:
+                if group["train_mode"]:
+                    for p in group["params"]:
+                        if "z" in self.state[p]:
+                            self.kept_y[p] = p.detach().clone()
+            super().eval()  # type: ignore[misc]  # upstream's in-place y -> x (the mixin precedes its class)
+        self.engine.push()
 
     @torch.no_grad()
     def train(self) -> None:
         """Set the parameters back to y: the copy :meth:`eval` (or :meth:`load_state_dict`) kept, bit for bit."""
-        for group in self.param_groups:
-            if group["train_mode"]:
-                continue
-            weight = 1 - self._beta(group)
-            for p in group["params"]:
-                kept = self.kept_y.pop(p, None)
-                if kept is not None:
-                    p.copy_(kept)
-                elif "z" in self.state[p]:  # x with no y kept (an upstream checkpoint): upstream's switch
-                    p.lerp_(end=self.state[p]["z"].to(p.device), weight=weight)
-            group["train_mode"] = True
+        if all(group["train_mode"] for group in self.param_groups):
+            return  # the Trainer calls this before every step: nothing to switch, nothing to push
+        with self.engine.exposed():
+            for group in self.param_groups:
+                if group["train_mode"]:
+                    continue
+                weight = 1 - self._beta(group)
+                for p in group["params"]:
+                    kept = self.kept_y.pop(p, None)
+                    if kept is not None:
+                        p.copy_(kept)
+                    elif "z" in self.state[p]:  # x with no y kept (an upstream checkpoint): upstream's switch
+                        p.lerp_(end=self.state[p]["z"].to(p.device), weight=weight)
+                group["train_mode"] = True
+        self.engine.push()
+
+    def step(self, closure: Any = None) -> Any:
+        """Upstream's step, on the groups that hold parameters.
+
+        Upstream advances every group's step count and average weights at each call, parameters or not.
+        DeepSpeed ZeRO-3 steps the optimizer once per group, with only that group's fp32 partition in it
+        and the others empty: without this, each group would count as many steps as there are groups.
+        """
+        groups = self.param_groups
+        live = [group for group in groups if group["params"]]
+        if len(live) == len(groups):
+            return super().step(closure)  # upstream's step (the mixin precedes its class)
+        self.param_groups = live
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
 
     def _y(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
         if group["train_mode"]:
@@ -126,9 +166,9 @@ class ExactSGDScheduleFree(ExactSwitch, SGDScheduleFree):
 
 
 def schedule_free_optimizer(optimizer: Any) -> ExactSwitch | None:
-    """The plugin's optimizer under accelerate's wrapper, or None when ``optimizer`` is another one."""
-    raw = optiplug.unwrap_optimizer(optimizer)
-    return raw if isinstance(raw, ExactSwitch) else None
+    """The plugin's optimizer under accelerate's (and DeepSpeed's) wrapper, or None when ``optimizer`` is another."""
+    found = optiplug.unwrap_optimizer(optimizer, until=lambda o: isinstance(o, ExactSwitch))
+    return found if isinstance(found, ExactSwitch) else None
 
 
 def build_schedule_free(ctx: optiplug.BuildContext, cfg: Any) -> ExactSwitch:
