@@ -1,4 +1,7 @@
-"""Schedule-free on sharded engines, two real processes (torchrun, gloo) on this CPU machine, one launch.
+"""Schedule-free on sharded engines, two real processes (torchrun, gloo) on this CPU machine.
+
+The cases run in the shared launches of :mod:`optiplug.testing_launch` ("deepspeed" and "fsdp2": one
+torchrun start each for every test module's cases).
 
 * DeepSpeed ZeRO-1, 2 and 3 through the Trainer (OptiTrainer with a DeepSpeed config): DeepSpeed steps
   fp32 partitions, so the plugin pushes every switch into the model's weights. Asserted: the per-step
@@ -9,8 +12,6 @@
   the same losses, the gathered full state dict in eval mode is x, the switch back gives y bit for bit, and a
   checkpoint written with torch's distributed checkpoint (x as the weights, y in the optimizer state)
   resumes exactly.
-
-This file is also the worker script: ``python -m torch.distributed.run --nproc_per_node 2 THIS OUT``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from optiplug.testing_launch import LaunchResults, launch_results, launch_root, launched_case, local_state_bytes
 
 STEPS, BATCH, SAVE = 4, 2, 2
 BETA1 = 0.9  # the weight of x in y: x = lerp(y, z, 1 - 1 / BETA1)
@@ -59,31 +59,14 @@ def trainer(output_dir: Path, batch: int, **arguments: Any):
     )
 
 
-def state_bytes(optimizer: Any) -> int:
-    """Bytes of this process's optimizer state tensors (a DTensor's local shard; DeepSpeed's partitions)."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            local = value.to_local() if hasattr(value, "to_local") else value
-            if hasattr(local, "element_size"):
-                total += local.numel() * local.element_size()
-    return total
-
-
-def launch(root: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    done = subprocess.run([*command, str(root)], cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads((root / "result.json").read_text())
+@pytest.fixture(scope="module")
+def deepspeed(tmp_path_factory) -> LaunchResults:
+    return launch_results("deepspeed", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("sharded")
-    return {"root": root, **launch(root)}
+def fsdp2(tmp_path_factory) -> LaunchResults:
+    return launch_results("fsdp2", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +96,7 @@ def single(tmp_path_factory) -> dict[str, Any]:
     run.train()
     final = {n: p.detach().clone() for n, p in run.model.named_parameters()}  # x: the callback's eval() at the end
     return {"losses": logged_losses(run), "points": points, "final": final,
-            "state_bytes": state_bytes(schedule_free_optimizer(run.optimizer))}  # fmt: skip
+            "state_bytes": local_state_bytes(schedule_free_optimizer(run.optimizer))}  # fmt: skip
 
 
 def assert_close_losses(got: dict[Any, float], expected: dict[int, float]) -> None:
@@ -141,28 +124,97 @@ def load_weights(path: Path) -> dict[str, Any]:
     return load_file(str(path / "model.safetensors"))
 
 
+# ---- the cases: every process of the shared launches ----------------------------------------------------
+
+
+def _deepspeed(stage: int) -> dict[str, Any]:
+    from optiplug_schedulefree.optim import schedule_free_optimizer
+
+    from optiplug.testing import logged_losses
+
+    root = launch_root() / "schedulefree"
+    out = root / f"zero{stage}"
+    run = trainer(out, BATCH, deepspeed=zero(stage), save_strategy="steps", save_steps=SAVE)
+    saves = _saved_is_x_class()(run, out)
+    run.add_callback(saves)
+    run.train()
+    run.save_model(str(out / "final"))  # after train(): the model holds x (ZeRO-3 gathers it from the partitions)
+    raw = schedule_free_optimizer(run.optimizer)
+    result = {
+        "losses": logged_losses(run), "world_size": run.args.world_size, "engine": type(run.model_wrapped).__name__,
+        "stage": run.optiplug_context().deepspeed_stage, "state_bytes": local_state_bytes(raw),
+        "saved_is_x": saves.exact, "group_steps": [group["k"] for group in raw.param_groups], "out": str(out),
+    }  # fmt: skip
+    del run, raw
+    resumed = trainer(root / f"zero{stage}-resumed", BATCH, deepspeed=zero(stage))
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
+    result["resumed"] = {step: loss for step, loss in logged_losses(resumed).items() if step > SAVE}
+    return result
+
+
+@launched_case("deepspeed")
+def schedule_free_zero1():
+    return _deepspeed(1)
+
+
+@launched_case("deepspeed")
+def schedule_free_zero2():
+    return _deepspeed(2)
+
+
+@launched_case("deepspeed")
+def schedule_free_zero3():
+    return _deepspeed(3)
+
+
+ZERO_CASES = {1: schedule_free_zero1, 2: schedule_free_zero2, 3: schedule_free_zero3}
+
+
+@launched_case("deepspeed")
+def schedule_free_zero3_split_groups():
+    """ZeRO-3 with a sub-group size that splits each parameter group into several steps: refused at train()."""
+    import optiplug
+
+    config = zero(3)
+    config["zero_optimization"]["sub_group_size"] = 1000
+    run = trainer(launch_root() / "schedulefree" / "zero3-split", BATCH, deepspeed=config)
+    try:
+        run.train()
+    except optiplug.ConfigError as error:
+        return str(error)
+    return None
+
+
+@launched_case("fsdp2")
+def schedule_free_under_fully_shard():
+    return _fully_shard(launch_root() / "schedulefree")
+
+
 # ---- DeepSpeed ZeRO-1/2/3 through the Trainer ----------------------------------------------------------
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
-@pytest.mark.parametrize("stage", STAGES)
-def test_deepspeed_losses_match_one_process(sharded, single, stage):
-    got = sharded["deepspeed"][str(stage)]
-    assert got["engine"] == "DeepSpeedEngine" and got["world_size"] == 2 and got["stage"] == stage
-    assert_close_losses(got["losses"], single["losses"])
-    # each group's step count advanced once per step (ZeRO-3 steps the optimizer once per group)
-    assert got["group_steps"] == [STEPS, STEPS]
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
+@needs_deepspeed
 @pytest.mark.parametrize("stage", STAGES)
-def test_deepspeed_every_saved_model_is_x(sharded, single, stage):
+def test_deepspeed_losses_match_one_process(deepspeed, single, stage):
+    for got in deepspeed[ZERO_CASES[stage]]:
+        assert got["engine"] == "DeepSpeedEngine" and got["world_size"] == 2 and got["stage"] == stage
+        assert_close_losses(got["losses"], single["losses"])
+        # each group's step count advanced once per step (ZeRO-3 steps the optimizer once per group)
+        assert got["group_steps"] == [STEPS, STEPS]
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", STAGES)
+def test_deepspeed_every_saved_model_is_x(deepspeed, single, stage):
+    got, _ = deepspeed[ZERO_CASES[stage]]
     # exactly: upstream's x = lerp(y, z, 1 - 1/beta1) from DeepSpeed's gathered fp32 weights and state
-    assert sharded["deepspeed"][str(stage)]["saved_is_x"] == {str(step): True for step in range(SAVE, STEPS + 1, SAVE)}
+    assert got["saved_is_x"] == {str(step): True for step in range(SAVE, STEPS + 1, SAVE)}
     # and the one-process run's x, to float rounding (far from its y)
-    out = sharded["root"] / f"zero{stage}"
+    out = Path(got["out"])
     for step in range(SAVE, STEPS + 1, SAVE):
         assert_is_x(load_weights(out / f"checkpoint-{step}"), single["points"][step], f"zero{stage} checkpoint-{step}")
     final = {"x": single["final"], "y": single["points"][STEPS]["y"]}
@@ -170,65 +222,65 @@ def test_deepspeed_every_saved_model_is_x(sharded, single, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
+@needs_deepspeed
 @pytest.mark.parametrize("stage", STAGES)
-def test_deepspeed_resume_is_exact(sharded, stage):
-    got = sharded["deepspeed"][str(stage)]
-    uninterrupted = {int(step): loss for step, loss in got["losses"].items()}
-    resumed = {int(step): loss for step, loss in got["resumed"].items()}
-    assert sorted(resumed) == list(range(SAVE + 1, STEPS + 1))
-    assert all(resumed[step] == uninterrupted[step] for step in resumed), (resumed, uninterrupted)
+def test_deepspeed_resume_is_exact(deepspeed, stage):
+    for got in deepspeed[ZERO_CASES[stage]]:
+        resumed = {int(step): loss for step, loss in got["resumed"].items()}
+        assert sorted(resumed) == list(range(SAVE + 1, STEPS + 1))
+        assert all(resumed[step] == got["losses"][str(step)] for step in resumed), (resumed, got["losses"])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
+@needs_deepspeed
 @pytest.mark.parametrize("stage", STAGES)
-def test_deepspeed_each_rank_holds_half_the_state(sharded, single, stage):
-    per_rank = sharded["deepspeed"][str(stage)]["state_bytes"]
-    assert len(per_rank) == 2
+def test_deepspeed_each_rank_holds_half_the_state(deepspeed, single, stage):
+    per_rank = [got["state_bytes"] for got in deepspeed[ZERO_CASES[stage]]]
     # DeepSpeed pads each flat group to a multiple of the world size (and an alignment): a few elements
     assert all(abs(b - single["state_bytes"] / 2) <= 0.01 * single["state_bytes"] for b in per_rank), per_rank
     assert sum(per_rank) >= single["state_bytes"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
-def test_deepspeed_zero3_sub_groups_that_split_a_group_are_refused(sharded):
-    assert re.fullmatch(
-        r"schedule_free_adamw: DeepSpeed ZeRO-3 splits its 2 parameter groups into \d+ sub-groups and steps each one "
-        r"separately, which would advance schedule-free's per-group step count several times per step: raise "
-        r"zero_optimization.sub_group_size above the largest group's number of parameters",
-        sharded["split_refused"] or "",
-    ), sharded["split_refused"]
+@needs_deepspeed
+def test_deepspeed_zero3_sub_groups_that_split_a_group_are_refused(deepspeed):
+    for message in deepspeed[schedule_free_zero3_split_groups]:
+        assert re.fullmatch(
+            r"schedule_free_adamw: DeepSpeed ZeRO-3 splits its 2 parameter groups into \d+ sub-groups and steps each "
+            r"one separately, which would advance schedule-free's per-group step count several times per step: raise "
+            r"zero_optimization.sub_group_size above the largest group's number of parameters",
+            message or "",
+        ), message
 
 
 # ---- FSDP2 (fully_shard) on the model directly -----------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_fsdp2_losses_match_one_process_and_resume_is_exact(sharded):
-    got = sharded["fsdp2"]
+def test_fsdp2_losses_match_one_process_and_resume_is_exact(fsdp2):
+    got, _ = fsdp2[schedule_free_under_fully_shard]
     assert got["parameter_type"] == "DTensor"
     assert_close_losses(dict(enumerate(got["sharded"], 1)), dict(enumerate(got["single"], 1)))
     assert got["resumed"] == got["sharded"][SAVE:]  # exact: the same floats
 
 
 @pytest.mark.slow
-def test_fsdp2_gathered_model_is_x_and_the_switch_back_is_exact(sharded):
-    got = sharded["fsdp2"]
-    assert got["gathered_is_x"] is True  # upstream's formula on the gathered y and z, for equality
-    assert got["gathered_to_x"] < 1e-5 and got["gathered_to_y"] > 100 * max(got["gathered_to_x"], 1e-7), got
-    assert got["y_back_bit_for_bit"] is True
-    assert got["checked_engine"] == "fsdp"  # the plugin's check ran on the sharded model and let it train
+def test_fsdp2_gathered_model_is_x_and_the_switch_back_is_exact(fsdp2):
+    for got in fsdp2[schedule_free_under_fully_shard]:
+        assert got["gathered_is_x"] is True  # upstream's formula on the gathered y and z, for equality
+        assert got["gathered_to_x"] < 1e-5 and got["gathered_to_y"] > 100 * max(got["gathered_to_x"], 1e-7), got
+        assert got["y_back_bit_for_bit"] is True
+        assert got["checked_engine"] == "fsdp"  # the plugin's check ran on the sharded model and let it train
 
 
 @pytest.mark.slow
-def test_fsdp2_each_rank_holds_half_the_state(sharded):
-    got = sharded["fsdp2"]
-    assert all(abs(b - got["single_state_bytes"] / 2) <= 0.01 * got["single_state_bytes"] for b in got["state_bytes"])
+def test_fsdp2_each_rank_holds_half_the_state(fsdp2):
+    for got in fsdp2[schedule_free_under_fully_shard]:
+        state = got["state_bytes"]
+        assert abs(state["sharded"] - state["single"] / 2) <= 0.01 * state["single"], state
 
 
-# ---- the worker ------------------------------------------------------------------------------------------
+# ---- helpers of the cases --------------------------------------------------------------------------------
 
 
 def _saved_is_x_class() -> type:
@@ -266,49 +318,7 @@ def _saved_is_x_class() -> type:
     return SavedIsX
 
 
-def _deepspeed(root: Path, stage: int) -> dict[str, Any]:
-    import torch.distributed as dist
-    from optiplug_schedulefree.optim import schedule_free_optimizer
-
-    from optiplug.testing import logged_losses
-
-    out = root / f"zero{stage}"
-    run = trainer(out, BATCH, deepspeed=zero(stage), save_strategy="steps", save_steps=SAVE)
-    saves = _saved_is_x_class()(run, out)
-    run.add_callback(saves)
-    run.train()
-    run.save_model(str(out / "final"))  # after train(): the model holds x (ZeRO-3 gathers it from the partitions)
-    raw = schedule_free_optimizer(run.optimizer)
-    mine = state_bytes(raw)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    result = {
-        "losses": logged_losses(run), "world_size": run.args.world_size, "engine": type(run.model_wrapped).__name__,
-        "stage": run.optiplug_context().deepspeed_stage, "state_bytes": everyone, "saved_is_x": saves.exact,
-        "group_steps": [group["k"] for group in raw.param_groups],
-    }  # fmt: skip
-    del run, raw
-    resumed = trainer(root / f"zero{stage}-resumed", BATCH, deepspeed=zero(stage))
-    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{SAVE}"))
-    result["resumed"] = {step: loss for step, loss in logged_losses(resumed).items() if step > SAVE}
-    return result
-
-
-def _split_groups_refused(root: Path) -> str | None:
-    """ZeRO-3 with a sub-group size that splits each parameter group into several steps: refused at train()."""
-    import optiplug
-
-    config = zero(3)
-    config["zero_optimization"]["sub_group_size"] = 1000
-    run = trainer(root / "zero3-split", BATCH, deepspeed=config)
-    try:
-        run.train()
-    except optiplug.ConfigError as error:
-        return str(error)
-    return None
-
-
-def _fsdp2(root: Path) -> dict[str, Any]:
+def _fully_shard(root: Path) -> dict[str, Any]:
     """A plain loop on a fully_shard-ed model and on an unsharded copy (twice the batch); DCP checkpoint at SAVE."""
     import torch
     import torch.distributed as dist
@@ -374,55 +384,26 @@ def _fsdp2(root: Path) -> dict[str, Any]:
             result["gathered_is_x"] = all(
                 torch.equal(gathered[n], torch.lerp(y_full[n], z_full[n], weight)) for n in z_full
             )
-            dcp.save({"model": get_model_state_dict(sharded)}, checkpoint_id=str(root / "fsdp2" / "model"))
+            dcp.save({"model": get_model_state_dict(sharded)}, checkpoint_id=str(root / "model"))
             optimizer.train()
             reference.train()
             result["y_back_bit_for_bit"] = all(
                 torch.equal(p.detach().to_local(), y) for p, y in zip(sharded.parameters(), y_local)
             )
-            dcp.save(
-                {"optim": get_optimizer_state_dict(sharded, optimizer)}, checkpoint_id=str(root / "fsdp2" / "optim")
-            )
-    result["state_bytes"] = [None] * world
-    dist.all_gather_object(result["state_bytes"], state_bytes(optimizer))
-    result["single_state_bytes"] = state_bytes(reference)
+            dcp.save({"optim": get_optimizer_state_dict(sharded, optimizer)}, checkpoint_id=str(root / "optim"))
+    result["state_bytes"] = {"sharded": local_state_bytes(optimizer), "single": local_state_bytes(reference)}
 
     # resume: a fresh sharded model and optimizer, the checkpoint's x as weights and its optimizer state (with y)
     model = shard(tiny_llama(seed=1))
     weights = {"model": get_model_state_dict(model)}
-    dcp.load(weights, checkpoint_id=str(root / "fsdp2" / "model"))
+    dcp.load(weights, checkpoint_id=str(root / "model"))
     set_model_state_dict(model, weights["model"])
     resumed = optiplug.build_optimizer(model, OPTIMIZER["name"], **settings)
     state = {"optim": get_optimizer_state_dict(model, resumed)}
-    dcp.load(state, checkpoint_id=str(root / "fsdp2" / "optim"))
+    dcp.load(state, checkpoint_id=str(root / "optim"))
     set_optimizer_state_dict(model, resumed, state["optim"])
     result["resumed"] = []
     for step in range(SAVE, STEPS):
         ids = batch(step)
         result["resumed"].append(take_step(model, resumed, ids[rank * BATCH : (rank + 1) * BATCH], mean=True))
     return result
-
-
-def _worker(root: Path) -> None:
-    import warnings
-
-    import torch
-    import torch.distributed as dist
-
-    warnings.simplefilter("ignore")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-    result: dict[str, Any] = {"deepspeed": {}}
-    if HAS_DEEPSPEED:
-        for stage in STAGES:
-            result["deepspeed"][str(stage)] = _deepspeed(root, stage)
-        result["split_refused"] = _split_groups_refused(root)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    result["fsdp2"] = _fsdp2(root)
-    if dist.get_rank() == 0:
-        (root / "result.json").write_text(json.dumps(result))
-
-
-if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
