@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from optiplug.testing_launch import LaunchResults, launch_results, launch_root, launched_case, local_state_bytes
+import optiplug
+from optiplug.testing_launch import LaunchResults, launch_results, launch_root, launched_case
 
 STEPS, BATCH, SAVE = 4, 2, 2
 BETA1 = 0.9  # the weight of x in y: x = lerp(y, z, 1 - 1 / BETA1)
@@ -50,7 +51,6 @@ def zero(stage: int) -> dict[str, Any]:
 
 
 def trainer(output_dir: Path, batch: int, **arguments: Any):
-    import optiplug
     from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
     args = training_args(output_dir, max_steps=STEPS, per_device_train_batch_size=batch, **arguments)
@@ -96,7 +96,7 @@ def single(tmp_path_factory) -> dict[str, Any]:
     run.train()
     final = {n: p.detach().clone() for n, p in run.model.named_parameters()}  # x: the callback's eval() at the end
     return {"losses": logged_losses(run), "points": points, "final": final,
-            "state_bytes": local_state_bytes(schedule_free_optimizer(run.optimizer))}  # fmt: skip
+            "state_bytes": optiplug.optimizer_state_bytes(schedule_free_optimizer(run.optimizer))}  # fmt: skip
 
 
 def assert_close_losses(got: dict[Any, float], expected: dict[int, float]) -> None:
@@ -140,9 +140,11 @@ def _deepspeed(stage: int) -> dict[str, Any]:
     run.train()
     run.save_model(str(out / "final"))  # after train(): the model holds x (ZeRO-3 gathers it from the partitions)
     raw = schedule_free_optimizer(run.optimizer)
+    with raw.engine.exposed():  # ZeRO-3's groups hold the partitions only while DeepSpeed steps or saves them
+        mine = optiplug.optimizer_state_bytes(raw)  # z, the second moment and y (what a checkpoint holds)
     result = {
         "losses": logged_losses(run), "world_size": run.args.world_size, "engine": type(run.model_wrapped).__name__,
-        "stage": run.optiplug_context().deepspeed_stage, "state_bytes": local_state_bytes(raw),
+        "stage": run.optiplug_context().deepspeed_stage, "state_bytes": mine,
         "saved_is_x": saves.exact, "group_steps": [group["k"] for group in raw.param_groups], "out": str(out),
     }  # fmt: skip
     del run, raw
@@ -391,7 +393,10 @@ def _fully_shard(root: Path) -> dict[str, Any]:
                 torch.equal(p.detach().to_local(), y) for p, y in zip(sharded.parameters(), y_local)
             )
             dcp.save({"optim": get_optimizer_state_dict(sharded, optimizer)}, checkpoint_id=str(root / "optim"))
-    result["state_bytes"] = {"sharded": local_state_bytes(optimizer), "single": local_state_bytes(reference)}
+    result["state_bytes"] = {
+        "sharded": optiplug.optimizer_state_bytes(optimizer),  # this process's shards (DTensors count their shard)
+        "single": optiplug.optimizer_state_bytes(reference),
+    }
 
     # resume: a fresh sharded model and optimizer, the checkpoint's x as weights and its optimizer state (with y)
     model = shard(tiny_llama(seed=1))
