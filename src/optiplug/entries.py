@@ -200,6 +200,11 @@ class SchedulerEntry(Generic[C]):
             in the run header; ``ctx`` is the :class:`ScheduleContext` the factory would get.
         aliases: other names for this scheduler, each an :class:`Alias`; transformers'
             ``lr_scheduler_type`` names are aliases with ``transformers=True``.
+        cooldown: ``cooldown(cfg) -> Mapping``, set when a cooldown may branch from a checkpoint of
+            this schedule (``cooldown.steps`` with ``training.resume_from_checkpoint``): the decay it
+            takes by default, any of ``decay_type``, ``min_lr_ratio`` and ``num_cycles`` (WSD: its own
+            decay), or ``{}`` for a schedule without one (``constant``: the cooldown's own). None:
+            a cooldown from such a checkpoint is refused.
     """
 
     config: type[C]
@@ -208,6 +213,7 @@ class SchedulerEntry(Generic[C]):
     requires: tuple[str, ...] = ()
     describe: Callable[[ScheduleContext, C], str] | None = None
     aliases: tuple[Alias, ...] = ()
+    cooldown: Callable[[C], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         name = name_of(self.config, SchedulerConfig, "scheduler")

@@ -36,6 +36,7 @@ from optiplug.registry import parse_optimizer, parse_scheduler, registry
 
 __all__ = [
     "EMBEDDED",
+    "CooldownConfig",
     "DataConfig",
     "FinetuningConfig",
     "ModelConfig",
@@ -209,6 +210,23 @@ _LORA_FIELDS = ("r", "alpha", "dropout", "target_modules", "init", "pissa_conver
 _LORA_INIT = re.compile(r"default|gaussian|pissa|pissa_niter_[1-9][0-9]*")
 
 
+class CooldownConfig(_Section):
+    """A decay branched from a checkpoint (with ``training.resume_from_checkpoint``); see docs/configuration.md.
+
+    The shape and floor default to the schedule's own decay (``warmup_stable_decay``), and for a
+    schedule without one (``constant``) to a cosine decay to 0.
+    """
+
+    steps: int = Field(gt=0, description="Optimizer steps of the cooldown, after the checkpoint's step.")
+    decay_type: Literal["linear", "cosine", "1-sqrt"] | None = Field(
+        None, description="Shape of the decay (default: the schedule's; cosine for constant)."
+    )
+    min_lr_ratio: float | None = Field(
+        None, ge=0, le=1, description="Floor as a fraction of the peak (default: the schedule's; 0 for constant)."
+    )
+    num_cycles: float | None = Field(None, gt=0, description="Cosine decay: half-waves x 2 (default: 0.5).")
+
+
 # Keys of TrainingArguments that the scheduler section owns (the optimizer's: helpers.TRAINING_ARGUMENT_FIELDS).
 _OWNED_BY_SCHEDULER = {"warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio"}
 _NEVER_IN_TRAINING = {
@@ -238,6 +256,9 @@ class RunConfig(_Section):
     optimizer: SerializeAsAny[OptimizerConfig] = Field(default_factory=lambda: parse_optimizer(None))
     scheduler: SerializeAsAny[SchedulerConfig] = Field(default_factory=lambda: parse_scheduler(None))
     finetuning: FinetuningConfig = Field(default_factory=FinetuningConfig)
+    cooldown: CooldownConfig | None = Field(
+        None, description="A decay of `steps` steps branched from training.resume_from_checkpoint."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,16 @@ class GuardedTrainer(OptiTrainer):
     optiplug_step_loss_finite: bool = True
     optiplug_step_loss: float = 0.0
     optiplug_grad_norm: float | None = None
+    optiplug_cooldown: Any = None  # a cooldown's Branch: its schedule replaces the configured one
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
+        if self.lr_scheduler is None and self.optiplug_cooldown is not None:
+            from optiplug.helpers import unwrap_optimizer
+
+            self.lr_scheduler = self.optiplug_cooldown.scheduler(unwrap_optimizer(optimizer or self.optimizer))
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def training_step(self, *args: Any, **kwargs: Any):
         loss = super().training_step(*args, **kwargs)
@@ -96,4 +106,7 @@ class CheckpointRecordCallback(TrainerCallback):
                 "optimizer": self.trainer.optimizer_config.model_dump(mode="json"),
                 "scheduler": self.trainer.scheduler_config.model_dump(mode="json"),
             }
+            cooldown = getattr(self.trainer, "optiplug_cooldown", None)
+            if cooldown is not None:  # a cooldown's checkpoint resumes only as that cooldown
+                record["cooldown"] = cooldown.record()
             (checkpoint / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -163,6 +163,7 @@ def run_plan(
         "sequences_per_step": sequences,
         "tokens_per_step": sequences * block_size if block_size else None,
         "evaluation": _evaluation(trainer, run_config),
+        "cooldown": cooldown.record() if (cooldown := getattr(trainer, "optiplug_cooldown", None)) else None,
         "output_dir": str(args.output_dir),
         "checkpoints": _checkpoints(args),
     }
@@ -231,6 +232,10 @@ def format_header(plan: Mapping[str, Any]) -> str:
     if optimizer["changed"].get("layerwise"):
         lines.append(("", "layerwise: each parameter steps in its gradient hook (one gradient held at a time)"))
     schedule = scheduler["describe"] or f"{_fields(scheduler['changed'])} over {plan['steps']} steps"
+    if plan.get("cooldown"):  # the schedule of this run is the cooldown's
+        from optiplug.app.cooldown import describe_branch
+
+        schedule = describe_branch(plan["cooldown"])
     lines.append(("scheduler", f"{scheduler['name']}: {schedule}"))
     tokens = f", {plan['tokens_per_step']:,} tokens" if plan["tokens_per_step"] else ""
     resumed = f" from step {plan['start_step']} ({plan['resumed_from']})" if plan["resumed_from"] else ""

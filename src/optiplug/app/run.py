@@ -263,9 +263,11 @@ def validate_run(cfg: RunConfig) -> Any:
     Returns:
         The ``TrainingArguments`` of the run.
     """
+    from optiplug.app.cooldown import resolve_cooldown
     from optiplug.app.estimate import meta_model
     from optiplug.errors import OptiplugError
 
+    cfg = resolve_cooldown(cfg, DEFAULT_OUTPUT_DIR)[0]
     args = preflight(cfg)
     model = meta_model(cfg.model, cfg.finetuning)
     _check_positions(model, cfg.data.block_size)
@@ -361,6 +363,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
         "final_loss_step": losses[-1][0] if losses else None,
         "mean_loss": train_loss[-1] if train_loss else None,
         "plan": getattr(trainer, "optiplug_plan", None),  # what the run header said
+        "cooldown": cooldown.record() if (cooldown := getattr(trainer, "optiplug_cooldown", None)) else None,
         **evaluation_summary(state.log_history),
         "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -446,10 +449,11 @@ def train(
         KeyboardInterrupt: with ``optiplug_message`` (the step and the last checkpoint) set.
     """
     from optiplug.app.adapters import apply_finetuning
+    from optiplug.app.cooldown import resolve_cooldown
     from optiplug.app.data import load_datasets
     from optiplug.app.safety import prepare_output_dir
 
-    cfg = resolve_config(config, overrides)
+    cfg, branch = resolve_cooldown(resolve_config(config, overrides), DEFAULT_OUTPUT_DIR)
     args = preflight(cfg)
     if args.deepspeed:
         import deepspeed
@@ -473,7 +477,7 @@ def train(
     status = "failed"
     try:
         with _progress_bars(not quiet):
-            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet)
+            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch)
         status = "finished"
         return result
     except DivergedError:
@@ -495,6 +499,7 @@ def _train(
     resume: Any,
     evaluation: Any = None,
     quiet: bool = False,
+    branch: Any = None,
 ) -> RunResult:
     from transformers import default_data_collator
 
@@ -515,6 +520,7 @@ def _train(
         scheduler=cfg.scheduler,
         run_config=cfg,
     )
+    trainer.optiplug_cooldown = branch  # a cooldown's schedule, recorded in every checkpoint
     add_header(trainer, quiet)
     trainer.add_callback(DivergenceCallback(trainer))
     trainer.add_callback(CheckpointRecordCallback(trainer))

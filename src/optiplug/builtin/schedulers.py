@@ -6,7 +6,7 @@ setting both is an error.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -346,6 +346,16 @@ def describe_greedy(ctx: ScheduleContext, cfg: GreedyConfig) -> str:
     )
 
 
+def wsd_cooldown(cfg: WarmupStableDecayConfig) -> dict[str, Any]:
+    """A cooldown from a WSD checkpoint decays as the schedule's own decay does, to its floor."""
+    return {"decay_type": cfg.decay_type, "min_lr_ratio": cfg.min_lr_ratio, "num_cycles": cfg.num_cycles}
+
+
+def own_cooldown(cfg: SchedulerConfig) -> dict[str, Any]:
+    """A constant schedule has no decay: a cooldown from its checkpoints takes the cooldown's own shape and floor."""
+    return {}
+
+
 def describe_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig) -> str:
     return (
         f"the rate times {cfg.factor:g} after {cfg.patience} evaluations without improvement of the eval loss "
@@ -383,12 +393,17 @@ def register_schedulers(register):
     )
     register(
         SchedulerEntry(
-            config=ConstantConfig, describe=describe_constant, build=build_constant, summary="constant learning rate"
+            config=ConstantConfig,
+            describe=describe_constant,
+            build=build_constant,
+            summary="constant learning rate",
+            cooldown=own_cooldown,
         )
     )
     register(
         SchedulerEntry(
             config=ConstantWithWarmupConfig,
+            cooldown=own_cooldown,
             describe=describe_warmup,
             build=build_constant_with_warmup,
             summary="constant after warmup",
@@ -414,6 +429,7 @@ def register_schedulers(register):
         SchedulerEntry(
             config=WarmupStableDecayConfig,
             describe=describe_wsd,
+            cooldown=wsd_cooldown,
             build=build_wsd,
             summary="warmup, stable, decay (WSD)",
         )
