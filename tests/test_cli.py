@@ -68,7 +68,15 @@ def test_schema_is_json_schema(capsys):
     code, out, _ = run_cli(capsys, "schema")
     schema = json.loads(out)
     assert code == 0 and schema["title"] == "RunConfig"
-    assert set(schema["properties"]) == {"model", "data", "training", "optimizer", "scheduler", "finetuning"}
+    assert set(schema["properties"]) == {
+        "model",
+        "data",
+        "training",
+        "optimizer",
+        "scheduler",
+        "finetuning",
+        "cooldown",
+    }
 
 
 def test_validate_ok_and_errors(capsys, tmp_path):
