@@ -206,3 +206,23 @@ def test_compare_table_has_eval_columns_only_with_evaluation(capsys):
     assert "eval loss" in header and "best eval" in header and "5.2500" in row and "5.1250" in row
     print_table([CompareRun("adamw", True, final_loss=5.0)])
     assert "eval" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("scheduler", ["reduce_lr_on_plateau", "greedy"])
+def test_schedules_that_follow_a_metric_follow_the_eval_loss(scheduler, tmp_path):
+    """transformers defaults metric_for_best_model only for its own plateau schedules; without it the first
+    evaluation of an OptiTrainer with such a schedule failed ('NoneType' object has no attribute 'startswith')."""
+    from optiplug.testing import TokenBlocks, tiny_llama, training_args
+
+    trainer = optiplug.OptiTrainer(
+        model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenBlocks(n=8), scheduler=scheduler
+    )
+    assert trainer.args.metric_for_best_model is None
+    trainer.create_optimizer_and_scheduler(num_training_steps=6)
+    assert (trainer.args.metric_for_best_model, trainer.args.greater_is_better) == ("loss", False)
+    other = optiplug.OptiTrainer(
+        model=tiny_llama(), args=training_args(tmp_path, metric_for_best_model="eval_accuracy"),
+        train_dataset=TokenBlocks(n=8), scheduler=scheduler,
+    )  # fmt: skip
+    other.create_optimizer_and_scheduler(num_training_steps=6)
+    assert other.args.metric_for_best_model == "eval_accuracy"  # the user's metric is kept

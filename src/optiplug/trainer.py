@@ -156,16 +156,18 @@ def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
 
 
 def _follow_eval_loss(args: Any, scheduler: Any) -> None:
-    """A scheduler that follows a metric (``ReduceLROnPlateau``) follows the evaluation loss unless the arguments
-    name another (``metric_for_best_model``).
+    """A scheduler that follows a metric (``ReduceLROnPlateau``, ``GreedyLR``) follows the evaluation loss unless
+    the arguments name another (``metric_for_best_model``).
 
     The Trainer steps such a scheduler after each evaluation with ``metric_for_best_model``, which
     ``TrainingArguments`` only defaults to ``"loss"`` when its own ``lr_scheduler_type`` is a plateau
     schedule; without it the first evaluation fails.
     """
     import torch
+    from transformers.optimization import GreedyLR
 
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and args.metric_for_best_model is None:
+    follows_a_metric = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
+    if isinstance(scheduler, follows_a_metric) and args.metric_for_best_model is None:
         args.metric_for_best_model = "loss"
         if args.greater_is_better is None:
             args.greater_is_better = False
