@@ -72,7 +72,7 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
     from optiplug.builtin.transformers import transformers_hint
     from optiplug.errors import UnknownNameError
     from optiplug.registry import registry as the_registry
-    from optiplug.transformers_args import parse_optim_args, transformers_fields
+    from optiplug.transformers_args import parse_optim_args, transformers_fields, transformers_targets
 
     name = _optim_name(args)
     try:
@@ -83,15 +83,18 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
     if found is None or alias is None or not alias.transformers:
         raise ConfigError(transformers_hint(name, found.row.plugin if found is not None else None))
     optim_args = parse_optim_args(getattr(args, "optim_args", None))
-    if alias.arguments is not None:
-        fields = dict(alias.arguments(args, optim_args))
-    else:
-        known = found.row.entry.config.model_fields
-        fields = {k: v for k, v in transformers_fields(args, {}).items() if k in known}
-        fields.update(optim_args)
-    targets = getattr(args, "optim_target_modules", None)
-    if targets is not None and "target_modules" in found.row.entry.config.model_fields:
-        fields.setdefault("target_modules", targets)
+    try:
+        if alias.arguments is not None:
+            fields = dict(alias.arguments(args, optim_args))
+        else:
+            known = found.row.entry.config.model_fields
+            fields = {k: v for k, v in transformers_fields(args, {}).items() if k in known}
+            fields.update(optim_args)
+        targets = getattr(args, "optim_target_modules", None)
+        if targets is not None and "target_modules" in found.row.entry.config.model_fields:
+            fields.setdefault("target_modules", transformers_targets(targets))
+    except ConfigError as error:
+        raise ConfigError(f"TrainingArguments.optim={name!r}: {error}") from None
     try:
         return the_registry.parse("optimizer", name, fields, transformers=True)
     except ConfigError as error:
@@ -123,12 +126,13 @@ def _argument_defaults(args: Any) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(type(args)) if f.init}
 
 
-def _scheduler_left_at_default(args: Any) -> bool:
-    """True when ``args`` keep TrainingArguments' own scheduler default (``linear``, no kwargs, no warmup)."""
+def _scheduler_left_at_default(args: Any, warmup_too: bool = True) -> bool:
+    """True when ``args`` keep TrainingArguments' own scheduler default (``linear``, no kwargs, and no warmup unless
+    ``warmup_too`` is False)."""
     defaults = _argument_defaults(args)
     name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     default = getattr(defaults.get("lr_scheduler_type"), "value", defaults.get("lr_scheduler_type"))
-    warmup = getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0)
+    warmup = warmup_too and bool(getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0))
     return name == default and not args.lr_scheduler_kwargs and not warmup
 
 
@@ -217,8 +221,14 @@ class OptiTrainerMixin(_TrainerBase):
         )
         self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
         own = self.optimizer_entry.default_scheduler
-        if scheduler is None and own is not None and _scheduler_left_at_default(self.args):
-            scheduler = own  # the optimizer brings its schedule, and the arguments chose none
+        # The optimizer brings its schedule and the arguments chose none (selected by args.optim, the optimizer
+        # took the arguments' warmup, as transformers' Trainer hands it to schedule-free optimizers).
+        if (
+            scheduler is None
+            and own is not None
+            and _scheduler_left_at_default(self.args, warmup_too=optimizer is not None)
+        ):
+            scheduler = own
         self._scheduler_warmup_from_args = scheduler is None
         self.scheduler_config: SchedulerConfig = (
             _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)

@@ -14,7 +14,7 @@ from typing import Any
 from optiplug.errors import ConfigError
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS
 
-__all__ = ["ADAM_ARGUMENTS", "parse_optim_args", "transformers_fields"]
+__all__ = ["ADAM_ARGUMENTS", "parse_optim_args", "transformers_fields", "transformers_targets"]
 
 ADAM_ARGUMENTS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
 """What transformers passes to an Adam-family optimizer: the rate, betas, epsilon (and weight decay via groups)."""
@@ -44,6 +44,8 @@ def transformers_fields(
     take: Iterable[str] = ADAM_ARGUMENTS,
     defaults: Mapping[str, Any] | None = None,
     keys: Mapping[str, str | None] | None = None,
+    only: Iterable[str] | None = None,
+    targets: bool = False,
 ) -> dict[str, Any]:
     """The config fields transformers' Trainer uses for ``args``: an alias's ``arguments`` in one call.
 
@@ -56,6 +58,13 @@ def transformers_fields(
         keys: ``optim_args`` keys to rename (``{"proj": "projection"}``) or to drop (None: transformers
             ignores it too); any other key is the config field of its name (values are validated as
             that field's type).
+        only: the ``optim_args`` keys transformers reads for this name (after ``keys``); any other key is
+            refused, since transformers' Trainer would ignore it silently. None: every key is a config field.
+        targets: transformers requires ``optim_target_modules`` for this name (GaLore, APOLLO): it becomes
+            ``target_modules`` (:func:`transformers_targets`), and leaving it unset is refused as transformers does.
+
+    Raises:
+        ConfigError: an ``optim_args`` key outside ``only``; ``targets`` without ``optim_target_modules``.
     """
     fields: dict[str, Any] = {}
     betas = [getattr(args, "adam_beta1", 0.9), getattr(args, "adam_beta2", 0.999)]
@@ -66,9 +75,39 @@ def transformers_fields(
         else:
             fields[field] = tuple(betas)
     fields.update(defaults or {})
+    if targets:
+        fields["target_modules"] = transformers_targets(getattr(args, "optim_target_modules", None))
     renames = dict(keys or {})
+    read = None if only is None else list(only)
     for key, value in optim_args.items():
+        if read is not None and key not in read:
+            raise ConfigError(
+                f"optim_args key {key!r} is not read by transformers' Trainer for this optimizer (it reads "
+                f"{', '.join(read) or 'none'}), so it would not change its steps: drop it, or select the optimizer "
+                "with an optimizer section to set other fields"
+            )
         target = renames.get(key, key)
         if target is not None:
             fields[target] = value
     return fields
+
+
+def transformers_targets(value: Any) -> str | list[str]:
+    """``TrainingArguments.optim_target_modules`` as a ``target_modules`` field selecting the same modules.
+
+    transformers' rule is optiplug's (:mod:`optiplug.targets`) but for ``"all-linear"`` (or ``"all_linear"``):
+    transformers takes every ``nn.Linear``, the output head too, so it becomes the regex ``".*"``.
+
+    Raises:
+        ConfigError: ``value`` is None (transformers refuses it too) or not a string or a list of strings.
+    """
+    if value is None:
+        raise ConfigError(
+            "this optimizer needs TrainingArguments.optim_target_modules (transformers' Trainer refuses it unset "
+            "too): set it to 'all-linear', a regex, or a list of module names such as ['attn', 'mlp']"
+        )
+    if isinstance(value, str):
+        return ".*" if value.replace("_", "-") == "all-linear" else value
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ConfigError(f"TrainingArguments.optim_target_modules must be a string or a list of strings, got {value!r}")

@@ -7,6 +7,9 @@ import torch or apollo-torch; the factory does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import optiplug
 from optiplug_apollo import entries
 from optiplug_apollo.config import ApolloConfig, ApolloFields, ApolloMiniConfig
@@ -15,13 +18,43 @@ __all__ = ["ApolloConfig", "ApolloFields", "ApolloMiniConfig", "register_optimiz
 
 __version__ = "0.1.0"
 
+TRANSFORMERS_KEYS = ("rank", "proj", "scale_type", "update_proj_gap", "scale", "proj_type")
+"""The ``optim_args`` keys transformers' Trainer reads for ``apollo_adamw`` (it ignores any other)."""
+
+
+def transformers_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str, Any]:
+    """What transformers' Trainer builds for ``optim="apollo_adamw"``: the learning rate, and the Adam betas and
+    epsilon on the targeted weights only (the others keep apollo-torch's betas and eps 1e-6), no weight decay, the
+    ``optim_args`` keys it reads and the ``optim_target_modules`` it requires."""
+    fields = optiplug.transformers_fields(
+        args, optim_args, take=("learning_rate",), only=TRANSFORMERS_KEYS, targets=True
+    )
+    betas = (args.adam_beta1, args.adam_beta2)
+    if betas != (0.9, 0.999):
+        raise optiplug.ConfigError(
+            f"transformers' Trainer gives adam_beta1/adam_beta2 {betas} to the targeted weights only and "
+            "apollo-torch's (0.9, 0.999) to the others, which one optiplug config cannot say: select apollo_adamw "
+            "in an optimizer section with the betas you want for all"
+        )
+    return {**fields, "eps": args.adam_epsilon, "eps_not_targeted": 1e-6, "weight_decay": 0.0}
+
 
 @optiplug.hookimpl
 def register_optimizers(register) -> None:
     """Register ``apollo_adamw`` and ``apollo_mini``."""
-    for config, summary in (
-        (ApolloConfig, "APOLLO AdamW: channel-wise update scaling from a random low-rank space (apollo-torch)"),
-        (ApolloMiniConfig, "APOLLO-Mini: rank-1, tensor-wise APOLLO scaling; SGD-level optimizer state"),
+    transformers = (
+        optiplug.Alias("apollo_adamw", transformers=True, arguments=transformers_arguments),
+        optiplug.Alias(
+            "apollo_adamw_layerwise", {"layerwise": True}, transformers=True, arguments=transformers_arguments
+        ),
+    )
+    for config, summary, aliases in (
+        (
+            ApolloConfig,
+            "APOLLO AdamW: channel-wise update scaling from a random low-rank space (apollo-torch)",
+            transformers,
+        ),
+        (ApolloMiniConfig, "APOLLO-Mini: rank-1, tensor-wise APOLLO scaling; SGD-level optimizer state", ()),
     ):
         register(
             optiplug.OptimizerEntry(
@@ -34,5 +67,6 @@ def register_optimizers(register) -> None:
                 describe=entries.describe,
                 per_parameter=True,  # each update reads only its own parameter: optimizer.layerwise: true works
                 whole_matrices=True,  # FSDP2: each projection and scaling computed once, on one process per matrix
+                aliases=aliases,
             )
         )

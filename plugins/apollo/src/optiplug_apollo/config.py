@@ -67,6 +67,12 @@ class ApolloFields(optiplug.AdamFields):
         description="Fira's norm-growth limiter: the norm of a weight's scaled gradient may grow at most 1.01x "
         "per step (apollo-torch's default; false is its disable_nl).",
     )
+    eps_not_targeted: float | None = Field(
+        None,
+        gt=0,
+        description="eps of the parameters that are not targeted (plain AdamW); null: eps. transformers' "
+        "optim='apollo_adamw' gives them apollo-torch's default 1e-6 and the targeted weights adam_epsilon.",
+    )
     seed: int = Field(
         0,
         ge=0,

@@ -44,6 +44,10 @@ def param_groups(ctx: optiplug.BuildContext, cfg: ApolloFields) -> tuple[list[di
     roles = ("adamw (not a target)", f"apollo rank {cfg.rank} ({cfg.scale_type}-wise)")
     targeted = [param for name, param in ctx.named_parameters() if name in targets]
     groups = optiplug.split_param_groups(ctx.param_groups(cfg.weight_decay), targeted, apollo, roles=roles)
+    if cfg.eps_not_targeted is not None:
+        for group in groups:
+            if "rank" not in group:
+                group.setdefault("eps", cfg.eps_not_targeted)
     seeds = [seed_of[name_of[id(p)]] for group in groups for p in group["params"]]
     return groups, seeds
 

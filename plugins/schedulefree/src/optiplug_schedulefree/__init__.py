@@ -9,7 +9,8 @@ own warmup is refused. Importing this module does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optiplug
@@ -63,7 +64,11 @@ def check(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> None:
             "set scheduler.name to constant"
         )
     args = ctx.args
-    if args is not None and (getattr(args, "warmup_steps", None) or getattr(args, "warmup_ratio", None)):
+    # TrainingArguments.optim=schedule_free_adamw/sgd hands the Trainer's warmup_steps to the optimizer: taken once
+    own_warmup = getattr(cfg, "warmup_steps", 0)
+    took_warmup = args is not None and bool(own_warmup) and own_warmup == args.warmup_steps
+    trainer_warmup = args is not None and (getattr(args, "warmup_steps", None) or getattr(args, "warmup_ratio", None))
+    if trainer_warmup and not took_warmup:
         raise optiplug.ConfigError(
             f"{name}: the Trainer's warmup_steps/warmup_ratio are set, and the constant scheduler ignores them: the "
             f"optimizer warms up by itself ({warmup}); set the Trainer's warmup to 0"
@@ -147,7 +152,36 @@ def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: ScheduleFreeConfig) 
     return optiplug.moment_bytes(shapes, buffers, scalars=0)
 
 
+def transformers_arguments(
+    args: Any, optim_args: Mapping[str, str], *, take: tuple[str, ...], warmup: bool
+) -> dict[str, Any]:
+    """What transformers' Trainer builds for ``optim="schedule_free_*"``: the learning rate, weight decay (and the
+    Adam betas and eps for AdamW and RAdam), ``TrainingArguments.warmup_steps`` as the optimizer's own warmup (not
+    for RAdam), and ``weight_lr_power`` and ``r`` from ``optim_args``."""
+    fields = optiplug.transformers_fields(args, optim_args, take=take, only=("weight_lr_power", "r"))
+    steps = getattr(args, "warmup_steps", 0) or 0
+    if warmup and steps:
+        if steps < 1:
+            raise optiplug.ConfigError(
+                f"warmup_steps={steps} is a fraction of the run, which transformers' Trainer hands to the "
+                "schedule-free optimizer as a step count (a rate 1/fraction times too high on the first step): give "
+                "warmup_steps as a number of steps"
+            )
+        fields["warmup_steps"] = int(steps)
+    return fields
+
+
+_ADAM = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
+_TRANSFORMERS = {
+    "schedule_free_adamw": functools.partial(transformers_arguments, take=_ADAM, warmup=True),
+    "schedule_free_sgd": functools.partial(transformers_arguments, take=("learning_rate", "weight_decay"), warmup=True),
+    "schedule_free_radam": functools.partial(transformers_arguments, take=_ADAM, warmup=False),
+}
+"""transformers' names are the entries' own: each an alias with transformers' arguments."""
+
+
 def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.OptimizerEntry:
+    name = config.model_fields["name"].default
     return optiplug.OptimizerEntry(
         config=config,
         build=build,
@@ -158,6 +192,7 @@ def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.Opt
         requires=("schedulefree",),
         state_bytes=state_bytes,
         default_scheduler="constant",  # schedule-free is its own schedule: a run naming none gets constant
+        aliases=(optiplug.Alias(name, transformers=True, arguments=_TRANSFORMERS[name]),),
     )
 
 
