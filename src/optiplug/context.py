@@ -162,10 +162,13 @@ class BuildContext:
     def distributed(self) -> str:
         """``"none"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``: what the engine really runs.
 
-        Inside a Trainer this is what accelerate enabled (on a machine without GPUs accelerate
-        runs ``training.fsdp`` as plain DDP, so that reads ``"ddp"``); outside one, it is read
-        from the arguments, and a model whose parameters are DTensors counts as FSDP.
+        A model whose parameters are DTensors (``fully_shard``-ed) is FSDP, in a Trainer or not.
+        Otherwise, inside a Trainer this is what accelerate enabled (on a machine without GPUs
+        accelerate runs ``training.fsdp`` as plain DDP, so that reads ``"ddp"``); outside one, it is
+        read from the arguments.
         """
+        if any(type(p).__name__ == "DTensor" for _, p in self.named_parameters()):
+            return "fsdp"
         trainer = self.trainer
         if trainer is not None and getattr(trainer, "accelerator", None) is not None:
             if getattr(trainer, "is_deepspeed_enabled", False):
@@ -175,7 +178,7 @@ class BuildContext:
             return "ddp" if self.world_size > 1 else "none"
         if getattr(self.args, "deepspeed", None):
             return "deepspeed"
-        if getattr(self.args, "fsdp", None) or any(type(p).__name__ == "DTensor" for _, p in self.named_parameters()):
+        if getattr(self.args, "fsdp", None):
             return "fsdp"
         return "ddp" if self.world_size > 1 else "none"
 

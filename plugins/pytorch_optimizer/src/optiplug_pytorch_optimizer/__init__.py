@@ -30,7 +30,7 @@ NO_ESTIMATE: dict[str, str] = {
     "spectralsphere": "a step that reads values, on 2-D weights only",
     "swats": "a momentum buffer created when it switches from Adam to SGD, which the gradients decide",
 }
-# Optimizers with a check: fields the run must fill in, or parameters they refuse.
+# Optimizers with a check beyond the sharding one: fields the run must fill in, or parameters they refuse.
 CHECKED = {"adai", "ranger21", "spectralsphere", "muon", "adamuon", "adago", "normuon"}
 
 
@@ -42,10 +42,14 @@ def build(ctx: optiplug.BuildContext, cfg: Any) -> Any:
 
 
 def check(ctx: optiplug.BuildContext, cfg: Any) -> None:
-    """Refuse, before the first step, a set-up the optimizer cannot train."""
-    from optiplug_pytorch_optimizer.factory import check as check_optimizer
+    """Refuse, before the first step, a set-up the optimizer cannot train (sharded engines: see ``sharding``)."""
+    from optiplug_pytorch_optimizer import sharding
 
-    check_optimizer(ctx, cfg)
+    sharding.check(ctx, cfg)
+    if specs()[cfg.name].source in CHECKED:
+        from optiplug_pytorch_optimizer.factory import check as check_optimizer
+
+        check_optimizer(ctx, cfg)
 
 
 def state_bytes(shapes: Any, cfg: Any) -> int:
@@ -61,7 +65,7 @@ def entry(spec: Spec) -> optiplug.OptimizerEntry:
         config=config_class(spec),
         build=build,
         summary=f"{spec.summary} (pytorch-optimizer {spec.source})",
-        check=check if spec.source in CHECKED else None,
+        check=check,
         requires=("pytorch-optimizer",),
         state_bytes=None if spec.source in NO_ESTIMATE else state_bytes,
     )

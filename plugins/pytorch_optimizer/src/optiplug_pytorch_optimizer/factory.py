@@ -288,14 +288,22 @@ def _finish(optimizer: Any) -> Any:
 
 def build(ctx: optiplug.BuildContext, cfg: Any) -> Any:
     """The pytorch-optimizer optimizer ``cfg`` names, on the model's trainable parameters."""
+    from optiplug_pytorch_optimizer.sharding import FOREACH_NOT_ON_DTENSOR, step_only_groups_with_parameters
+
     spec = specs()[cfg.name]
     kwargs = kwargs_of(spec, cfg, ctx)
+    if ctx.distributed == "fsdp" and spec.source in FOREACH_NOT_ON_DTENSOR and kwargs.get("foreach") is None:
+        kwargs["foreach"] = False  # its batched step calls an operator DTensor does not support
     cls = constructor(spec)
     if spec.takes == "muon":
         owners = _module_types(ctx.model)
         named = [(name, p, owners.get(name, "")) for name, p in ctx.named_parameters()]
-        return _finish(cls(_muon_param_groups(named, kwargs), **kwargs))
-    return _finish(cls(ctx.param_groups(kwargs.get("weight_decay", 0.0)), **kwargs))
+        optimizer = _finish(cls(_muon_param_groups(named, kwargs), **kwargs))
+    else:
+        optimizer = _finish(cls(ctx.param_groups(kwargs.get("weight_decay", 0.0)), **kwargs))
+    if ctx.distributed == "deepspeed":
+        step_only_groups_with_parameters(optimizer)  # ZeRO-3 steps it once per group, the others empty
+    return optimizer
 
 
 _DTYPES = {8: "float64", 4: "float32", 2: "bfloat16", 1: "uint8"}
