@@ -502,8 +502,8 @@ class Registry:
         if isinstance(value, base) and not fields:
             self.lookup(kind, value.name)  # a config object must still name a registered entry
             return value
-        if isinstance(value, base):
-            value = value.model_dump()
+        if isinstance(value, base):  # only the fields it was given: validators may ask which ones (min_lr or rate)
+            value = {**value.model_dump(exclude_unset=True), "name": value.name}
         elif isinstance(value, str):
             value = {"name": value}
         elif value is None:

@@ -28,7 +28,6 @@ from optiplug.patches import Patch, applied
 from optiplug.registry import (
     get_entry,
     get_plugin_manager,
-    get_scheduler_entry,
     parse_optimizer,
     parse_scheduler,
 )
@@ -137,12 +136,28 @@ def _scheduler_left_at_default(args: Any, warmup_too: bool = True) -> bool:
 
 
 def _scheduler_from_args(args: Any) -> SchedulerConfig:
-    """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``."""
-    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    fields = dict(args.lr_scheduler_kwargs or {})
-    if "warmup_steps" in get_scheduler_entry(name).config.model_fields:
-        fields.setdefault("warmup_steps", 0)  # filled in from args when the step count is known
-    return parse_scheduler(name, **fields)
+    """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``: the entry whose
+    transformers alias has that name (its ``arguments`` translate the kwargs), else the entry of that name."""
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import registry as the_registry
+
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    try:
+        found = the_registry.resolve("scheduler", name, transformers=True)
+    except UnknownNameError:
+        found = None
+    try:
+        fields = kwargs
+        if found is not None and found.alias is not None and found.alias.arguments is not None:
+            fields = dict(found.alias.arguments(args, kwargs))
+        if found is not None and "warmup_steps" in found.row.entry.config.model_fields:
+            fields.setdefault("warmup_steps", 0)  # filled in from args when the step count is known
+        return the_registry.parse("scheduler", name, fields, transformers=True)
+    except ConfigError as error:
+        raise ConfigError(
+            f"TrainingArguments.lr_scheduler_type={name!r} (lr_scheduler_kwargs {kwargs}): {error}"
+        ) from None
 
 
 def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:

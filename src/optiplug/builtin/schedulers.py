@@ -6,13 +6,14 @@ setting both is an error.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from optiplug.configs import SchedulerConfig
 from optiplug.context import ScheduleContext
-from optiplug.entries import SchedulerEntry
+from optiplug.entries import Alias, SchedulerEntry
 from optiplug.errors import ConfigError
 from optiplug.hookspecs import hookimpl
 
@@ -314,6 +315,14 @@ def build_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig):
     )
 
 
+def wsd_arguments(args: Any, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers' ``lr_scheduler_kwargs`` for ``warmup_stable_decay``: ``num_decay_steps`` and
+    ``num_stable_steps`` are ``decay_steps`` and ``stable_steps`` here (without ``num_decay_steps``, which
+    transformers requires, the decay is ``decay_ratio`` of the run)."""
+    renames = {"num_decay_steps": "decay_steps", "num_stable_steps": "stable_steps"}
+    return {renames.get(key, key): value for key, value in kwargs.items()}
+
+
 # ---- one line on the schedule a run gets (the run header) -------------------------------------
 
 
@@ -428,6 +437,7 @@ def register_schedulers(register):
     register(
         SchedulerEntry(
             config=WarmupStableDecayConfig,
+            aliases=(Alias("warmup_stable_decay", transformers=True, arguments=wsd_arguments),),
             describe=describe_wsd,
             cooldown=wsd_cooldown,
             build=build_wsd,
