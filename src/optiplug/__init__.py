@@ -39,7 +39,7 @@ from optiplug.helpers import (
     unwrap_optimizer,
 )
 from optiplug.hookspecs import hookimpl, hookspec
-from optiplug.matrices import check_whole_matrices, count_shapes, split_param_groups, split_shapes
+from optiplug.matrices import check_whole_matrices, count_shapes, fsdp_version, split_param_groups, split_shapes
 from optiplug.params import GROUP_ROLE
 from optiplug.patches import Patch
 from optiplug.registry import (
@@ -145,6 +145,7 @@ __all__ = [
     "disable_layerwise",
     "effective_rank",
     "enable_layerwise",
+    "fsdp_version",
     "get_entry",
     "get_scheduler_entry",
     "hf_factory",

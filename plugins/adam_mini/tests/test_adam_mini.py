@@ -263,17 +263,33 @@ def test_sharded_deepspeed_is_refused(stage):
     assert refusal(tiny_llama(), args) == (
         f"adam_mini cannot train under DeepSpeed ZeRO stage {stage}: ZeRO hands the optimizer flat 1-D partitions "
         "of the weights, and adam-mini's per-head and per-row blocks need the weight matrices (it fails at the first "
-        "step); set zero_optimization.stage to 0, or train with DDP or in one process"
+        "step); set zero_optimization.stage to 0, or train with FSDP2 (fsdp_config.version: 2), DDP or in one process"
     )
 
 
-def test_fsdp_is_refused_and_zero_stage_0_and_ddp_are_not():
+def test_fsdp1_is_refused_and_fsdp2_zero_stage_0_and_ddp_are_not():
     entry, cfg = optiplug.get_entry("adam_mini"), AdamMiniConfig()
-    fsdp = SimpleNamespace(fsdp="full_shard", deepspeed=None, world_size=2)
-    assert refusal(tiny_llama(), fsdp).startswith("adam_mini cannot train under FSDP: FSDP hands the optimizer shards")
+    fsdp1 = SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 1}, deepspeed=None, world_size=2)
+    assert refusal(tiny_llama(), fsdp1) == (
+        "adam_mini cannot train under FSDP version 1: it flattens each unit's weights into one 1-D parameter, and "
+        "adam-mini's per-head and per-row blocks need the weight matrices; set fsdp_config.version to 2 (row shards), "
+        "or train with DDP or in one process"
+    )
     for args in (SimpleNamespace(deepspeed={"zero_optimization": {"stage": 0}}, world_size=2),
-                 SimpleNamespace(deepspeed=None, fsdp=None, world_size=2)):  # fmt: skip
-        entry.check(optiplug.BuildContext(model=tiny_llama(), args=args), cfg)
+                 SimpleNamespace(deepspeed=None, fsdp=None, world_size=2),
+                 SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 2}, deepspeed=None, world_size=2),
+                 SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 2}, deepspeed=None, world_size=4)):  # fmt: skip
+        entry.check(optiplug.BuildContext(model=tiny_llama(), args=args), cfg)  # 4 heads of 8 rows: shards of 8
+
+
+def test_fsdp2_with_more_processes_than_whole_heads_fit_is_refused():
+    fsdp2 = SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 2}, deepspeed=None, world_size=8)
+    assert refusal(tiny_llama(), fsdp2) == (
+        "adam_mini under FSDP with 8 processes: model.layers.0.self_attn.q_proj.weight has 4 heads of 8 rows, and "
+        "FSDP cuts its rows into shards of 4, inside a head, where adam-mini's one second moment per head would need "
+        "rows of two processes; train with a number of processes whose shards hold whole heads (one that divides the "
+        "number of heads), DDP or one process"
+    )
 
 
 # ---- quiet construction, state bytes, resume ------------------------------------------------------

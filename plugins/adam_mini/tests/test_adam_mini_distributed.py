@@ -74,7 +74,7 @@ def test_zero_stage_0_trains_and_stages_2_and_3_are_refused_under_torchrun(tmp_p
         assert result["refused"][str(stage)] == (
             f"adam_mini cannot train under DeepSpeed ZeRO stage {stage}: ZeRO hands the optimizer flat 1-D partitions "
             "of the weights, and adam-mini's per-head and per-row blocks need the weight matrices (it fails at the "
-            "first step); set zero_optimization.stage to 0, or train with DDP or in one process"
+            "first step); set zero_optimization.stage to 0, or train with FSDP2 (fsdp_config.version: 2), DDP or in one process"
         )
     zero0 = {int(step): loss for step, loss in result["losses"].items()}
     single = train(tmp_path / "single", 2 * BATCH)

@@ -41,21 +41,48 @@ class AdamMiniConfig(optiplug.AdamFields):
 
 
 def _sharded_refusal(ctx: optiplug.BuildContext) -> str | None:
-    """Why this launch shards what adam-mini needs whole (ZeRO 1-3, FSDP), or None (one process, DDP, ZeRO-0)."""
+    """Why this launch cuts what adam-mini needs whole, or None: one process, DDP, ZeRO-0 and FSDP2 train (FSDP2
+    where its row shards hold whole heads: :func:`_heads_cut`)."""
     where = ctx.distributed
     if where == "deepspeed" and (ctx.deepspeed_stage or 0) > 0:
         return (
             f"adam_mini cannot train under DeepSpeed ZeRO stage {ctx.deepspeed_stage}: ZeRO hands the optimizer "
             "flat 1-D partitions of the weights, and adam-mini's per-head and per-row blocks need the weight "
-            "matrices (it fails at the first step); set zero_optimization.stage to 0, or train with DDP or in one "
-            "process"
+            "matrices (it fails at the first step); set zero_optimization.stage to 0, or train with FSDP2 "
+            "(fsdp_config.version: 2), DDP or in one process"
         )
-    if where == "fsdp":
+    if where != "fsdp":
+        return None
+    if optiplug.fsdp_version(ctx) == 1:
         return (
-            "adam_mini cannot train under FSDP: FSDP hands the optimizer shards of flattened weights, and adam-mini's "
-            "per-head and per-row blocks need the weight matrices (it fails at the first step); train with DDP "
-            "(drop training.fsdp) or in one process"
+            "adam_mini cannot train under FSDP version 1: it flattens each unit's weights into one 1-D parameter, and "
+            "adam-mini's per-head and per-row blocks need the weight matrices; set fsdp_config.version to 2 (row "
+            "shards), or train with DDP or in one process"
         )
+    return None
+
+
+def _heads_cut(ctx: optiplug.BuildContext, layout: Layout) -> str | None:
+    """FSDP2 cuts each weight into row shards of ``ceil(rows / processes)`` rows: refuse a cut inside a head."""
+    for name, param in ctx.named_parameters():
+        processes = param.device_mesh.size() if hasattr(param, "device_mesh") else ctx.world_size
+        placements = tuple(getattr(param, "placements", ()))
+        if placements and any(type(p).__name__ == "Shard" and getattr(p, "dim", 0) != 0 for p in placements):
+            return (
+                f"adam_mini: {name} is sharded along dimension {placements}, and adam-mini's blocks are rows or "
+                "groups of rows: shard along the rows (fully_shard's default Shard(0))"
+            )
+        if block_kind(name) != "heads" or processes <= 1:
+            continue
+        rows = int(param.shape[0])
+        chunk = -(-rows // processes)
+        if chunk % layout.head_dim:
+            return (
+                f"adam_mini under FSDP with {processes} processes: {name} has {rows // layout.head_dim} heads of "
+                f"{layout.head_dim} rows, and FSDP cuts its rows into shards of {chunk}, inside a head, where "
+                "adam-mini's one second moment per head would need rows of two processes; train with a number of "
+                "processes whose shards hold whole heads (one that divides the number of heads), DDP or one process"
+            )
     return None
 
 
@@ -75,7 +102,11 @@ def check(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> None:
         raise optiplug.ConfigError(
             "adam_mini: the model has no trainable parameters; unfreeze some or pick another model"
         )
-    check_partition(((name, tuple(param.shape)) for name, param in named), layout_of(ctx.model))
+    layout = layout_of(ctx.model)
+    check_partition(((name, tuple(param.shape)) for name, param in named), layout)
+    cut = _heads_cut(ctx, layout) if ctx.distributed == "fsdp" else None
+    if cut is not None:
+        raise optiplug.ConfigError(cut)
 
 
 def build(ctx: optiplug.BuildContext, cfg: AdamMiniConfig) -> Any:
