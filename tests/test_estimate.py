@@ -468,3 +468,54 @@ def _default_shapes():
     from optiplug.app.estimate import model_shapes
 
     return model_shapes(load_config())
+
+
+# ---- one process's share of N (--nproc N --engine ENGINE) -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("engine", "cut"),
+    [("ddp", (1, 1, 1)), ("zero1", (1, 1, 4)), ("zero2", (1, 4, 4)), ("zero3", (4, 4, 4)), ("fsdp", (4, 4, 4))],
+)
+def test_each_engine_cuts_weights_gradients_and_state_into_one_process_s_share(tiny_dir, engine, cut):
+    [whole] = estimate(_run(tiny_dir), ["adamw"])
+    [share] = estimate(_run(tiny_dir), ["adamw"], processes=4, engine=engine)
+    assert (share.processes, share.engine, share.engine_check) == (4, engine, "passed")
+    for field, parts in zip(("weights_bytes", "gradient_bytes", "state_bytes"), cut):
+        assert getattr(share, field) == -(-getattr(whole, field) // parts), field
+    assert share.total_bytes == share.weights_bytes + share.gradient_bytes + share.state_bytes
+    assert whole.engine_check is None  # one process: no engine to check
+
+
+def test_an_optimizer_the_engine_refuses_is_marked_with_the_sentence(tiny_dir):
+    rows = _by_name(estimate(_run(tiny_dir), ["adamw", "galore_adamw", "po_lamb"], processes=2, engine="zero2"))
+    assert rows["adamw"].engine_check == "passed"
+    assert rows["galore_adamw"].engine_check.startswith(
+        "refused: galore_adamw projects whole weight matrices, and DeepSpeed (ZeRO stage 2) hands the optimizer"
+    )
+    assert rows["po_lamb"].engine_check.startswith("refused: po_lamb reads across each weight tensor (the trust ratio")
+    fsdp = _by_name(estimate(_run(tiny_dir), ["galore_adamw", "adam_mini"], processes=2, engine="fsdp"))
+    assert fsdp["galore_adamw"].engine_check == fsdp["adam_mini"].engine_check == "passed"
+    cut = _by_name(estimate(_run(tiny_dir), ["adam_mini"], processes=8, engine="fsdp"))["adam_mini"]
+    assert cut.engine_check.startswith("refused: adam_mini under FSDP with 8 processes: ")
+
+
+def test_command_per_process_table_and_json(tiny_dir):
+    result = _invoke(f"model.name_or_path={tiny_dir}", "--optimizers", "adamw,po_lamb", "--nproc", "2",
+                     "--engine", "zero2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].endswith("; per process of 2 under DeepSpeed ZeRO-2")
+    lamb = next(line for line in result.output.splitlines() if line.startswith("│ po_lamb"))
+    assert lamb.rstrip("│ ").endswith("refused")
+    assert "po_lamb: refused: po_lamb reads across each weight tensor" in result.output
+    data = json.loads(_invoke(f"model.name_or_path={tiny_dir}", "--optimizers", "adamw", "--nproc", "2", "--engine",
+                              "fsdp", "--json").output)  # fmt: skip
+    assert (data["processes"], data["engine"], data["estimates"][0]["engine_check"]) == (2, "fsdp", "passed")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--nproc", "0"], "--nproc must be at least 1, got 0"),
+    (["--engine", "zero0"], "--engine must be one of ddp, zero1, zero2, zero3, fsdp, got 'zero0'"),
+])  # fmt: skip
+def test_command_refuses_a_bad_launch(tiny_dir, argv, message):
+    assert str(_invoke(f"model.name_or_path={tiny_dir}", "--optimizers", "adamw", *argv).exception) == message

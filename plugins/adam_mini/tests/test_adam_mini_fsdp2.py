@@ -59,6 +59,22 @@ def test_adam_mini_under_fsdp2_takes_the_steps_of_one_process(fsdp2):
     check_side_by_side(fsdp2[adam_mini_under_fully_shard], cls="AdamMini", rtol=RTOL)
 
 
+def test_each_process_holds_what_optiplug_estimate_says(fsdp2):
+    """The estimate measures adam_mini on the meta model and gives one process half of it."""
+    import torch
+
+    from optiplug.app.estimate import ModelShapes, estimate_shapes
+    from optiplug.testing import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama()
+    [row] = estimate_shapes(ModelShapes.of_model(model), [optiplug.parse_optimizer(ADAM_MINI)], model, 1, 2, "fsdp")
+    assert row.engine_check == "passed" and row.state_bytes is not None
+    for result in fsdp2[adam_mini_under_fully_shard]:
+        measured = result["state_bytes"]["sharded"]  # each norm's second moment is on both: a few bytes above half
+        assert abs(measured - row.state_bytes) <= 0.01 * measured, (measured, row.state_bytes)
+
+
 def test_a_two_process_adam_mini_checkpoint_resumes_in_one_process(fsdp2):
     check_resume_in_one_process(ADAM_MINI, fsdp2[adam_mini_under_fully_shard][0], rtol=RTOL)
 

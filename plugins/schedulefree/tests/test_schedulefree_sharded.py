@@ -118,6 +118,18 @@ def assert_is_x(saved: dict[str, Any], point: dict[str, dict[str, Any]], where: 
     assert all(torch.allclose(saved[n], point["x"][n], rtol=1e-4, atol=1e-6) for n in saved), where
 
 
+def estimated_share(engine: str) -> int:
+    """``optiplug estimate``'s optimizer state of one process of 2 under ``engine``, for the tiny Llama."""
+    from optiplug.app.estimate import ModelShapes, estimate_shapes
+    from optiplug.testing import tiny_llama
+
+    [row] = estimate_shapes(
+        ModelShapes.of_model(tiny_llama()), [optiplug.parse_optimizer(OPTIMIZER)], None, 1, 2, engine
+    )
+    assert row.state_bytes is not None
+    return row.state_bytes
+
+
 def load_weights(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -241,6 +253,7 @@ def test_deepspeed_each_rank_holds_half_the_state(deepspeed, single, stage):
     # DeepSpeed pads each flat group to a multiple of the world size (and an alignment): a few elements
     assert all(abs(b - single["state_bytes"] / 2) <= 0.01 * single["state_bytes"] for b in per_rank), per_rank
     assert sum(per_rank) >= single["state_bytes"]
+    assert all(abs(b - estimated_share(f"zero{stage}")) <= 0.01 * b for b in per_rank), per_rank  # optiplug estimate
 
 
 @pytest.mark.slow
@@ -280,6 +293,7 @@ def test_fsdp2_each_rank_holds_half_the_state(fsdp2):
     for got in fsdp2[schedule_free_under_fully_shard]:
         state = got["state_bytes"]
         assert abs(state["sharded"] - state["single"] / 2) <= 0.01 * state["single"], state
+        assert abs(state["sharded"] - estimated_share("fsdp")) <= 0.01 * state["sharded"], state  # optiplug estimate
 
 
 # ---- helpers of the cases --------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ guess.
 
 Gradients are counted for every trainable parameter at the parameter's dtype, as a plain
 training step holds them; activations, the data and framework buffers are not counted.
+
+With several processes (``--nproc N --engine ENGINE``) every figure is one process's: DDP keeps
+everything whole in each; DeepSpeed ZeRO-1 shards the optimizer state, ZeRO-2 the gradients too,
+ZeRO-3 and FSDP the weights too, each process holding 1/N (FSDP's last process less when a weight's
+rows do not divide evenly; DeepSpeed pads its flat partitions by a few elements). Weights gathered
+for a layer's forward and backward are not counted. The entry's check runs for the engine too: an
+optimizer the engine's check refuses is marked, with the sentence.
 """
 
 from __future__ import annotations
@@ -42,7 +49,28 @@ from optiplug.registry import get_entry, parse_optimizer
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["Estimate", "ModelShapes", "command", "estimate", "estimate_shapes", "model_shapes", "resolve_model_dir"]
+__all__ = [
+    "ENGINES",
+    "Estimate",
+    "ModelShapes",
+    "command",
+    "engine_check",
+    "estimate",
+    "estimate_shapes",
+    "model_shapes",
+    "resolve_model_dir",
+]
+
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+"""What ``--engine`` takes: DDP, DeepSpeed ZeRO stages 1-3, FSDP (version 2, ``fully_shard``)."""
+# What each engine cuts into 1/N per process: (weights, gradients, optimizer state)
+_SHARDS = {
+    "ddp": (False, False, False),
+    "zero1": (False, False, True),
+    "zero2": (False, True, True),
+    "zero3": (True, True, True),
+    "fsdp": (True, True, True),
+}
 
 
 @dataclass(frozen=True)
@@ -83,7 +111,9 @@ class Estimate:
     """One optimizer's memory estimate, in bytes. ``state_bytes``/``total_bytes`` are None when unknown.
 
     ``state_source`` says where ``state_bytes`` came from: ``"analytic"`` (the entry's ``state_bytes``),
-    ``"measured"`` (one step on the meta model), or None (unknown).
+    ``"measured"`` (one step on the meta model), or None (unknown). The bytes are one process's of
+    ``processes`` under ``engine``; ``engine_check`` is None with one process, else ``"passed"``,
+    ``"refused: <sentence>"`` or ``"skipped: <why>"``.
     """
 
     optimizer: str
@@ -95,6 +125,9 @@ class Estimate:
     trainable_params: int
     state_source: str | None = None
     detail: str | None = None
+    processes: int = 1
+    engine: str = "ddp"
+    engine_check: str | None = None
 
 
 # ---- the model, on the meta device ----------------------------------------------------------
@@ -222,11 +255,70 @@ def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
             p.grad = None
 
 
+def _launch_arguments(processes: int, engine: str, accumulation_steps: int, max_grad_norm: float) -> Any:
+    """The ``TrainingArguments`` fields the entries' checks read, for ``processes`` under ``engine``."""
+    from types import SimpleNamespace
+
+    stage = int(engine[-1]) if engine.startswith("zero") else None
+    return SimpleNamespace(
+        world_size=processes,
+        deepspeed={"zero_optimization": {"stage": stage}} if stage is not None else None,
+        hf_deepspeed_config=None,
+        fsdp="full_shard" if engine == "fsdp" else "",
+        fsdp_config={"version": 2} if engine == "fsdp" else {},
+        gradient_accumulation_steps=accumulation_steps,
+        max_grad_norm=max_grad_norm,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        fp16=False,
+        bf16=False,
+    )
+
+
+def engine_check(
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    processes: int,
+    engine: str,
+    accumulation_steps: int = 1,
+    max_grad_norm: float = 1.0,
+) -> str | None:
+    """The entry's check under ``engine`` with ``processes`` processes, on the meta model: None for one process,
+    else ``"passed"``, ``"refused: <sentence>"`` (refused there and not in one process) or ``"skipped: <why>"``."""
+    from optiplug.context import BuildContext
+
+    if processes == 1:
+        return None
+    entry = get_entry(cfg.name)
+    if entry.check is None:
+        return "passed"
+    outcomes: list[str | None] = []
+    for launch in ((1, "ddp"), (processes, engine)):
+        try:
+            args = _launch_arguments(*launch, accumulation_steps, max_grad_norm)
+            entry.check(BuildContext(model=model, args=args), cfg)
+            outcomes.append(None)
+        except ConfigError as error:
+            outcomes.append(str(error))
+        except Exception as error:  # a check that needs what a meta model or these arguments lack
+            return f"skipped: {type(error).__name__}: {error}"
+    alone, sharded = outcomes
+    return f"refused: {sharded}" if sharded is not None and alone is None else "passed"
+
+
+def _share(value: int, processes: int, sharded: bool) -> int:
+    return -(-value // processes) if sharded else value
+
+
 def estimate_shapes(
     shapes: ModelShapes,
     optimizers: Sequence[OptimizerConfig],
     model: nn.Module | None = None,
     accumulation_steps: int = 1,
+    processes: int = 1,
+    engine: str = "ddp",
+    max_grad_norm: float = 1.0,
 ) -> list[Estimate]:
     """One :class:`Estimate` per optimizer config for the model described by ``shapes``.
 
@@ -234,8 +326,17 @@ def estimate_shapes(
     parameter steps, so the gradient figure is the largest single parameter's; with accumulation
     every gradient lives until the boundary, as in a plain step.
 
-    ``model``, the same model on the ``meta`` device, lets entries without ``state_bytes`` be measured.
+    ``model``, the same model on the ``meta`` device, lets entries without ``state_bytes`` be measured,
+    and the entries' checks run for ``engine``. The figures are one process's of ``processes``.
+
+    Raises:
+        ConfigError: ``processes`` below 1 or an unknown ``engine``.
     """
+    if processes < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {processes}")
+    if engine not in _SHARDS:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    cut_weights, cut_grads, cut_state = _SHARDS[engine]
     rows = []
     for cfg in optimizers:
         entry = get_entry(cfg.name)
@@ -252,18 +353,25 @@ def estimate_shapes(
         grads = shapes.gradient_bytes if entry.grad_bytes is None else int(entry.grad_bytes(shapes.trainable, cfg))
         if getattr(cfg, "layerwise", False) is True and accumulation_steps == 1 and shapes.trainable:
             grads = min(grads, max(s.numel * s.itemsize for s in shapes.trainable))
-        fixed = shapes.weights_bytes + grads
+        weights = _share(shapes.weights_bytes, processes, cut_weights)
+        grads = _share(grads, processes, cut_grads)
+        state = None if state is None else _share(state, processes, cut_state)
         rows.append(
             Estimate(
                 optimizer=cfg.name,
-                weights_bytes=shapes.weights_bytes,
+                weights_bytes=weights,
                 gradient_bytes=grads,
                 state_bytes=state,
-                total_bytes=None if state is None else fixed + state,
+                total_bytes=None if state is None else weights + grads + state,
                 total_params=shapes.total_params,
                 trainable_params=shapes.trainable_params,
                 state_source=source,
                 detail=entry.describe(shapes.trainable, cfg) if entry.describe is not None else None,
+                processes=processes,
+                engine=engine,
+                engine_check=None
+                if model is None
+                else engine_check(model, cfg, processes, engine, accumulation_steps, max_grad_norm),
             )
         )
     return rows
@@ -273,14 +381,18 @@ def estimate(
     config: RunConfig | str | Path | None = None,
     optimizers: Sequence[OptimizerConfig | str | Mapping[str, Any]] | None = None,
     overrides: Sequence[str] = (),
+    processes: int = 1,
+    engine: str = "ddp",
 ) -> list[Estimate]:
-    """Estimate weights, gradient and optimizer-state memory of a run, per optimizer.
+    """Estimate weights, gradient and optimizer-state memory of a run, per optimizer (one process's).
 
     Args:
         config: a :class:`RunConfig`, a YAML file, or None for the embedded default run.
         optimizers: optimizers to compare (names, mappings or configs); by default the run's own.
             A bare name equal to the run's optimizer keeps the run's configured fields.
         overrides: ``"a.b=value"`` strings applied on top of ``config``.
+        processes: the number of training processes.
+        engine: one of :data:`ENGINES` (what it shards: see the module).
 
     Raises:
         ConfigError: the model cannot be found offline, or a config value is invalid.
@@ -290,7 +402,8 @@ def estimate(
     configs = _optimizer_configs(config, optimizers)  # unknown names fail before the model is built
     model = meta_model(config.model, config.finetuning)
     accumulation = int(config.training.get("gradient_accumulation_steps", 1) or 1)
-    return estimate_shapes(ModelShapes.of_model(model), configs, model, accumulation)
+    clipping = float(config.training.get("max_grad_norm", 1.0) or 0.0)
+    return estimate_shapes(ModelShapes.of_model(model), configs, model, accumulation, processes, engine, clipping)
 
 
 # ---- the command ----------------------------------------------------------------------------
@@ -315,15 +428,25 @@ def _format_count(value: int) -> str:
     return str(value)
 
 
+_ENGINE_NAMES = {
+    "ddp": "DDP",
+    "zero1": "DeepSpeed ZeRO-1",
+    "zero2": "DeepSpeed ZeRO-2",
+    "zero3": "DeepSpeed ZeRO-3",
+    "fsdp": "FSDP",
+}
+
+
 def _print_table(rows: list[Estimate], config: RunConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
     first = rows[0]
     console = Console()
+    launch = "" if first.processes == 1 else f"; per process of {first.processes} under {_ENGINE_NAMES[first.engine]}"
     console.print(
         f"{config.model.name_or_path} ({config.model.dtype}, {config.finetuning.type} fine-tuning): "
-        f"{_format_count(first.total_params)} parameters, {_format_count(first.trainable_params)} trainable",
+        f"{_format_count(first.total_params)} parameters, {_format_count(first.trainable_params)} trainable{launch}",
         soft_wrap=True,
         highlight=False,
         markup=False,
@@ -333,17 +456,21 @@ def _print_table(rows: list[Estimate], config: RunConfig) -> None:
     for column in ("weights", "gradients", "optimizer state", "total"):
         table.add_column(column, justify="right")
     for row in rows:
+        refused = (row.engine_check or "").startswith("refused")
         table.add_row(
             row.optimizer,
             format_bytes(row.weights_bytes),
             format_bytes(row.gradient_bytes),
             format_bytes(row.state_bytes) + (" (measured)" if row.state_source == "measured" else ""),
-            format_bytes(row.total_bytes),
+            "refused" if refused else format_bytes(row.total_bytes),
         )
     console.print(table)
     for row in rows:
         if row.detail:
             console.print(f"{row.optimizer}: {row.detail}", soft_wrap=True, highlight=False, markup=False)
+    for row in rows:
+        if row.engine_check is not None and row.engine_check != "passed":
+            console.print(f"{row.optimizer}: {row.engine_check}", soft_wrap=True, highlight=False, markup=False)
 
 
 def command(
@@ -356,21 +483,30 @@ def command(
         None, "--optimizers", help="Comma-separated optimizer names to compare (default: the config's optimizer)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    nproc: int = typer.Option(1, "--nproc", help="Training processes: the figures become one process's."),
+    engine: str = typer.Option(
+        "ddp", "--engine", help="What shards across the processes: ddp, zero1, zero2, zero3 (DeepSpeed) or fsdp."
+    ),
 ) -> None:
     """Estimate weights, gradient and optimizer-state memory of a run without allocating it.
 
     The model is built on the meta device from its config.json: no weights are read, nothing is downloaded.
     Gradients count every trainable parameter; activations are not counted.
 
+    With `--nproc N --engine ENGINE` the figures are one process's: ZeRO-1 shards the optimizer state,
+    ZeRO-2 the gradients too, ZeRO-3 and FSDP the weights too; DDP nothing. Optimizers the engine refuses
+    are marked, with the reason.
+
     Examples: `optiplug estimate examples/adamw.yaml --optimizers adamw,sgd`,
-    `optiplug estimate model.dtype=bfloat16 --json`.
+    `optiplug estimate model.dtype=bfloat16 --json`,
+    `optiplug estimate --optimizers adamw,muon --nproc 8 --engine fsdp`.
     """
     path, overrides = split_config_and_overrides(list(items or []))
     config = load_config(path, overrides)
     names = [name.strip() for name in optimizers.split(",") if name.strip()] if optimizers else None
     if optimizers is not None and not names:
         raise ConfigError("--optimizers: expected comma-separated optimizer names, e.g. --optimizers adamw,sgd")
-    rows = estimate(config, names)
+    rows = estimate(config, names, processes=nproc, engine=engine)
     if as_json:
         typer.echo(
             json.dumps(
@@ -378,6 +514,8 @@ def command(
                     "model": config.model.name_or_path,
                     "dtype": config.model.dtype,
                     "finetuning": config.finetuning.type,
+                    "processes": nproc,
+                    "engine": engine,
                     "estimates": [asdict(r) for r in rows],
                 },
                 indent=2,
