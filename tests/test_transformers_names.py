@@ -37,14 +37,12 @@ BNB = [
     "rmsprop_bnb_8bit",
     "rmsprop_bnb_32bit",
 ]
-SAME = ["adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", *BNB]
+SAME = ["adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop", "adafactor", "grokadamw", "lomo", *BNB]
 SAME_SLOW = ["adamw_torch_8bit", "adamw_torch_4bit"]  # torchao compiles each update: tens of seconds a process
 REFUSED = {
     "adamw_torch_xla": "torch_xla is not installed",
     "adamw_torch_npu_fused": "torch_npu is not installed",
     "adamw_anyprecision": "not installable from PyPI",
-    # no optiplug plugin yet
-    **dict.fromkeys(["lomo", "adalomo", "grokadamw", "stable_adamw"], "not mapped by any installed optiplug plugin"),
 }
 
 
@@ -63,6 +61,17 @@ def galore_torch_8bit_on_cpu():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module.AdamW8bit, "__init__", init)
         patch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+        yield
+
+
+@contextlib.contextmanager
+def adalomo_on_cpu():
+    """transformers' adalomo with lomo-optim's AdaLomo able to run on the CPU: it allocates its moments with
+    .cuda() unconditionally (optiplug's keeps them on the parameter's device)."""
+    import torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
         yield
 
 
@@ -114,6 +123,8 @@ CASES = {
         {**LAYERWISE, "optim_args": "rank=8, proj=svd"},
         why=f"{LAYERWISE_WHY}; its one-parameter optimizers seed every random projection alike (optiplug: per weight)",
     ),
+    "adalomo": Case(patch=adalomo_on_cpu),
+    "stable_adamw": Case({"optim_args": "kahan_sum=True, decouple_lr=True, max_lr=2e-3"}),
     "schedule_free_adamw": Case({"warmup_steps": 2}, {"lr_scheduler_type": "constant"}, why=SCHEDULE_FREE_WHY),
     "schedule_free_sgd": Case({"warmup_steps": 2}, {"lr_scheduler_type": "constant"}, why=SCHEDULE_FREE_WHY),
     "schedule_free_radam": Case({}, {"lr_scheduler_type": "constant"}, why=SCHEDULE_FREE_WHY),

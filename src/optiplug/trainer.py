@@ -68,7 +68,6 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
     """The optimizer transformers' Trainer would build for ``args.optim``, ``optim_args`` and
     ``optim_target_modules``: the entry whose transformers alias has that name, with the values transformers
     takes (learning rate, betas, eps, weight decay, its defaults and ``optim_args``), or a one-line refusal."""
-    from optiplug.builtin.transformers import transformers_hint
     from optiplug.errors import UnknownNameError
     from optiplug.registry import registry as the_registry
     from optiplug.transformers_args import parse_optim_args, transformers_fields, transformers_targets
@@ -98,6 +97,18 @@ def _optimizer_from_args(args: Any) -> OptimizerConfig:
         return the_registry.parse("optimizer", name, fields, transformers=True)
     except ConfigError as error:
         raise ConfigError(f"TrainingArguments.optim={name!r} (with optim_args {optim_args}): {error}") from None
+
+
+def transformers_hint(name: str, plugin: str | None = None) -> str:
+    """One line for a ``TrainingArguments.optim`` name no entry maps: the default plugin's (which knows the
+    plugins that map transformers' names), asked through the plugin manager like any plugin."""
+    hint = getattr(get_plugin_manager().get_plugin("optiplug:transformers"), "transformers_hint", None)
+    if callable(hint):
+        return str(hint(name, plugin))
+    return (
+        f"TrainingArguments.optim={name!r} is not mapped by any installed optiplug plugin: select an optimizer "
+        "explicitly (optimizer=NAME; `optiplug list`)"
+    )
 
 
 def _check_optim_agrees(args: Any, cfg: OptimizerConfig) -> None:

@@ -161,6 +161,9 @@ _INSTALL = {
     "galore_adamw_8bit_layerwise galore_adafactor_layerwise",
     "optiplug-apollo": "apollo_adamw apollo_adamw_layerwise",
     "optiplug-schedulefree": "schedule_free_adamw schedule_free_sgd schedule_free_radam",
+    "optiplug-lomo": "lomo adalomo",
+    "optiplug-grokadamw": "grokadamw",
+    "optiplug-optimi": "stable_adamw",
 }
 _REFUSED = {
     "adamw_torch_xla": "is torch_xla's AdamW for TPUs, and torch_xla is not installed: use adamw_torch_fused",

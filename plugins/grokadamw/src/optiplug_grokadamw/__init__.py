@@ -1,0 +1,90 @@
+"""optiplug-grokadamw: GrokAdamW (the ``grokadamw`` package) as ``grokadamw``, resumable from a ``weights_only``
+checkpoint.
+
+GrokAdamW is AdamW on the gradient plus ``lamb`` times a slow moving average of it (amplifying the
+slow-varying part, for grokking), with a first-moment coefficient shrinking with each parameter's
+position in its group and a per-parameter gradient clip. It is transformers'
+``TrainingArguments.optim="grokadamw"``. Importing this module does not import torch or grokadamw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import Field
+
+import optiplug
+
+__all__ = ["GrokAdamWConfig", "register_optimizers"]
+__version__ = "0.1.0"
+
+
+class GrokAdamWConfig(optiplug.AdamFields):
+    """GrokAdamW: AdamW on the gradient amplified by its slow moving average; per-parameter gradient clipping."""
+
+    name: Literal["grokadamw"] = "grokadamw"
+    alpha_init: float = Field(0.98, ge=0, le=1, description="Decay of the slow moving average of the gradient.")
+    lamb: float = Field(2.0, description="How much of the slow average is added to the gradient.")
+    gamma: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="The first-moment coefficient of the i-th parameter of a group is betas[0] * (1 - gamma) ** i.",
+    )
+    grokking_signal_decay_rate: float = Field(
+        0.1,
+        ge=0,
+        description="alpha_init is multiplied by exp(-rate * signal); the signal (eval loss above train loss) is 0 "
+        "in a Trainer run, as in transformers' (nothing reports the losses to the optimizer).",
+    )
+    gradient_clipping: float = Field(
+        1.0, ge=0, description="Clip each parameter's gradient to this norm on its own (0: off)."
+    )
+
+
+def build(ctx: optiplug.BuildContext, cfg: GrokAdamWConfig) -> Any:
+    from optiplug_grokadamw.optim import GrokAdamW
+
+    return GrokAdamW(
+        ctx.param_groups(cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        alpha_init=cfg.alpha_init,
+        lamb=cfg.lamb,
+        gamma=cfg.gamma,
+        grokking_signal_decay_rate=cfg.grokking_signal_decay_rate,
+        gradient_clipping=cfg.gradient_clipping,
+    )
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: GrokAdamWConfig) -> int:
+    """Three buffers per parameter (both moments and the slow gradient average) in its dtype; the step is an int."""
+    return optiplug.moment_bytes(shapes, 3, scalars=0)
+
+
+def transformers_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str, Any]:
+    """transformers' ``optim="grokadamw"``: the rate and weight decay from the arguments (grokadamw's own betas and
+    eps), and ``optim_args`` keys alpha_init, lamb, gamma, grokking_signal_decay_rate, gradient_clipping."""
+    return optiplug.transformers_fields(
+        args,
+        optim_args,
+        take=("learning_rate", "weight_decay"),
+        only=("alpha_init", "lamb", "gamma", "grokking_signal_decay_rate", "gradient_clipping"),
+    )
+
+
+@optiplug.hookimpl
+def register_optimizers(register: Any) -> None:
+    register(
+        optiplug.OptimizerEntry(
+            config=GrokAdamWConfig,
+            build=build,
+            summary="GrokAdamW (grokadamw): AdamW on the gradient amplified by its slow average",
+            requires=("grokadamw",),
+            state_bytes=state_bytes,
+            aliases=(optiplug.Alias("grokadamw", transformers=True, arguments=transformers_arguments),),
+        )
+    )

@@ -1,0 +1,100 @@
+"""optiplug-optimi: torch-optimi's StableAdamW (Wortsman et al. 2023) as ``stable_adamw``.
+
+StableAdamW is AdamW with AdaFactor's update clipping per parameter (the update is divided by
+``max(1, RMS(g**2 / v))``), optionally with Kahan-compensated updates for bfloat16 and float16
+weights. It is transformers' ``TrainingArguments.optim="stable_adamw"``. Importing this module
+does not import torch or torch-optimi; the factory does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import Field
+
+import optiplug
+
+__all__ = ["StableAdamWConfig", "register_optimizers"]
+__version__ = "0.1.0"
+
+
+class StableAdamWConfig(optiplug.AdamFields):
+    """StableAdamW (torch-optimi): AdamW with per-parameter update clipping; Kahan sums for low-precision weights."""
+
+    name: Literal["stable_adamw"] = "stable_adamw"
+    betas: optiplug.Betas = (0.9, 0.99)
+    eps: float = Field(1e-6, gt=0, description="Term added to the denominator (torch-optimi's default, 1e-6).")
+    weight_decay: float = Field(
+        1e-2, ge=0, description="Weight decay, decoupled (scaled by lr / max_lr); not on biases and norms."
+    )
+    decouple_lr: bool = Field(
+        False, description="Fully decoupled weight decay: not multiplied by the learning rate (then set max_lr)."
+    )
+    max_lr: float | None = Field(
+        None, gt=0, description="With decouple_lr: the peak scheduled learning rate (default: lr)."
+    )
+    kahan_sum: bool | None = Field(
+        None,
+        description="Kahan-compensated updates: null turns them on for bfloat16 and float16 weights only (one "
+        "more buffer of the weight's size); false never; true for low-precision weights.",
+    )
+    foreach: bool | None = Field(None, description="torch's foreach kernels (null: torch-optimi chooses).")
+
+
+def build(ctx: optiplug.BuildContext, cfg: StableAdamWConfig) -> Any:
+    from optimi import StableAdamW
+
+    return StableAdamW(
+        ctx.param_groups(cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        eps=cfg.eps,
+        decouple_lr=cfg.decouple_lr,
+        max_lr=cfg.max_lr,
+        kahan_sum=cfg.kahan_sum,
+        foreach=cfg.foreach,
+        triton=False,  # torch-optimi's Triton kernels need a GPU and a Triton build; foreach or for-loop here
+    )
+
+
+def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: StableAdamWConfig) -> int:
+    """Per parameter: two moments and eps**2 (a scalar) in the weight's dtype, and a Kahan buffer of the weight's
+    size for bfloat16/float16 weights unless ``kahan_sum: false``. The step count is one tensor per group."""
+    total = 0
+    for s in shapes:
+        low = s.itemsize < 4
+        kahan = 1 if low and cfg.kahan_sum is not False else 0
+        total += (2 + kahan) * s.numel * s.itemsize + s.itemsize
+    return total
+
+
+def describe(shapes: Sequence[optiplug.ParamShape], cfg: StableAdamWConfig) -> str:
+    kahan = [s for s in shapes if s.itemsize < 4 and cfg.kahan_sum is not False]
+    elements = sum(s.numel for s in kahan)
+    return f"stable_adamw: Kahan-compensated updates on {len(kahan)} low-precision tensors ({elements / 1e6:.2f}M)"
+
+
+def transformers_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str, Any]:
+    """transformers' ``optim="stable_adamw"``: the rate, Adam betas and epsilon and weight decay from the arguments,
+    and ``optim_args`` keys ``decouple_lr``, ``max_lr``, ``kahan_sum``.
+
+    transformers turns the two booleans into ``bool(text)``, so ``kahan_sum=False`` turns Kahan summation on;
+    here ``false`` means false (docs/transformers.md lists the difference)."""
+    return optiplug.transformers_fields(args, optim_args, only=("decouple_lr", "max_lr", "kahan_sum"))
+
+
+@optiplug.hookimpl
+def register_optimizers(register: Any) -> None:
+    register(
+        optiplug.OptimizerEntry(
+            config=StableAdamWConfig,
+            build=build,
+            summary="StableAdamW (torch-optimi): AdamW with per-parameter update clipping, Kahan summation",
+            requires=("torch-optimi",),
+            state_bytes=state_bytes,
+            describe=describe,
+            aliases=(optiplug.Alias("stable_adamw", transformers=True, arguments=transformers_arguments),),
+        )
+    )
