@@ -90,8 +90,8 @@ def test_validate_ok_and_errors(capsys, tmp_path):
         and err
         == "optiplug: training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?\n"
     )
-    code, _, err = run_cli(capsys, "validate", str(good), "training.lr_scheduler_kwargs={}")
-    assert code == 1 and "set this in the scheduler section" in err
+    code, _, err = run_cli(capsys, "validate", str(good), "scheduler.name=cosine", "training.lr_scheduler_kwargs={}")
+    assert code == 1 and "remove training.lr_scheduler_kwargs or the scheduler section" in err
     code, _, err = run_cli(capsys, "validate", str(good), "training.per_device_train_batch_size=lots")
     assert (
         code == 1

@@ -101,10 +101,15 @@ def test_configs_are_frozen_and_forbid_extra_fields():
             ["training.learning_rate=0.5"],
             "training.learning_rate=0.5 conflicts with optimizer.lr=0.001: set it in the optimizer section only",
         ),
-        (["training.optim=adamw_torch"], "training.optim: set this in optimizer.name, not in the training section"),
         (
-            ["training.lr_scheduler_type=linear"],
-            "training.lr_scheduler_type: set this in scheduler.name, not in the training section",
+            ["optimizer.name=adamw", "training.optim=sgd"],
+            "training.optim='sgd' selects optimizer 'sgd' but the optimizer section is 'adamw': remove training.optim "
+            "or the optimizer section",
+        ),
+        (
+            ["scheduler.name=cosine", "training.lr_scheduler_type=linear"],
+            "training.lr_scheduler_type='linear' selects scheduler 'linear' but the scheduler section is 'cosine': "
+            "remove training.lr_scheduler_type or the scheduler section",
         ),
         (
             ["optimizer.name=sgd", "training.adam_beta1=0.8"],

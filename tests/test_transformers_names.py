@@ -247,3 +247,29 @@ def test_what_transformers_would_ignore_or_get_wrong_is_refused_in_one_line(tmp_
     with pytest.raises(optiplug.ConfigError) as error:
         optiplug.OptiTrainer(model=tiny_llama(), args=training_args(tmp_path, **args), train_dataset=[])
     assert str(error.value) == message
+
+
+def test_a_run_config_selects_its_sections_by_transformers_names():
+    from optiplug.app.config import RunConfig
+
+    run = RunConfig.model_validate(
+        {"training": {"optim": "galore_adamw", "optim_target_modules": "all-linear", "optim_args": "rank=8"}}
+    )
+    assert (run.optimizer.name, run.optimizer.rank, run.optimizer.target_modules) == ("galore_adamw", 8, ".*")
+    assert run.optimizer.lr == 5e-5  # TrainingArguments' default rate, as transformers' Trainer would take
+    free = RunConfig.model_validate({"training": {"optim": "schedule_free_sgd", "warmup_steps": 5}})
+    assert (free.optimizer.warmup_steps, free.scheduler.name, "warmup_steps" in free.training) == (5, "constant", False)
+    wsd = RunConfig.model_validate(
+        {
+            "training": {
+                "lr_scheduler_type": "warmup_stable_decay",
+                "lr_scheduler_kwargs": {"num_decay_steps": 3},
+                "warmup_steps": 0.1,
+            }
+        }
+    )
+    assert (wsd.scheduler.decay_steps, wsd.scheduler.warmup_ratio, "warmup_steps" in wsd.training) == (3, 0.1, False)
+    same = RunConfig.model_validate({"training": {"optim": "paged_adamw_8bit"}, "optimizer": {"name": "bnb_adamw"}})
+    assert same.optimizer.name == "bnb_adamw"
+    with pytest.raises(optiplug.ConfigError, match=r"^TrainingArguments.optim='adamw_anyprecision' needs torchdistx"):
+        RunConfig.model_validate({"training": {"optim": "adamw_anyprecision"}})

@@ -31,6 +31,7 @@ from optiplug.registry import (
     parse_optimizer,
     parse_scheduler,
 )
+from optiplug.transformers_args import optim_name, optimizer_from_arguments, scheduler_from_arguments
 
 __all__ = ["OptiTrainer", "OptiTrainerMixin"]
 
@@ -60,66 +61,15 @@ def layerwise_patches(cfg: Any) -> list[Patch]:
     return [Patch("accelerator", "clip_grad_norm_", _layerwise_clip_grad_norm, reason)]
 
 
-def _optim_name(args: Any) -> str:
-    return str(getattr(args.optim, "value", args.optim))
-
-
-def _optimizer_from_args(args: Any) -> OptimizerConfig:
-    """The optimizer transformers' Trainer would build for ``args.optim``, ``optim_args`` and
-    ``optim_target_modules``: the entry whose transformers alias has that name, with the values transformers
-    takes (learning rate, betas, eps, weight decay, its defaults and ``optim_args``), or a one-line refusal."""
-    from optiplug.errors import UnknownNameError
-    from optiplug.registry import registry as the_registry
-    from optiplug.transformers_args import parse_optim_args, transformers_fields, transformers_targets
-
-    name = _optim_name(args)
-    try:
-        found = the_registry.resolve("optimizer", name, transformers=True)
-    except UnknownNameError:
-        found = None
-    alias = found.alias if found is not None else None
-    if found is None or alias is None or not alias.transformers:
-        raise ConfigError(transformers_hint(name, found.row.plugin if found is not None else None))
-    optim_args = parse_optim_args(getattr(args, "optim_args", None))
-    try:
-        if alias.arguments is not None:
-            fields = dict(alias.arguments(args, optim_args))
-        else:
-            known = found.row.entry.config.model_fields
-            fields = {k: v for k, v in transformers_fields(args, {}).items() if k in known}
-            fields.update(optim_args)
-        targets = getattr(args, "optim_target_modules", None)
-        if targets is not None and "target_modules" in found.row.entry.config.model_fields:
-            fields.setdefault("target_modules", transformers_targets(targets))
-    except ConfigError as error:
-        raise ConfigError(f"TrainingArguments.optim={name!r}: {error}") from None
-    try:
-        return the_registry.parse("optimizer", name, fields, transformers=True)
-    except ConfigError as error:
-        raise ConfigError(f"TrainingArguments.optim={name!r} (with optim_args {optim_args}): {error}") from None
-
-
-def transformers_hint(name: str, plugin: str | None = None) -> str:
-    """One line for a ``TrainingArguments.optim`` name no entry maps: the default plugin's (which knows the
-    plugins that map transformers' names), asked through the plugin manager like any plugin."""
-    hint = getattr(get_plugin_manager().get_plugin("optiplug:transformers"), "transformers_hint", None)
-    if callable(hint):
-        return str(hint(name, plugin))
-    return (
-        f"TrainingArguments.optim={name!r} is not mapped by any installed optiplug plugin: select an optimizer "
-        "explicitly (optimizer=NAME; `optiplug list`)"
-    )
-
-
 def _check_optim_agrees(args: Any, cfg: OptimizerConfig) -> None:
     """``optimizer=`` with a non-default ``args.optim`` naming another optimizer is an error (one line)."""
     from optiplug.errors import OptiplugError
 
-    name, default = _optim_name(args), _argument_defaults(args).get("optim")
+    name, default = optim_name(args), _argument_defaults(args).get("optim")
     if name == str(getattr(default, "value", default)):
         return
     try:
-        chosen = _optimizer_from_args(args)
+        chosen = optimizer_from_arguments(args)
     except OptiplugError:
         chosen = None
     if chosen is None or chosen.name != cfg.name:
@@ -144,31 +94,6 @@ def _scheduler_left_at_default(args: Any, warmup_too: bool = True) -> bool:
     default = getattr(defaults.get("lr_scheduler_type"), "value", defaults.get("lr_scheduler_type"))
     warmup = warmup_too and bool(getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0))
     return name == default and not args.lr_scheduler_kwargs and not warmup
-
-
-def _scheduler_from_args(args: Any) -> SchedulerConfig:
-    """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``: the entry whose
-    transformers alias has that name (its ``arguments`` translate the kwargs), else the entry of that name."""
-    from optiplug.errors import UnknownNameError
-    from optiplug.registry import registry as the_registry
-
-    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
-    kwargs = dict(args.lr_scheduler_kwargs or {})
-    try:
-        found = the_registry.resolve("scheduler", name, transformers=True)
-    except UnknownNameError:
-        found = None
-    try:
-        fields = kwargs
-        if found is not None and found.alias is not None and found.alias.arguments is not None:
-            fields = dict(found.alias.arguments(args, kwargs))
-        if found is not None and "warmup_steps" in found.row.entry.config.model_fields:
-            fields.setdefault("warmup_steps", 0)  # filled in from args when the step count is known
-        return the_registry.parse("scheduler", name, fields, transformers=True)
-    except ConfigError as error:
-        raise ConfigError(
-            f"TrainingArguments.lr_scheduler_type={name!r} (lr_scheduler_kwargs {kwargs}): {error}"
-        ) from None
 
 
 def _warn_ignored_arguments(args: Any, cfg: OptimizerConfig) -> None:
@@ -243,7 +168,7 @@ class OptiTrainerMixin(_TrainerBase):
         super().__init__(*args, **kwargs)
         self.optiplug_run_config = run_config
         self.optimizer_config: OptimizerConfig = (
-            _optimizer_from_args(self.args) if optimizer is None else parse_optimizer(optimizer)
+            optimizer_from_arguments(self.args) if optimizer is None else parse_optimizer(optimizer)
         )
         self.optimizer_entry: OptimizerEntry = get_entry(self.optimizer_config.name)
         own = self.optimizer_entry.default_scheduler
@@ -257,7 +182,7 @@ class OptiTrainerMixin(_TrainerBase):
             scheduler = own
         self._scheduler_warmup_from_args = scheduler is None
         self.scheduler_config: SchedulerConfig = (
-            _scheduler_from_args(self.args) if scheduler is None else parse_scheduler(scheduler)
+            scheduler_from_arguments(self.args) if scheduler is None else parse_scheduler(scheduler)
         )
         if optimizer is not None:
             _check_optim_agrees(self.args, self.optimizer_config)

@@ -8,13 +8,24 @@ not import torch or transformers.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from optiplug.errors import ConfigError
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS
 
-__all__ = ["ADAM_ARGUMENTS", "parse_optim_args", "transformers_fields", "transformers_targets"]
+__all__ = [
+    "ADAM_ARGUMENTS",
+    "TRAINING_DEFAULTS",
+    "arguments_view",
+    "optim_name",
+    "optimizer_from_arguments",
+    "parse_optim_args",
+    "scheduler_from_arguments",
+    "transformers_fields",
+    "transformers_targets",
+]
 
 ADAM_ARGUMENTS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
 """What transformers passes to an Adam-family optimizer: the rate, betas, epsilon (and weight decay via groups)."""
@@ -111,3 +122,102 @@ def transformers_targets(value: Any) -> str | list[str]:
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
         return list(value)
     raise ConfigError(f"TrainingArguments.optim_target_modules must be a string or a list of strings, got {value!r}")
+
+
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "optim": "adamw_torch_fused",
+    "optim_args": None,
+    "optim_target_modules": None,
+    "learning_rate": 5e-5,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "linear",
+    "lr_scheduler_kwargs": None,
+}
+"""transformers 5's ``TrainingArguments`` defaults of the values the aliases read (without importing it)."""
+
+
+def arguments_view(training: Mapping[str, Any]) -> Any:
+    """A run config's ``training`` section as the ``TrainingArguments`` the aliases read (defaults filled in)."""
+    return types.SimpleNamespace(**{**TRAINING_DEFAULTS, **training})
+
+
+def optim_name(args: Any) -> str:
+    """``args.optim`` as a plain string (transformers keeps an ``OptimizerNames`` member)."""
+    return str(getattr(args.optim, "value", args.optim))
+
+
+def optimizer_from_arguments(args: Any) -> Any:
+    """The optimizer transformers' Trainer would build for ``args.optim``, ``optim_args`` and
+    ``optim_target_modules``: the entry whose transformers alias has that name, with the values transformers
+    takes (learning rate, betas, eps, weight decay, its defaults and ``optim_args``), or a one-line refusal."""
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import registry as the_registry
+
+    name = optim_name(args)
+    try:
+        found = the_registry.resolve("optimizer", name, transformers=True)
+    except UnknownNameError:
+        found = None
+    alias = found.alias if found is not None else None
+    if found is None or alias is None or not alias.transformers:
+        raise ConfigError(transformers_hint(name, found.row.plugin if found is not None else None))
+    optim_args = parse_optim_args(getattr(args, "optim_args", None))
+    try:
+        if alias.arguments is not None:
+            fields = dict(alias.arguments(args, optim_args))
+        else:
+            known = found.row.entry.config.model_fields
+            fields = {k: v for k, v in transformers_fields(args, {}).items() if k in known}
+            fields.update(optim_args)
+        targets = getattr(args, "optim_target_modules", None)
+        if targets is not None and "target_modules" in found.row.entry.config.model_fields:
+            fields.setdefault("target_modules", transformers_targets(targets))
+    except ConfigError as error:
+        raise ConfigError(f"TrainingArguments.optim={name!r}: {error}") from None
+    try:
+        return the_registry.parse("optimizer", name, fields, transformers=True)
+    except ConfigError as error:
+        raise ConfigError(f"TrainingArguments.optim={name!r} (with optim_args {optim_args}): {error}") from None
+
+
+def transformers_hint(name: str, plugin: str | None = None) -> str:
+    """One line for a ``TrainingArguments.optim`` name no entry maps: the default plugin's (which knows the
+    plugins that map transformers' names), asked through the plugin manager like any plugin."""
+    from optiplug.registry import get_plugin_manager
+
+    hint = getattr(get_plugin_manager().get_plugin("optiplug:transformers"), "transformers_hint", None)
+    if callable(hint):
+        return str(hint(name, plugin))
+    return (
+        f"TrainingArguments.optim={name!r} is not mapped by any installed optiplug plugin: select an optimizer "
+        "explicitly (optimizer=NAME; `optiplug list`)"
+    )
+
+
+def scheduler_from_arguments(args: Any) -> Any:
+    """The scheduler named by ``args.lr_scheduler_type`` with ``args.lr_scheduler_kwargs``: the entry whose
+    transformers alias has that name (its ``arguments`` translate the kwargs), else the entry of that name."""
+    from optiplug.errors import UnknownNameError
+    from optiplug.registry import registry as the_registry
+
+    name = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    try:
+        found = the_registry.resolve("scheduler", name, transformers=True)
+    except UnknownNameError:
+        found = None
+    try:
+        fields = kwargs
+        if found is not None and found.alias is not None and found.alias.arguments is not None:
+            fields = dict(found.alias.arguments(args, kwargs))
+        if found is not None and "warmup_steps" in found.row.entry.config.model_fields:
+            fields.setdefault("warmup_steps", 0)  # filled in from args when the step count is known
+        return the_registry.parse("scheduler", name, fields, transformers=True)
+    except ConfigError as error:
+        raise ConfigError(
+            f"TrainingArguments.lr_scheduler_type={name!r} (lr_scheduler_kwargs {kwargs}): {error}"
+        ) from None

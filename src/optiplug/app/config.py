@@ -229,13 +229,49 @@ class CooldownConfig(_Section):
 
 # Keys of TrainingArguments that the scheduler section owns (the optimizer's: helpers.TRAINING_ARGUMENT_FIELDS).
 _OWNED_BY_SCHEDULER = {"warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio"}
-_NEVER_IN_TRAINING = {
-    "optim": "optimizer.name",
-    "optim_args": "the optimizer section",
-    "optim_target_modules": "the optimizer section (e.g. optimizer.target_modules)",
-    "lr_scheduler_type": "scheduler.name",
-    "lr_scheduler_kwargs": "the scheduler section",
-}
+# transformers' names for the optimizer and the schedule: they select the section when it is absent (as
+# TrainingArguments would), and must agree with it when both are given.
+_OPTIM_KEYS = ("optim", "optim_args", "optim_target_modules")
+_SCHEDULER_KEYS = ("lr_scheduler_type", "lr_scheduler_kwargs")
+
+
+def _sections_from_transformers_names(data: dict[str, Any]) -> dict[str, Any]:
+    """``training.optim`` (``optim_args``, ``optim_target_modules``) and ``training.lr_scheduler_type``
+    (``lr_scheduler_kwargs``) select the optimizer and scheduler sections a run leaves out, with transformers'
+    values; given with the section, they must name the same entry (one-line error otherwise). A warmup the
+    section now holds (schedule-free's optimizer, the scheduler) leaves the training section."""
+    from optiplug.transformers_args import arguments_view, optimizer_from_arguments, scheduler_from_arguments
+
+    training = data.get("training")
+    if not isinstance(training, dict):
+        return data
+    args, training = arguments_view(training), dict(training)
+    for keys, kind, build in (
+        (_OPTIM_KEYS, "optimizer", optimizer_from_arguments),
+        (_SCHEDULER_KEYS, "scheduler", scheduler_from_arguments),
+    ):
+        given = [key for key in keys if key in training]
+        if not given:
+            continue
+        chosen = build(args)
+        if data.get(kind) is None:
+            data = {**data, kind: chosen}
+            warmup = getattr(args, "warmup_steps", 0)
+            if kind == "scheduler" and warmup and "warmup_steps" in type(chosen).model_fields:
+                field = "warmup_ratio" if warmup < 1 else "warmup_steps"
+                data[kind] = chosen.model_copy(update={field: warmup if warmup < 1 else int(warmup)})
+                training.pop("warmup_steps", None)
+            elif getattr(chosen, "warmup_steps", None) == warmup and warmup:
+                training.pop("warmup_steps", None)  # the optimizer warms up itself (schedule-free)
+            continue
+        section = parse_optimizer(data[kind]) if kind == "optimizer" else parse_scheduler(data[kind])
+        if section.name != chosen.name:
+            name = "optim" if kind == "optimizer" else "lr_scheduler_type"
+            raise ConfigError(
+                f"training.{name}={training.get(name, getattr(args, name))!r} selects {kind} {chosen.name!r} but the "
+                f"{kind} section is {section.name!r}: remove training.{', training.'.join(given)} or the {kind} section"
+            )
+    return {**data, "training": training}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -264,6 +300,8 @@ class RunConfig(_Section):
     @classmethod
     def _optimizer_brings_its_scheduler(cls, data: Any) -> Any:
         """A run that names no scheduler gets the optimizer's own (``OptimizerEntry.default_scheduler``), if any."""
+        if isinstance(data, dict):
+            data = _sections_from_transformers_names(data)
         if not isinstance(data, dict) or data.get("scheduler") is not None:
             return data
         optimizer = parse_optimizer(data.get("optimizer"))  # parsed here once; the field validator passes it on
@@ -282,9 +320,6 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source_of_truth(self) -> RunConfig:
-        for key, where in _NEVER_IN_TRAINING.items():
-            if key in self.training:
-                raise ConfigError(f"training.{key}: set this in {where}, not in the training section")
         owned: list[tuple[str, str, Any, str]] = []  # (training key, kind, value in the section, field label)
         for key, (field, index) in TRAINING_ARGUMENT_FIELDS.items():
             label = field if index is None else f"{field}[{index}]"
