@@ -273,3 +273,23 @@ def test_a_run_config_selects_its_sections_by_transformers_names():
     assert same.optimizer.name == "bnb_adamw"
     with pytest.raises(optiplug.ConfigError, match=r"^TrainingArguments.optim='adamw_anyprecision' needs torchdistx"):
         RunConfig.model_validate({"training": {"optim": "adamw_anyprecision"}})
+
+
+@pytest.mark.parametrize(
+    ("name", "first_line"),
+    [
+        (
+            "galore_adamw_8bit_layerwise",
+            "galore_adamw_8bit_layerwise: transformers' name for optimizer 'galore_adamw8bit' with projection='svd', layerwise=True",
+        ),
+        ("stable_adamw", "stable_adamw  (optimizer, plugin optiplug-optimi)"),
+        ("adamw_torch_xla", "optiplug: TrainingArguments.optim='adamw_torch_xla' is torch_xla's AdamW for TPUs"),
+    ],
+)
+def test_optiplug_show_says_what_a_transformers_name_is(capsys, name, first_line):
+    from optiplug.app.cli import main
+
+    with contextlib.suppress(SystemExit):
+        main(["show", name])
+    out, err = capsys.readouterr()
+    assert (out or err).splitlines()[0].startswith(first_line)

@@ -214,8 +214,8 @@ def _type_name(annotation: Any) -> str:
 
 def _find_name(name: str) -> Any:
     """What ``name`` is: an optimizer or scheduler, or an alias of one (a transformers name if nothing else)."""
-    from optiplug.errors import UnknownNameError
-    from optiplug.registry import registry
+    from optiplug.errors import ConfigError, UnknownNameError
+    from optiplug.registry import get_plugin_manager, registry
 
     for transformers in (False, True):
         for kind in ("optimizer", "scheduler"):
@@ -223,6 +223,9 @@ def _find_name(name: str) -> Any:
                 return registry.resolve(kind, name, transformers=transformers)
             except UnknownNameError:
                 continue
+    default = get_plugin_manager().get_plugin("optiplug:transformers")  # a transformers name it refuses
+    if default is not None and getattr(default, "knows_transformers_name", lambda _: False)(name):
+        raise ConfigError(default.transformers_hint(name))
     names = registry.names("optimizer") + registry.names("scheduler")
     aliases = [*registry.aliases("optimizer"), *registry.aliases("scheduler")]
     raise UnknownNameError("optimizer or scheduler", name, names, also=aliases)

@@ -174,6 +174,11 @@ _REFUSED = {
 }
 
 
+def knows_transformers_name(name: str) -> bool:
+    """Whether ``name`` is a ``TrainingArguments.optim`` value this table refuses or sends to a plugin."""
+    return name in _REFUSED or any(name in names.split() for names in _INSTALL.values())
+
+
 def transformers_hint(name: str, plugin: str | None = None) -> str:
     """One line for a ``TrainingArguments.optim`` name no installed entry maps: what to install or use instead."""
     head = f"TrainingArguments.optim={name!r}"
