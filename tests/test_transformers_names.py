@@ -293,3 +293,39 @@ def test_optiplug_show_says_what_a_transformers_name_is(capsys, name, first_line
         main(["show", name])
     out, err = capsys.readouterr()
     assert (out or err).splitlines()[0].startswith(first_line)
+
+
+def test_offload_to_cpu_is_refused_on_a_cpu_model_and_its_factory_rebuilds_the_optimizer_per_parameter(tmp_path):
+    import torch
+
+    from optiplug.offload import one_group_factory
+
+    trainer = optiplug.OptiTrainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path),
+        train_dataset=[],
+        optimizer={"name": "adamw", "offload": "cpu"},
+    )
+    with pytest.raises(optiplug.ConfigError) as error:
+        trainer.check_optimizer()
+    assert str(error.value) == (
+        "adamw with offload: cpu moves the optimizer's state and step from the accelerator to the CPU, and the model "
+        "is on cpu (torchao's CPUOffloadOptimizer needs CUDA or XPU parameters): remove optimizer.offload"
+    )
+    with pytest.raises(optiplug.ConfigError, match="lomo with offload: cpu is not possible"):
+        optiplug.build_optimizer(tiny_llama(), {"name": "lomo", "offload": "cpu"})
+    # what torchao does with the factory, on the CPU: one optimizer per parameter, stepping as the whole one does
+    model, twin = tiny_llama(), tiny_llama()
+    whole = optiplug.build_optimizer(model, {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1})
+    factory = one_group_factory(optiplug.build_optimizer(twin, {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}))
+    groups = optiplug.build_optimizer(twin, {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1}).param_groups
+    singles = [
+        factory([{**{k: v for k, v in g.items() if k != "params"}, "params": [p]}]) for g in groups for p in g["params"]
+    ]
+    for m in (model, twin):
+        block = TokenBlocks(n=2)[0]
+        m(input_ids=block["input_ids"][None], labels=block["labels"][None]).loss.backward()
+    whole.step()
+    for single in singles:
+        single.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))

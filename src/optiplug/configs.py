@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -163,6 +163,11 @@ class OptimizerConfig(ScalarFields):
         description="Step each parameter inside its post-accumulate-grad hook and free its gradient at once "
         "(at the gradient-accumulation boundary); clipping is then per parameter. For optimizers whose entry "
         "declares per_parameter=True; single process only.",
+    )
+    offload: Literal["none", "cpu"] = Field(
+        "none",
+        description="'cpu': keep the optimizer's state on the CPU and step there (torchao's CPUOffloadOptimizer; "
+        "CUDA/XPU models, one process, per-parameter optimizers; needs optiplug-torchao).",
     )
 
     @field_validator("param_groups")

@@ -13,6 +13,7 @@ from optiplug.errors import ConfigError, MissingDependencyError, OptiplugError, 
 from optiplug.helpers import unwrap_optimizer
 from optiplug.layerwise import check_layerwise, enable_layerwise, release_parameters
 from optiplug.matrices import check_built_for_fsdp2
+from optiplug.offload import check_offload, offloaded
 from optiplug.params import apply_group_rules
 from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
 
@@ -99,11 +100,14 @@ def build_from_entry(entry: OptimizerEntry, ctx: BuildContext, cfg: OptimizerCon
             entry.check(ctx, cfg)
         if check:
             check_layerwise(entry, ctx, cfg)
+            check_offload(entry, ctx, cfg)
         rules = tuple(getattr(cfg, "param_groups", ()))
         ctx.param_group_rules = rules
         optimizer = _built("optimizer", entry, ctx, cfg)
         check_built_for_fsdp2(entry, optimizer, ctx)
         apply_group_rules(optimizer, rules, ctx._rule_of, entry.name)
+    if getattr(cfg, "offload", "none") == "cpu":
+        return offloaded(optimizer)
     if getattr(cfg, "layerwise", False):
         enable_layerwise(optimizer, ctx)
     else:

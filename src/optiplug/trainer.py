@@ -24,6 +24,7 @@ from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler, check_param_groups
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.layerwise import check_layerwise, layerwise_stepper, owner_of
+from optiplug.offload import check_offload
 from optiplug.patches import Patch, applied
 from optiplug.registry import (
     get_entry,
@@ -220,6 +221,7 @@ class OptiTrainerMixin(_TrainerBase):
         if entry.check is not None:
             entry.check(self.optiplug_context(), cfg)
         check_layerwise(entry, self.optiplug_context(), cfg)
+        check_offload(entry, self.optiplug_context(), cfg)
         check_param_groups(self.optiplug_context(), cfg)
         self._optiplug_checked = (entry, cfg)
 
