@@ -47,7 +47,7 @@ class Alias:
             transformers' Trainer takes from ``TrainingArguments`` and the parsed ``optim_args`` for this name,
             with its defaults (``optiplug.transformers_fields`` builds the usual ones). None: the learning rate,
             Adam betas and epsilon and weight decay the config has fields for, and each ``optim_args`` key as
-            the field of that name.
+            the field of that name. On a scheduler alias: ``arguments(args, lr_scheduler_kwargs) -> fields``.
     """
 
     name: str
