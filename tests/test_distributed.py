@@ -59,6 +59,10 @@ DDP_REFUSALS = {
     "train on one device, or use mode 'layer' with DeepSpeed ZeRO-3",
     "galore_adamw:layerwise": "galore_adamw with layerwise: true steps each parameter during backward, before DDP "
     "has averaged its gradient across the 2 processes; set layerwise: false for distributed training",
+    "lomo": "lomo updates each weight from its local gradient during backward, before the processes average it: "
+    "train it in one process",
+    "adalomo": "adalomo updates each weight from its local gradient during backward, before the processes average "
+    "it: train it in one process",
 }
 
 

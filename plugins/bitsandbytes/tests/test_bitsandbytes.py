@@ -47,7 +47,23 @@ def test_paged_on_cpu_warns_and_takes_the_unpaged_steps(name):
         assert torch.equal(a, b)
 
 
-def test_embeddings_keep_32bit_state_and_nothing_leaks_into_the_next_optimizer():
+@pytest.fixture
+def an_override_left_behind():
+    """What transformers' Trainer does with a bnb optimizer: a process-wide 32-bit override, here for every weight."""
+    import bitsandbytes
+    import torch
+
+    other = tiny_llama(hidden=64)
+    manager = bitsandbytes.optim.GlobalOptimManager.get_instance()
+    for module in other.modules():
+        if isinstance(module, torch.nn.Linear):
+            manager.register_module_override(module, "weight", {"optim_bits": 32})
+    _steps(other, bitsandbytes.optim.AdamW8bit(other.parameters()), 1)  # the overrides now stand by index
+    yield
+    manager.initialize()  # the next test's process starts clean
+
+
+def test_embeddings_keep_32bit_state_and_nothing_leaks_into_the_next_optimizer(an_override_left_behind):
     import torch
 
     model = tiny_llama(hidden=64)

@@ -240,3 +240,32 @@ def test_state_bytes_equals_the_measured_state(fields, dtype):
         optimizer.zero_grad()
     expected = optiplug.get_entry(cfg.name).state_bytes(optiplug.ParamShape.of_model(model), cfg)
     assert optimizer_state_bytes(optimizer) == expected
+
+
+def test_8bit_state_ignores_overrides_another_optimizer_left_in_bitsandbytes():
+    """transformers leaves process-wide 32-bit overrides by (group, index): they must not reach galore_adamw8bit."""
+    import bitsandbytes
+
+    from optiplug.helpers import optimizer_state_bytes
+
+    def two_steps(model, optimizer):
+        batch = torch.stack([TokenBlocks(n=4)[i]["input_ids"] for i in range(4)])
+        for _ in range(2):
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    cfg = optiplug.RunConfig(optimizer={"name": "galore_adamw8bit", "rank": 4, "min_8bit_size": 100}).optimizer
+    clean = tiny_llama()
+    expected = optiplug.get_entry(cfg.name).state_bytes(optiplug.ParamShape.of_model(clean), cfg)
+    other, manager = tiny_llama(), bitsandbytes.optim.GlobalOptimManager.get_instance()
+    try:
+        for module in other.modules():
+            if isinstance(module, torch.nn.Linear):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+        two_steps(other, bitsandbytes.optim.AdamW8bit(other.parameters()))
+        optimizer = optiplug.build_optimizer(clean, cfg)
+        two_steps(clean, optimizer)
+        assert optimizer_state_bytes(optimizer) == expected
+    finally:
+        manager.initialize()

@@ -26,10 +26,27 @@ from optiplug_bitsandbytes.config import (
 )
 
 
+def _private_manager() -> Any:
+    """An empty ``GlobalOptimManager`` of this optimizer's own: nothing registered on the process-wide one applies."""
+    manager = bnb.GlobalOptimManager.__new__(bnb.GlobalOptimManager)
+    manager.initialize()
+    return manager
+
+
 class _Own32Bit:
-    """Mixin: ``get_config`` gives the parameters in ``self.state_32bit`` float32 state."""
+    """Mixin: ``get_config`` gives the parameters in ``self.state_32bit`` float32 state, and nothing else does.
+
+    bitsandbytes reads overrides from the process-wide manager at the first step, by ``(group index,
+    parameter index)``: an override another optimizer left there (transformers' Trainer registers one
+    for every embedding) would give this optimizer's parameter at that index 32-bit state. Each
+    optimizer therefore gets an empty manager of its own.
+    """
 
     state_32bit: set[int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mng = _private_manager()
 
     def get_config(self, gindex: int, pindex: int, group: dict[str, Any]) -> dict[str, Any]:
         config = super().get_config(gindex, pindex, group)  # type: ignore[misc]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from bitsandbytes.optim.optimizer import Optimizer2State
+from bitsandbytes.optim.optimizer import GlobalOptimManager, Optimizer2State
 
 from optiplug_galore.base import GaLoreMixin, grad_of
 from optiplug_galore.projector import project, project_back
@@ -42,6 +42,11 @@ class GaLoreAdamW8bit(GaLoreMixin, Optimizer2State):  # type: ignore[misc]  # bo
             optim_bits=8,
             min_8bit_size=min_8bit_size,
         )
+        # bitsandbytes reads per-parameter overrides from a process-wide manager by (group, index) at the
+        # first step, and never clears them: one left by another optimizer (transformers registers every
+        # embedding) would turn this optimizer's parameter at that index to 32-bit. This one has its own.
+        self.mng = GlobalOptimManager.__new__(GlobalOptimManager)
+        self.mng.initialize()
 
     @torch.no_grad()
     def step_parameters(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
