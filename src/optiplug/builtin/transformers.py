@@ -23,6 +23,7 @@ from optiplug.entries import Alias, OptimizerEntry, SchedulerEntry
 from optiplug.errors import ConfigError
 from optiplug.helpers import STEP_BYTES
 from optiplug.hookspecs import hookimpl
+from optiplug.matrices import check_whole_matrices
 from optiplug.transformers_args import transformers_fields
 
 
@@ -68,6 +69,11 @@ def build_adafactor(ctx: BuildContext, cfg: AdafactorConfig):
 
 
 def check_adafactor(ctx: BuildContext, cfg: AdafactorConfig) -> None:
+    # row and column means and RMS of each weight: a flat partition or a row shard is not the weight (under FSDP2
+    # transformers' Adafactor also fails at its first step, mixing a DTensor with the plain tensor of a mean)
+    check_whole_matrices(
+        ctx, "adafactor", "keeps row and column second moments of each weight matrix and scales by its RMS", fsdp2=False
+    )
     schedule = getattr(getattr(ctx.trainer, "scheduler_config", None), "name", None)
     if cfg.relative_step and schedule not in (None, "adafactor"):
         raise ConfigError(

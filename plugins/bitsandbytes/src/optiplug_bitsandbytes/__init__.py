@@ -40,6 +40,31 @@ def build(ctx: optiplug.BuildContext, cfg: BnbFields) -> Any:
     return build_bnb(ctx, cfg)
 
 
+def check(ctx: optiplug.BuildContext, cfg: BnbFields) -> None:
+    """Refuse what bitsandbytes cannot train sharded, each with one sentence.
+
+    FSDP2: bitsandbytes' step is a custom operator that DTensor has no sharding rule for (it fails at the first
+    step, measured with 2 processes). DeepSpeed and FSDP version 1 with ``bits: 8``: the 8-bit state is quantized
+    in blocks of consecutive elements with one scale each, and which weights keep 32-bit state (min_8bit_size,
+    embeddings_32bit) is decided per weight; a flat partition spans many weights, so both would silently change.
+    32-bit state is elementwise and allowed there.
+    """
+    engine = ctx.distributed
+    if engine == "fsdp" and optiplug.fsdp_version(ctx) == 2:
+        raise optiplug.ConfigError(
+            f"{cfg.name}: bitsandbytes' optimizer step is a custom operator with no rule for FSDP2's DTensor shards "
+            "(it fails at the first step); train with DDP, DeepSpeed (bits: 32) or a single process, or use adamw "
+            "or torchao_adamw8bit under FSDP2"
+        )
+    if engine in ("deepspeed", "fsdp") and cfg.bits == 8:
+        where = f"DeepSpeed (ZeRO stage {ctx.deepspeed_stage})" if engine == "deepspeed" else "FSDP version 1"
+        raise optiplug.ConfigError(
+            f"{cfg.name} with bits: 8 quantizes its state in blocks of consecutive elements and keeps small weights "
+            f"and embeddings in 32 bits, decided per weight, and {where} hands the optimizer flat 1-D partitions "
+            "that span many weights; set bits: 32, or train with DDP or a single process"
+        )
+
+
 def keeps_32bit(shape: optiplug.ParamShape, cfg: BnbFields) -> bool:
     """Whether the parameter ``shape`` gets float32 state under ``cfg``."""
     small = shape.numel < cfg.min_8bit_size
@@ -126,6 +151,7 @@ def _entry(config: type[BnbFields], summary: str) -> optiplug.OptimizerEntry:
         build=build,
         summary=summary,
         requires=("bitsandbytes",),
+        check=check,
         state_bytes=state_bytes,
         describe=describe,
         per_parameter=True,

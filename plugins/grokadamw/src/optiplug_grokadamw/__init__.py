@@ -76,6 +76,17 @@ def transformers_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str
     )
 
 
+def check(ctx: optiplug.BuildContext, cfg: GrokAdamWConfig) -> None:
+    """Refuse DeepSpeed and FSDP version 1: each weight's gradient clip reads the whole weight, and the momentum
+    coefficient follows the weight's position in its group, neither of which a flat partition keeps; FSDP2's DTensor
+    shards keep both (tested with 2 processes)."""
+    optiplug.check_whole_matrices(
+        ctx,
+        "grokadamw",
+        "clips each weight's gradient by its norm and sets its momentum by its position in the group",
+    )
+
+
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
@@ -84,6 +95,7 @@ def register_optimizers(register: Any) -> None:
             build=build,
             summary="GrokAdamW (grokadamw): AdamW on the gradient amplified by its slow average",
             requires=("grokadamw",),
+            check=check,
             state_bytes=state_bytes,
             aliases=(optiplug.Alias("grokadamw", transformers=True, arguments=transformers_arguments),),
         )

@@ -85,6 +85,12 @@ def transformers_arguments(args: Any, optim_args: Mapping[str, str]) -> dict[str
     return optiplug.transformers_fields(args, optim_args, only=("decouple_lr", "max_lr", "kahan_sum"))
 
 
+def check(ctx: optiplug.BuildContext, cfg: StableAdamWConfig) -> None:
+    """Refuse DeepSpeed and FSDP version 1: the update clipping reads each whole weight (its RMS), which their flat
+    partitions cut; FSDP2's DTensor shards compute it over the whole weight (tested with 2 processes)."""
+    optiplug.check_whole_matrices(ctx, "stable_adamw", "clips each weight's update by an RMS over the whole weight")
+
+
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
@@ -93,6 +99,7 @@ def register_optimizers(register: Any) -> None:
             build=build,
             summary="StableAdamW (torch-optimi): AdamW with per-parameter update clipping, Kahan summation",
             requires=("torch-optimi",),
+            check=check,
             state_bytes=state_bytes,
             describe=describe,
             aliases=(optiplug.Alias("stable_adamw", transformers=True, arguments=transformers_arguments),),

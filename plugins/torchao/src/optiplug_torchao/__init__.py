@@ -36,6 +36,18 @@ def build(ctx: optiplug.BuildContext, cfg: LowBitAdamWFields) -> Any:
     return build_torchao(ctx, cfg)
 
 
+def check(ctx: optiplug.BuildContext, cfg: LowBitAdamWFields) -> None:
+    """Refuse DeepSpeed and FSDP version 1: torchao quantizes each weight's moments in blocks of consecutive
+    elements, and keeps weights under 4096 elements unquantized, decided per weight; their flat partitions span
+    many weights. FSDP2 is allowed: torchao quantizes each process's shard (DTensor)."""
+    optiplug.check_whole_matrices(
+        ctx,
+        cfg.name,
+        f"quantizes each weight's moments in blocks of {cfg.block_size} elements and keeps weights under "
+        f"{MIN_QUANTIZED} elements unquantized",
+    )
+
+
 def quantized(shape: optiplug.ParamShape, cfg: LowBitAdamWFields) -> bool:
     """Whether torchao quantizes the moments of ``shape`` (else they are plain tensors of its dtype)."""
     return shape.numel >= MIN_QUANTIZED and shape.numel % cfg.block_size == 0
@@ -78,6 +90,7 @@ def _entry(config: type[LowBitAdamWFields], summary: str, transformers: str | No
         build=build,
         summary=summary,
         requires=("torchao",),
+        check=check,
         state_bytes=state_bytes,
         describe=describe,
         per_parameter=True,
