@@ -76,6 +76,7 @@ def test_schema_is_json_schema(capsys):
         "scheduler",
         "finetuning",
         "cooldown",
+        "guard",
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -90,19 +91,143 @@ class _Callback:
 
 
 def test_a_diverging_run_stops_with_one_line_and_saves_no_model(capsys, tmp_path):
+    # Issue 19's case: lr 1e6 blows the weights up after step 1. Some CPUs' kernels turn that into NaN, others
+    # into a finite dead network (gradients exactly 0, the loss constant at ln(vocabulary)): both must stop.
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", *FAST, "training.max_steps=8", "optimizer.lr=1e6", f"training.output_dir={out}")
     assert code == 1
-    assert last_line(err) == (
-        "optiplug: training diverged at step 2: the gradient norm is nan; no model was saved as the result; "
-        "no checkpoint was saved before it; lower optimizer.lr and train again"
-    )
-    assert "Traceback" not in err
-    assert not (out / "model.safetensors").exists()
+    assert "Traceback" not in err and "optiplug: done" not in err
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 2 and summary["steps"] == 1
-    assert summary["diverged"] == "the gradient norm is nan" and summary["last_checkpoint"] is None
+    advice = "no model was saved as the result; no checkpoint was saved before it; lower optimizer.lr"
+    if summary["diverged"] == "the gradient norm is nan":
+        assert (
+            last_line(err)
+            == f"optiplug: training diverged at step 2: the gradient norm is nan; {advice} and train again"
+        )
+        assert summary["steps"] == 1
+    else:
+        assert summary["diverged"] == (
+            "the gradients have been exactly 0 for 3 steps in a row (steps 2 to 4): the weights no longer change, the "
+            "network is dead"
+        )
+        assert last_line(err) == (
+            f"optiplug: training diverged at step 2: {summary['diverged']}; {advice} (guard.zero_grad_steps: null turns "
+            "this rule off) and train again"
+        )
+        assert summary["steps"] == 3
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 2 and summary["last_checkpoint"] is None
+    assert not (out / "model.safetensors").exists()
     assert json.loads((out / MARKER).read_text())["status"] == "diverged"
+
+
+class _Poison:
+    """A plugin whose callback runs ``poison(model)`` after optimizer step ``at`` and records the logged losses."""
+
+    def __init__(self, at: int, poison):
+        self.at, self.poison, self.losses = at, poison, {}
+
+    @optiplug.hookimpl
+    def trainer_callbacks(self, trainer, config):
+        from transformers import TrainerCallback
+
+        plugin = self
+
+        class Poison(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == plugin.at:
+                    with torch.no_grad():
+                        plugin.poison(trainer.model)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    plugin.losses[state.global_step] = logs["loss"]
+
+        return [Poison()]
+
+
+def _zero_every_weight(model):
+    for p in model.parameters():
+        p.zero_()
+
+
+def test_a_dead_network_stops_though_everything_stays_finite(tmp_path, temp_plugin):
+    # every weight 0 after step 1: a finite blow-up into a dead network, every gradient after it exactly 0; plain
+    # SGD (no momentum, no weight decay) cannot leave it, and the loss stays ln(2048), finite
+    plugin = temp_plugin(_Poison(1, _zero_every_weight), "poison")
+    out = tmp_path / "run"
+    sgd = ["optimizer.name=sgd", "optimizer.momentum=0", "optimizer.lr=0.1", "training.max_steps=8"]
+    with pytest.raises(optiplug.OptiplugError) as info:
+        optiplug.train(overrides=[*FAST, *sgd, "training.save_steps=1", f"training.output_dir={out}"], quiet=True)
+    assert str(info.value) == (
+        "training diverged at step 2: the gradients have been exactly 0 for 3 steps in a row (steps 2 to 4): the "
+        "weights no longer change, the network is dead; no model was saved as the result; the last checkpoint before "
+        f"it is {out / 'checkpoint-1'}: lower optimizer.lr (guard.zero_grad_steps: null turns this rule off) and start "
+        f"a new run from its weights (model.name_or_path={out / 'checkpoint-1'})"
+    )
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 2 and summary["steps"] == 3
+    assert sorted(plugin.losses) == [1, 2, 3]
+    assert plugin.losses[2] == plugin.losses[3] == pytest.approx(math.log(2048))  # finite, and constant
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-4").exists()
+    # the rule turned off: the same run finishes (and saves its dead model, as asked)
+    finished = optiplug.train(overrides=[*FAST, *sgd, f"training.output_dir={tmp_path / 'off'}",
+                                         "guard.zero_grad_steps=null"], quiet=True)  # fmt: skip
+    assert finished.summary["status"] == "finished" and finished.summary["steps"] == 8
+
+
+def _blow_up_the_head(model):
+    model.get_output_embeddings().weight.mul_(40.0)  # tied to the input embeddings: both x 40
+
+
+def test_a_loss_spike_that_stays_finite_stops_after_patience_logged_steps(tmp_path, temp_plugin):
+    plugin = temp_plugin(_Poison(3, _blow_up_the_head), "spike")
+    out = tmp_path / "run"
+    with pytest.raises(optiplug.OptiplugError) as info:
+        optiplug.train(overrides=[*FAST, "training.max_steps=10", "training.save_steps=2", f"training.output_dir={out}"],
+                       quiet=True)  # fmt: skip
+    losses = plugin.losses
+    lowest_step = min((1, 2, 3), key=losses.get)
+    lowest = losses[lowest_step]
+    # steps 4, 5 and 6 logged above 3 x the lowest: it stops at step 6 and names step 4
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(losses[step]) and losses[step] > 3 * lowest for step in (4, 5, 6))
+    spikes = ", ".join(f"{losses[step]:.4g} at step {step}" for step in (4, 5, 6))
+    checkpoint = out / "checkpoint-2"  # checkpoint-4 was saved after the spike began
+    assert str(info.value) == (
+        f"training diverged at step 4: the training loss stayed above 3 x its lowest logged value ({lowest:.4g} at "
+        f"step {lowest_step}) for 3 logged steps: {spikes}; no model was saved as the result; the last checkpoint "
+        f"before it is {checkpoint}: lower optimizer.lr or clip the gradients harder (training.max_grad_norm); if the "
+        f"rise is expected, raise guard.loss_spike_factor and start a new run from its weights "
+        f"(model.name_or_path={checkpoint})"
+    )
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at_step"] == 4 and summary["steps"] == 6
+    assert summary["last_checkpoint"] == str(checkpoint)
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-6").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optimizer.name=adamw", "optimizer.layerwise=true"],  # gradients freed during backward
+        ["optimizer.name=badam", "optimizer.switch_every=1"],  # gradients only for the active block
+        ["optimizer.name=lomo"],  # the step fused into backward: no gradient left, the Trainer logs a norm of 0.0
+        ["optimizer.name=adalomo"],
+    ],
+    ids=["layerwise", "badam", "lomo", "adalomo"],
+)
+def test_the_zero_gradient_rule_never_fires_where_gradients_are_absent(tmp_path, optimizer):
+    out = tmp_path / "run"
+    result = optiplug.train(
+        overrides=[*FAST, "training.max_steps=5", *optimizer, "guard.zero_grad_steps=1", f"training.output_dir={out}"],
+        quiet=True,
+    )
+    assert result.summary["status"] == "finished" and result.summary["steps"] == 5
+    norms = [e["grad_norm"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert len(norms) == 5
+    if "lomo" in optimizer[0]:
+        assert norms == [0.0] * 5  # what the Trainer reports; the guard sees no gradient, so no evidence
 
 
 def test_divergence_names_the_last_checkpoint_before_it(tmp_path, temp_plugin):
@@ -115,12 +240,14 @@ def test_divergence_names_the_last_checkpoint_before_it(tmp_path, temp_plugin):
     out = tmp_path / "run"
     with pytest.raises(optiplug.OptiplugError) as info:
         optiplug.train(overrides=[*FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"])
+    checkpoint = out / "checkpoint-2"
     assert str(info.value) == (
         "training diverged at step 4: the loss is nan and the gradient norm is nan; no model was saved as the "
-        f"result; the last checkpoint before it is {out / 'checkpoint-2'} (resume from it with a lower optimizer.lr)"
+        f"result; the last checkpoint before it is {checkpoint}: lower optimizer.lr and start a new run from its "
+        f"weights (model.name_or_path={checkpoint})"
     )
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["status"] == "diverged" and summary["last_checkpoint"] == str(out / "checkpoint-2")
+    assert summary["status"] == "diverged" and summary["last_checkpoint"] == str(checkpoint)
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint-4").exists()
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "CooldownConfig",
     "DataConfig",
     "FinetuningConfig",
+    "GuardConfig",
     "ModelConfig",
     "RunConfig",
     "apply_overrides",
@@ -227,6 +228,30 @@ class CooldownConfig(_Section):
     num_cycles: float | None = Field(None, gt=0, description="Cosine decay: half-waves x 2 (default: 0.5).")
 
 
+class GuardConfig(_Section):
+    """When ``optiplug train`` stops a run as diverged (docs/configuration.md, "Safety"); ``null`` turns a rule off.
+
+    The run stops with one line, ``summary.json`` says ``"status": "diverged"``, and no model is saved.
+    """
+
+    non_finite: bool = Field(
+        True, description="Stop before an optimizer step whose loss or gradient norm is NaN or infinite."
+    )
+    loss_spike_factor: float | None = Field(
+        3.0,
+        gt=1,
+        description="Stop when the logged training loss stays above this many times its lowest logged value for "
+        "`patience` logged steps in a row (null: never).",
+    )
+    patience: int = Field(3, ge=1, description="Logged steps in a row for loss_spike_factor.")
+    zero_grad_steps: int | None = Field(
+        3,
+        ge=1,
+        description="Stop when, after step 1, the gradients the optimizer steps are exactly 0 for this many optimizer "
+        "steps in a row: the weights no longer change (null: never).",
+    )
+
+
 # Keys of TrainingArguments that the scheduler section owns (the optimizer's: helpers.TRAINING_ARGUMENT_FIELDS).
 _OWNED_BY_SCHEDULER = {"warmup_steps": "warmup_steps", "warmup_ratio": "warmup_ratio"}
 # transformers' names for the optimizer and the schedule: they select the section when it is absent (as
@@ -295,6 +320,7 @@ class RunConfig(_Section):
     cooldown: CooldownConfig | None = Field(
         None, description="A decay of `steps` steps branched from training.resume_from_checkpoint."
     )
+    guard: GuardConfig = Field(default_factory=GuardConfig, description="When a run stops as diverged.")
 
     @model_validator(mode="before")
     @classmethod

@@ -445,7 +445,7 @@ def train(
 
     Raises:
         ConfigError: (and its subclasses) for any invalid input, before anything is written.
-        DivergedError: the loss or gradient norm became NaN or infinite (summary.json says so).
+        DivergedError: the run diverged by a rule of ``cfg.guard`` (summary.json says so).
         KeyboardInterrupt: with ``optiplug_message`` (the step and the last checkpoint) set.
     """
     from optiplug.app.adapters import apply_finetuning
@@ -522,7 +522,7 @@ def _train(
     )
     trainer.optiplug_cooldown = branch  # a cooldown's schedule, recorded in every checkpoint
     add_header(trainer, quiet)
-    trainer.add_callback(DivergenceCallback(trainer))
+    trainer.add_callback(DivergenceCallback(trainer, cfg.guard))
     trainer.add_callback(CheckpointRecordCallback(trainer))
     for callback in pissa_callbacks(trainer, cfg.finetuning):
         trainer.add_callback(callback)

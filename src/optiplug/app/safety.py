@@ -67,14 +67,23 @@ def _entries(out: Path) -> list[str]:
 
 
 class DivergedError(OptiplugError):
-    """The loss or the gradient norm became NaN or infinite: the run stopped at that step."""
+    """The run diverged (a rule of the run's ``guard`` section fired): it stopped at that step.
 
-    def __init__(self, step: int, what: str, checkpoint: str | None):
+    Args:
+        step: the first step that diverged.
+        what: what was seen, in words (``summary.json``'s ``diverged``).
+        checkpoint: the last checkpoint saved before ``step``, if any.
+        advice: what to change, fitting the cause (``lower optimizer.lr``).
+    """
+
+    def __init__(self, step: int, what: str, checkpoint: str | None, advice: str = "lower optimizer.lr"):
         self.step, self.what, self.checkpoint = step, what, checkpoint
         where = (
-            f"the last checkpoint before it is {checkpoint} (resume from it with a lower optimizer.lr)"
+            # a resume continues the checkpoint's optimizer config (a changed lr is refused): start from its weights
+            f"the last checkpoint before it is {checkpoint}: {advice} and start a new run from its weights "
+            f"(model.name_or_path={checkpoint})"
             if checkpoint
-            else "no checkpoint was saved before it; lower optimizer.lr and train again"
+            else f"no checkpoint was saved before it; {advice} and train again"
         )
         super().__init__(f"training diverged at step {step}: {what}; no model was saved as the result; {where}")
 
