@@ -152,6 +152,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        from optiplug.process_group import exit_process
+
         worker(Path(sys.argv[2]))
+        exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads
     else:
         main()

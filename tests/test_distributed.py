@@ -600,3 +600,6 @@ def _worker(mode: str, root: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+    from optiplug.process_group import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads

@@ -197,11 +197,17 @@ def _work(root: Path) -> None:
             results[key] = {"error": traceback.format_exc()}
         out.write_text(json.dumps(results, indent=1))  # after every case: a later hang keeps the results so far
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    _work(Path(sys.argv[1]))
+    from optiplug.process_group import exit_process
+
+    try:
+        _work(Path(sys.argv[1]))
+    except BaseException:
+        traceback.print_exc()
+        exit_process(1)
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads (process_group)
 
 
 # ---- a ready-made FSDP2 case: one optimizer, sharded and in one process, side by side --------

@@ -109,3 +109,6 @@ if __name__ == "__main__":
             "engine": type(run.model_wrapped).__name__,
         }
         (out / "result.json").write_text(json.dumps(result))
+    from optiplug.process_group import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads

@@ -76,3 +76,6 @@ if __name__ == "__main__":
     losses = train(out / "zero3", BATCH, deepspeed=ZERO3)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "losses.json").write_text(json.dumps(losses))
+    from optiplug.process_group import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads

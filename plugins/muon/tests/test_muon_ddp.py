@@ -110,3 +110,6 @@ def _check(output_dir: Path, version: int) -> str | None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+    from optiplug.process_group import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads

@@ -351,3 +351,6 @@ def _worker(root: Path) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _worker(Path(sys.argv[1]))
+    from optiplug.process_group import exit_process
+
+    exit_process(0)  # not the interpreter's teardown, which can abort beside gloo's threads

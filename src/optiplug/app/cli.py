@@ -383,14 +383,37 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``optiplug`` console script."""
+    """Entry point of the ``optiplug`` console script (``argv`` None: this process's own command line).
+
+    Run as a process of a launcher (torchrun, accelerate launch, deepspeed), it ends through
+    :func:`optiplug.process_group.exit_process`: the process group destroyed, the exit handlers run,
+    then ``os._exit``, so that no rank of a finished run aborts at exit beside gloo's threads.
+    """
+    code = _main(argv)
+    if argv is None:
+        from optiplug.app.launch import under_launcher
+
+        if under_launcher():
+            from optiplug.process_group import exit_process
+
+            exit_process(code)
+    sys.exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
+    """Run the command; its exit status (the one-line messages printed)."""
     try:
         app(args=argv, prog_name="optiplug", standalone_mode=True)
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        typer.echo(str(exit_.code), err=True)  # what the interpreter prints for sys.exit("message")
+        return 1
     except OptiplugError as error:
         if _debug():
             traceback.print_exc()
         typer.echo(f"optiplug: {error}", err=True)
-        sys.exit(1)
+        return 1
     except Exception as error:  # not a user error: one line, the traceback with --debug
         if _debug():
             traceback.print_exc()
@@ -398,10 +421,11 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(
             f"optiplug: unexpected {type(error).__name__}: {first} (run with --debug for the traceback)", err=True
         )
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:
         typer.echo("optiplug: interrupted", err=True)
-        sys.exit(130)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
