@@ -10,6 +10,7 @@ import pytest
 from pydantic import Field
 
 import optiplug
+from optiplug import parsing
 from optiplug.app.cli import main
 from optiplug.app.config import load_config, resolve_config
 from optiplug.entries import OptimizerEntry
@@ -54,17 +55,17 @@ class CountedPlugin:
 def counted(temp_plugin, monkeypatch):
     temp_plugin(CountedPlugin(), "counted-plugin")
     CALLS.clear()
-    validate, requires = Registry.validate, OptimizerEntry.check_requires
+    validate, requires = parsing.validate, OptimizerEntry.check_requires
 
-    def counting_validate(self, kind, value):
+    def counting_validate(tables, kind, value):
         CALLS[f"parse {kind}"] += 1
-        return validate(self, kind, value)
+        return validate(tables, kind, value)
 
     def counting_requires(self):
         CALLS["requires"] += 1
         return requires(self)
 
-    monkeypatch.setattr(Registry, "validate", counting_validate)
+    monkeypatch.setattr(parsing, "validate", counting_validate)  # the one place a config is validated
     monkeypatch.setattr(OptimizerEntry, "check_requires", counting_requires)
     return CALLS
 

@@ -455,3 +455,81 @@ def test_scheduler_aliases(temp_plugin):
     temp_plugin(Plugin(), "floor")
     cfg = optiplug.parse_scheduler("demo_floor_half", warmup_steps=2)
     assert (cfg.name, cfg.min_lr_rate, cfg.warmup_steps) == ("demo_floor", 0.5, 2)
+
+
+# ---- hooks are called through pluggy; a plugin whose hook fails contributes nothing -----------
+
+
+class DemoSchedulerConfig(optiplug.SchedulerConfig):
+    name: Literal["demo_sched"] = "demo_sched"
+
+
+def test_a_plugin_whose_other_register_hook_raises_contributes_nothing(temp_plugin):
+    class HalfBroken:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=DemoConfig, build=build_demo))
+
+        @optiplug.hookimpl
+        def register_schedulers(self, register):
+            raise RuntimeError("no schedulers today")
+
+        @optiplug.hookimpl
+        def trainer_callbacks(self, trainer, config):
+            raise AssertionError("a left-out plugin's hooks must not run")
+
+    temp_plugin(HalfBroken(), "half-broken")
+    with pytest.warns(RuntimeWarning, match="plugin 'half-broken' was left out"):
+        names = {r.name for r in optiplug.list_optimizers()}
+    assert "demo_sched" not in {r.name for r in optiplug.list_schedulers()}
+    assert "demo_sgd" not in names and "adamw" in names  # its optimizer hook worked, but the plugin is out
+    assert "half-broken" not in {p.name for p in optiplug.registry.loaded_plugins()}
+    pm = optiplug.registry.get_plugin_manager()
+    assert all(impl.plugin_name != "half-broken" for impl in pm.hook.trainer_callbacks.get_hookimpls())
+    causes = {f.name: f.cause for f in plugin_failures()}
+    assert causes["half-broken"] == "register_schedulers raised RuntimeError: no schedulers today"
+
+
+def test_a_wrapper_hook_implementation_registers_through_pluggy(temp_plugin):
+    class Wrapping:
+        @optiplug.hookimpl(wrapper=True)
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=DemoConfig, build=build_demo, summary="wrapped"))
+            return (yield)
+
+    temp_plugin(Wrapping(), "wrapping")
+    assert optiplug.get_entry("demo_sgd").summary == "wrapped"
+
+
+def test_tryfirst_and_trylast_hooks_run_in_pluggys_order(temp_plugin):
+    calls: list[str] = []
+
+    def plugin(label, **marks):
+        class Plugin:
+            @optiplug.hookimpl(**marks)
+            def register_schedulers(self, register):
+                calls.append(label)
+
+        return Plugin()
+
+    temp_plugin(plugin("last", trylast=True), "p-last")
+    temp_plugin(plugin("first", tryfirst=True), "p-first")
+    temp_plugin(plugin("plain"), "p-plain")
+    optiplug.list_schedulers()
+    assert calls == ["first", "plain", "last"]
+
+
+def test_the_default_plugin_is_registered_like_any_other():
+    info = {p.name: p for p in optiplug.registry.loaded_plugins()}
+    assert info["optiplug:optimizers"].distribution == "optiplug"
+    assert info["optiplug:optimizers"].hooks == ("register_optimizers",)
+    assert list(info)[:3] == ["optiplug:optimizers", "optiplug:schedulers", "optiplug:transformers"]
+
+
+def test_a_snapshot_being_read_is_never_changed(temp_plugin):
+    from optiplug.registry import registry
+
+    before = registry._snapshot()
+    temp_plugin(make_plugin(), "demo-plugin")
+    assert "demo_sgd" not in before.rows["optimizer"]  # a reader holding the old snapshot sees it whole
+    assert "demo_sgd" in registry._snapshot().rows["optimizer"]
