@@ -44,7 +44,7 @@ with tempfile.TemporaryDirectory() as tmp:
         train_dataset=data, optimizer=section,
     )
     trainer.train()
-cfg = optiplug.RunConfig(optimizer=section).optimizer
+cfg = optiplug.parse_optimizer(section)
 analytic = optiplug.get_entry(cfg.name).state_bytes(optiplug.ParamShape.of_model(model), cfg)
 print(json.dumps({{"baseline": baseline, "state": optiplug.optimizer_state_bytes(optiplug.unwrap_optimizer(trainer.optimizer)),
                   "analytic": int(analytic)}}))

@@ -35,7 +35,7 @@ def main() -> None:
     shapes = optiplug.ParamShape.of_model(model)
     rows: list[dict] = []
     for label, section in RUNS:
-        cfg = optiplug.RunConfig(optimizer=section).optimizer
+        cfg = optiplug.parse_optimizer(section)
         analytic = int(optiplug.get_entry(cfg.name).state_bytes(shapes, cfg))
         rows.append({"optimizer": label, "state_bytes": analytic, "state_gib": round(analytic / 2**30, 2)})
     adamw = rows[0]["state_bytes"]

@@ -62,8 +62,8 @@ def main() -> None:
         shapes = optiplug.ParamShape.of_model(model)
         layers = [s for s in shapes if ".layers." in s.name]
         blocks = len({s.name.split(".layers.")[1].split(".")[0] for s in layers})
-        adamw_cfg = optiplug.RunConfig(optimizer="adamw").optimizer
-        badam_cfg = optiplug.RunConfig(optimizer={"name": "badam", "switch_every": -1}).optimizer
+        adamw_cfg = optiplug.parse_optimizer("adamw")
+        badam_cfg = optiplug.parse_optimizer({"name": "badam", "switch_every": -1})
 
         adamw = optiplug.build_optimizer(model, adamw_cfg)
         one_step(model, adamw, adamw.step)

@@ -36,7 +36,7 @@ def measure(dtype: str, section: dict) -> tuple[int, int]:
     from optiplug.helpers import optimizer_state_bytes
 
     model = _common.build_model(SIZE, seed=0, dtype=dtype)
-    cfg = optiplug.RunConfig(optimizer=section).optimizer
+    cfg = optiplug.parse_optimizer(section)
     optimizer = optiplug.build_optimizer(model, cfg)
     ids = _common.TokenDataset(n=4, vocab=_common.MODEL_SIZES[SIZE].vocab).ids
     for _ in range(2):
@@ -65,7 +65,7 @@ def llama7b_rows() -> list[dict]:
         ("galore_adamw8bit rank 1024", {"name": "galore_adamw8bit", "rank": 1024}),
         ("galore_adafactor rank 1024", {"name": "galore_adafactor", "rank": 1024}),
     ]:
-        cfg = optiplug.RunConfig(optimizer=section).optimizer
+        cfg = optiplug.parse_optimizer(section)
         analytic = int(optiplug.get_entry(cfg.name).state_bytes(shapes, cfg))
         baseline = baseline or analytic
         rows.append({"model": "Llama-2-7B (meta)", "dtype": "float32", "optimizer": label, "measured_bytes": None,

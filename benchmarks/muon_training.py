@@ -2,7 +2,7 @@
 
 The job is exactly ``optiplug train`` with no config (the embedded tiny Llama, randomly
 initialised, on the embedded corpus: 400 steps of 16 x 128 tokens, cosine schedule, seed 42),
-with ``optimizer.name`` and the learning rates overridden. Each run is ``optiplug.train`` in a
+with ``optimizer.name`` and the learning rates overridden. Each run is ``optiplug.app.train`` in a
 fresh process with one torch thread, so runs never share a thread pool.
 
 Swept: AdamW ``lr`` in {3e-4, 1e-3 (its default), 3e-3, 1e-2}; Muon ``lr`` in {0.01, 0.02, 0.05}
@@ -45,7 +45,8 @@ CHILD = """
 import json, sys, torch
 torch.set_num_threads(1)
 import optiplug
-result = optiplug.train(None, sys.argv[1:])
+import optiplug.app
+result = optiplug.app.train(None, sys.argv[1:])
 s = result.summary
 print(json.dumps({"losses": result.losses, "train_time_s": s["train_time_s"], "state": s["optimizer_state_bytes"]}))
 """

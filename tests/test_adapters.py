@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.app.adapters import (
     PISSA_CONVERTED_DIR,
     PISSA_INIT_DIR,
@@ -408,7 +409,7 @@ def test_optiplug_train_pissa_run_writes_a_converted_adapter_for_the_saved_origi
     from optiplug.app.adapters import BASE_MODEL_DIR
     from optiplug.app.run import _load_model
 
-    result = optiplug.train(
+    result = optiplug.app.train(
         EXAMPLES / "lora-pissa.yaml",
         [f"training.output_dir={tmp_path}", "training.max_steps=3", "training.logging_steps=1",
          "data.max_blocks=32", "data.block_size=32", "finetuning.init=pissa", "finetuning.r=4"],
@@ -419,7 +420,7 @@ def test_optiplug_train_pissa_run_writes_a_converted_adapter_for_the_saved_origi
     assert (out / "summary.json").is_file() and not (out / "model.safetensors").exists()
     assert result.summary["trainable_parameters"] < result.summary["parameters"] / 10
 
-    original = _load_model(optiplug.ModelConfig(), seed=42)
+    original = _load_model(optiplug.app.ModelConfig(), seed=42)
     base = AutoModelForCausalLM.from_pretrained(out / BASE_MODEL_DIR)
     assert base.state_dict().keys() == original.state_dict().keys()
     for name, tensor in base.state_dict().items():

@@ -18,9 +18,11 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "optiplug"
 APP = "optiplug.app"
-# The facade imports the contract at module level and reaches the app only through its lazy name
-# table (strings); ``python -m optiplug`` starts the app's CLI.
+# ``python -m optiplug`` starts the app's CLI.
 ENTRY_MODULES = {"optiplug.__main__"}
+# The one reference from the contract to the app: the deprecation path of the app names ``optiplug``
+# exported up to 0.1 (``optiplug.MOVED_TO_APP``, each warning on use; removed in 0.3).
+DEPRECATED_REFERENCES = {"optiplug": {"optiplug.app"}}
 
 
 def module_names() -> dict[str, Path]:
@@ -55,6 +57,15 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
+    return found
+
+
+def named_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The optiplug modules that ``name`` names in a string (a lazy-import table, ``importlib.import_module``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and node.value in modules and node.value != name:
+            found.add(node.value)
     return found
 
 
@@ -105,7 +116,7 @@ def in_app(name: str) -> bool:
 def test_the_graph_is_read():
     graph = import_graph()
     assert "optiplug.registry" in graph and "optiplug.app.run" in graph
-    assert "optiplug.hookspecs" in graph["optiplug.registry"]
+    assert "optiplug.hookspecs" in graph["optiplug.plugins"] and "optiplug.tables" in graph["optiplug.registry"]
     # lazy (function-level) imports are edges too
     assert "optiplug.app.adapters" in graph["optiplug.app.run"]
 
@@ -120,12 +131,39 @@ def test_the_cycle_finder_finds_a_lazy_cycle():
 
 
 def test_the_contract_never_imports_the_app():
-    wrong = {
-        name: sorted(target for target in targets if in_app(target))
-        for name, targets in import_graph().items()
-        if not in_app(name) and name not in ENTRY_MODULES
-    }
+    modules = module_names()
+    wrong = {}
+    for name, targets in import_graph().items():
+        if in_app(name) or name in ENTRY_MODULES:
+            continue
+        named = named_modules(name, modules[name], modules) - DEPRECATED_REFERENCES.get(name, set())
+        wrong[name] = sorted(target for target in targets | named if in_app(target))
     assert {name: targets for name, targets in wrong.items() if targets} == {}
+
+
+def test_the_string_references_are_read():
+    modules = module_names()
+    assert "optiplug.trainer" in named_modules("optiplug", modules["optiplug"], modules)  # the lazy-name table
+    assert named_modules("optiplug", modules["optiplug"], modules) & DEPRECATED_REFERENCES["optiplug"]
+
+
+def test_the_app_names_moved_to_optiplug_app_warn_and_still_work():
+    import warnings
+
+    import optiplug
+    import optiplug.app
+
+    assert not set(optiplug.__all__) & optiplug.MOVED_TO_APP  # not part of the contract any more
+    assert set(optiplug.app.__all__) == optiplug.MOVED_TO_APP
+    for name in sorted(optiplug.MOVED_TO_APP):
+        getattr(optiplug.app, name)  # imported first: importing transformers warns in its own ways
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = getattr(optiplug, name)
+        assert value is getattr(optiplug.app, name)
+        [warning] = caught
+        assert warning.category is DeprecationWarning
+        assert f"from optiplug.app import {name}" in str(warning.message)
 
 
 def test_only_the_registry_names_the_default_plugin():
@@ -146,3 +184,21 @@ def test_using_the_contract_loads_no_app_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["[]", "False False"]
+
+
+def test_plugins_use_only_the_public_api():
+    import optiplug
+
+    wrong = []
+    for path in sorted((SRC.parent / "plugins").glob("*/src/**/*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                wrong += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("optiplug.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("optiplug."):
+                wrong.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.ImportFrom) and node.module == "optiplug":
+                wrong += [f"{path.name}: optiplug.{a.name}" for a in node.names if a.name not in optiplug.__all__]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "optiplug":
+                wrong += [f"{path.name}: optiplug.{node.attr}"] if node.attr not in optiplug.__all__ else []
+    assert wrong == []
+

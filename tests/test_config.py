@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.app.config import apply_overrides, load_config, run_config_schema
 from optiplug.registry import parse_optimizer
 
@@ -170,7 +171,7 @@ def test_apply_overrides_does_not_mutate_its_input():
 
 def test_config_objects_and_dicts_round_trip():
     config = load_config(None, ["optimizer.name=rmsprop", "optimizer.centered=true"])
-    again = optiplug.RunConfig.model_validate(config.model_dump())
+    again = optiplug.app.RunConfig.model_validate(config.model_dump())
     assert again == config and type(again.optimizer).__name__ == "RMSpropConfig"
 
 

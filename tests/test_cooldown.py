@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import optiplug
+import optiplug.app
 from optiplug import OptiplugError
 from optiplug.app.config import load_config
 from optiplug.app.cooldown import cooldown_factor
@@ -63,12 +64,12 @@ def test_a_cooldown_from_a_stable_rate_is_transformers_wsd_decay_to_the_bit(deca
 def branched(tmp_path_factory):
     """A WSD run of S steps with a checkpoint at S; the reference run of S + C steps; the cooldown from the checkpoint."""
     root = tmp_path_factory.mktemp("cooldown")
-    optiplug.train(overrides=[*BASE, *WSD, f"training.max_steps={S}", f"training.save_steps={S}",
+    optiplug.app.train(overrides=[*BASE, *WSD, f"training.max_steps={S}", f"training.save_steps={S}",
                               f"training.output_dir={root / 'run'}"], quiet=True)  # fmt: skip
-    reference = optiplug.train(overrides=[*BASE, *REFERENCE, f"training.max_steps={S + C}",
+    reference = optiplug.app.train(overrides=[*BASE, *REFERENCE, f"training.max_steps={S + C}",
                                           f"training.output_dir={root / 'reference'}"], quiet=True)  # fmt: skip
     # the run's own config, as a user reruns it: only the checkpoint, the cooldown and a checkpoint at its end added
-    cooldown = optiplug.train(
+    cooldown = optiplug.app.train(
         overrides=[*BASE, *WSD, f"training.max_steps={S}", f"training.save_steps={S}",
                    f"training.output_dir={root / 'run'}", f"training.resume_from_checkpoint={root / 'run'}/checkpoint-{S}",
                    f"cooldown.steps={C}"],
@@ -107,7 +108,7 @@ def test_the_branch_is_recorded_in_the_summary_the_checkpoints_and_the_header(br
 
 def test_several_cooldowns_from_one_checkpoint_go_to_separate_directories(branched):
     root, _, first = branched
-    second = optiplug.train(
+    second = optiplug.app.train(
         overrides=[*BASE, *WSD, f"training.output_dir={root / 'run'}", "cooldown.steps=2", "cooldown.decay_type=linear",
                    f"training.resume_from_checkpoint={root / 'run'}/checkpoint-{S}"],
         quiet=True,
@@ -163,7 +164,7 @@ def test_every_other_change_stays_refused_and_a_cooldown_resumes_only_as_itself(
 
 def test_a_schedule_without_a_stable_rate_cannot_be_branched(tmp_path):
     out = tmp_path / "cosine"
-    optiplug.train(overrides=[*BASE, "training.max_steps=1", "training.save_steps=1", f"training.output_dir={out}"],
+    optiplug.app.train(overrides=[*BASE, "training.max_steps=1", "training.save_steps=1", f"training.output_dir={out}"],
                    quiet=True)  # fmt: skip
     message = _refusal([*BASE, f"training.output_dir={out}", f"training.resume_from_checkpoint={out}/checkpoint-1",
                         "cooldown.steps=4"])  # fmt: skip
@@ -178,15 +179,15 @@ def test_a_schedule_without_a_stable_rate_cannot_be_branched(tmp_path):
 def test_a_cooldown_from_a_constant_schedule_takes_its_own_shape_and_floor(tmp_path):
     """constant has no decay: the cooldown's decay_type and min_lr_ratio; equal to WSD(0, S, C) with them, to the bit."""
     run = tmp_path / "run"
-    optiplug.train(overrides=[*BASE, "scheduler.name=constant", f"training.max_steps={S}", f"training.save_steps={S}",
+    optiplug.app.train(overrides=[*BASE, "scheduler.name=constant", f"training.max_steps={S}", f"training.save_steps={S}",
                               f"training.output_dir={run}"], quiet=True)  # fmt: skip
-    cooldown = optiplug.train(
+    cooldown = optiplug.app.train(
         overrides=[*BASE, "scheduler.name=constant", f"training.output_dir={run}", f"cooldown.steps={C}",
                    "cooldown.decay_type=linear", "cooldown.min_lr_ratio=0.25",
                    f"training.resume_from_checkpoint={run}/checkpoint-{S}"],
         quiet=True,
     )  # fmt: skip
-    reference = optiplug.train(
+    reference = optiplug.app.train(
         overrides=[*BASE, "scheduler.name=warmup_stable_decay", f"scheduler.stable_steps={S}", f"scheduler.decay_steps={C}",
                    "scheduler.decay_type=linear", "scheduler.min_lr_ratio=0.25", f"training.max_steps={S + C}",
                    f"training.output_dir={tmp_path / 'reference'}"],

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from optiplug import ConfigError, DataConfig
+from optiplug import ConfigError
+from optiplug.app import DataConfig
 from optiplug.app.data import TokenBlocks, assets_dir, load_dataset, read_documents, resolve_paths, tokenize_blocks
 
 

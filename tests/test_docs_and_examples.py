@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import optiplug
+import optiplug.app
 from optiplug import hookspecs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_every_registered_optimizer_has_a_runnable_example():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_is_valid(path):
-    config = optiplug.load_config(path)
+    config = optiplug.app.load_config(path)
     from optiplug.app.validation import check_training_section
 
     check_training_section(config)
@@ -110,7 +111,7 @@ def test_every_example_is_valid(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_trains(path, tmp_path):
-    config = optiplug.load_config(path)
+    config = optiplug.app.load_config(path)
     if {"fsdp", "deepspeed"} & set(config.training):
         pytest.skip("needs a launcher: trained under torchrun/accelerate by tests/test_distributed.py")
     entry = optiplug.get_entry(config.optimizer.name)
@@ -118,7 +119,7 @@ def test_every_example_trains(path, tmp_path):
         entry.check_requires()
     except optiplug.MissingDependencyError as error:
         pytest.skip(str(error))
-    result = optiplug.train(
+    result = optiplug.app.train(
         path,
         [
             f"training.output_dir={tmp_path}",

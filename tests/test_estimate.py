@@ -12,6 +12,7 @@ from typing import Literal
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.app.estimate import Estimate, estimate, format_bytes
 from optiplug.helpers import optimizer_state_bytes
 from optiplug.testing import TokenBlocks, tiny_llama, training_args
@@ -42,9 +43,9 @@ def llama7b_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _run(model_dir: Path, **sections) -> optiplug.RunConfig:
+def _run(model_dir: Path, **sections) -> optiplug.app.RunConfig:
     sections.setdefault("model", {"name_or_path": str(model_dir)})
-    return optiplug.RunConfig(**sections)
+    return optiplug.app.RunConfig(**sections)
 
 
 def _by_name(rows: list[Estimate]) -> dict[str, Estimate]:
@@ -233,7 +234,7 @@ def test_embedded_model_is_the_default():
 def test_hub_id_not_in_the_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(optiplug.ConfigError) as info:
-        estimate(optiplug.RunConfig(model={"name_or_path": "acme/llama-9b"}))
+        estimate(optiplug.app.RunConfig(model={"name_or_path": "acme/llama-9b"}))
     assert str(info.value) == (
         f"model.name_or_path: 'acme/llama-9b' is neither a local directory nor a hub id whose config.json is in "
         f"the local cache ({tmp_path}); estimate never downloads: run `hf download acme/llama-9b config.json` "
@@ -250,7 +251,7 @@ def test_hub_id_whose_config_is_in_the_cache_is_found_offline(tmp_path, monkeypa
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "snapshots" / commit / "config.json").write_text((tiny_dir / "config.json").read_text())
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    [cached] = estimate(optiplug.RunConfig(model={"name_or_path": "acme/tiny-llama"}))
+    [cached] = estimate(optiplug.app.RunConfig(model={"name_or_path": "acme/tiny-llama"}))
     [local] = estimate(_run(tiny_dir))
     assert cached == local
 
@@ -274,7 +275,7 @@ def llama7b(llama7b_dir):
 def test_llama7b_adamw_holds_two_float32_moments_per_parameter(llama7b):
     from optiplug.app.estimate import estimate_shapes
 
-    [row] = estimate_shapes(llama7b, [optiplug.RunConfig().optimizer])
+    [row] = estimate_shapes(llama7b, [optiplug.app.RunConfig().optimizer])
     assert row.total_params == 6_738_415_616
     assert row.state_bytes == 2 * 4 * 6_738_415_616 + 4 * len(llama7b.trainable)
 
@@ -293,8 +294,8 @@ def test_llama7b_galore_rank_1024_cuts_optimizer_state_by_about_65_percent(llama
     adamw, galore = estimate_shapes(
         llama7b,
         [
-            optiplug.RunConfig().optimizer,
-            optiplug.RunConfig(optimizer={"name": "galore_adamw", "rank": 1024}).optimizer,
+            optiplug.app.RunConfig().optimizer,
+            optiplug.app.RunConfig(optimizer={"name": "galore_adamw", "rank": 1024}).optimizer,
         ],
     )
     cut = 1 - galore.state_bytes / adamw.state_bytes
@@ -305,12 +306,12 @@ def test_llama7b_badam_with_32_blocks_holds_the_state_of_one_block(llama7b):
     from optiplug.app.estimate import estimate_shapes
 
     _installed("badam", "badam")
-    [badam] = estimate_shapes(llama7b, [optiplug.RunConfig(optimizer={"name": "badam"}).optimizer])
+    [badam] = estimate_shapes(llama7b, [optiplug.app.RunConfig(optimizer={"name": "badam"}).optimizer])
     adam = optiplug.get_entry("adamw").state_bytes
     layer0 = [s for s in llama7b.trainable if s.name.startswith("model.layers.0.")]
-    one_block = adam(layer0, optiplug.RunConfig().optimizer)
+    one_block = adam(layer0, optiplug.app.RunConfig().optimizer)
     assert badam.state_bytes == one_block
-    assert badam.state_bytes * 32 < adam(llama7b.trainable, optiplug.RunConfig().optimizer)
+    assert badam.state_bytes * 32 < adam(llama7b.trainable, optiplug.app.RunConfig().optimizer)
 
 
 # ---- the command ----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import optiplug
-from optiplug import ConfigError, DataConfig
+import optiplug.app
+from optiplug import ConfigError
+from optiplug.app import DataConfig
 from optiplug.app.compare import CompareRun, ProcessResult, plot, print_table, read_run
 from optiplug.app.config import load_config
 from optiplug.app.data import _token_ids, assets_dir, load_datasets, read_documents
@@ -141,7 +143,7 @@ def plateau_run(tmp_path_factory):
         "scheduler.name=reduce_lr_on_plateau", "scheduler.patience=1", "scheduler.factor=0.5",
         "scheduler.threshold=0.5", f"training.output_dir={out}",
     ]  # fmt: skip
-    return optiplug.train(overrides=overrides)
+    return optiplug.app.train(overrides=overrides)
 
 
 def test_eval_loss_and_perplexity_are_logged_and_summarised(plateau_run):

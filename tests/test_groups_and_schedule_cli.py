@@ -162,13 +162,13 @@ def test_the_configuration_docs_show_what_the_commands_print(tmp_path):
     import re
     from pathlib import Path
 
-    import optiplug
+    import optiplug.app
 
     text = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
     assert GROUPS_YAML in blocks
     for block in (b for b in blocks if "param_groups" in b):
         (tmp_path / "run.yaml").write_text(block)
-        assert optiplug.load_config(tmp_path / "run.yaml").optimizer.param_groups
+        assert optiplug.app.load_config(tmp_path / "run.yaml").optimizer.param_groups
     console = next(b for b in re.findall(r"```console\n(.*?)```", text, flags=re.S) if "--dry-run" in b)
     assert console.splitlines()[1:8] == GROUPS_TABLE.splitlines()[:7]

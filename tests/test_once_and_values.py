@@ -10,6 +10,7 @@ import pytest
 from pydantic import Field
 
 import optiplug
+import optiplug.app
 from optiplug import parsing
 from optiplug.app.cli import main
 from optiplug.app.config import load_config, resolve_config
@@ -79,7 +80,7 @@ def test_one_train_command_parses_checks_and_builds_once(counted, tmp_path):
 
 
 def test_python_api_train_parses_checks_and_builds_once(counted, tmp_path):
-    optiplug.train(None, [*FAST, "optimizer.name=counted_adamw", f"training.output_dir={tmp_path / 'out'}"])
+    optiplug.app.train(None, [*FAST, "optimizer.name=counted_adamw", f"training.output_dir={tmp_path / 'out'}"])
     assert dict(counted) == {"parse optimizer": 1, "parse scheduler": 1, "requires": 1, "check": 1, "build": 1}
 
 

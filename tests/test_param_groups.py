@@ -7,6 +7,7 @@ from typing import Literal
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.params import GROUP_KEY
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
@@ -212,12 +213,12 @@ def test_yaml_and_command_line_overrides(tmp_path):
         "optimizer:\n  name: adamw\n  param_groups:\n    - {match: embed_tokens, lr_scale: 0.1}\n"
         "    - match: lm_head\n      weight_decay: 0.0\n"
     )
-    config = optiplug.load_config(str(path))
+    config = optiplug.app.load_config(str(path))
     assert [(r.match, r.lr_scale, r.weight_decay) for r in config.optimizer.param_groups] == [
         ("embed_tokens", 0.1, None),
         ("lm_head", None, 0.0),
     ]
-    config = optiplug.load_config(str(path), ["optimizer.param_groups=[{match: lm_head, lr: 1.0e-2, eps: 1.0e-6}]"])
+    config = optiplug.app.load_config(str(path), ["optimizer.param_groups=[{match: lm_head, lr: 1.0e-2, eps: 1.0e-6}]"])
     (rule,) = config.optimizer.param_groups
     assert (rule.match, rule.lr, rule.options) == ("lm_head", 1e-2, {"lr": 1e-2, "eps": 1e-6})
 

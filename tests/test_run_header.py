@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug import GROUP_ROLE, ParamShape
 from optiplug.app.header import format_header, run_plan
 from optiplug.testing import TokenBlocks, tiny_llama, training_args
@@ -135,7 +136,7 @@ def test_optiplug_train_muon_shows_the_split_and_trainable_parameters_before_the
 
 
 def test_quiet_prints_no_header_and_keeps_the_plan(tmp_path, capsys):
-    result = optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path / 'run'}"], quiet=True)
+    result = optiplug.app.train(overrides=[*FAST, f"training.output_dir={tmp_path / 'run'}"], quiet=True)
     out, err = capsys.readouterr()
     assert "optiplug run:" not in err and "{'loss'" not in out + err
     assert result.summary["plan"]["optimizer"]["name"] == "adamw"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import optiplug
+import optiplug.app
 
 SMALL = [
     "data.block_size=32",
@@ -13,7 +14,7 @@ SMALL = [
 
 
 def test_resume_from_checkpoint_reproduces_the_run(tmp_path):
-    full = optiplug.train(
+    full = optiplug.app.train(
         None,
         [
             *SMALL,
@@ -23,7 +24,7 @@ def test_resume_from_checkpoint_reproduces_the_run(tmp_path):
             "training.save_steps=3",
         ],
     )
-    resumed = optiplug.train(
+    resumed = optiplug.app.train(
         None,
         [
             *SMALL,
@@ -44,7 +45,7 @@ def test_engines_without_a_launcher_are_one_clear_error(tmp_path):
     import pytest
 
     with pytest.raises(optiplug.ConfigError, match=r"training.fsdp: .* runs in processes started by a launcher"):
-        optiplug.train(None, [*SMALL, f"training.output_dir={tmp_path}", "training.fsdp=full_shard"])
+        optiplug.app.train(None, [*SMALL, f"training.output_dir={tmp_path}", "training.fsdp=full_shard"])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
@@ -53,7 +54,7 @@ def test_a_missing_checkpoint_is_one_clear_error_before_anything_is_written(tmp_
 
     out = tmp_path / "out"
     with pytest.raises(optiplug.CheckpointError) as info:
-        optiplug.train(
+        optiplug.app.train(
             None, [*SMALL, f"training.output_dir={out}", f"training.resume_from_checkpoint={tmp_path / 'nope'}"]
         )
     assert str(info.value) == (

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.testing import (
     TokenBlocks,
     install_distribution,
@@ -51,7 +52,7 @@ def test_discovered_through_its_entry_point(installed):
 def test_selected_by_a_yaml_config_and_trains(installed, tmp_path):
     path = tmp_path / "lion.yaml"
     path.write_text("optimizer:\n  name: lion\n  lr: 0.003\n  weight_decay: 0.01\nscheduler: {name: constant}\n")
-    config = optiplug.load_config(path)
+    config = optiplug.app.load_config(path)
     assert type(config.optimizer).__module__ == "optiplug_testlion"
     trainer = optiplug.OptiTrainer(
         model=tiny_llama(),

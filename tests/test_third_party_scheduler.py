@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.testing import (
     TokenBlocks,
     install_distribution,
@@ -64,7 +65,7 @@ def test_selected_by_yaml_scales_every_group_and_resumes_exactly(installed, tmp_
 
     path = tmp_path / "run.yaml"
     path.write_text("scheduler:\n  name: half_life\n  warmup_steps: 2\n  half_life_ratio: 0.25\n")
-    config = optiplug.load_config(path)
+    config = optiplug.app.load_config(path)
     assert type(config.scheduler).__module__ == "optiplug_testhalflife"
     full = _trainer(tmp_path / "full", config.scheduler, save_strategy="steps", save_steps=4)
     full.train()

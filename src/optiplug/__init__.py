@@ -1,15 +1,16 @@
 """optiplug: a pluggable optimizer and scheduler registry for transformers' Trainer.
 
-Two layers. The plugin contract and the Trainer integration (configs, entries, hookspecs, the
-registry, helpers, the factory, the trainer mixin) are imported here; the app on top
-(``optiplug.app``: the run config, the main job, the CLI, estimate, compare) is reached through
-the names in ``_LAZY``. Importing this package does not import torch or transformers.
+Two layers. This package exports the plugin contract and the Trainer integration (configs, entries,
+hookspecs, the registry, helpers, the factory, the trainer mixin); the Trainer side is imported on first
+use (``_LAZY``), so importing this package does not import torch or transformers. The app on top (the
+run config, the main job, the CLI) is ``optiplug.app``: ``from optiplug.app import train, load_config``.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
@@ -85,17 +86,23 @@ _LAZY = {
     "layerwise_stepper": "optiplug.layerwise",
     "MatrixOptimizer": "optiplug.stepping",
     "PerParameterOptimizer": "optiplug.stepping",
-    # the app
-    "RunConfig": "optiplug.app.config",
-    "ModelConfig": "optiplug.app.config",
-    "DataConfig": "optiplug.app.config",
-    "FinetuningConfig": "optiplug.app.config",
-    "load_config": "optiplug.app.config",
-    "train": "optiplug.app.run",
-    "RunResult": "optiplug.app.run",
-    "apply_finetuning": "optiplug.app.adapters",
-    "PissaConvertCallback": "optiplug.app.adapters",
 }
+
+# The app's names this package exported up to 0.1: still reachable, with a DeprecationWarning, until 0.3.
+# Import them from optiplug.app.
+MOVED_TO_APP = frozenset(
+    {
+        "DataConfig",
+        "FinetuningConfig",
+        "ModelConfig",
+        "PissaConvertCallback",
+        "RunConfig",
+        "RunResult",
+        "apply_finetuning",
+        "load_config",
+        "train",
+    }
+)
 
 __all__ = [
     "ADAM_ARGUMENTS",
@@ -108,15 +115,12 @@ __all__ = [
     "BuildContext",
     "CheckpointError",
     "ConfigError",
-    "DataConfig",
     "DuplicateNameError",
-    "FinetuningConfig",
     "Kernel",
     "LayerwiseStepper",
     "LearningRate",
     "MatrixOptimizer",
     "MissingDependencyError",
-    "ModelConfig",
     "OptiTrainer",
     "OptiTrainerMixin",
     "OptimizerConfig",
@@ -125,11 +129,8 @@ __all__ = [
     "ParamShape",
     "Patch",
     "PerParameterOptimizer",
-    "PissaConvertCallback",
     "PluginError",
     "Registered",
-    "RunConfig",
-    "RunResult",
     "SaveProcessorCallback",
     "ScheduleContext",
     "SchedulerConfig",
@@ -137,7 +138,6 @@ __all__ = [
     "TargetModules",
     "UnknownNameError",
     "adam_state_bytes",
-    "apply_finetuning",
     "build_optimizer",
     "build_scheduler",
     "check_whole_matrices",
@@ -155,7 +155,6 @@ __all__ = [
     "layerwise_stepper",
     "list_optimizers",
     "list_schedulers",
-    "load_config",
     "low_rank_shape",
     "moment_bytes",
     "optimizer_state_bytes",
@@ -169,7 +168,6 @@ __all__ = [
     "target_parameters",
     "target_shapes",
     "tensor_bytes",
-    "train",
     "transformers_fields",
     "unwrap_optimizer",
 ]
@@ -180,6 +178,13 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in MOVED_TO_APP:
+        warnings.warn(
+            f"optiplug.{name} moved to the app: use `from optiplug.app import {name}` (optiplug.{name} goes in 0.3)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module("optiplug.app"), name)
     raise AttributeError(f"module 'optiplug' has no attribute {name!r}")
 
 

@@ -66,7 +66,10 @@ def _read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"training.deepspeed: cannot read the DeepSpeed config {path!r}: {error}") from None
+        raise ConfigError(
+            f"cannot read the DeepSpeed config {path!r} (TrainingArguments.deepspeed; training.deepspeed in a run "
+            f"config): {error}"
+        ) from None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import pytest
 from optiplug_adam_mini import AdamMiniConfig, Layout, block_kind, layout_of, state_bytes_for
 
 import optiplug
+import optiplug.app
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 
@@ -369,7 +370,7 @@ def test_the_example_trains_the_embedded_model_quietly(tmp_path, capfd):
 
     example = Path(__file__).resolve().parents[3] / "examples" / "adam-mini.yaml"
     out = tmp_path / "out"
-    result = optiplug.train(
+    result = optiplug.app.train(
         example, [f"training.output_dir={out}", "training.max_steps=3", "training.disable_tqdm=true"]
     )
     assert result.summary["optimizer"]["name"] == "adam_mini" and len(result.losses) >= 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import optiplug
+import optiplug.app
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,7 +103,7 @@ CONFIGS = [
 @pytest.mark.parametrize("fields", CONFIGS)
 def test_state_bytes_equal_the_measured_state(fields, dtype):
     model = tiny_llama(hidden=64).to(getattr(torch, dtype))
-    cfg = optiplug.RunConfig(optimizer={"name": "apollo_adamw", **fields}).optimizer
+    cfg = optiplug.app.RunConfig(optimizer={"name": "apollo_adamw", **fields}).optimizer
     entry = optiplug.get_entry(cfg.name)
     optimizer = entry.build(optiplug.BuildContext(model=model), cfg)
     batch = TokenBlocks(n=4)[0]["input_ids"][None]
@@ -156,7 +157,7 @@ def test_defaults_are_transformers_and_apollo_mini_is_the_rank_one_tensor_preset
 )
 def test_invalid_fields_are_refused(fields, message):
     with pytest.raises(optiplug.ConfigError, match=message):
-        optiplug.RunConfig(optimizer={"name": "apollo_adamw", **fields})
+        optiplug.app.RunConfig(optimizer={"name": "apollo_adamw", **fields})
 
 
 def _args(**fields):
@@ -210,8 +211,8 @@ def test_check_refuses_targets_that_select_nothing_trainable():
 
 def test_the_examples_are_valid_configs():
     root = Path(__file__).resolve().parents[3] / "examples"
-    assert optiplug.load_config(root / "apollo.yaml").optimizer.name == "apollo_adamw"
-    mini = optiplug.load_config(root / "apollo-mini.yaml").optimizer
+    assert optiplug.app.load_config(root / "apollo.yaml").optimizer.name == "apollo_adamw"
+    mini = optiplug.app.load_config(root / "apollo-mini.yaml").optimizer
     assert (mini.name, mini.rank, mini.scale_type) == ("apollo_mini", 1, "tensor")
 
 

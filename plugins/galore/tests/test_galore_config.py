@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import optiplug
+import optiplug.app
 from optiplug.testing import TokenBlocks, tiny_llama
 
 NAMES = ["galore_adafactor", "galore_adamw", "galore_adamw8bit"]
@@ -50,7 +51,7 @@ def test_registered_through_the_entry_point_without_importing_torch():
 )
 def test_invalid_fields_are_one_line_each(fields, message):
     with pytest.raises(optiplug.ConfigError) as error:
-        optiplug.RunConfig(optimizer={"name": "galore_adamw", **fields})
+        optiplug.app.RunConfig(optimizer={"name": "galore_adamw", **fields})
     assert str(error.value) == message
 
 
@@ -184,7 +185,7 @@ def test_check_refuses_with_one_sentence(name, fields, args, message):
     from optiplug.factory import build_from_entry
 
     entry = optiplug.get_entry(name)
-    cfg = optiplug.RunConfig(optimizer={"name": name, **fields}).optimizer
+    cfg = optiplug.app.RunConfig(optimizer={"name": name, **fields}).optimizer
     with pytest.raises(optiplug.ConfigError) as error:  # the entry's check, then the core's (layerwise: true)
         build_from_entry(entry, optiplug.BuildContext(model=tiny_llama(), args=_args(**args)), cfg)
     assert str(error.value) == message
@@ -230,7 +231,7 @@ def test_state_bytes_equals_the_measured_state(fields, dtype):
     from optiplug.helpers import optimizer_state_bytes
 
     model = tiny_llama().to(dtype)
-    cfg = optiplug.RunConfig(optimizer=fields).optimizer
+    cfg = optiplug.app.RunConfig(optimizer=fields).optimizer
     optimizer = optiplug.build_optimizer(model, cfg)
     data = TokenBlocks(n=4)
     batch = torch.stack([data[i]["input_ids"] for i in range(4)])

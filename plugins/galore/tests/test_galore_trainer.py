@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import optiplug
+import optiplug.app
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -133,7 +134,7 @@ def test_layerwise_outside_a_trainer_counts_backward_passes(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), gradient_accumulation_steps=2, max_grad_norm=0.0, use_cpu=True, report_to="none"
     )
-    cfg = optiplug.RunConfig(optimizer=_galore(layerwise=True, lr=1e-2)).optimizer
+    cfg = optiplug.app.RunConfig(optimizer=_galore(layerwise=True, lr=1e-2)).optimizer
     ctx = optiplug.BuildContext(model=model, args=args)
     layerwise = build_from_entry(optiplug.get_entry("galore_adamw"), ctx, cfg)  # the core makes it layerwise
     whole = optiplug.build_optimizer(twin, _galore(lr=1e-2))
@@ -207,5 +208,5 @@ def test_adafactor_and_8bit_train_in_layerwise_mode_and_resume(tmp_path, name):
 def test_the_examples_are_valid_configs():
     root = Path(__file__).resolve().parents[3] / "examples"
     for name, layerwise in (("galore.yaml", False), ("galore-layerwise.yaml", True)):
-        config = optiplug.load_config(root / name)
+        config = optiplug.app.load_config(root / name)
         assert config.optimizer.name == "galore_adamw" and config.optimizer.layerwise is layerwise

@@ -8,6 +8,7 @@ import pytest
 from optiplug_loraplus import LoraPlusConfig, loraplus_groups
 
 import optiplug
+import optiplug.app
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 pytest.importorskip("peft")
@@ -58,7 +59,7 @@ def test_registered_by_its_entry_point_with_analytic_state_bytes():
 )
 def test_invalid_config(fields, message):
     with pytest.raises(optiplug.ConfigError) as error:
-        optiplug.RunConfig(optimizer={"name": "loraplus", **fields})
+        optiplug.app.RunConfig(optimizer={"name": "loraplus", **fields})
     assert str(error.value) == message
 
 
@@ -95,7 +96,9 @@ def test_groups_put_every_parameter_where_lora_plus_says():
             param.requires_grad_(True)
     cfg = LoraPlusConfig(lr=1e-3, lr_ratio=8, embedding_lr=1e-5, weight_decay=0.1)
     ctx = optiplug.BuildContext(model=model)
-    groups = loraplus_groups(ctx.named_parameters(), ctx.decay_parameter_names(), cfg)
+    groups = loraplus_groups(
+        ctx.named_parameters(), ctx.decay_parameter_names(), cfg, ctx.param_groups(cfg.weight_decay)
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     members = {g["name"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
     assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [

@@ -19,10 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optiplug
+import optiplug.app
 from optiplug.app.data import load_dataset
 
 
-def saved_model_loss(output_dir: str, cfg: optiplug.RunConfig, blocks: int = 256, batch: int = 32) -> float:
+def saved_model_loss(output_dir: str, cfg: optiplug.app.RunConfig, blocks: int = 256, batch: int = 32) -> float:
     """Mean loss of the model saved in ``output_dir`` on the first ``blocks`` blocks of ``cfg``'s data."""
     dataset = load_dataset(cfg.data, AutoTokenizer.from_pretrained(output_dir))
     model = AutoModelForCausalLM.from_pretrained(output_dir).eval()
@@ -41,8 +42,8 @@ def main(runs: list[str]) -> None:
         path, _, overrides = run.partition(":")
         over = [o for o in overrides.split(",") if o]
         start = time.time()
-        result = optiplug.train(path, over)
-        loss = saved_model_loss(str(result.output_dir), optiplug.load_config(path, over))
+        result = optiplug.app.train(path, over)
+        loss = saved_model_loss(str(result.output_dir), optiplug.app.load_config(path, over))
         line = {"config": path, "overrides": over, "final_train_loss": result.losses[-1][1], "saved_model_loss": loss}
         print(json.dumps({**line, "seconds": round(time.time() - start)}), flush=True)
 

@@ -68,7 +68,7 @@ def apply_finetuning(model: nn.Module, finetuning: FinetuningConfig | dict | Non
 
     Args:
         model: a transformers model.
-        finetuning: a :class:`~optiplug.FinetuningConfig` (or its fields as a mapping); None is ``full``.
+        finetuning: a :class:`~optiplug.app.FinetuningConfig` (or its fields as a mapping); None is ``full``.
 
     Returns:
         ``model`` itself for ``full`` and ``freeze`` (with ``requires_grad`` set), or the

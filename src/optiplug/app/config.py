@@ -481,7 +481,7 @@ def resolve_config(config: RunConfig | str | Path | None = None, overrides: Sequ
     if config is not None and not isinstance(config, (str, Path)):
         raise ConfigError(
             f"expected a RunConfig, a YAML file path or None, got {type(config).__name__}"
-            + (": build one with optiplug.RunConfig(**mapping)" if isinstance(config, Mapping) else "")
+            + (": build one with optiplug.app.RunConfig(**mapping)" if isinstance(config, Mapping) else "")
         )
     return load_config(config, overrides)
 

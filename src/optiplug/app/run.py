@@ -1,6 +1,6 @@
 """The main job: a run config -> model, data, trainer -> trained model and a summary.
 
-``optiplug train`` and :func:`optiplug.train` call :func:`train`. With no config it trains the
+``optiplug train`` and :func:`optiplug.app.train` call :func:`train`. With no config it trains the
 embedded default: a tiny Llama-style model, randomly initialised, on the corpus shipped with
 optiplug, with the default optimizer and scheduler, in about a minute on two CPU cores.
 """

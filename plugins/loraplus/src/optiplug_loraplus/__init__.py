@@ -21,7 +21,6 @@ from typing import Any, Literal
 from pydantic import Field
 
 import optiplug
-import optiplug.params
 
 __all__ = ["LoraPlusConfig", "build_loraplus", "check_loraplus", "loraplus_groups", "state_bytes"]
 
@@ -53,18 +52,16 @@ def loraplus_groups(
     named_parameters: Iterable[tuple[str, Any]],
     decay_names: set[str],
     cfg: LoraPlusConfig,
-    base_groups: Sequence[dict[str, Any]] | None = None,
+    base_groups: Sequence[dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """The LoRA+ parameter groups of the trainable ``named_parameters`` (empty groups dropped).
 
     Each group has ``name`` (``lora_A``, ``lora_B``, ``embedding``, with ``_no_decay`` for the
     groups without weight decay), ``lr`` and ``weight_decay``. ``base_groups`` are the groups to
-    split by kind (``ctx.param_groups``, which carries the user's ``optimizer.param_groups``);
-    by default the decay and no-decay groups. A base group's own ``lr`` is its ``lora_A`` rate.
+    split by kind: ``ctx.param_groups(cfg.weight_decay)``, the decay and no-decay groups with the user's
+    ``optimizer.param_groups``. A base group's own ``lr`` is its ``lora_A`` rate.
     """
     named = [(name, param) for name, param in named_parameters if param.requires_grad]
-    if base_groups is None:
-        base_groups = optiplug.params.param_groups(named, decay_names, cfg.weight_decay)
     names = {id(param): name for name, param in named}
     groups: list[dict[str, Any]] = []
     for kind in ("lora_A", "lora_B", "embedding"):
