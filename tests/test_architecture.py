@@ -202,3 +202,7 @@ def test_plugins_use_only_the_public_api():
                 wrong += [f"{path.name}: optiplug.{node.attr}"] if node.attr not in optiplug.__all__ else []
     assert wrong == []
 
+
+def test_the_testing_helpers_import_without_pytest():
+    code = "import sys; sys.modules['pytest'] = None; import optiplug.testing; print(optiplug.testing.SEQ)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "16\n"

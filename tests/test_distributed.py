@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 import optiplug
+import optiplug.app
 from optiplug.app.launch import check_engine_launch, relaunch_with_torchrun, torchrun_command
 
 HERE = Path(__file__).resolve()
@@ -208,18 +209,6 @@ def assert_same_losses(got: list[float], expected: list[float]) -> None:
         assert math.isclose(a, b, rel_tol=RTOL), (got, expected)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process reference runs with one intra-op thread, like each launched process (torchrun's default):
-    on a busy 2-core machine two threads per process oversubscribe the cores and run several times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- launch.py -------------------------------------------------------------------------------
 
 
@@ -274,7 +263,7 @@ def tiny(tmp_path_factory) -> list[str]:
 def reference(tiny, tmp_path_factory) -> list[float]:
     """Per-step losses of examples/ddp.yaml in one process with batch 2B."""
     out = tmp_path_factory.mktemp("single")
-    result = optiplug.train(EXAMPLES / "ddp.yaml", [*tiny, f"training.output_dir={out}",
+    result = optiplug.app.train(EXAMPLES / "ddp.yaml", [*tiny, f"training.output_dir={out}",
                                                     f"training.per_device_train_batch_size={2 * B}"])  # fmt: skip
     assert result.summary["world_size"] == 1
     return [loss for _, loss in result.losses]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import optiplug
+import optiplug.app
 from optiplug import CheckpointError, ConfigError, PluginError
 from optiplug.app.cli import main
 from optiplug.app.data import assets_dir
@@ -30,14 +31,6 @@ FAST = [
     "training.logging_steps=1",
     "training.disable_tqdm=true",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -157,7 +150,7 @@ def test_a_dead_network_stops_though_everything_stays_finite(tmp_path, temp_plug
     out = tmp_path / "run"
     sgd = ["optimizer.name=sgd", "optimizer.momentum=0", "optimizer.lr=0.1", "training.max_steps=8"]
     with pytest.raises(optiplug.OptiplugError) as info:
-        optiplug.train(overrides=[*FAST, *sgd, "training.save_steps=1", f"training.output_dir={out}"], quiet=True)
+        optiplug.app.train(overrides=[*FAST, *sgd, "training.save_steps=1", f"training.output_dir={out}"], quiet=True)
     assert str(info.value) == (
         "training diverged at step 2: the gradients have been exactly 0 for 3 steps in a row (steps 2 to 4): the "
         "weights no longer change, the network is dead; no model was saved as the result; the last checkpoint before "
@@ -170,7 +163,7 @@ def test_a_dead_network_stops_though_everything_stays_finite(tmp_path, temp_plug
     assert plugin.losses[2] == plugin.losses[3] == pytest.approx(math.log(2048))  # finite, and constant
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint-4").exists()
     # the rule turned off: the same run finishes (and saves its dead model, as asked)
-    finished = optiplug.train(overrides=[*FAST, *sgd, f"training.output_dir={tmp_path / 'off'}",
+    finished = optiplug.app.train(overrides=[*FAST, *sgd, f"training.output_dir={tmp_path / 'off'}",
                                          "guard.zero_grad_steps=null"], quiet=True)  # fmt: skip
     assert finished.summary["status"] == "finished" and finished.summary["steps"] == 8
 
@@ -183,7 +176,7 @@ def test_a_loss_spike_that_stays_finite_stops_after_patience_logged_steps(tmp_pa
     plugin = temp_plugin(_Poison(3, _blow_up_the_head), "spike")
     out = tmp_path / "run"
     with pytest.raises(optiplug.OptiplugError) as info:
-        optiplug.train(overrides=[*FAST, "training.max_steps=10", "training.save_steps=2", f"training.output_dir={out}"],
+        optiplug.app.train(overrides=[*FAST, "training.max_steps=10", "training.save_steps=2", f"training.output_dir={out}"],
                        quiet=True)  # fmt: skip
     losses = plugin.losses
     lowest_step = min((1, 2, 3), key=losses.get)
@@ -219,7 +212,7 @@ def test_a_loss_spike_that_stays_finite_stops_after_patience_logged_steps(tmp_pa
 )
 def test_the_zero_gradient_rule_never_fires_where_gradients_are_absent(tmp_path, optimizer):
     out = tmp_path / "run"
-    result = optiplug.train(
+    result = optiplug.app.train(
         overrides=[*FAST, "training.max_steps=5", *optimizer, "guard.zero_grad_steps=1", f"training.output_dir={out}"],
         quiet=True,
     )
@@ -239,7 +232,9 @@ def test_divergence_names_the_last_checkpoint_before_it(tmp_path, temp_plugin):
     temp_plugin(_Callback(poison), "poison")
     out = tmp_path / "run"
     with pytest.raises(optiplug.OptiplugError) as info:
-        optiplug.train(overrides=[*FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"])
+        optiplug.app.train(
+            overrides=[*FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"]
+        )
     checkpoint = out / "checkpoint-2"
     assert str(info.value) == (
         "training diverged at step 4: the loss is nan and the gradient norm is nan; no model was saved as the "
@@ -270,7 +265,7 @@ def test_the_models_own_directory_is_always_refused(tmp_path):
     before = sorted(p.name for p in model.iterdir())
     for out in (model, model / "sub"):
         with pytest.raises(ConfigError) as info:
-            optiplug.train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={out}",
+            optiplug.app.train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={out}",
                                       "training.overwrite_output_dir=true"])  # fmt: skip
         assert str(info.value) == (
             f"training.output_dir: '{out}' is inside model.name_or_path '{model}'; a run never writes into its "
@@ -281,14 +276,14 @@ def test_the_models_own_directory_is_always_refused(tmp_path):
 
 def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(capsys, tmp_path):
     out = tmp_path / "run"
-    optiplug.train(overrides=[*FAST, "finetuning.type=lora", "training.save_steps=2", f"training.output_dir={out}"])
+    optiplug.app.train(overrides=[*FAST, "finetuning.type=lora", "training.save_steps=2", f"training.output_dir={out}"])
     assert (out / "adapter_config.json").exists() and (out / "checkpoint-4").is_dir()
     code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{out}' holds an earlier optiplug run; set "
         "training.overwrite_output_dir=true to replace it, or choose another directory\n"
     )
-    optiplug.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}",
+    optiplug.app.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}",
                               "training.overwrite_output_dir=true"])  # fmt: skip
     names = {p.name for p in out.iterdir()}
     assert not any(name.startswith(("adapter_", "checkpoint-", "base_model")) for name in names), names
@@ -297,7 +292,7 @@ def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(capsy
     # a file the user added after that run is theirs: the next overwrite is refused and deletes nothing
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds files optiplug did not write \(notes.txt\)"):
-        optiplug.train(overrides=[*FAST, f"training.output_dir={out}", "training.overwrite_output_dir=true"])
+        optiplug.app.train(overrides=[*FAST, f"training.output_dir={out}", "training.overwrite_output_dir=true"])
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
 
 
@@ -313,7 +308,7 @@ def test_overwrite_output_dir_must_be_a_boolean(capsys, tmp_path):
 def checkpointed(tmp_path_factory) -> Path:
     """A finished 4-step AdamW run with checkpoint-2 and checkpoint-4."""
     out = tmp_path_factory.mktemp("checkpointed") / "run"
-    optiplug.train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"])
+    optiplug.app.train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"])
     return out
 
 
@@ -349,11 +344,11 @@ def test_resume_with_another_galore_rank_is_refused(tmp_path):
     pytest.importorskip("galore_torch")
     out = tmp_path / "run"
     opt = ["optimizer.name=galore_adamw", "optimizer.rank=8", "optimizer.update_proj_gap=2"]
-    optiplug.train(
+    optiplug.app.train(
         overrides=[*FAST, *opt, "training.max_steps=2", "training.save_steps=2", f"training.output_dir={out}"]
     )
     with pytest.raises(CheckpointError, match=r"optimizer.rank=4 \(checkpoint: 8\): a resumed run continues"):
-        optiplug.train(overrides=[*FAST, *opt, "optimizer.rank=4", f"training.output_dir={out}",
+        optiplug.app.train(overrides=[*FAST, *opt, "optimizer.rank=4", f"training.output_dir={out}",
                                   f"training.resume_from_checkpoint={out / 'checkpoint-2'}"])  # fmt: skip
 
 
@@ -362,7 +357,7 @@ def test_a_checkpoint_without_optimizer_state_is_refused(checkpointed, tmp_path)
     shutil.copytree(checkpointed / "checkpoint-2", ckpt)
     (ckpt / "optimizer.pt").unlink()
     with pytest.raises(CheckpointError) as info:
-        optiplug.train(
+        optiplug.app.train(
             overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}", f"training.resume_from_checkpoint={ckpt}"]
         )
     assert str(info.value) == (
@@ -373,7 +368,7 @@ def test_a_checkpoint_without_optimizer_state_is_refused(checkpointed, tmp_path)
 
 def test_a_resumed_run_reports_what_ran(checkpointed, tmp_path):
     ckpt = checkpointed / "checkpoint-2"
-    result = optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}",
+    result = optiplug.app.train(overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}",
                                        f"training.resume_from_checkpoint={ckpt}"])  # fmt: skip
     record = json.loads((ckpt / CHECKPOINT_RECORD).read_text())
     assert result.summary["optimizer"] == record["optimizer"] and result.summary["scheduler"] == record["scheduler"]
@@ -390,9 +385,9 @@ def test_save_steps_alone_saves_checkpoints(checkpointed):
 def test_save_total_limit_alone_means_save_strategy_steps():
     from optiplug.app.run import _training_arguments
 
-    args = _training_arguments(optiplug.load_config(None, ["training.save_total_limit=2"]))
+    args = _training_arguments(optiplug.app.load_config(None, ["training.save_total_limit=2"]))
     assert str(args.save_strategy.value) == "steps"
-    args = _training_arguments(optiplug.load_config(None, ["training.save_steps=5", "training.save_strategy=no"]))
+    args = _training_arguments(optiplug.app.load_config(None, ["training.save_steps=5", "training.save_strategy=no"]))
     assert str(args.save_strategy.value) == "no"  # an explicit strategy is kept
 
 
@@ -428,7 +423,7 @@ def test_numbers_are_strict(capsys, tmp_path, override, message):
 def test_exponent_without_a_dot_is_a_float():
     from optiplug.app.run import _training_arguments
 
-    args = _training_arguments(optiplug.load_config(None, ["training.max_grad_norm=5e-1"]))
+    args = _training_arguments(optiplug.app.load_config(None, ["training.max_grad_norm=5e-1"]))
     assert args.max_grad_norm == 0.5 and isinstance(args.max_grad_norm, float)
 
 
@@ -474,9 +469,9 @@ def test_build_optimizer_without_a_model_and_train_with_a_dict():
         "build_optimizer needs the model (a torch.nn.Module) first, got NoneType: build_optimizer(model, 'adamw', lr=1e-3)"
     )
     with pytest.raises(ConfigError) as info:
-        optiplug.train({"optimizer": {"name": "sgd"}})
+        optiplug.app.train({"optimizer": {"name": "sgd"}})
     assert str(info.value) == (
-        "expected a RunConfig, a YAML file path or None, got dict: build one with optiplug.RunConfig(**mapping)"
+        "expected a RunConfig, a YAML file path or None, got dict: build one with optiplug.app.RunConfig(**mapping)"
     )
 
 
@@ -593,7 +588,7 @@ def test_validate_refuses_what_train_refuses_with_the_same_line(capsys, tmp_path
 def test_a_model_directory_with_only_weights_is_one_whole_line(tmp_path):
     model = tiny_model_dir(tmp_path / "model", tokenizer=False)
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
+        optiplug.app.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
     assert str(info.value) == (
         f"model.name_or_path: '{model}' has no tokenizer (no tokenizer.json or tokenizer_config.json); "
         "set model.tokenizer to a tokenizer directory"
@@ -642,7 +637,7 @@ def test_a_truncated_model_file_is_one_line(tmp_path):
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(CheckpointError) as info:
-        optiplug.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
+        optiplug.app.train(overrides=[f"model.name_or_path={model}", f"training.output_dir={tmp_path / 'out'}"])
     assert str(info.value).startswith(f"model.name_or_path: '{weights}' cannot be loaded: it is truncated (5000 of ")
     assert str(info.value).endswith(" bytes); copy or save the file again")
 
@@ -653,7 +648,7 @@ def test_a_truncated_optimizer_state_is_one_line(checkpointed, tmp_path):
     state = ckpt / "optimizer.pt"
     state.write_bytes(state.read_bytes()[:3000])
     with pytest.raises(CheckpointError) as info:
-        optiplug.train(
+        optiplug.app.train(
             overrides=[*FAST, f"training.output_dir={tmp_path / 'r'}", f"training.resume_from_checkpoint={ckpt}"]
         )
     assert str(info.value) == (
@@ -787,7 +782,7 @@ def test_the_documented_defaults_are_the_codes():
 
 
 def test_final_loss_is_the_last_logged_loss_and_says_when(tmp_path):
-    result = optiplug.train(overrides=[*FAST, "training.logging_steps=3", f"training.output_dir={tmp_path / 'r'}"])
+    result = optiplug.app.train(overrides=[*FAST, "training.logging_steps=3", f"training.output_dir={tmp_path / 'r'}"])
     assert result.summary["final_loss_step"] == 3 and result.summary["steps"] == 4
     assert result.summary["final_loss"] == dict(result.losses)[3]
     assert result.summary["status"] == "finished"

@@ -1,4 +1,4 @@
-"""optiplug.train, the main job: outputs, validation before writing, local models and data; optiplug.app.measure."""
+"""optiplug.app.train, the main job: outputs, validation before writing, local models and data; optiplug.app.measure."""
 
 from __future__ import annotations
 
@@ -9,21 +9,13 @@ import pytest
 import torch
 
 import optiplug
-from optiplug import ConfigError, RunConfig
+import optiplug.app
+from optiplug import ConfigError
+from optiplug.app import RunConfig
 from optiplug.app.data import assets_dir
 from optiplug.app.measure import peak_rss_bytes
 from optiplug.app.run import SUMMARY_FILE
 from optiplug.helpers import optimizer_state_bytes, tensor_bytes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread, and far faster on a loaded machine (no spinning OpenMP threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 FAST = [
     "data.block_size=16",
@@ -43,7 +35,7 @@ def _adamw_state_bytes(model) -> int:
 
 def test_embedded_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
-    result = optiplug.train(overrides=[*FAST, f"training.output_dir={out}"])
+    result = optiplug.app.train(overrides=[*FAST, f"training.output_dir={out}"])
 
     assert result.output_dir == out
     names = {p.name for p in out.iterdir()}
@@ -84,8 +76,8 @@ def test_embedded_run_writes_every_output(tmp_path):
 
 
 def test_overrides_apply_to_a_run_config_object(tmp_path):
-    config = optiplug.load_config(None, [*FAST, f"training.output_dir={tmp_path}"])
-    result = optiplug.train(config, ["optimizer.name=sgd", "optimizer.lr=0.05", "scheduler.name=constant",
+    config = optiplug.app.load_config(None, [*FAST, f"training.output_dir={tmp_path}"])
+    result = optiplug.app.train(config, ["optimizer.name=sgd", "optimizer.lr=0.05", "scheduler.name=constant",
                                      "training.max_steps=2"])  # fmt: skip
     assert result.summary["optimizer"]["name"] == "sgd" and result.summary["steps"] == 2
     state = json.loads((tmp_path / "trainer_state.json").read_text())
@@ -101,7 +93,7 @@ def test_bad_data_path_fails_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     missing = str(tmp_path / "missing.jsonl")
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=[f"data.path={missing}", f"training.output_dir={out}"])
+        optiplug.app.train(overrides=[f"data.path={missing}", f"training.output_dir={out}"])
     assert str(info.value) == f"data.path: {missing!r} does not exist"
     assert not out.exists()
 
@@ -109,7 +101,7 @@ def test_bad_data_path_fails_before_anything_is_written(tmp_path):
 def test_failed_validation_leaves_an_earlier_finished_run_alone(tmp_path):
     (tmp_path / SUMMARY_FILE).write_text('{"steps": 7}')
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=["training.max_stepz=3", f"training.output_dir={tmp_path}"])
+        optiplug.app.train(overrides=["training.max_stepz=3", f"training.output_dir={tmp_path}"])
     assert str(info.value) == (
         "training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?"
     )
@@ -136,7 +128,7 @@ def test_run_failing_while_training_leaves_no_summary(tmp_path, temp_plugin):
     (tmp_path / "optiplug_run.json").write_text('{"status": "finished", "files": ["summary.json"]}')
     temp_plugin(_Explode(), "explode")
     with pytest.raises(RuntimeError, match="boom at step 2"):
-        optiplug.train(overrides=[*FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true"])
+        optiplug.app.train(overrides=[*FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true"])
     assert not (tmp_path / SUMMARY_FILE).exists()
     assert not (tmp_path / "loss.png").exists()
 
@@ -144,7 +136,7 @@ def test_run_failing_while_training_leaves_no_summary(tmp_path, temp_plugin):
 def test_missing_model_directory(tmp_path):
     missing = str(tmp_path / "no-model")
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=[f"model.name_or_path={missing}", f"training.output_dir={tmp_path / 'run'}"])
+        optiplug.app.train(overrides=[f"model.name_or_path={missing}", f"training.output_dir={tmp_path / 'run'}"])
     assert str(info.value) == f"model.name_or_path: the directory {missing!r} does not exist"
     assert not (tmp_path / "run").exists()
 
@@ -152,7 +144,7 @@ def test_missing_model_directory(tmp_path):
 def test_hub_id_not_in_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=["model.name_or_path=acme/no-such-model", f"training.output_dir={tmp_path}"])
+        optiplug.app.train(overrides=["model.name_or_path=acme/no-such-model", f"training.output_dir={tmp_path}"])
     assert str(info.value) == (
         "model.name_or_path: 'acme/no-such-model' is neither a local directory nor a model in the local "
         "Hugging Face cache (optiplug never downloads; fetch it first, e.g. `hf download acme/no-such-model`)"
@@ -191,7 +183,7 @@ def test_local_model_directory_and_jsonl_with_freeze(tmp_path):
         optimizer={"name": "adamw", "lr": 0.01},
         finetuning={"type": "freeze", "trainable": [r"layers\.1\."]},
     )  # fmt: skip
-    result = optiplug.train(config)
+    result = optiplug.app.train(config)
 
     before = load_file(model_dir / "model.safetensors")
     after = load_file(tmp_path / "run" / "model.safetensors")
@@ -210,7 +202,7 @@ def test_local_model_directory_and_jsonl_with_freeze(tmp_path):
 def test_freeze_pattern_that_matches_nothing(tmp_path):
     model_dir = _tiny_model_dir(tmp_path / "model")
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=[f"model.name_or_path={model_dir}", "data.block_size=16",
+        optiplug.app.train(overrides=[f"model.name_or_path={model_dir}", "data.block_size=16",
                                   "finetuning.type=freeze", "finetuning.trainable=[mlp, attn_out]",
                                   f"training.output_dir={tmp_path / 'run'}"])  # fmt: skip
     assert str(info.value) == (
@@ -222,14 +214,14 @@ def test_freeze_pattern_that_matches_nothing(tmp_path):
 
 def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
     model_dir = _tiny_model_dir(tmp_path / "model", vocab=128)
-    data = optiplug.DataConfig(block_size=16, max_blocks=4)
+    data = optiplug.app.DataConfig(block_size=16, max_blocks=4)
     from transformers import AutoTokenizer
 
     from optiplug.app.data import load_dataset
 
     top = int(load_dataset(data, AutoTokenizer.from_pretrained(model_dir)).blocks.max())
     with pytest.raises(ConfigError) as info:
-        optiplug.train(overrides=[f"model.name_or_path={model_dir}", "data.block_size=16", "data.max_blocks=4",
+        optiplug.app.train(overrides=[f"model.name_or_path={model_dir}", "data.block_size=16", "data.max_blocks=4",
                                   f"training.output_dir={tmp_path / 'run'}"])  # fmt: skip
     assert str(info.value) == (
         f"model.tokenizer: the tokenizer produced token id {top}, but the model's vocabulary has 128 entries; "
@@ -266,7 +258,7 @@ def test_peak_rss_bytes_is_at_least_the_current_rss():
 
 @pytest.mark.slow
 def test_default_job_learns(tmp_path):
-    result = optiplug.train(overrides=[f"training.output_dir={tmp_path}"])
+    result = optiplug.app.train(overrides=[f"training.output_dir={tmp_path}"])
     summary = result.summary
     assert summary["optimizer"]["name"] == "adamw" and summary["scheduler"]["name"] == "cosine"
     assert summary["first_loss"] > 7.0

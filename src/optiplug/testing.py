@@ -3,7 +3,12 @@
 Use them from a plugin's own tests::
 
     from optiplug.testing import tiny_llama, TokenBlocks, training_args, logged_losses
-    pytest_plugins = ["optiplug.testing"]   # provides the ``temp_plugin`` fixture
+
+Loaded as a pytest plugin (the repository's root ``conftest.py`` has ``pytest_plugins = ["optiplug.testing"]``,
+so every testpath gets it and a plugin needs no conftest of its own), it also sets the test environment once
+(:data:`TEST_ENVIRONMENT`: one torch thread, offline, quiet) and provides the ``temp_plugin`` fixture and the
+autouse ``one_thread`` fixture. pytest is only a test extra: this module imports it only when pytest is already
+running, so the helpers work without it.
 
 ``install_distribution`` and ``installed_site`` test a plugin as a real pip-installed
 distribution, found through its entry point.
@@ -12,11 +17,23 @@ distribution, found through its entry point.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+TEST_ENVIRONMENT = {
+    # Tiny-model tests run one torch thread per process: with pytest-xdist using both cores, extra threads only
+    # contend (a tiny Llama step measured ~10 ms on one thread, ~1.5 s on two under load). Child processes
+    # (torchrun, `python -m optiplug`) inherit the same environment.
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+"""The environment the tests run in (values already set win)."""
 
 VOCAB = 128
 SEQ = 16
@@ -85,8 +102,7 @@ def logged_losses(trainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-@pytest.fixture
-def temp_plugin() -> Iterator:
+def _temp_plugin() -> Iterator:
     """Register plugin objects for one test: ``temp_plugin(obj, name)``; all are unregistered after."""
     from optiplug.registry import register_plugin, unregister_plugin
 
@@ -100,6 +116,27 @@ def temp_plugin() -> Iterator:
     yield register
     for name in names:
         unregister_plugin(name)
+
+
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one torch thread, and far faster than on two when the cores are busy."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+if sys.modules.get("pytest") is not None:  # loaded by pytest (pytest_plugins): the fixtures and the environment
+    import pytest
+
+    temp_plugin = pytest.fixture(_temp_plugin, name="temp_plugin")
+    one_thread = pytest.fixture(_one_thread, name="one_thread", autouse=True, scope="module")
+
+    def pytest_configure(config: Any) -> None:
+        for key, value in TEST_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
 
 
 def install_distribution(source: Path, workdir: Path) -> Path:
@@ -121,24 +158,26 @@ def install_distribution(source: Path, workdir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def installed_site(site: Path, monkeypatch: pytest.MonkeyPatch, package: str) -> Iterator[Path]:
+def installed_site(site: Path, monkeypatch: Any, package: str) -> Iterator[Path]:
     """Plugins load with ``site`` (from :func:`install_distribution`) on ``sys.path``, every entry point allowed.
 
     On exit ``site`` leaves ``sys.path``, the modules of ``package`` are forgotten and the plugins load
-    again without it.
+    again without it. Only this block's own changes are undone (``monkeypatch``, the test's fixture, is
+    not used: undoing it would undo every other patch of the test).
     """
-    import sys
+    import pytest
 
     from optiplug.registry import reload_plugins
 
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delenv("OPTIPLUG_LOAD_PLUGINS", raising=False)
-    monkeypatch.delenv("OPTIPLUG_DISABLE_PLUGINS", raising=False)
-    reload_plugins()
-    try:
-        yield site
-    finally:
-        monkeypatch.undo()
-        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
-            del sys.modules[name]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(site))
+        patch.delenv("OPTIPLUG_LOAD_PLUGINS", raising=False)
+        patch.delenv("OPTIPLUG_DISABLE_PLUGINS", raising=False)
         reload_plugins()
+        try:
+            yield site
+        finally:
+            patch.undo()
+            for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+                del sys.modules[name]
+            reload_plugins()

@@ -256,7 +256,7 @@ def test_8bit_state_ignores_overrides_another_optimizer_left_in_bitsandbytes():
             optimizer.step()
             optimizer.zero_grad()
 
-    cfg = optiplug.RunConfig(optimizer={"name": "galore_adamw8bit", "rank": 4, "min_8bit_size": 100}).optimizer
+    cfg = optiplug.app.RunConfig(optimizer={"name": "galore_adamw8bit", "rank": 4, "min_8bit_size": 100}).optimizer
     clean = tiny_llama()
     expected = optiplug.get_entry(cfg.name).state_bytes(optiplug.ParamShape.of_model(clean), cfg)
     other, manager = tiny_llama(), bitsandbytes.optim.GlobalOptimManager.get_instance()

@@ -1,9 +1,0 @@
-"""Offline and quiet, like the core's tests."""
-
-from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
