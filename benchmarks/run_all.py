@@ -281,7 +281,9 @@ def write_report(runs: dict[str, dict[str, Any]]) -> list[str]:
         f"{machine['cpus']} CPUs (Python {machine['python']}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}). Every figure is a ratio or a size measured side by side in one run of one "
         "script; absolute times depend on the machine and its load and are shown only for context. "
-        "Re-run one script with `python benchmarks/<script>.py`, then `python benchmarks/run_all.py --report-only`.",
+        "Re-run one script with `python benchmarks/<script>.py`, then `python benchmarks/run_all.py --report-only`. "
+        "Every figure is a CPU figure unless its section says GPU: no GPU was available where these ran "
+        "(benchmarks/gpu_acceptance.py is the prepared script for one).",
         "",
     ]
     targets = [(name, data) for name, data in results if data.get("targets")]

@@ -1,0 +1,381 @@
+"""Sharded training acceptance: FSDP2 with N processes side by side with one process, per optimizer.
+
+Made for a machine with GPUs (one process per GPU, NCCL); the same logic runs on CPU (gloo) with
+``--device cpu``, which is how it is tested and how the CPU figures in docs/benchmarks.md were measured::
+
+    python benchmarks/gpu_acceptance.py                          # 2 GPUs: the 100M model (no GPUs: as --device cpu)
+    python benchmarks/gpu_acceptance.py --device cpu             # 2 processes on CPU, the tiny model (~1 minute)
+    python benchmarks/gpu_acceptance.py --nproc 4 --size 27M --optimizers muon,adam_mini --trainer
+
+For each optimizer, every process (of ``--nproc``, started by torchrun) trains a ``fully_shard``-ed
+Llama (one shard unit per decoder layer) built through ``optiplug.build_optimizer``, saves a
+``torch.distributed.checkpoint`` half-way, then trains an unsharded copy on the whole global batch
+(the "one process" run), then resumes a fresh sharded model from the checkpoint. Measured and printed
+side by side, then asserted:
+
+- ``loss_gap``: the largest relative difference of the per-step losses, sharded vs one process
+  (float32, TF32 off on GPUs, Muon's Newton–Schulz in float32): at most ``--rtol``;
+- ``weights_gap``: the largest absolute difference of the final weights (reported);
+- ``resume``: the resumed run's losses equal the uninterrupted run's (bit for bit on CPU, within 1e-6 on GPUs);
+- ``state_share``: each process's optimizer state over one process's, at most 0.55 with 2 processes
+  (``1.1 / N``), and ``estimate_share``: ``optiplug estimate --nproc N --engine fsdp``'s figure over it;
+- ``work``: for an ``optiplug.MatrixOptimizer``, the matrices each process updated (they add up to the
+  matrices, each process does some), and for Muon the share of Newton–Schulz FLOPs per process;
+- ``peak_mib``: on GPUs, ``torch.cuda.max_memory_allocated`` of the sharded run and of the one-process run.
+
+``--trainer`` (default on GPUs) also trains each optimizer for a few steps with ``optiplug train`` under
+torchrun and ``training.fsdp`` (accelerate's FSDP2 on GPUs; on CPU accelerate runs it as DDP) and asserts it
+finishes. Exit status 0 only when every assertion holds; the figures go to ``--results`` (default
+``benchmarks/results/gpu_acceptance.json``, read by ``run_all.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import _common
+
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adamw": {"name": "adamw", "lr": 1e-3},
+    "muon": {"name": "muon", "ns_dtype": "float32"},
+    "galore_adamw": {"name": "galore_adamw", "rank": 8, "update_proj_gap": 2, "lr": 3e-3},
+    "apollo_adamw": {"name": "apollo_adamw", "rank": 8, "update_proj_gap": 2},
+    "apollo_mini": {"name": "apollo_mini", "update_proj_gap": 2},
+    "adam_mini": {"name": "adam_mini", "lr": 3e-3},
+    "schedule_free_adamw": {"name": "schedule_free_adamw", "lr": 1e-2, "warmup_steps": 2},
+}
+"""The sharded optimizers of issue 20, with AdamW as the baseline (settings that refresh projections in the run)."""
+
+
+# ---- every process of the launch ------------------------------------------------------------------------
+
+
+def _batches(steps: int, rows: int, seq: int, vocab: int) -> list[Any]:
+    """The global batches: ``rows`` sequences each, drawn from 8 fixed blocks (learnable: the loss falls)."""
+    import torch
+
+    blocks = _common.TokenDataset(8, seq_len=seq, vocab=vocab).ids
+    generator = torch.Generator().manual_seed(1)
+    return [blocks[torch.randint(0, 8, (rows,), generator=generator)] for _ in range(steps)]
+
+
+def _train(model: Any, optimizer: Any, batches: list[Any], device: str, rows: slice | None) -> list[float]:
+    import torch.distributed as dist
+
+    losses = []
+    switch = getattr(optimizer, "train", None)  # schedule-free: train mode before every step, as the Trainer does
+    for ids in batches:
+        if callable(switch):
+            switch()
+        ids = (ids if rows is None else ids[rows]).to(device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss = loss.detach()
+        if rows is not None:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        losses.append(loss.item())
+    return losses
+
+
+def _sharded_model(size: str, seed: int, device: str) -> Any:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _common.build_model(size, seed=seed).to(device)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _peak(device: str) -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
+
+
+def _reset_peak(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _estimate(size: str, cfg: Any, processes: int) -> int | None:
+    """``optiplug estimate --nproc N --engine fsdp``'s per-process optimizer state for ``cfg`` on this model."""
+    import torch
+
+    from optiplug.app.estimate import ModelShapes, estimate_shapes
+
+    with torch.device("meta"):
+        model = _common.build_model(size)
+    [row] = estimate_shapes(ModelShapes.of_model(model), [cfg], model, 1, processes, "fsdp")
+    return row.state_bytes
+
+
+def side_by_side(cfg: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """One optimizer: sharded, one process, resumed; this process's measurements."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import optiplug
+    from optiplug.testing_launch import load_checkpoint
+
+    rank, world, device = dist.get_rank(), dist.get_world_size(), args.device
+    vocab = _common.MODEL_SIZES[args.size].vocab
+    batches = _batches(args.steps, world * args.batch, args.seq, vocab)
+    mine, half = slice(rank * args.batch, (rank + 1) * args.batch), args.steps // 2
+    try:
+        from optiplug_muon.engagement import tally
+    except ImportError:
+        tally = None
+    work_before = (tally.calls, tally.flops) if tally is not None else (0, 0)
+
+    _reset_peak(device)
+    model = _sharded_model(args.size, 0, device)
+    optimizer = optiplug.build_optimizer(model, cfg)
+    sharded = _train(model, optimizer, batches[:half], device, mine)
+    checkpoint = root / f"{cfg['name']}-checkpoint"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint))
+    sharded += _train(model, optimizer, batches[half:], device, mine)
+    result: dict[str, Any] = {
+        "state_sharded": optiplug.optimizer_state_bytes(optimizer),
+        "peak_sharded": _peak(device),
+        "matrices": getattr(optimizer, "last_step_matrices", None),
+        "updates": getattr(optimizer, "last_step_matrix_updates", None),
+        "ns_calls": tally.calls - work_before[0] if tally is not None else 0,
+        "ns_flops": tally.flops - work_before[1] if tally is not None else 0,
+        "class": type(optimizer).__name__,
+    }
+    final = [p.full_tensor().cpu() for p in model.parameters()]
+    del model, optimizer, model_state, optimizer_state
+
+    _reset_peak(device)
+    single_model = _common.build_model(args.size, seed=0).to(device)
+    single_optimizer = optiplug.build_optimizer(single_model, cfg)
+    single = _train(single_model, single_optimizer, batches, device, None)
+    result["state_single"] = optiplug.optimizer_state_bytes(single_optimizer)
+    result["peak_single"] = _peak(device)
+    result["weights_gap"] = max((p - q.cpu()).abs().max().item() for p, q in zip(final, single_model.parameters()))
+    del single_model, single_optimizer, final
+
+    resumed_model = _sharded_model(args.size, 1, device)  # other weights: all must come from the checkpoint
+    resumed_optimizer = optiplug.build_optimizer(resumed_model, cfg)
+    load_checkpoint(resumed_model, resumed_optimizer, checkpoint)
+    resumed = _train(resumed_model, resumed_optimizer, batches[half:], device, mine)
+    del resumed_model, resumed_optimizer
+    result["estimate"] = _estimate(args.size, optiplug.parse_optimizer(cfg), world) if rank == 0 else None
+    result["losses"] = {"sharded": sharded, "single": single, "resumed": resumed}
+    return result
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    root = Path(args.worker)
+    results = {}
+    for name in args.optimizers:
+        dist.barrier()
+        try:
+            results[name] = side_by_side(OPTIMIZERS.get(name, {"name": name}), args, root)
+        except Exception as error:  # reported in the table; the other optimizers still run
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        (root / f"rank-{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- the parent: launch, then compare ------------------------------------------------------------------
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
+def _environment() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def launch(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    """Run the workers; every process's results (raises with the launch's output when it failed)."""
+    command = [*_torchrun(args.nproc), str(Path(__file__).resolve()), "--worker", str(root), "--device", args.device,
+               "--size", args.size, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--optimizers", ",".join(args.optimizers)]  # fmt: skip
+    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=args.timeout)
+    files = [root / f"rank-{rank}.json" for rank in range(args.nproc)]
+    if done.returncode != 0 or not all(path.exists() for path in files):
+        raise SystemExit(f"the launch failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return [json.loads(path.read_text()) for path in files]
+
+
+def row_of(name: str, per_rank: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    """The figures of one optimizer, and what failed."""
+    errors = [got["error"] for got in per_rank if "error" in got]
+    if errors:
+        return {"optimizer": name, "device": args.device, "error": errors[0]}, [f"{name}: {errors[0]}"]
+    first, n = per_rank[0], len(per_rank)
+    losses = first["losses"]
+    gap = max(abs(a - b) / abs(b) for a, b in zip(losses["sharded"], losses["single"]))
+    resumed, tail = losses["resumed"], losses["sharded"][len(losses["sharded"]) - len(losses["resumed"]) :]
+    resume_gap = max(abs(a - b) / abs(b) for a, b in zip(resumed, tail))
+    shares = [got["state_sharded"] / got["state_single"] for got in per_rank]
+    row: dict[str, Any] = {
+        "optimizer": name,
+        "device": f"{args.device} x{n}",
+        "model": args.size,
+        "steps": args.steps,
+        "loss_gap": gap,
+        "weights_gap": first["weights_gap"],
+        "resume_exact": resumed == tail,
+        "state_bytes_per_rank": "/".join(str(got["state_sharded"]) for got in per_rank),
+        "state_bytes_single": first["state_single"],
+        "state_share_max": max(shares),
+        "estimate_share": first["estimate"] / first["state_sharded"] if first["estimate"] else None,
+        "updates_per_rank": "/".join(str(got["updates"]) for got in per_rank) if first["matrices"] else None,
+        "matrices": first["matrices"],
+        "ns_flops_share": None,
+        "peak_mib_sharded": _common.mib(max(got["peak_sharded"] or 0 for got in per_rank)) or None,
+        "peak_mib_single": _common.mib(first["peak_single"]),
+    }
+    flops = [got["ns_flops"] for got in per_rank]
+    if sum(flops):
+        row["ns_flops_share"] = "/".join(f"{f / sum(flops):.2f}" for f in flops)
+    failed = []
+    if gap > args.rtol:
+        failed.append(f"{name}: loss gap {gap:.2e} above {args.rtol:g}")
+    if resume_gap > (0.0 if args.device == "cpu" else 1e-6):
+        failed.append(f"{name}: the resumed run's losses differ by {resume_gap:.2e}")
+    if max(shares) > 1.1 / n:
+        failed.append(f"{name}: a process holds {max(shares):.2f} of one process's state (expected about 1/{n})")
+    estimate = row["estimate_share"]
+    if estimate is not None and abs(estimate - 1) > 0.1:
+        failed.append(f"{name}: optiplug estimate says {estimate:.2f}x the measured per-process state")
+    if first["matrices"]:
+        updates = [got["updates"] for got in per_rank]
+        if sum(updates) != first["matrices"] or min(updates) == 0:
+            failed.append(f"{name}: matrix updates per process {updates} of {first['matrices']}")
+    if sum(flops) and max(flops) / sum(flops) > 1.5 / n:
+        failed.append(f"{name}: one process ran {max(flops) / sum(flops):.0%} of the Newton–Schulz FLOPs")
+    return row, failed
+
+
+def trainer_runs(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """``optiplug train`` under torchrun with ``training.fsdp`` for each optimizer: it must finish."""
+    rows, failed = [], []
+    for name in args.optimizers:
+        out = root / f"train-{name}"
+        command = [*_torchrun(args.nproc), "-m", "optiplug", "train", "--quiet", f"optimizer.name={name}",
+                   "training.max_steps=6", "training.logging_steps=1", "training.fsdp=full_shard", "training.fsdp_config.version=2",
+                   "training.max_grad_norm=0", f"training.use_cpu={args.device == 'cpu'}",
+                   f"training.output_dir={out}"]  # fmt: skip
+        if name.startswith("schedule_free"):
+            command.append("scheduler.name=constant")
+        done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=args.timeout)
+        summary = out / "summary.json"
+        final = json.loads(summary.read_text()).get("final_loss") if summary.exists() else None
+        rows.append({"optimizer": name, "device": f"{args.device} x{args.nproc}", "optiplug_train": done.returncode,
+                     "final_loss": final})  # fmt: skip
+        if done.returncode != 0 or final is None or not math.isfinite(final):
+            failed.append(f"optiplug train {name}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
+    return rows, failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda with --nproc GPUs, else cpu (gloo) with a note")  # fmt: skip
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--size", choices=sorted(_common.MODEL_SIZES), default=None, help="default: 100M, tiny on cpu")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2, help="sequences per process and step")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 128, 32 on cpu)")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--rtol", type=float, default=None, help="loss gap allowed (default: 1e-5 cpu, 1e-4 cuda)")
+    parser.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run optiplug train with training.fsdp (default: on cuda only)")  # fmt: skip
+    parser.add_argument("--results", default=str(_common.RESULTS_DIR / "gpu_acceptance.json"))
+    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        enough = torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc
+        args.device = "cuda" if enough else "cpu"
+        if not enough and not args.worker:
+            print(f"gpu_acceptance: fewer than {args.nproc} CUDA devices here: CPU figures (gloo, --device cpu)")
+    cpu = args.device == "cpu"
+    args.size = args.size or ("tiny" if cpu else "100M")
+    args.seq = args.seq or (32 if cpu else 128)
+    args.rtol = args.rtol if args.rtol is not None else (1e-5 if cpu else 1e-4)
+    args.optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    if args.worker:
+        worker(args)
+        return 0
+    if not cpu:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() < args.nproc:
+            print(f"gpu_acceptance: needs {args.nproc} CUDA devices; run with --device cpu on a machine without them")
+            return 2
+    with tempfile.TemporaryDirectory(prefix="gpu-acceptance-") as folder:
+        root = Path(folder)
+        per_rank = launch(args, root)
+        rows, failed = [], []
+        for name in args.optimizers:
+            row, problems = row_of(name, [got[name] for got in per_rank], args)
+            rows.append(row)
+            failed += problems
+        trained: list[dict[str, Any]] = []
+        if args.trainer if args.trainer is not None else not cpu:
+            trained, problems = trainer_runs(args, root)
+            failed += problems
+    print(_table(rows))
+    if trained:
+        print(_table(trained))
+    notes = (f"{args.nproc} processes ({'gloo, CPU' if cpu else 'NCCL, one GPU each'}), model {args.size}, "
+             f"{args.steps} steps of {args.nproc} x {args.batch} sequences of {args.seq} tokens, float32; "
+             f"command: python benchmarks/gpu_acceptance.py --device {args.device}. "
+             + ("CPU figures: no GPU was used." if cpu else "GPU figures."))  # fmt: skip
+    title = f"Sharded acceptance: FSDP2 ({args.nproc} processes) vs one process, per optimizer ({args.device})"
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"title": title, "rows": rows + trained, "notes": notes}, indent=2) + "\n")
+    for line in failed:
+        print(f"FAILED {line}")
+    print("all assertions hold" if not failed else f"{len(failed)} assertion(s) failed")
+    return 1 if failed else 0
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    import run_all
+
+    return run_all.markdown_table(rows)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
