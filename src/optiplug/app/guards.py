@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from optiplug.app.safety import CHECKPOINT_RECORD, DivergedError, last_checkpoint
 from optiplug.trainer import OptiTrainer
 
-__all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer"]
+__all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer", "OutputDirCallback"]
 
 
 class GuardedTrainer(OptiTrainer):
@@ -201,3 +201,18 @@ class CheckpointRecordCallback(TrainerCallback):
             if cooldown is not None:  # a cooldown's checkpoint resumes only as that cooldown
                 record["cooldown"] = cooldown.record()
             (checkpoint / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+class OutputDirCallback(TrainerCallback):
+    """The output directory changes only when training starts, after the optimizer, the scheduler and a resumed
+    state were built (:meth:`~optiplug.app.safety.OutputDir.begin`): a mistake found until then deletes nothing.
+    After each checkpoint the marker records the files written so far."""
+
+    def __init__(self, output: Any, stale: list[str]):
+        self.output, self.stale = output, stale
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.output.begin(self.stale)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.output.record()

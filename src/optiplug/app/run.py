@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
 from optiplug.app.safety import DivergedError
-from optiplug.errors import ConfigError
+from optiplug.errors import ConfigError, OptiplugError
 
 __all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "preflight", "train", "validate_run"]
 
@@ -473,11 +474,11 @@ def train(
         from optiplug.factory import NO_TRAINABLE_PARAMETERS
 
         raise ConfigError(NO_TRAINABLE_PARAMETERS)
-    output = prepare_output_dir(cfg, args, main=args.process_index == 0)
+    output = prepare_output_dir(cfg, args, main=args.process_index == 0)  # changes nothing before the first step
     status = "failed"
     try:
         with _progress_bars(not quiet):
-            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch)
+            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch, output)
         status = "finished"
         return result
     except DivergedError:
@@ -487,7 +488,11 @@ def train(
         status = "interrupted"
         raise
     finally:
-        output.finish(status)
+        problem = output.finish(status)  # never raises: the run's own error is the one reported
+        if problem and status == "finished":
+            raise OptiplugError(f"the run finished, but optiplug {problem}")
+        if problem:
+            print(f"optiplug: also, {problem}", file=sys.stderr)
 
 
 def _train(
@@ -500,12 +505,13 @@ def _train(
     evaluation: Any = None,
     quiet: bool = False,
     branch: Any = None,
+    output: Any = None,
 ) -> RunResult:
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
     from optiplug.app.evaluation import evaluation_losses
-    from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer
+    from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer, OutputDirCallback
     from optiplug.app.header import add_header
     from optiplug.app.safety import last_checkpoint
 
@@ -527,11 +533,11 @@ def _train(
     for callback in pissa_callbacks(trainer, cfg.finetuning):
         trainer.add_callback(callback)
     trainer.check_optimizer()
+    if output is not None:  # the output directory changes only once the optimizer and scheduler are built
+        trainer.callback_handler.callbacks.insert(0, OutputDirCallback(output, stale=[SUMMARY_FILE]))
 
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()
-    if main:
-        (out / SUMMARY_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)

@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import fnmatch
 import json
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import zipfile
@@ -41,6 +42,7 @@ __all__ = [
     "check_weight_files",
     "last_checkpoint",
     "prepare_output_dir",
+    "read_marker",
 ]
 
 MARKER = "optiplug_run.json"
@@ -50,20 +52,12 @@ CHECKPOINT_RECORD = "optiplug_config.json"
 OVERWRITE = "overwrite_output_dir"
 """The ``training`` key (optiplug's, not a TrainingArguments field) that allows replacing an earlier run."""
 
-# What a run writes, for a marker without its list of entries (the run was killed before it could write it).
-_RUN_ENTRIES = (
-    MARKER, "summary.json", "summary.json.tmp", "loss.png", "trainer_state.json", "training_args.bin",
-    "checkpoint-*", "config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
-    "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt", "spiece.model", "adapter_config.json",
-    "adapter_model.*", "README.md", "base_model", "pissa_converted", "runs",
-)  # fmt: skip
-# Written next to a run by `optiplug compare` (the run's log, open while it trains): neither the run's nor foreign.
-_BESIDE_THE_RUN = ("compare.log",)
+MARKER_TMP = MARKER + ".tmp"
+"""The marker being rewritten (a name only optiplug writes: never foreign, removed with the run)."""
 
 
 def _entries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name not in _BESIDE_THE_RUN)
+    return sorted(p.name for p in out.iterdir())
 
 
 class DivergedError(OptiplugError):
@@ -93,31 +87,107 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _read_marker(out: Path) -> dict[str, Any] | None:
+def read_marker(out: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(record, None)``, ``(None, None)`` when ``out`` has no marker, or ``(None, why)`` when it cannot be read."""
+    path = out / MARKER
+    if not path.exists() and not path.is_symlink():
+        return None, None
     try:
-        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"it cannot be read: {getattr(error, 'strerror', None) or error}"
+    if not text.strip():
+        return None, "it is empty"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, "it is cut off or not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("status"), str):
+        return None, "it is not an optiplug run record"
+    files = data.get("files")
+    if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        return None, "its list of files is not a list of names"
+    return data, None
 
 
-def _earlier_entries(out: Path, record: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(entries an earlier run wrote, entries it did not) of an output directory holding a marker."""
-    listed = record.get("files")
-    ours: list[str] = []
-    foreign: list[str] = []
-    for name in _entries(out):
-        if isinstance(listed, list):
-            mine = name == MARKER or name in listed
-        else:
-            mine = any(fnmatch.fnmatch(name, pattern) for pattern in _RUN_ENTRIES)
-        (ours if mine else foreign).append(name)
-    return ours, foreign
+def _process_alive(record: dict[str, Any]) -> bool:
+    """Whether the run that wrote a "running" marker is still running here (same host, its process alive)."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or record.get("host") != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def _recorded_entries(out: Path, field_name: str = "training.output_dir") -> tuple[dict[str, Any] | None, list[str]]:
+    """``(marker, entries the earlier run recorded writing)`` of a non-empty ``out``; refuses, with one line, a
+    directory holding anything else, a marker that cannot be read, or a run that did not record its files."""
+    where = f"{field_name}: {str(out)!r}"
+    keep = "move what you want to keep out of it and delete it, or choose another directory"
+    record, problem = read_marker(out)
+    entries = _entries(out)
+    if problem:
+        raise ConfigError(
+            f"{where} holds an optiplug run whose {MARKER} is corrupt ({problem}), so optiplug cannot tell its "
+            f"files from yours and deletes none; {keep}"
+        )
+    if record is None:
+        _refuse_foreign(where, entries)
+    assert record is not None
+    listed = set(record.get("files") or ()) | {MARKER, MARKER_TMP}
+    unlisted = [name for name in entries if name not in listed]
+    if record["status"] == "running":
+        since = f"since {record['started']}" if record.get("started") else "with no start time"
+        if _process_alive(record):
+            raise ConfigError(
+                f"{where} is being written by a run in progress (process {record['pid']}, {since}); "
+                "wait for it to end, or choose another directory"
+            )
+        if record.get("files") is None or unlisted:
+            what = (
+                f"files it did not record ({_shown(unlisted)})"
+                if record.get("files") is not None
+                else "did not record its files"
+            )
+            raise ConfigError(
+                f"{where} holds a run that never finished (its {MARKER} says 'running' {since}: it was killed) and "
+                f"{what}, so optiplug cannot tell them from yours and deletes none; resume it from one of its "
+                f"checkpoints (training.resume_from_checkpoint), or {keep}"
+            )
+    elif unlisted:
+        _refuse_foreign(where, unlisted)
+    return record, [name for name in entries if name in listed]
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _refuse_foreign(where: str, names: list[str]) -> None:
+    raise ConfigError(
+        f"{where} holds files optiplug did not write ({_shown(names)}); "
+        "choose a new or empty directory (optiplug never deletes files it did not write)"
+    )
 
 
 def _continues_here(args: Any, out: Path) -> bool:
     resume = getattr(args, "resume_from_checkpoint", None)
     return resume is not None and _inside(Path(str(resume)), out)
+
+
+def _inputs(config: Any) -> list[tuple[str, str]]:
+    from optiplug.app.config import EMBEDDED
+
+    inputs = [("model.name_or_path", config.model.name_or_path), ("model.tokenizer", config.model.tokenizer)]
+    for key in ("path", "eval_path"):
+        value = getattr(config.data, key, None) or []
+        inputs += [(f"data.{key}", path) for path in ([value] if isinstance(value, str) else value)]
+    return [(field_name, name) for field_name, name in inputs if name and name != EMBEDDED]
 
 
 def check_output_dir(config: Any, args: Any) -> None:
@@ -126,18 +196,18 @@ def check_output_dir(config: Any, args: Any) -> None:
     Raises:
         ConfigError: with one line that says what to do.
     """
-    from optiplug.app.config import EMBEDDED
-
     out = Path(args.output_dir).expanduser()
-    inputs = [("model.name_or_path", config.model.name_or_path), ("model.tokenizer", config.model.tokenizer)]
-    for key in ("path", "eval_path"):
-        value = getattr(config.data, key, None) or []
-        inputs += [(f"data.{key}", path) for path in ([value] if isinstance(value, str) else value)]
-    for field_name, name in inputs:
-        if name and name != EMBEDDED and Path(name).expanduser().is_dir() and _inside(out, Path(name)):
+    for field_name, name in _inputs(config):
+        path = Path(name).expanduser()
+        if path.is_dir() and _inside(out, path):
             raise ConfigError(
                 f"training.output_dir: {str(out)!r} is inside {field_name} {name!r}; a run never writes into its "
                 "own input: choose another training.output_dir"
+            )
+        if path.exists() and out.exists() and _inside(path, out):
+            raise ConfigError(
+                f"{field_name}: {name!r} is inside training.output_dir {str(out)!r}, which the run writes "
+                "(and an overwrite empties): copy it out of there first, or choose another training.output_dir"
             )
     ancestor = out
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -149,17 +219,7 @@ def check_output_dir(config: Any, args: Any) -> None:
     # Only the main process judges the contents: another may look after the main one wrote its marker.
     main = getattr(args, "process_index", 0) == 0
     if main and ancestor == out and _entries(out) and not _continues_here(args, out):
-        record = _read_marker(out)
-        if record is None:
-            foreign = _entries(out)
-        else:
-            foreign = _earlier_entries(out, record)[1]
-        if foreign:
-            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-            raise ConfigError(
-                f"training.output_dir: {str(out)!r} holds files optiplug did not write ({shown}); "
-                "choose a new or empty directory (optiplug never deletes files it did not write)"
-            )
+        _recorded_entries(out)
         if not config.training.get(OVERWRITE, False):
             raise ConfigError(
                 f"training.output_dir: {str(out)!r} holds an earlier optiplug run; set "
@@ -178,39 +238,130 @@ def check_output_dir(config: Any, args: Any) -> None:
 
 @dataclass
 class OutputDir:
-    """The output directory of a run in progress (see :func:`prepare_output_dir`)."""
+    """The output directory of a run (see :func:`prepare_output_dir`): nothing on disk changes before :meth:`begin`.
+
+    Attributes:
+        path: the directory.
+        main: whether this process writes (the main process of a distributed run).
+        created: directories that did not exist when the run was planned, deepest first (removed again
+            when the run ends without writing anything in them).
+        replaced: an earlier run's entries, removed by :meth:`begin`.
+        kept: entries an earlier run recorded that this run continues (a resume inside the directory).
+    """
 
     path: Path
     main: bool
     created: list[Path] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
     started: str = ""
+    begun: bool = False
+    _present: set[str] = field(default_factory=set)
 
-    def finish(self, status: str, **details: Any) -> None:
-        """Record how the run ended and what it wrote; a run that wrote nothing leaves no directory it created."""
-        if not self.main or not self.path.is_dir():
+    def begin(self, stale: Iterable[str] = ()) -> None:
+        """Just before the first step, every check passed: remove the earlier run being replaced (and the
+        ``stale`` entries of one being continued), create the directory, write the marker "running"."""
+        if not self.main or self.begun:
             return
-        entries = [name for name in _entries(self.path) if name != MARKER]
-        if not entries and status != "finished":
-            (self.path / MARKER).unlink(missing_ok=True)
-            for directory in self.created:  # deepest first
-                try:
-                    directory.rmdir()
-                except OSError:
-                    break
-            return
-        _write_marker(self.path, {"status": status, "started": self.started, **details, "files": [MARKER, *entries]})
+        for name in [*self.replaced, *stale]:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._present = set(_entries(self.path))
+            self.begun = True
+            self._write("running")
+        except OSError as error:
+            raise ConfigError(
+                f"training.output_dir: cannot write in {str(self.path)!r} ({error.strerror or error}); "
+                "choose a directory you can write"
+            ) from None
+
+    def files(self) -> list[str]:
+        """What this run (and the earlier run it continues) wrote: never an entry that was there before it
+        and that no marker listed."""
+        ours = [name for name in _entries(self.path) if name in self.kept or name not in self._present]
+        return sorted({MARKER, *ours} - {MARKER_TMP})
+
+    def record(self) -> None:
+        """Record the files written so far (after each checkpoint): a run killed later is judged by this list."""
+        if self.main and self.begun:
+            # on failure the next record or finish tries again; a killed run's older list only refuses more
+            with contextlib.suppress(OSError):
+                self._write("running")
+
+    def finish(self, status: str, **details: Any) -> str | None:
+        """Record how the run ended and what it wrote; a run that wrote nothing leaves no directory it created.
+
+        Never raises (the run's own error must not be masked): returns why the marker could not be written.
+        """
+        if not self.main:
+            return None
+        if not self.begun or not self.path.is_dir():
+            self._remove_created()
+            return None
+        try:
+            if self.files() == [MARKER] and not self.kept and status != "finished":
+                (self.path / MARKER).unlink(missing_ok=True)
+                (self.path / MARKER_TMP).unlink(missing_ok=True)
+                self._remove_created()
+                return None
+            self._write(status, **details)
+        except OSError as error:
+            return (
+                f"could not record the run's files in {str(self.path / MARKER)!r} ({error.strerror or error}); "
+                "optiplug will refuse to replace this directory: free some space, then move what you want to keep "
+                "and delete it"
+            )
+        return None
+
+    def _remove_created(self) -> None:
+        for directory in self.created:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+    def _write(self, status: str, **details: Any) -> None:
+        record = {"status": status, "started": self.started, **details}
+        if status == "running":
+            record.update(pid=os.getpid(), host=socket.gethostname())
+        _write_marker(self.path, {**record, "files": self.files()})
 
 
 def _write_marker(out: Path, data: dict[str, Any]) -> None:
-    tmp = out / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out / MARKER)
+    """Replace the marker atomically; on a full disk, rewrite it in place (its own blocks are freed first).
+
+    Leaves no ``.tmp`` file behind; a marker left torn by a failure here reads as corrupt, which refuses.
+    """
+    text = json.dumps(data, indent=2) + "\n"
+    tmp, path = out / MARKER_TMP, out / MARKER
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if not path.is_file():
+            raise
+    with open(path, "r+", encoding="utf-8") as handle:
+        handle.truncate(0)
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def prepare_output_dir(config: Any, args: Any, main: bool) -> OutputDir:
-    """After every check passed: remove an earlier run being replaced, create the directory, write the marker.
+    """The plan for the output directory once every check passed; changes nothing (:meth:`OutputDir.begin` does).
 
-    Only the main process changes anything. Call :meth:`OutputDir.finish` when the run ends, however it ends.
+    Call :meth:`OutputDir.begin` right before the first step and :meth:`OutputDir.finish` when the run ends,
+    however it ends.
     """
     out = Path(args.output_dir).expanduser()
     created = []
@@ -218,26 +369,15 @@ def prepare_output_dir(config: Any, args: Any, main: bool) -> OutputDir:
     while not probe.exists() and probe != probe.parent:
         created.append(probe)
         probe = probe.parent
-    handle = OutputDir(out, main, created, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    if not main:
-        return handle
-    if out.is_dir() and not _continues_here(args, out):
-        record = _read_marker(out)
-        if record is not None:
-            for name in _earlier_entries(out, record)[0]:
-                path = out / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_marker(out, {"status": "running", "started": handle.started})
-    except OSError as error:
-        raise ConfigError(
-            f"training.output_dir: cannot write in {str(out)!r} ({error.strerror or error}); "
-            "choose a directory you can write"
-        ) from None
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    handle = OutputDir(out, main, created, started=started)
+    if main and out.is_dir() and _entries(out):
+        if _continues_here(args, out):
+            record, _ = read_marker(out)
+            listed = set(record.get("files") or ()) if record else set()
+            handle.kept = [name for name in _entries(out) if name in listed]
+        else:
+            handle.replaced = _recorded_entries(out)[1]  # checked again: refuses anything it did not record
     return handle
 
 
