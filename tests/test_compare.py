@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import optiplug
+from optiplug import ConfigError
 from optiplug.app.compare import CompareRun, ProcessResult, compare, read_run, run_process
 
 PY = sys.executable
@@ -49,9 +50,90 @@ def test_error_line_is_the_optiplug_line_or_the_last_line(tmp_path):
     assert silent.error_line() == "exited with status 3 and no output"
 
 
-def test_a_process_past_its_timeout_is_killed(tmp_path):
-    result = run_process([PY, "-c", "import time; time.sleep(30)"], tmp_path / "t.log", timeout=0.5)
-    assert result.returncode == -9 and result.wall_seconds < 10
+def test_a_process_past_its_timeout_is_stopped_and_reported_as_a_timeout(tmp_path):
+    """SIGINT first (an optiplug run records that it was interrupted, at which step), the word timeout and the
+    limit in the error, never "exited with status -9" or the progress bar's last fragment."""
+    code = (
+        "import sys, time\n"
+        "print('  3/400 [00:01<02:10, 3.1it/s]', end='\\r', flush=True)\n"
+        "try:\n    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('optiplug: interrupted at step 3; no complete checkpoint was saved', file=sys.stderr)\n"
+        "    sys.exit(130)\n"
+    )
+    result = run_process([PY, "-c", code], tmp_path / "t.log", timeout=2)
+    assert result.returncode == 130 and result.timed_out == 2
+    assert (
+        result.error_line() == "timeout: stopped at step 3 after the --timeout of 2 s; raise --timeout or lower --steps"
+    )
+
+
+def test_a_process_that_ignores_the_interrupt_is_killed(tmp_path, monkeypatch):
+    from optiplug.app import compare
+
+    monkeypatch.setattr(compare, "STOP_GRACE_SECONDS", 0.5)
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('0/9', flush=True); time.sleep(60)"
+    result = run_process([PY, "-c", code], tmp_path / "t.log", timeout=1)
+    assert result.returncode == -9 and result.timed_out == 1
+    assert result.error_line() == "timeout: stopped after the --timeout of 1 s; raise --timeout or lower --steps"
+
+
+def _fake_runs(monkeypatch, written: list[Path]):
+    """run_process that trains nothing: it writes the log and an empty run folder, as a failed run leaves them."""
+    from optiplug.app import compare
+
+    def fake_run_process(cmd, log, env=None, timeout=None, poll=None):
+        Path(log).write_text("optiplug: no training here\n")
+        written.append(Path(log))
+        return ProcessResult(1, 0.1, None, Path(log))
+
+    monkeypatch.setattr(compare, "run_process", fake_run_process)
+
+
+def test_compare_never_overwrites_the_users_files_in_output(tmp_path, monkeypatch):
+    written: list[Path] = []
+    _fake_runs(monkeypatch, written)
+    proj = tmp_path / "proj"
+    (proj / "adamw").mkdir(parents=True)
+    (proj / "adamw" / "notes.txt").write_text("mine")
+    (proj / "compare.json").write_text('{"mine": true}')
+    with pytest.raises(ConfigError) as info:
+        compare(None, ["adamw", "sgd"], 2, proj, progress=False)
+    assert str(info.value) == (
+        f"--output: '{proj}' holds files optiplug compare did not write (adamw, compare.json); choose a new or "
+        "empty folder (optiplug never overwrites files it did not write)"
+    )
+    assert written == [] and sorted(p.name for p in proj.rglob("*")) == ["adamw", "compare.json", "notes.txt"]
+    assert (proj / "compare.json").read_text() == '{"mine": true}'
+
+
+def test_a_rerun_into_an_earlier_compare_replaces_its_files_only(tmp_path, monkeypatch):
+    written: list[Path] = []
+    _fake_runs(monkeypatch, written)
+    out = tmp_path / "cmp"
+    runs = compare(None, ["adamw", "sgd"], 2, out, progress=False)
+    assert [run.log for run in runs] == [str((out / "adamw.log").resolve()), str((out / "sgd.log").resolve())]
+    assert json.loads((out / "optiplug_run.json").read_text())["status"] == "finished"
+    compare(None, ["sgd"], 2, out, progress=False)  # an earlier compare's folder: allowed
+    (out / "mine.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"did not write \(mine\.txt\)"):
+        compare(None, ["sgd"], 2, out, progress=False)
+    (out / "mine.txt").unlink()
+    (out / "optiplug_run.json").write_text('{"status": "finished", "fi')
+    with pytest.raises(ConfigError, match="is corrupt"):
+        compare(None, ["sgd"], 2, out, progress=False)
+
+
+def test_compare_into_a_training_run_is_refused(tmp_path):
+    from optiplug.app.safety import write_marker
+
+    write_marker(tmp_path, {"status": "finished", "files": ["optiplug_run.json"]})
+    with pytest.raises(ConfigError) as info:
+        compare(None, ["sgd"], 2, tmp_path, progress=False)
+    assert (
+        str(info.value)
+        == f"--output: '{tmp_path}' holds an optiplug training run, not a compare; choose a new or empty folder"
+    )
 
 
 # ---- reading a run back ---------------------------------------------------------------------

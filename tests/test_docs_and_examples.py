@@ -99,8 +99,17 @@ def test_every_registered_optimizer_has_a_runnable_example():
     assert not missing, f"no example in examples/ selects: {missing}"
 
 
+@pytest.fixture
+def beside_examples(tmp_path_factory, monkeypatch):
+    """A fresh working directory where ``examples/`` resolves (the examples name files relative to the
+    repository's root, where they run as-is) and ``outputs/`` holds no earlier run."""
+    cwd = tmp_path_factory.mktemp("beside-examples")
+    (cwd / "examples").symlink_to(ROOT / "examples")
+    monkeypatch.chdir(cwd)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_example_is_valid(path):
+def test_every_example_is_valid(path, beside_examples):
     config = optiplug.app.load_config(path)
     from optiplug.app.validation import check_training_section
 
@@ -110,7 +119,7 @@ def test_every_example_is_valid(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_every_example_trains(path, tmp_path):
+def test_every_example_trains(path, tmp_path, beside_examples):
     config = optiplug.app.load_config(path)
     if {"fsdp", "deepspeed"} & set(config.training):
         pytest.skip("needs a launcher: trained under torchrun/accelerate by tests/test_distributed.py")

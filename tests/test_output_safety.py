@@ -235,14 +235,14 @@ def test_a_leftover_temporary_marker_is_the_runs_own(capsys, earlier):
 def test_a_marker_that_cannot_be_written_at_the_end_of_a_finished_run_is_an_error(tmp_path, monkeypatch):
     import optiplug.app.safety as safety
 
-    real = safety._write_marker
+    real = safety.write_marker
 
     def fail_at_the_end(out, data):
         if data["status"] != "running":
             raise OSError(errno.ENOSPC, "No space left on device")
         real(out, data)
 
-    monkeypatch.setattr(safety, "_write_marker", fail_at_the_end)
+    monkeypatch.setattr(safety, "write_marker", fail_at_the_end)
     out = tmp_path / "out"
     with pytest.raises(optiplug.OptiplugError) as info:
         optiplug.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}"], quiet=True)

@@ -4,7 +4,9 @@ Each optimizer trains in its own process (``python -m optiplug train CONFIG opti
 training.max_steps=N training.output_dir=DIR/X``), one after the other so that they do not
 compete for the CPU, with the same seed, data and schedule. Compare reads back each run's
 ``summary.json`` and ``trainer_state.json`` and writes a table to the terminal,
-``DIR/compare.json`` and ``DIR/compare.png`` (the loss curves). The peak resident memory of
+``DIR/compare.json`` and ``DIR/compare.png`` (the loss curves); each run's output is in ``DIR/NAME.log``.
+``DIR`` must be new, empty or an earlier compare's (its ``optiplug_run.json`` lists what it wrote): a compare
+never overwrites a file it did not write. The peak resident memory of
 each run is the child process's own high-water mark (``wait4``'s ``ru_maxrss``), measured the
 same way for every optimizer. A run that fails is reported with its error line; the others
 still run.
@@ -12,9 +14,11 @@ still run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +30,7 @@ from typing import Any
 import typer
 
 from optiplug.app.measure import high_water_mark_bytes, maxrss_bytes
+from optiplug.app.safety import MARKER, MARKER_TMP, read_marker, write_marker
 from optiplug.errors import ConfigError, OptiplugError
 from optiplug.registry import get_entry
 
@@ -33,6 +38,11 @@ __all__ = ["CompareRun", "ProcessResult", "command", "compare", "run_process", "
 
 
 # ---- running a child process and measuring its peak memory ----------------------------------
+
+COMPARE_FILES = ("compare.json", "compare.png")
+"""What a compare writes into ``--output`` besides one folder and one ``NAME.log`` per optimizer."""
+STOP_GRACE_SECONDS = 10.0
+"""How long a process past its timeout has to stop after SIGINT before it is killed."""
 
 
 @dataclass(frozen=True)
@@ -51,15 +61,21 @@ class ProcessResult:
     wall_seconds: float
     peak_rss_bytes: int | None
     log_path: Path
+    timed_out: float | None = None
 
     def error_line(self) -> str:
-        """The line that says why the process failed: its last ``optiplug: ...`` line, else its last line."""
+        """The line that says why the process failed: the timeout that stopped it, else its last
+        ``optiplug: ...`` line, else its last line."""
         try:
             lines = [line.strip() for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             lines = []
         # tqdm redraws with carriage returns; keep what was drawn last
         lines = [line.rsplit("\r", 1)[-1] for line in lines]
+        if self.timed_out is not None:
+            steps = [m.group(1) for line in lines if (m := re.search(r"interrupted at step (\d+)", line))]
+            at = f" at step {steps[-1]}" if steps else ""
+            return f"timeout: stopped{at} after the --timeout of {self.timed_out:g} s; raise --timeout or lower --steps"
         for line in reversed(lines):
             if line.startswith("optiplug: "):
                 return line.removeprefix("optiplug: ")
@@ -89,7 +105,9 @@ def run_process(
         log_path: file receiving the process's stdout and stderr (created, with its folders).
         env: the environment (default: this process's).
         cwd: the working directory.
-        timeout: seconds after which the process is killed (its return code is then -9).
+        timeout: seconds after which the process is stopped: SIGINT (an optiplug run stops like on Ctrl-C and
+            records that it was interrupted), then SIGKILL after :data:`STOP_GRACE_SECONDS`.
+            :attr:`ProcessResult.timed_out` then holds the limit.
         poll: called with the elapsed seconds while the process runs.
     """
     import resource
@@ -97,6 +115,7 @@ def run_process(
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sampled: int | None = None
+    stopped_at: float | None = None
     start = time.perf_counter()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -114,7 +133,11 @@ def run_process(
                     sampled = max(sampled or 0, hwm)
                 elapsed = time.perf_counter() - start
                 if timeout is not None and elapsed > timeout:
-                    proc.kill()
+                    if stopped_at is None:
+                        stopped_at = elapsed
+                        proc.send_signal(signal.SIGINT)
+                    elif elapsed > stopped_at + STOP_GRACE_SECONDS:
+                        proc.kill()
                 if poll is not None:
                     poll(elapsed)
                 time.sleep(0.05)
@@ -126,7 +149,7 @@ def run_process(
     wall = time.perf_counter() - start
     reported = maxrss_bytes(rusage)
     peak = reported if reported > inherited else sampled
-    return ProcessResult(proc.returncode, wall, peak, log_path)
+    return ProcessResult(proc.returncode, wall, peak, log_path, timeout if stopped_at is not None else None)
 
 
 # ---- one training run per optimizer ---------------------------------------------------------
@@ -147,6 +170,7 @@ class CompareRun:
         peak_rss_bytes: the training process's peak resident memory.
         wall_seconds: the whole process's wall time (start-up included).
         output_dir: the run's output directory.
+        log: the file holding the run's output (beside its directory: ``NAME.log``).
         losses: ``[step, loss]`` pairs of the logged training losses.
         learning_rates: ``[step, learning rate]`` pairs of the same log records (the rate of that step).
         final_eval_loss: the last evaluation loss, when the run has evaluation data.
@@ -164,6 +188,7 @@ class CompareRun:
     peak_rss_bytes: int | None = None
     wall_seconds: float = 0.0
     output_dir: str = ""
+    log: str = ""
     losses: list[list[float]] = field(default_factory=list)
     learning_rates: list[list[float]] = field(default_factory=list)
     final_eval_loss: float | None = None
@@ -214,6 +239,7 @@ def read_run(optimizer: str, output_dir: Path, process: ProcessResult) -> Compar
         peak_rss_bytes=process.peak_rss_bytes,
         wall_seconds=round(process.wall_seconds, 3),
         output_dir=str(output_dir),
+        log=str(process.log_path),
     )
     if not run.ok:
         run.error = process.error_line()
@@ -294,26 +320,68 @@ def compare(
     if problems and len(problems) == len(names):
         raise problems[0]
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output: {str(output)!r} is a file; choose a directory")
+    record = _output_record(output, names)
     try:
         output.mkdir(parents=True, exist_ok=True)
+        write_marker(output, record)  # what this compare will write, before it writes any of it
     except OSError as error:
-        raise ConfigError(f"--output: cannot create {str(output)!r}: {error.strerror}") from None
+        raise ConfigError(f"--output: cannot write in {str(output)!r}: {error.strerror or error}") from None
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs: list[CompareRun] = []
-    with _Progress(names, steps, enabled=progress) as display:
-        for name in names:
-            run_dir = (output / name).resolve()
-            log = run_dir / "compare.log"
-            display.start(name, log)
-            cmd = train_command(config, name, steps, run_dir, overrides)
-            process = run_process(cmd, log, env=env, timeout=timeout, poll=display.poll)
-            run = read_run(name, run_dir, process)
-            display.finish(run)
-            runs.append(run)
-    write_outputs(runs, output, config=config, steps=steps, overrides=overrides)
+    status = "failed"
+    try:
+        with _Progress(names, steps, enabled=progress) as display:
+            for name in names:
+                run_dir = (output / name).resolve()
+                log = output.resolve() / f"{name}.log"  # beside the run's folder: that folder holds only the run
+                display.start(name, log)
+                cmd = train_command(config, name, steps, run_dir, overrides)
+                process = run_process(cmd, log, env=env, timeout=timeout, poll=display.poll)
+                run = read_run(name, run_dir, process)
+                display.finish(run)
+                runs.append(run)
+        write_outputs(runs, output, config=config, steps=steps, overrides=overrides)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        with contextlib.suppress(OSError):  # the record of the start already lists every file
+            write_marker(output, {**record, "status": status})
     return runs
+
+
+def _output_record(output: Path, names: Sequence[str]) -> dict[str, Any]:
+    """The marker of a compare into ``output``: refuses (one line, before anything runs) a folder that is not
+    new, empty or an earlier compare's, or that holds anything the earlier compare did not record writing.
+    The runs' own folders are judged by their runs (``training.output_dir``'s rule)."""
+    import datetime
+
+    where = f"--output: {str(output)!r}"
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{where} is a file; choose a directory")
+    listed: list[str] = []
+    entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if entries:
+        record, problem = read_marker(output)
+        if problem:
+            raise ConfigError(
+                f"{where} holds an optiplug compare whose {MARKER} is corrupt ({problem}), so optiplug cannot tell "
+                "its files from yours and overwrites none; choose a new or empty folder"
+            )
+        if record is not None and record.get("kind") != "compare":
+            raise ConfigError(f"{where} holds an optiplug training run, not a compare; choose a new or empty folder")
+        listed = list(record.get("files") or []) if record else []
+        foreign = [name for name in entries if name not in {*listed, MARKER, MARKER_TMP}]
+        if foreign:
+            shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+            raise ConfigError(
+                f"{where} holds files optiplug compare did not write ({shown}); choose a new or empty folder "
+                "(optiplug never overwrites files it did not write)"
+            )
+    files = {*listed, MARKER, *COMPARE_FILES, *names, *(f"{name}.log" for name in names)}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"status": "running", "kind": "compare", "started": started, "files": sorted(files)}
 
 
 # ---- progress, table, JSON and chart --------------------------------------------------------
@@ -416,7 +484,7 @@ def print_table(runs: list[CompareRun]) -> None:
     for run in runs:
         if not run.ok:
             console.print(
-                f"{run.optimizer} failed: {run.error} (log: {Path(run.output_dir) / 'compare.log'})",
+                f"{run.optimizer} failed: {run.error} (log: {run.log})",
                 soft_wrap=True,
                 markup=False,
                 highlight=False,
@@ -433,8 +501,8 @@ def write_outputs(
         "overrides": list(overrides),
         "runs": [asdict(run) for run in runs],
     }
-    (output / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
-    plot(runs, output / "compare.png", title=f"{Path(config).name if config else 'embedded run'}, {steps} steps")
+    (output / COMPARE_FILES[0]).write_text(json.dumps(data, indent=2) + "\n")
+    plot(runs, output / COMPARE_FILES[1], title=f"{Path(config).name if config else 'embedded run'}, {steps} steps")
 
 
 def plot(runs: list[CompareRun], path: Path, title: str = "") -> None:

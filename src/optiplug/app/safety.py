@@ -34,6 +34,7 @@ from optiplug.errors import CheckpointError, ConfigError, OptiplugError
 __all__ = [
     "CHECKPOINT_RECORD",
     "MARKER",
+    "MARKER_TMP",
     "OVERWRITE",
     "DivergedError",
     "OutputDir",
@@ -43,6 +44,7 @@ __all__ = [
     "last_checkpoint",
     "prepare_output_dir",
     "read_marker",
+    "write_marker",
 ]
 
 MARKER = "optiplug_run.json"
@@ -329,10 +331,10 @@ class OutputDir:
         record = {"status": status, "started": self.started, **details}
         if status == "running":
             record.update(pid=os.getpid(), host=socket.gethostname())
-        _write_marker(self.path, {**record, "files": self.files()})
+        write_marker(self.path, {**record, "files": self.files()})
 
 
-def _write_marker(out: Path, data: dict[str, Any]) -> None:
+def write_marker(out: Path, data: dict[str, Any]) -> None:
     """Replace the marker atomically; on a full disk, rewrite it in place (its own blocks are freed first).
 
     Leaves no ``.tmp`` file behind; a marker left torn by a failure here reads as corrupt, which refuses.
