@@ -22,6 +22,7 @@ import torch
 
 import optiplug
 from optiplug import ConfigError
+from optiplug.app import train
 from optiplug.app.cli import main
 from optiplug.app.run import SUMMARY_FILE
 from optiplug.app.safety import MARKER, MARKER_TMP
@@ -61,7 +62,7 @@ def listing(directory: Path) -> dict[str, int]:
 def finished(tmp_path_factory) -> Path:
     """A finished run with two checkpoints (read-only for the tests: each copies it)."""
     out = tmp_path_factory.mktemp("finished") / "out"
-    optiplug.train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"], quiet=True)
+    train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"], quiet=True)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file() and (out / "checkpoint-4").is_dir()
     return out
 
@@ -114,13 +115,13 @@ class _Callback:
 
 
 def _train_in_a_child(overrides: list[str]) -> int:
-    """``optiplug.train`` in a forked process; its exit code (negative: the signal that ended it)."""
+    """``optiplug.app.train`` in a forked process; its exit code (negative: the signal that ended it)."""
 
     def target() -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # not the test worker's pipes
             os.dup2(devnull, fd)
-        optiplug.train(overrides=overrides, quiet=True)
+        train(overrides=overrides, quiet=True)
 
     child = multiprocessing.get_context("fork").Process(target=target)
     child.start()
@@ -219,7 +220,7 @@ def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys,
     monkeypatch.setattr(safety, "open", full_open, raising=False)
     out = tmp_path / "out"
     with pytest.raises(OSError) as info:
-        optiplug.train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"], quiet=True)
+        train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"], quiet=True)
     assert info.value.filename == "optimizer.pt"
     assert json.loads((out / MARKER).read_text())["status"] == "failed"
     assert not (out / MARKER_TMP).exists()
@@ -227,7 +228,7 @@ def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys,
 
 def test_a_leftover_temporary_marker_is_the_runs_own(capsys, earlier):
     (earlier / MARKER_TMP).write_bytes(b"")  # what a kill during the marker's rewrite leaves
-    optiplug.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={earlier}", OVERWRITE], quiet=True)
+    train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={earlier}", OVERWRITE], quiet=True)
     assert json.loads((earlier / SUMMARY_FILE).read_text())["steps"] == 2
     assert not (earlier / MARKER_TMP).exists() and not (earlier / "checkpoint-4").exists()
 
@@ -245,7 +246,7 @@ def test_a_marker_that_cannot_be_written_at_the_end_of_a_finished_run_is_an_erro
     monkeypatch.setattr(safety, "write_marker", fail_at_the_end)
     out = tmp_path / "out"
     with pytest.raises(optiplug.OptiplugError) as info:
-        optiplug.train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}"], quiet=True)
+        train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}"], quiet=True)
     assert str(info.value) == (
         f"the run finished, but optiplug could not record the run's files in '{out / MARKER}' (No space left on "
         "device); optiplug will refuse to replace this directory: free some space, then move what you want to "
@@ -259,9 +260,9 @@ def test_the_input_rule_holds_both_ways(tmp_path):
     model.mkdir()
     (model / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"is inside model\.name_or_path"):
-        optiplug.train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={model / 'run'}"])
+        train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={model / 'run'}"])
     with pytest.raises(ConfigError, match=r"is inside training\.output_dir"):
-        optiplug.train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={tmp_path}", OVERWRITE])
+        train(overrides=[*FAST, f"model.name_or_path={model}", f"training.output_dir={tmp_path}", OVERWRITE])
 
 
 @pytest.mark.slow
