@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import Trainer, TrainingArguments
 
-    from optiplug.configs import ParamGroupRule
+    from optiplug.configs import ParamGroupRule, SchedulerConfig
 
 __all__ = ["BuildContext", "ParamShape", "ScheduleContext"]
 
@@ -82,14 +82,21 @@ class BuildContext:
         args: the trainer's ``TrainingArguments``, or None.
         param_group_rules: the config's ``param_groups`` (set by the factory before ``build``);
             :meth:`param_groups` applies them.
+        scheduler_config: the run's scheduler config when it is known (a trainer's, or the run's in
+            ``optiplug validate``), else None; a check that depends on the schedule reads it here.
     """
 
     model: nn.Module
     trainer: Trainer | None = None
     args: TrainingArguments | None = None
     param_group_rules: tuple[ParamGroupRule, ...] = ()
+    scheduler_config: SchedulerConfig | None = None
     _decay: set[str] | None = field(default=None, init=False, repr=False)
     _rule_of: dict[int, int | None] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scheduler_config is None:  # an OptiTrainer's own
+            self.scheduler_config = getattr(self.trainer, "scheduler_config", None)
 
     # ---- parameters ----
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -184,6 +191,15 @@ class BuildContext:
         if getattr(self.args, "fsdp", None):
             return "fsdp"
         return "ddp" if self.world_size > 1 else "none"
+
+    @property
+    def device_type(self) -> str:
+        """Where the parameters train (``"cpu"``, ``"cuda"``, ...): their device, or for a model without weights
+        (torch's ``meta`` device, as ``optiplug validate`` builds it) the arguments' device."""
+        device = next((p.device.type for _, p in self.named_parameters()), "cpu")
+        if device == "meta":
+            device = getattr(getattr(self.args, "device", None), "type", None) or "cpu"
+        return device
 
     @property
     def uses_adapters(self) -> bool:

@@ -47,7 +47,7 @@ def check_offload(entry: OptimizerEntry, ctx: BuildContext, cfg: Any) -> None:
             f"{name} with offload: cpu: torchao's CPU offload is for one process (its copies are per process); "
             "remove optimizer.offload under distributed training, or use DeepSpeed's offload_optimizer"
         )
-    device = next((p.device.type for _, p in ctx.named_parameters()), "cpu")
+    device = ctx.device_type
     if device not in DEVICES:
         raise ConfigError(
             f"{name} with offload: cpu moves the optimizer's state and step from the accelerator to the CPU, and the "

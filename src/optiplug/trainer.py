@@ -21,10 +21,9 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
-from optiplug.factory import build_from_entry, build_scheduler, check_param_groups
+from optiplug.factory import build_from_entry, build_scheduler, check_optimizer
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
-from optiplug.layerwise import check_layerwise, layerwise_stepper, owner_of
-from optiplug.offload import check_offload
+from optiplug.layerwise import layerwise_stepper, owner_of
 from optiplug.patches import Patch, applied
 from optiplug.registry import (
     get_entry,
@@ -202,28 +201,28 @@ class OptiTrainerMixin(_TrainerBase):
         model = self.model if model is None else model
         if model is None:
             raise ConfigError("the trainer has no model: pass model= to the trainer")
-        return BuildContext(model=model, trainer=self, args=self.args)
+        return BuildContext(model=model, trainer=self, args=self.args, scheduler_config=self.scheduler_config)
 
     def check_optimizer(self) -> None:
-        """Run the selected entry's requirement and compatibility checks, once (raises :class:`ConfigError`).
+        """Run the optimizer's checks (:func:`optiplug.factory.check_optimizer`, the one check path), once.
 
         ``optiplug train`` calls it before writing anything; ``train()`` and ``create_optimizer()``
         call it again, which does nothing unless the optimizer was changed in between.
+
+        Raises:
+            ConfigError, MissingDependencyError, PluginError.
         """
         entry, cfg = self.optimizer_entry, self.optimizer_config
         checked = getattr(self, "_optiplug_checked", None)
         if checked is not None and checked[0] is entry and checked[1] is cfg:
             return
-        from optiplug.factory import require_trainable
-
-        require_trainable(self.optiplug_context())  # before the entry's check: one message for every optimizer
-        entry.check_requires()
-        if entry.check is not None:
-            entry.check(self.optiplug_context(), cfg)
-        check_layerwise(entry, self.optiplug_context(), cfg)
-        check_offload(entry, self.optiplug_context(), cfg)
-        check_param_groups(self.optiplug_context(), cfg)
+        check_optimizer(entry, self.optiplug_context(), cfg)
         self._optiplug_checked = (entry, cfg)
+
+    def mark_optimizer_checked(self) -> None:
+        """Record that the optimizer's checks passed already (``optiplug train`` ran them on the model's skeleton,
+        with nothing left that needs the weights): ``train()`` does not run them again."""
+        self._optiplug_checked = (self.optimizer_entry, self.optimizer_config)
 
     def create_optimizer(self, model: Any = None):
         if self.optimizer is None:

@@ -71,10 +71,12 @@ def train(
 
     config = load_config(path, overrides)  # validate before starting anything
     if dry_run:
-        from optiplug.app.validation import check_training_section
+        from optiplug.app.run import check_run
 
-        check_training_section(config)
+        left = check_run(config)[1]  # every check train makes before its first step
         _print_groups(config)
+        if left:
+            typer.echo(f"optiplug: {_left_to_train(left)}", err=True)
         typer.echo("optiplug: dry run, nothing trained", err=True)
         return
     if nproc > 1:
@@ -299,7 +301,10 @@ def validate(
         False, "--groups", help="Also build the optimizer on the model and print its parameter groups."
     ),
 ) -> None:
-    """Check every section of a config (the training section against TrainingArguments) without training.
+    """Run every check train runs before its first step, without loading weights or writing anything.
+
+    The sections, the Trainer arguments, the files, then the optimizer and scheduler built on the
+    model's skeleton (no weights). Checks that need real weights are listed, and run at train.
 
     With --groups the model is loaded and the optimizer built: each parameter group is printed
     (optimizer.param_groups label, pattern, tensors, parameters, lr, weight decay).
@@ -310,13 +315,20 @@ def validate(
     if path is None:
         _fail("validate needs a config file")
     from optiplug.app.config import load_config
-    from optiplug.app.run import validate_run
+    from optiplug.app.run import check_run
 
     config = load_config(path, overrides)
-    validate_run(config)  # every check train makes before its first step, on the model's skeleton
+    left = check_run(config)[1]  # every check train makes before its first step, on the model's skeleton
     if groups:
         _print_groups(config)
-    typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name})")
+    note = f"; {_left_to_train(left)}" if left else ""
+    typer.echo(f"{path}: ok (optimizer {config.optimizer.name}, scheduler {config.scheduler.name}{note})")
+
+
+def _left_to_train(left: list[str]) -> str:
+    """``2 checks need real weights (or the data) and run at train: a (why), b (why)``."""
+    checks = "check needs" if len(left) == 1 else "checks need"
+    return f"{len(left)} {checks} real weights (or the data) and run at train: {', '.join(left)}"
 
 
 def _print_groups(config: Any) -> None:

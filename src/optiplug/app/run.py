@@ -21,7 +21,15 @@ from optiplug.app.config import EMBEDDED, ModelConfig, RunConfig, resolve_config
 from optiplug.app.safety import DivergedError
 from optiplug.errors import ConfigError, OptiplugError
 
-__all__ = ["SUMMARY_FILE", "RunResult", "default_training_arguments", "preflight", "train", "validate_run"]
+__all__ = [
+    "SUMMARY_FILE",
+    "RunResult",
+    "check_run",
+    "default_training_arguments",
+    "preflight",
+    "train",
+    "validate_run",
+]
 
 SUMMARY_FILE = "summary.json"
 DEFAULT_OUTPUT_DIR = "outputs/optiplug-run"
@@ -231,58 +239,53 @@ def _check_positions(model: Any, block_size: int) -> None:
         )
 
 
-class _Skeleton:
-    """What :meth:`OptiTrainerMixin.check_optimizer` reads, around a model on the meta device (for validate)."""
+@contextlib.contextmanager
+def _no_zero3_init() -> Iterator[None]:
+    """transformers enters DeepSpeed's ``zero.Init`` in ``from_config`` once ZeRO-3 arguments exist: not for a
+    model on the meta device, which holds nothing to partition."""
+    from transformers.integrations import deepspeed as hf_deepspeed
 
-    def __init__(self, model: Any, args: Any, cfg: RunConfig):
-        from optiplug.registry import get_entry
-
-        self.model, self.args, self.optiplug_run_config = model, args, cfg
-        self.optimizer_config, self.scheduler_config = cfg.optimizer, cfg.scheduler
-        self.optimizer_entry = get_entry(cfg.optimizer.name)
-
-    def check(self) -> None:
-        from optiplug.trainer import OptiTrainerMixin
-
-        OptiTrainerMixin.check_optimizer(self)  # type: ignore[arg-type]  # the same checks train runs
-
-    def optiplug_context(self, model: Any = None) -> Any:
-        from optiplug.context import BuildContext
-
-        # a stand-in with the attributes checks read from a trainer (scheduler_config, args, model)
-        return BuildContext(model=self.model, trainer=self, args=self.args)  # type: ignore[arg-type]
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def validate_run(cfg: RunConfig) -> Any:
-    """What ``optiplug validate`` checks: :func:`preflight`, then, on the model's skeleton (torch's meta
-    device: no weights read, nothing tokenized) with the fine-tuning applied, the block size against the
-    model's positions, trainable parameters and the optimizer's own checks, as ``train`` runs them.
+def check_run(cfg: RunConfig) -> tuple[Any, list[str]]:
+    """Every check ``train`` makes before its first step, writing nothing; ``optiplug validate`` and ``train`` run it.
 
-    A check that cannot run on a skeleton (it raises something other than an optiplug error) is
-    left to ``train``.
+    :func:`preflight`, then, on the model's skeleton (torch's meta device: no weights read, nothing
+    tokenized) with the fine-tuning applied: the block size against the model's positions, and
+    :func:`optiplug.factory.check_before_training` (the optimizer's one check path, the optimizer built
+    on the skeleton so its constructor checks its arguments, the scheduler built for the run's steps).
 
     Returns:
-        The ``TrainingArguments`` of the run.
+        The ``TrainingArguments`` of the run (its cooldown applied), and the checks that need real weights
+        (each ``"what (why)"``; they run when training starts).
     """
     from optiplug.app.cooldown import resolve_cooldown
     from optiplug.app.estimate import meta_model
-    from optiplug.errors import OptiplugError
+    from optiplug.context import BuildContext
+    from optiplug.factory import check_before_training
 
-    cfg = resolve_cooldown(cfg, DEFAULT_OUTPUT_DIR)[0]
+    cfg, branch = resolve_cooldown(cfg, DEFAULT_OUTPUT_DIR)
     args = preflight(cfg)
-    model = meta_model(cfg.model, cfg.finetuning)
+    with _no_zero3_init():
+        model = meta_model(cfg.model, cfg.finetuning)
     _check_positions(model, cfg.data.block_size)
-    if not any(p.requires_grad for p in model.parameters()):
-        from optiplug.factory import NO_TRAINABLE_PARAMETERS
+    ctx = BuildContext(model=model, args=args, scheduler_config=cfg.scheduler)
+    # A cooldown's schedule replaces the configured one (app/cooldown.py); the step count is known unless it
+    # comes from the data (training.num_train_epochs).
+    scheduler = cfg.scheduler if branch is None else None
+    left = check_before_training(ctx, cfg.optimizer, scheduler, max(int(args.max_steps), 0))
+    return args, left
 
-        raise ConfigError(NO_TRAINABLE_PARAMETERS)
-    try:
-        _Skeleton(model, args, cfg).check()
-    except OptiplugError:
-        raise
-    except Exception:  # a check that needs real tensors or a real Trainer: train runs it
-        pass
-    return args
+
+def validate_run(cfg: RunConfig) -> Any:
+    """:func:`check_run`, returning the ``TrainingArguments`` of the run."""
+    return check_run(cfg)[0]
 
 
 # ---- outputs --------------------------------------------------------------------------------
@@ -454,8 +457,9 @@ def train(
     from optiplug.app.data import load_datasets
     from optiplug.app.safety import prepare_output_dir
 
-    cfg, branch = resolve_cooldown(resolve_config(config, overrides), DEFAULT_OUTPUT_DIR)
-    args = preflight(cfg)
+    cfg = resolve_config(config, overrides)
+    args, left = check_run(cfg)  # what `optiplug validate` checks, before anything is loaded or written
+    cfg, branch = resolve_cooldown(cfg, DEFAULT_OUTPUT_DIR)
     if args.deepspeed:
         import deepspeed
 
@@ -470,15 +474,11 @@ def train(
     for blocks in (dataset, evaluation):
         if blocks is not None:
             _check_fits(model, blocks)
-    if not any(p.requires_grad for p in model.parameters()):
-        from optiplug.factory import NO_TRAINABLE_PARAMETERS
-
-        raise ConfigError(NO_TRAINABLE_PARAMETERS)
     output = prepare_output_dir(cfg, args, main=args.process_index == 0)  # changes nothing before the first step
     status = "failed"
     try:
         with _progress_bars(not quiet):
-            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch, output)
+            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch, output, left)
         status = "finished"
         return result
     except DivergedError:
@@ -506,6 +506,7 @@ def _train(
     quiet: bool = False,
     branch: Any = None,
     output: Any = None,
+    left: Sequence[str] = (),
 ) -> RunResult:
     from transformers import default_data_collator
 
@@ -532,7 +533,10 @@ def _train(
     trainer.add_callback(CheckpointRecordCallback(trainer))
     for callback in pissa_callbacks(trainer, cfg.finetuning):
         trainer.add_callback(callback)
-    trainer.check_optimizer()
+    if left:  # checks the model's skeleton could not run: on the weights, before anything is written
+        trainer.check_optimizer()
+    else:
+        trainer.mark_optimizer_checked()
     if output is not None:  # the output directory changes only once the optimizer and scheduler are built
         trainer.callback_handler.callbacks.insert(0, OutputDirCallback(output, stale=[SUMMARY_FILE]))
 

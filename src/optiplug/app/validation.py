@@ -51,8 +51,9 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             kwargs[key] = value
     kwargs.setdefault("output_dir", tempfile.gettempdir())
+    _check_no_upload(kwargs)
     try:
-        return _make(TrainingArguments, kwargs)
+        args = _make(TrainingArguments, kwargs)
     except (TypeError, ValueError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         # Name the key: retry with one given key at a time (only on this error path).
@@ -64,6 +65,41 @@ def training_arguments(config: RunConfig, defaults: dict[str, Any] | None = None
                 detail = str(single).strip().splitlines()[0] if str(single).strip() else type(single).__name__
                 raise ConfigError(f"training.{key}: {detail}") from None
         raise ConfigError(f"training: TrainingArguments rejects the training section: {message}") from None
+    _check_reporting(args.report_to)
+    return args
+
+
+def _check_no_upload(kwargs: dict[str, Any]) -> None:
+    if kwargs.get("push_to_hub"):
+        raise ConfigError(
+            "training.push_to_hub: a run never uploads (it must not need the network); remove it, and upload the "
+            "output directory when the run has finished (`hf upload REPO OUTPUT_DIR`)"
+        )
+
+
+# The package each integration of transformers needs (kubeflow needs a server, not a package).
+_REPORT_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
+
+
+def _check_reporting(report_to: list[str]) -> None:
+    """Each ``training.report_to`` integration must be one transformers knows, with its package installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    available = get_available_reporting_integrations()
+    for name in report_to:
+        if name in ("all", "none"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise ConfigError(f"training.report_to: unknown integration {name!r} (transformers knows: {known}, none)")
+        if name not in available:
+            needs = "KUBEFLOW_TRAINER_SERVER_URL" if name == "kubeflow" else "its package"
+            install = "" if name == "kubeflow" else f": pip install {_REPORT_PACKAGES.get(name, name)}"
+            raise ConfigError(
+                f"training.report_to: {name!r} is not available here (it needs {needs}){install}; "
+                "or set training.report_to=none"
+            )
 
 
 # Counts TrainingArguments accepts but cannot train with (0 steps trained one; a batch of 0 crashed mid-run).

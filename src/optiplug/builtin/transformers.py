@@ -74,7 +74,7 @@ def check_adafactor(ctx: BuildContext, cfg: AdafactorConfig) -> None:
     check_whole_matrices(
         ctx, "adafactor", "keeps row and column second moments of each weight matrix and scales by its RMS", fsdp2=False
     )
-    schedule = getattr(getattr(ctx.trainer, "scheduler_config", None), "name", None)
+    schedule = getattr(ctx.scheduler_config, "name", None)
     if cfg.relative_step and schedule not in (None, "adafactor"):
         raise ConfigError(
             f"adafactor with relative_step: true computes its own learning rate, so the scheduler {schedule!r} would "

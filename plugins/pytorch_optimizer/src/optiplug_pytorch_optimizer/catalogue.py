@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, create_model
 
 import optiplug
 
-__all__ = ["PREFIX", "BridgedConfig", "Spec", "config_class", "load", "specs"]
+__all__ = ["BOUNDS", "PREFIX", "BridgedConfig", "Spec", "config_class", "load", "specs"]
 
 # Fields the run fills in when left at None: Ranger21's num_iterations is the run's step count.
 FROM_RUN = frozenset({"num_iterations"})
@@ -109,6 +109,18 @@ def _default(field: dict[str, Any]) -> Any:
     return default
 
 
+# Ranges of float fields whose meaning is the same in every optimizer that has them, where the constructors do
+# not check them themselves (pytorch-optimizer's SGD takes momentum=5, Prodigy d0=-1; both then diverge).
+# scion's momentum is the weight of the new gradient, so 1 is in range.
+BOUNDS: dict[str, dict[str, Any]] = {
+    "weight_decay": {"ge": 0},
+    "eps": {"ge": 0},
+    "momentum": {"ge": 0, "le": 1},
+    "dampening": {"ge": 0, "le": 1},
+    "d0": {"gt": 0},
+}
+
+
 def _field_info(spec: Spec, field: dict[str, Any]) -> tuple[Any, Any]:
     annotation = _annotation(field["type"])
     if field["name"] == "lr" and field["type"] == "float":
@@ -117,7 +129,8 @@ def _field_info(spec: Spec, field: dict[str, Any]) -> tuple[Any, Any]:
     if field.get("required"):
         filled = "the run's training.max_steps" if field["name"] in FROM_RUN else "none; set it"
         description = f"{description or ''} Required by {spec.source}; default: {filled}.".strip()
-    return annotation, Field(_default(field), description=description)
+    bounds = BOUNDS.get(field["name"], {}) if field["type"] == "float" else {}
+    return annotation, Field(_default(field), description=description, **bounds)
 
 
 def config_class(spec: Spec) -> type[BridgedConfig]:

@@ -42,7 +42,7 @@ def build(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> Any:
 def scheduler_name(ctx: optiplug.BuildContext) -> str | None:
     """The learning-rate scheduler the run will use: the OptiTrainer's scheduler section, else
     ``TrainingArguments.lr_scheduler_type`` (what a plain Trainer builds), else None (no trainer)."""
-    config = getattr(ctx.trainer, "scheduler_config", None)
+    config = ctx.scheduler_config
     if config is not None:
         return str(config.name)
     if ctx.args is not None:
