@@ -177,3 +177,35 @@ def test_a_check_that_needs_real_tensors_is_listed_by_validate_and_runs_at_train
         "train: probe_sgd's check ("
     )
     _trainer(tmp_path, check_with="real tensors").check_optimizer()  # with weights it runs, and passes
+
+
+def _every_optimizer() -> list[str]:
+    return [row.name for row in optiplug.list_optimizers()]
+
+
+@pytest.mark.parametrize("name", _every_optimizer())
+def test_every_optimizer_is_refused_on_the_skeleton_exactly_when_it_is_refused_on_the_weights(name, tmp_path):
+    """What validate builds on the meta skeleton agrees with the build on real weights, for every registered entry:
+    no false refusal at validate, no refusal left to train."""
+    import torch
+
+    from optiplug.factory import build_from_entry, check_before_training
+    from optiplug.testing import training_args
+
+    args = training_args(tmp_path, max_steps=10)
+    cfg, constant = optiplug.parse_optimizer(name), optiplug.parse_scheduler("constant")  # fits every optimizer
+    with torch.device("meta"):
+        skeleton = tiny_llama()
+    try:
+        ctx = optiplug.BuildContext(model=skeleton, args=args, scheduler_config=constant)
+        left, refused = check_before_training(ctx, cfg, constant, 10), None
+    except optiplug.OptiplugError as error:
+        left, refused = [], str(error)
+    assert left == []  # every registered optimizer checks and builds without weights
+    try:
+        ctx = optiplug.BuildContext(model=tiny_llama(), args=args, scheduler_config=constant)
+        build_from_entry(optiplug.get_entry(name), ctx, cfg)
+        on_weights = None
+    except optiplug.OptiplugError as error:
+        on_weights = str(error)
+    assert refused == on_weights
