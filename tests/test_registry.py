@@ -533,3 +533,27 @@ def test_a_snapshot_being_read_is_never_changed(temp_plugin):
     temp_plugin(make_plugin(), "demo-plugin")
     assert "demo_sgd" not in before.rows["optimizer"]  # a reader holding the old snapshot sees it whole
     assert "demo_sgd" in registry._snapshot().rows["optimizer"]
+
+
+def test_a_lazy_config_is_built_when_first_read_and_checked(temp_plugin):
+    built: list[str] = []
+
+    def load():
+        built.append("demo_sgd")
+        return DemoConfig
+
+    class Lazy:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            register(optiplug.OptimizerEntry(config=optiplug.LazyConfig("demo_sgd", load), build=build_demo))
+            register(optiplug.OptimizerEntry(config=optiplug.LazyConfig("demo_wrong", load), build=build_demo))
+
+    temp_plugin(Lazy(), "lazy")
+    assert {"demo_sgd", "demo_wrong"} <= {r.name for r in optiplug.list_optimizers()} and built == []
+    assert optiplug.parse_optimizer("demo_sgd", lr=0.5) == DemoConfig(lr=0.5) and built == ["demo_sgd"]
+    with pytest.raises(optiplug.PluginError) as info:
+        optiplug.parse_optimizer("demo_wrong")
+    assert str(info.value) == (
+        "optimizer 'demo_wrong': its LazyConfig loaded DemoConfig, whose name is 'demo_sgd'; "
+        "report it to the plugin's authors"
+    )

@@ -15,7 +15,7 @@ from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import Alias, OptimizerEntry, Registered, SchedulerEntry
+from optiplug.entries import Alias, LazyConfig, OptimizerEntry, Registered, SchedulerEntry
 from optiplug.errors import (
     CheckpointError,
     ConfigError,
@@ -118,6 +118,7 @@ __all__ = [
     "DuplicateNameError",
     "Kernel",
     "LayerwiseStepper",
+    "LazyConfig",
     "LearningRate",
     "MatrixOptimizer",
     "MissingDependencyError",

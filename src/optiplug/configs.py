@@ -72,7 +72,7 @@ class _BooleanForNumber:
 class ScalarFields(BaseModel):
     """A model whose fields get :func:`coerce_scalar` before validation; numbers must be finite."""
 
-    model_config = ConfigDict(allow_inf_nan=False)
+    model_config = ConfigDict(allow_inf_nan=False, defer_build=True)  # built on first validation: start-up
 
     @model_validator(mode="before")
     @classmethod
@@ -100,7 +100,7 @@ class ParamGroupRule(ScalarFields):
     checked against the optimizer once it is built (an option it does not take is an error).
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False, defer_build=True)
     match: str = Field(description="Regex searched in each trainable parameter's name (re.search); first match wins.")
     name: str | None = Field(None, min_length=1, description="Label in the logs (lr/NAME); default: the pattern.")
     lr: float | None = Field(None, gt=0, description="This group's learning rate (instead of the optimizer's).")

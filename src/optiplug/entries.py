@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape, ScheduleContext
     from optiplug.patches import Patch
 
-__all__ = ["Alias", "OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
+__all__ = ["Alias", "LazyConfig", "OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
 
 C = TypeVar("C")
 E = TypeVar("E", "OptimizerEntry[Any]", "SchedulerEntry[Any]")
@@ -89,6 +89,55 @@ def name_of(config: Any, base: type, kind: str) -> str:
     return str(literal[0])
 
 
+@dataclass(frozen=True)
+class LazyConfig:
+    """A config class built on first use: ``OptimizerEntry(config=LazyConfig("po_lion", make_lion_config), ...)``.
+
+    For plugins that generate many config classes (a bridge to another library's optimizers): building a
+    pydantic class costs start-up time, and ``optiplug list`` needs only names and summaries. ``load()``
+    returns the class, whose ``name`` literal must be ``name``; it is called once, when the entry's ``config``
+    is first read (parsing, ``optiplug show``, ``schema``).
+    """
+
+    name: str
+    load: Callable[[], type]
+
+
+class _ConfigField(Generic[C]):
+    """The entry's ``config`` field: a class, or a :class:`LazyConfig` loaded (and checked) on first read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.kind = "optimizer" if owner.__name__.startswith("Optimizer") else "scheduler"
+        self.base = OptimizerConfig if self.kind == "optimizer" else SchedulerConfig
+
+    def __get__(self, entry: Any, owner: type | None = None) -> type[C]:
+        if entry is None:
+            raise AttributeError("config")  # no default: the field is required
+        value = entry.__dict__["_config"]
+        if isinstance(value, LazyConfig):
+            loaded = value.load()
+            if name_of(loaded, self.base, self.kind) != value.name:
+                raise PluginError(
+                    f"{self.kind} {value.name!r}: its LazyConfig loaded {loaded.__qualname__}, whose name is "
+                    f"{name_of(loaded, self.base, self.kind)!r}; report it to the plugin's authors"
+                )
+            entry.__dict__["_config"] = value = loaded
+        return typing.cast("type[C]", value)
+
+    def __set__(self, entry: Any, value: type[C] | LazyConfig) -> None:
+        entry.__dict__["_config"] = value
+
+
+def _entry_name(entry: Any, base: type, kind: str) -> str:
+    """The entry's name, without loading a :class:`LazyConfig`."""
+    value = entry.__dict__["_config"]
+    if isinstance(value, LazyConfig):
+        if not isinstance(value.name, str) or not value.name or not callable(value.load):
+            raise PluginError(f"{kind} LazyConfig needs a name and a load() function, got {value!r}")
+        return value.name
+    return name_of(value, base, kind)
+
+
 def _aliases(kind: str, name: str, aliases: Sequence[Alias]) -> tuple[Alias, ...]:
     """The entry's aliases as a tuple, each checked: an :class:`Alias`, not the entry's own name, not given twice."""
     aliases = tuple(aliases)
@@ -123,7 +172,7 @@ class OptimizerEntry(Generic[C]):
 
     Attributes:
         config: the pydantic config class (a subclass of :class:`OptimizerConfig`); its
-            ``name`` literal is the registry key.
+            ``name`` literal is the registry key. A :class:`LazyConfig` builds it on first use.
         build: ``build(ctx, cfg) -> torch.optim.Optimizer``. Import heavy packages inside it.
         summary: one line for ``optiplug list``.
         callbacks: ``callbacks(cfg) -> list[TrainerCallback]`` added to the trainer when this
@@ -157,7 +206,7 @@ class OptimizerEntry(Generic[C]):
             transformers' ``TrainingArguments.optim`` names are aliases with ``transformers=True``.
     """
 
-    config: type[C]
+    config: _ConfigField[C] = _ConfigField()  # a class, or a LazyConfig loaded on first read
     build: Callable[[BuildContext, C], Any]
     summary: str = ""
     callbacks: Callable[[C], list[Any]] | None = None
@@ -173,13 +222,14 @@ class OptimizerEntry(Generic[C]):
     aliases: tuple[Alias, ...] = ()
 
     def __post_init__(self) -> None:
-        name = name_of(self.config, OptimizerConfig, "optimizer")
+        name = _entry_name(self, OptimizerConfig, "optimizer")
+        self.__dict__["_name"] = name
         object.__setattr__(self, "requires", tuple(self.requires))
         object.__setattr__(self, "aliases", _aliases("optimizer", name, self.aliases))
 
     @property
     def name(self) -> str:
-        return name_of(self.config, OptimizerConfig, "optimizer")
+        return str(self.__dict__["_name"])
 
     def check_requires(self) -> None:
         """Raise :class:`MissingDependencyError` naming the first required package not installed."""
@@ -191,7 +241,7 @@ class SchedulerEntry(Generic[C]):
     """One learning-rate scheduler a plugin offers.
 
     Attributes:
-        config: the pydantic config class (a subclass of :class:`SchedulerConfig`).
+        config: the pydantic config class (a subclass of :class:`SchedulerConfig`), or a :class:`LazyConfig`.
         build: ``build(ctx, cfg) -> LRScheduler``; ``ctx`` is a :class:`ScheduleContext`.
         summary: one line for ``optiplug list``.
         requires: distributions the scheduler needs.
@@ -207,7 +257,7 @@ class SchedulerEntry(Generic[C]):
             a cooldown from such a checkpoint is refused.
     """
 
-    config: type[C]
+    config: _ConfigField[C] = _ConfigField()  # a class, or a LazyConfig loaded on first read
     build: Callable[[ScheduleContext, C], Any]
     summary: str = ""
     requires: tuple[str, ...] = ()
@@ -216,13 +266,14 @@ class SchedulerEntry(Generic[C]):
     cooldown: Callable[[C], Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        name = name_of(self.config, SchedulerConfig, "scheduler")
+        name = _entry_name(self, SchedulerConfig, "scheduler")
+        self.__dict__["_name"] = name
         object.__setattr__(self, "requires", tuple(self.requires))
         object.__setattr__(self, "aliases", _aliases("scheduler", name, self.aliases))
 
     @property
     def name(self) -> str:
-        return name_of(self.config, SchedulerConfig, "scheduler")
+        return str(self.__dict__["_name"])
 
     def check_requires(self) -> None:
         """Raise :class:`MissingDependencyError` naming the first required package not installed."""

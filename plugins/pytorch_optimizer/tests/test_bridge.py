@@ -62,6 +62,20 @@ def test_listing_the_bridge_imports_neither_torch_nor_pytorch_optimizer():
     assert int(out[0]) > len(specs()) and out[1:] == ["[]"]
 
 
+def test_optiplug_list_builds_no_generated_config_class():
+    code = (
+        "from optiplug.app.cli import main\n"
+        "from optiplug_pytorch_optimizer.catalogue import BridgedConfig\n"
+        "try:\n    main(['list'])\nexcept SystemExit:\n    pass\n"
+        "before = len(BridgedConfig.__subclasses__())\n"
+        "import optiplug\n"
+        "fields = optiplug.get_entry('po_lion').config.model_fields\n"
+        "print(before, len(BridgedConfig.__subclasses__()), 'betas' in fields)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-3:] == ["0", "1", "True"]  # built only when a config is read, one class per entry read
+
+
 def test_generated_config_fields_types_and_checks():
     fields = optiplug.get_entry("po_lion").config.model_fields
     assert {"lr", "betas", "weight_decay", "weight_decouple", "fixed_decay", "foreach", "maximize"} <= set(fields)

@@ -348,7 +348,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
     from optiplug.registry import loaded_plugins, plugin_failures
 
     loaded, failed = loaded_plugins(), plugin_failures()
-    # A loaded plugin can still have left names out (a duplicate, a config without a Literal name): shown with it.
+    # A loaded plugin can still have left names out (a name another plugin gives too): shown with it. A plugin
+    # whose register hook raised is not loaded: it is listed as failed.
     left_out = {p.name: [f.cause for f in failed if f.name == p.name] for p in loaded}
     if as_json:
         typer.echo(
@@ -383,7 +384,11 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 
 def _register_commands() -> None:
-    """``estimate``, ``compare`` and ``schedule`` live in their own modules (they import torch lazily)."""
+    """``estimate``, ``compare`` and ``schedule`` live in their own modules, which import the run config (and YAML):
+    registered only when the command line does not name one of this module's light commands (``list``, ``show``,
+    ...), so those start without them."""
+    if any(command.name == "estimate" for command in app.registered_commands):
+        return
     from optiplug.app import compare, estimate, schedule
 
     app.command("estimate")(estimate.command)
@@ -391,7 +396,13 @@ def _register_commands() -> None:
     app.command("schedule")(schedule.command)
 
 
-_register_commands()
+def _own_commands() -> set[str]:
+    return {str(command.name or getattr(command.callback, "__name__", "")) for command in app.registered_commands}
+
+
+def _command_word(args: list[str]) -> str | None:
+    """The command a command line names (the first word that is not an option: the only global option is a flag)."""
+    return next((arg for arg in args if not arg.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -414,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> int:
     """Run the command; its exit status (the one-line messages printed)."""
+    if _command_word(sys.argv[1:] if argv is None else argv) not in _own_commands():
+        _register_commands()
     try:
         app(args=argv, prog_name="optiplug", standalone_mode=True)
     except SystemExit as exit_:

@@ -10,6 +10,7 @@ torch nor pytorch-optimizer; the factory does.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import optiplug
@@ -62,7 +63,7 @@ def state_bytes(shapes: Any, cfg: Any) -> int:
 def entry(spec: Spec) -> optiplug.OptimizerEntry:
     """The registry entry of one bridged optimizer."""
     return optiplug.OptimizerEntry(
-        config=config_class(spec),
+        config=optiplug.LazyConfig(spec.name, functools.partial(config_class, spec)),  # built on first use
         build=build,
         summary=f"{spec.summary} (pytorch-optimizer {spec.source})",
         check=check,
