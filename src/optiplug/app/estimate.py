@@ -284,12 +284,11 @@ def engine_check(
     accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
 ) -> str | None:
-    """The checks a build runs (the entry's, the core's layerwise and offload checks) under ``engine`` with
+    """The checks a build runs (:func:`optiplug.factory.check_optimizer`, the one check path) under ``engine`` with
     ``processes`` processes, on the meta model: None for one process,
     else ``"passed"``, ``"refused: <sentence>"`` (refused there and not in one process) or ``"skipped: <why>"``."""
     from optiplug.context import BuildContext
-    from optiplug.layerwise import check_layerwise
-    from optiplug.offload import check_offload
+    from optiplug.factory import check_optimizer
 
     if processes == 1:
         return None
@@ -298,10 +297,7 @@ def engine_check(
     for launch in ((1, "ddp"), (processes, engine)):
         try:
             ctx = BuildContext(model=model, args=_launch_arguments(*launch, accumulation_steps, max_grad_norm))
-            if entry.check is not None:
-                entry.check(ctx, cfg)
-            check_layerwise(entry, ctx, cfg)  # the core's checks, as a build runs them (layerwise: no engine)
-            check_offload(entry, ctx, cfg)
+            check_optimizer(entry, ctx, cfg)
             outcomes.append(None)
         except ConfigError as error:
             outcomes.append(str(error))
