@@ -68,8 +68,9 @@ def test_validate_and_train_refuse_with_the_same_line(tmp_path, case):
     if case.startswith("report to an integration that is not"):
         pytest.importorskip("transformers").integrations.is_neptune_available() and pytest.fail("neptune installed")
     (code, validated), (train_code, trained) = validate_and_train(tmp_path, *overrides)
-    assert code == train_code == 1
-    assert validated == trained  # the same refusal, from the same check
+    dry_code, _, dry = run_cli("train", str(tmp_path / "run.yaml"), *overrides, "--dry-run")
+    assert code == train_code == dry_code == 1
+    assert validated == trained == dry  # the same refusal, from the same check
     assert validated.count("\n") == 1  # one line
     if expected is None:
         assert validated.startswith("optiplug: training.report_to: unknown integration 'wandbb' (transformers knows:")
