@@ -35,13 +35,15 @@ class ConfigError(OptiplugError):
 class UnknownNameError(ConfigError, KeyError):
     """A config selects an optimizer or scheduler name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str, registered: Iterable[str], also: Iterable[str] = ()):
-        """``registered``: the names listed; ``also``: further names to suggest from (aliases)."""
+    def __init__(self, kind: str, name: str, registered: Iterable[str], also: Iterable[str] = (), note: str = ""):
+        """``registered``: the names listed; ``also``: further names to suggest from (aliases); ``note``: why it
+        may be missing (a plugin left out by OPTIPLUG_DISABLE_PLUGINS), said before any suggestion."""
         self.kind, self.name, self.registered = kind, name, sorted(registered)
         close = difflib.get_close_matches(str(name), [*self.registered, *sorted(also)], n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(self.registered) or "(none)"
-        super().__init__(f"unknown {kind} {name!r}.{hint}\n  registered: {listing} (see `optiplug list`)")
+        why = f" ({note})" if note else ""
+        super().__init__(f"unknown {kind} {name!r}{why}.{hint}\n  registered: {listing} (see `optiplug list`)")
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return str(self.args[0])

@@ -325,6 +325,11 @@ def build_scheduler(
     if steps < 0:
         raise ConfigError(f"num_training_steps: expected a positive number of steps (got {steps})")
     raw = unwrap_optimizer(optimizer)
+    if not isinstance(getattr(raw, "param_groups", None), list):  # the caller's mistake, not the plugin's
+        raise ConfigError(
+            f"build_scheduler: expected an optimizer (with param_groups) to schedule, got {type(optimizer).__name__}; "
+            "build it first (optiplug.build_optimizer(model, ...)) and pass it"
+        )
     if steps > 0:
         ctx = ScheduleContext(optimizer=raw, num_training_steps=steps)
     else:

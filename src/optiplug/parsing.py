@@ -53,7 +53,11 @@ def parse(
     elif value is None:
         value = {}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{kind}: expected a mapping with a 'name' key or a name, got {type(value).__name__}")
+        example = default()
+        raise ConfigError(
+            f"{kind}: expected a name ({kind}: {example}) or a mapping with a 'name' key "
+            f"({kind}: {{name: {example}, ...}}), got {_described(value)}"
+        )
     value = {**value, **(fields or {})}
     if "name" not in value:  # a section without a name configures the default entry
         value["name"] = default()
@@ -95,3 +99,14 @@ def validate(tables: Tables, kind: str, value: Mapping[str, Any]) -> Any:
         return config.model_validate(value)
     except ValidationError as error:
         raise ConfigError(format_validation_error(error, kind)) from None
+
+
+def _described(value: Any) -> str:
+    """A value as a YAML writer reads it: ``5 (a number)``, not its Python class (``ScalarInt``)."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value!r} (a number)"
+    if isinstance(value, (list, tuple)):
+        return f"{list(value)!r} (a list)"
+    return f"{value!r}"

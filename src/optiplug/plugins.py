@@ -78,6 +78,7 @@ class Plugins:
         self.pm.add_hookspecs(hookspecs)
         self._sources: dict[str, _Source] = {}
         self._failures: list[PluginFailure] = []
+        self.left_out: dict[str, str] = {}  # plugin -> the environment variable (and value) that left it out
 
     def add(
         self,
@@ -153,15 +154,20 @@ def load(group: str = ENTRY_POINT_GROUP, default_modules: tuple[str, ...] = DEFA
             raise RuntimeError(f"optiplug's default plugin {name!r} is broken: {problem}")
 
     allow = _env_list("OPTIPLUG_LOAD_PLUGINS")
-    for blocked in _env_list("OPTIPLUG_DISABLE_PLUGINS") or ():
+    deny = _env_list("OPTIPLUG_DISABLE_PLUGINS") or set()
+    for blocked in deny:
         plugins.pm.set_blocked(blocked)
     seen: set[str] = set()
-    for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+    points = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+    _warn_unknown_names(points, allow, deny)
+    for ep in points:
         dist = ep.dist.name if ep.dist is not None else None
         labels = {ep.name} | ({dist} if dist else set())
         if allow is not None and not labels & allow:
+            plugins.left_out[dist or ep.name] = f"OPTIPLUG_LOAD_PLUGINS={os.environ['OPTIPLUG_LOAD_PLUGINS']}"
             continue
         if any(plugins.pm.is_blocked(label) for label in labels):
+            plugins.left_out[dist or ep.name] = f"OPTIPLUG_DISABLE_PLUGINS={os.environ['OPTIPLUG_DISABLE_PLUGINS']}"
             continue
         name = dist or ep.name
         if name in seen or plugins.pm.has_plugin(name):
@@ -179,3 +185,17 @@ def load(group: str = ENTRY_POINT_GROUP, default_modules: tuple[str, ...] = DEFA
         if problem:
             plugins.fail(name, problem)
     return plugins
+
+
+def _warn_unknown_names(points: list[Any], allow: set[str] | None, deny: set[str]) -> None:
+    """One warning per variable naming plugins that are not installed (a typo would otherwise do nothing)."""
+    labels = {ep.name for ep in points} | {ep.dist.name for ep in points if ep.dist is not None}
+    for variable, names in (("OPTIPLUG_LOAD_PLUGINS", allow or set()), ("OPTIPLUG_DISABLE_PLUGINS", deny)):
+        unknown = sorted(names - labels)
+        if unknown:
+            warnings.warn(
+                f"optiplug: {variable} names no installed plugin {', '.join(repr(n) for n in unknown)} "
+                f"(installed: {', '.join(sorted({ep.name for ep in points})) or 'none'}; see `optiplug plugins`)",
+                RuntimeWarning,
+                stacklevel=4,
+            )

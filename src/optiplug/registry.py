@@ -17,8 +17,9 @@ working.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pluggy
@@ -26,7 +27,7 @@ import pluggy
 from optiplug import parsing, plugins, tables
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.entries import OptimizerEntry, Registered, SchedulerEntry
-from optiplug.errors import PluginError
+from optiplug.errors import PluginError, UnknownNameError
 from optiplug.plugins import DEFAULT_PLUGIN, DEFAULT_PLUGIN_MODULES, ENTRY_POINT_GROUP, PluginFailure, PluginInfo
 from optiplug.tables import KINDS, Resolved
 
@@ -172,7 +173,34 @@ class Registry:
         Raises:
             UnknownNameError, DuplicateNameError.
         """
-        return self._snapshot().resolve(kind, name, transformers=transformers)
+        with self._explained(kind):
+            return self._snapshot().resolve(kind, name, transformers=transformers)
+
+    def left_out_note(self) -> str:
+        """For an unknown name: the plugins OPTIPLUG_DISABLE_PLUGINS or OPTIPLUG_LOAD_PLUGINS left out ("": none)."""
+        left_out = self._loaded().left_out
+        if not left_out:
+            return ""
+        by_variable: dict[str, list[str]] = {}
+        for plugin, variable in sorted(left_out.items()):
+            by_variable.setdefault(variable, []).append(plugin)
+        why = "; ".join(
+            f"{variable} left out plugin{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            for variable, names in by_variable.items()
+        )
+        return f"{why}, which may register it: change that variable to load {'it' if len(left_out) == 1 else 'them'}"
+
+    @contextlib.contextmanager
+    def _explained(self, kind: str) -> Iterator[None]:
+        """An unknown name says which plugins OPTIPLUG_DISABLE_PLUGINS or OPTIPLUG_LOAD_PLUGINS left out."""
+        try:
+            yield
+        except UnknownNameError as error:
+            note = self.left_out_note()
+            if not note:
+                raise
+            also = self._snapshot().aliases[kind]
+            raise UnknownNameError(error.kind, error.name, error.registered, also=also, note=note) from None
 
     def default_name(self, kind: str) -> str:
         """The default plugin's default ``kind`` (what a section without a name selects): the ``DEFAULT`` of
@@ -211,9 +239,15 @@ class Registry:
             UnknownNameError, DuplicateNameError, ConfigError (one line per invalid field; a value that
             contradicts an alias's preset).
         """
-        return parsing.parse(
-            self._snapshot(), kind, value, fields, default=lambda: self.default_name(kind), transformers=transformers
-        )
+        with self._explained(kind):
+            return parsing.parse(
+                self._snapshot(),
+                kind,
+                value,
+                fields,
+                default=lambda: self.default_name(kind),
+                transformers=transformers,
+            )
 
     def validate(self, kind: str, value: Mapping[str, Any]) -> Any:
         """Validate a mapping with a registered ``name`` into that entry's config class (the one place that does).

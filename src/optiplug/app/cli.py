@@ -6,10 +6,13 @@ User errors print one line (``optiplug: ...``) and exit 1, without a traceback. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import traceback
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -225,11 +228,14 @@ def _find_name(name: str) -> Any:
                 return registry.resolve(kind, name, transformers=transformers)
             except UnknownNameError:
                 continue
+    names = registry.names("optimizer") + registry.names("scheduler")
+    aliases = [*registry.aliases("optimizer"), *registry.aliases("scheduler")]
+    note = registry.left_out_note()  # a plugin the environment left out, before any install hint
+    if note:
+        raise UnknownNameError("optimizer or scheduler", name, names, also=aliases, note=note)
     default = get_plugin_manager().get_plugin("optiplug:transformers")  # a transformers name it refuses
     if default is not None and getattr(default, "knows_transformers_name", lambda _: False)(name):
         raise ConfigError(default.transformers_hint(name))
-    names = registry.names("optimizer") + registry.names("scheduler")
-    aliases = [*registry.aliases("optimizer"), *registry.aliases("scheduler")]
     raise UnknownNameError("optimizer or scheduler", name, names, also=aliases)
 
 
@@ -412,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     :func:`optiplug.process_group.exit_process`: the process group destroyed, the exit handlers run,
     then ``os._exit``, so that no rank of a finished run aborts at exit beside gloo's threads.
     """
-    code = _main(argv)
+    with _one_line_warnings():
+        code = _main(argv)
     if argv is None:
         from optiplug.app.launch import under_launcher
 
@@ -421,6 +428,23 @@ def main(argv: list[str] | None = None) -> None:
 
             exit_process(code)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """optiplug's own warnings (a plugin that failed to load, an unknown name in OPTIPLUG_DISABLE_PLUGINS) print
+    as the one line they are, once, not with the file and source line of the code that warned."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            if str(message).startswith("optiplug: "):
+                print(message, file=sys.stderr if file is None else file)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _main(argv: list[str] | None) -> int:

@@ -112,8 +112,9 @@ class Estimate:
 
     ``state_source`` says where ``state_bytes`` came from: ``"analytic"`` (the entry's ``state_bytes``),
     ``"measured"`` (one step on the meta model), or None (unknown). The bytes are one process's of
-    ``processes`` under ``engine``; ``engine_check`` is None with one process, else ``"passed"``,
-    ``"refused: <sentence>"`` or ``"skipped: <why>"``.
+    ``processes`` under ``engine``; ``engine_check`` is ``"refused: <sentence>"`` when ``train`` would refuse
+    the optimizer for this model (one process) or under this launch, else None with one process, ``"passed"``
+    or ``"skipped: <why>"``.
     """
 
     optimizer: str
@@ -284,27 +285,24 @@ def engine_check(
     accumulation_steps: int = 1,
     max_grad_norm: float = 1.0,
 ) -> str | None:
-    """The checks a build runs (:func:`optiplug.factory.check_optimizer`, the one check path) under ``engine`` with
-    ``processes`` processes, on the meta model: None for one process,
-    else ``"passed"``, ``"refused: <sentence>"`` (refused there and not in one process) or ``"skipped: <why>"``."""
+    """The checks a build runs (:func:`optiplug.factory.check_optimizer`, the one check path, which ``train`` runs
+    before its first step) on the meta model, in one process and under ``engine`` with ``processes`` processes:
+    ``"refused: <sentence>"`` when either refuses (a LoRA model for muon, say), else None for one process,
+    ``"passed"`` or ``"skipped: <why>"``."""
     from optiplug.context import BuildContext
     from optiplug.factory import check_optimizer
 
-    if processes == 1:
-        return None
     entry = get_entry(cfg.name)
-    outcomes: list[str | None] = []
-    for launch in ((1, "ddp"), (processes, engine)):
+    launches = [(1, "ddp")] if processes == 1 else [(1, "ddp"), (processes, engine)]
+    for launch in launches:
         try:
             ctx = BuildContext(model=model, args=_launch_arguments(*launch, accumulation_steps, max_grad_norm))
             check_optimizer(entry, ctx, cfg)
-            outcomes.append(None)
         except ConfigError as error:
-            outcomes.append(str(error))
+            return f"refused: {error}"
         except Exception as error:  # a check that needs what a meta model or these arguments lack
-            return f"skipped: {type(error).__name__}: {error}"
-    alone, sharded = outcomes
-    return f"refused: {sharded}" if sharded is not None and alone is None else "passed"
+            return None if processes == 1 else f"skipped: {type(error).__name__}: {error}"
+    return None if processes == 1 else "passed"
 
 
 def _share(value: int, processes: int, sharded: bool) -> int:

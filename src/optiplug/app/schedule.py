@@ -14,7 +14,7 @@ import typer
 
 from optiplug.errors import ConfigError
 
-__all__ = ["command", "draw_schedule", "schedule_rates"]
+__all__ = ["command", "draw_schedule", "output_path", "schedule_rates"]
 
 FRACTIONS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
 """Where the printed points are, as fractions of the run."""
@@ -83,6 +83,44 @@ def _fields(items: list[str]) -> dict:
     return fields
 
 
+def output_path(path: Path) -> Path:
+    """The image file ``--output`` names, checked before anything is printed: a name without a suffix gets
+    ``.png`` (what matplotlib writes), another suffix must be a format matplotlib writes, and the file must be
+    writable (tried: created and removed again when it did not exist).
+
+    Raises:
+        ConfigError: one line saying what to do.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if path.is_dir():
+        raise ConfigError(f"--output: {str(path)!r} is a directory; give a file name (e.g. {path / 'schedule.png'})")
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        shown = ", ".join(f".{f}" for f in sorted(formats))
+        raise ConfigError(
+            f"--output: {str(path)!r}: matplotlib does not write {path.suffix!r} images; end the name with one of "
+            f"{shown} (no suffix: .png)"
+        )
+    if path.is_dir():
+        raise ConfigError(f"--output: {str(path)!r} is a directory; give a file name (e.g. {path / 'schedule.png'})")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--output: the directory {str(path.parent)!r} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"--output: cannot write {str(path)!r} ({error.strerror or error}); choose a file you can write"
+        ) from None
+    if not existed:
+        path.unlink()
+    return path
+
+
 def command(
     name: str = typer.Argument(..., help="A registered scheduler (`optiplug list --kind scheduler`)."),
     items: list[str] | None = typer.Argument(
@@ -100,9 +138,7 @@ def command(
     from optiplug.registry import parse_scheduler
 
     cfg = parse_scheduler({"name": name, **_fields(list(items or []))})
-    path = output if output is not None else Path(f"schedule-{cfg.name}.png")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--output: the directory {str(path.parent)!r} does not exist")
+    path = output_path(output if output is not None else Path(f"schedule-{cfg.name}.png"))
     rates = schedule_rates(cfg, steps)
     given = cfg.model_dump(exclude={"name"}, exclude_defaults=True)
     settings = ", ".join(f"{key}={value}" for key, value in given.items())
