@@ -670,8 +670,9 @@ def test_a_model_without_trainable_parameters_is_one_line(tmp_path):
         str(info.value)
         == NO_TRAINABLE_PARAMETERS
         == (
-            "the model has no trainable parameters (every parameter has requires_grad=False); "
-            "check finetuning.trainable or finetuning.target_modules, or unfreeze some parameters"
+            "the model has no trainable parameters (every parameter has requires_grad=False): unfreeze some "
+            "(param.requires_grad_(True)) or add adapters; in a run config, check finetuning.trainable or "
+            "finetuning.target_modules"
         )
     )
     with pytest.raises(ConfigError, match="no trainable parameters"):

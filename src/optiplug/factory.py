@@ -80,8 +80,9 @@ def _called(kind: str, name: str, what: str, call: Any, *arguments: Any) -> Any:
 
 
 NO_TRAINABLE_PARAMETERS = (
-    "the model has no trainable parameters (every parameter has requires_grad=False); "
-    "check finetuning.trainable or finetuning.target_modules, or unfreeze some parameters"
+    "the model has no trainable parameters (every parameter has requires_grad=False): unfreeze some "
+    "(param.requires_grad_(True)) or add adapters; in a run config, check finetuning.trainable or "
+    "finetuning.target_modules"
 )
 
 

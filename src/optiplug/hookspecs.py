@@ -28,4 +28,4 @@ def register_schedulers(register: Callable[[SchedulerEntry], None]) -> None:
 
 @hookspec
 def trainer_callbacks(trainer: Trainer, config: Any) -> list[TrainerCallback] | None:
-    """Return callbacks for every optiplug trainer, whatever the optimizer (``config``: the run config, or None)."""
+    """Return callbacks for every optiplug trainer, whatever the optimizer (``config``: the trainer's run_config)."""

@@ -142,7 +142,8 @@ class OptiTrainerMixin(_TrainerBase):
             for the default optimizer with the learning rate, betas, eps and weight decay of ``args``.
         scheduler: the scheduler, likewise; None uses ``args.lr_scheduler_type`` and its warmup.
         processor: a processor or tokenizer to save into every checkpoint and the output directory.
-        run_config: the :class:`RunConfig` when called from ``optiplug train`` (passed to hooks).
+        run_config: any object describing the run, handed unchanged to the ``trainer_callbacks`` hook as
+            ``config`` (``optiplug train`` passes its ``optiplug.app.RunConfig``; None by default).
         *args, **kwargs: the Trainer's own arguments (except ``optimizers``).
     """
 
@@ -256,7 +257,10 @@ class OptiTrainerMixin(_TrainerBase):
 
     def train(self, *args: Any, **kwargs: Any):
         if getattr(self.args, "fsdp", None) and not getattr(self, "is_fsdp_enabled", False):
-            logger.warning("training.fsdp is set but accelerate runs plain DDP here: FSDP needs GPUs")
+            logger.warning(
+                "TrainingArguments.fsdp (training.fsdp in a run config) is set but accelerate runs plain DDP here: "
+                "FSDP needs GPUs"
+            )
         self.check_optimizer()
         entry, cfg = self.optimizer_entry, self.optimizer_config
         callbacks = list(entry.callbacks(cfg)) if entry.callbacks else []
