@@ -45,6 +45,12 @@ CASES = {
         "training.eval_strategy='steps' needs evaluation data: hold out a share of the corpus with "
         "data.eval_ratio (e.g. 0.05), or give held-out text in data.eval_path",
     ),
+    "a schedule that follows the evaluation loss, without evaluation": (
+        ["scheduler.name=reduce_lr_on_plateau"],
+        "scheduler 'reduce_lr_on_plateau' changes the rate only after an evaluation, and eval_strategy is 'no': the "
+        "rate would never change; evaluate during training (an evaluation dataset and eval_strategy 'steps'), or "
+        "choose another scheduler",
+    ),
     "push to the hub": (
         ["training.push_to_hub=true"],
         "training.push_to_hub: a run never uploads (it must not need the network); remove it, and upload the "

@@ -29,6 +29,7 @@ __all__ = [
     "check_group_options",
     "check_optimizer",
     "check_param_groups",
+    "steps_on_evaluation",
 ]
 
 
@@ -261,12 +262,29 @@ def check_before_training(
     if num_training_steps <= 0:
         return [*left, f"scheduler {scheduler.name!r} (the run's step count comes from the data)"]
     try:
-        build_scheduler(built, scheduler, num_training_steps)
+        schedule = build_scheduler(built, scheduler, num_training_steps)
     except _Raised as error:
         if not meta:
             raise
         left.append(f"{error.what} ({error.cause})")
+        return left
+    strategy = getattr(ctx.args, "eval_strategy", None)
+    if steps_on_evaluation(schedule) and str(getattr(strategy, "value", strategy)) == "no":
+        raise ConfigError(
+            f"scheduler {scheduler.name!r} changes the rate only after an evaluation, and eval_strategy is 'no': the "
+            "rate would never change; evaluate during training (an evaluation dataset and eval_strategy 'steps'), "
+            "or choose another scheduler"
+        )
     return left
+
+
+def steps_on_evaluation(scheduler: Any) -> bool:
+    """True for a scheduler the Trainer steps with a metric after each evaluation, never after a training step
+    (torch's ``ReduceLROnPlateau``, transformers' ``GreedyLR``)."""
+    import torch
+    from transformers.optimization import GreedyLR
+
+    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))
 
 
 def check_param_groups(ctx: BuildContext, cfg: OptimizerConfig) -> None:

@@ -21,7 +21,7 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
-from optiplug.factory import build_from_entry, build_scheduler, check_optimizer
+from optiplug.factory import build_from_entry, build_scheduler, check_optimizer, steps_on_evaluation
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.layerwise import layerwise_stepper, owner_of
 from optiplug.patches import Patch, applied
@@ -118,11 +118,7 @@ def _follow_eval_loss(args: Any, scheduler: Any) -> None:
     ``TrainingArguments`` only defaults to ``"loss"`` when its own ``lr_scheduler_type`` is a plateau
     schedule; without it the first evaluation fails.
     """
-    import torch
-    from transformers.optimization import GreedyLR
-
-    follows_a_metric = (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR)
-    if isinstance(scheduler, follows_a_metric) and args.metric_for_best_model is None:
+    if steps_on_evaluation(scheduler) and args.metric_for_best_model is None:
         args.metric_for_best_model = "loss"
         if args.greater_is_better is None:
             args.greater_is_better = False
