@@ -1,10 +1,10 @@
-"""Sharded training acceptance: FSDP2 with N processes side by side with one process, per optimizer.
+"""Sharded training acceptance: FSDP2 and DeepSpeed ZeRO with N processes side by side with one process.
 
 Made for a machine with GPUs (one process per GPU, NCCL); the same logic runs on CPU (gloo) with
 ``--device cpu``, which is how it is tested and how the CPU figures in docs/benchmarks.md were measured::
 
     python benchmarks/gpu_acceptance.py                          # 2 GPUs: the 100M model (no GPUs: as --device cpu)
-    python benchmarks/gpu_acceptance.py --device cpu             # 2 processes on CPU, the tiny model (~1 minute)
+    python benchmarks/gpu_acceptance.py --device cpu             # 2 processes on CPU, the tiny model (~8 minutes)
     python benchmarks/gpu_acceptance.py --nproc 4 --size 27M --optimizers muon,adam_mini --trainer
 
 For each optimizer, every process (of ``--nproc``, started by torchrun) trains a ``fully_shard``-ed
@@ -23,6 +23,12 @@ side by side, then asserted:
   matrices, each process does some), and for Muon the share of Newton–Schulz FLOPs per process;
 - ``peak_mib``: on GPUs, ``torch.cuda.max_memory_allocated`` of the sharded run and of the one-process run.
 
+``--deepspeed`` (default when deepspeed is installed) trains muon (DeepSpeed's own Muon, bfloat16 Newton–Schulz:
+gap at most 2^-9), adamw and the three schedule-free optimizers under each ZeRO stage they allow, through the
+Trainer with ``--nproc`` processes, against one process with the whole batch (the same Trainer, no DeepSpeed):
+loss gap, exact resume from the half-way checkpoint, state per process (about 1/N at ZeRO-1/2/3) and Newton–Schulz
+FLOPs per process (ZeRO-0 repeats them on every process).
+
 ``--trainer`` (default on GPUs) also trains each optimizer for a few steps with ``optiplug train`` under
 torchrun and ``training.fsdp`` (accelerate's FSDP2 on GPUs; on CPU accelerate runs it as DDP) and asserts it
 finishes. Exit status 0 only when every assertion holds; the figures go to ``--results`` (default
@@ -32,6 +38,7 @@ finishes. Exit status 0 only when every assertion holds; the figures go to ``--r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -51,8 +58,17 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "apollo_mini": {"name": "apollo_mini", "update_proj_gap": 2},
     "adam_mini": {"name": "adam_mini", "lr": 3e-3},
     "schedule_free_adamw": {"name": "schedule_free_adamw", "lr": 1e-2, "warmup_steps": 2},
+    "schedule_free_radam": {"name": "schedule_free_radam", "lr": 1e-2},
+    "schedule_free_sgd": {"name": "schedule_free_sgd", "lr": 1e-2, "warmup_steps": 2},
 }
 """The sharded optimizers of issue 20, with AdamW as the baseline (settings that refresh projections in the run)."""
+
+ZERO_STAGES: dict[str, tuple[int, ...]] = {"muon": (0, 1, 2, 3), "adamw": (1, 2, 3), "schedule_free_adamw": (1, 2, 3),
+                                           "schedule_free_radam": (1, 2, 3), "schedule_free_sgd": (1, 2, 3)}  # fmt: skip
+"""What trains under DeepSpeed (``--deepspeed``), through the Trainer: Muon as DeepSpeed's own Muon, schedule-free
+with its switch carried into DeepSpeed's partitions, AdamW as the baseline. The stages each is allowed at (fp32)."""
+ZERO_GAP = {"muon": 2**-9}
+"""Loss gap allowed under DeepSpeed where it differs by design: DeepSpeed's Muon runs Newton–Schulz in bfloat16."""
 
 
 # ---- every process of the launch ------------------------------------------------------------------------
@@ -206,6 +222,126 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+# ---- DeepSpeed ZeRO through the Trainer (a launch of its own) ---------------------------------------------
+
+
+def zero_config(stage: int) -> dict[str, Any]:
+    """examples/muon-deepspeed-zero3.json at ``stage`` (without reduce-scatter, which DeepSpeed's Muon needs at 3)."""
+    config = json.loads((_common.HERE.parent / "examples" / "muon-deepspeed-zero3.json").read_text())
+    config["zero_optimization"] = config["zero_optimization"] if stage == 3 else {"stage": stage}
+    return config
+
+
+def zero_trainer(name: str, out: Path, batch: int, args: argparse.Namespace, **arguments: Any) -> Any:
+    import optiplug
+
+    vocab = _common.MODEL_SIZES[args.size].vocab
+    data = _common.TokenDataset(8, seq_len=args.seq, vocab=vocab)
+    data.ids = data.ids.repeat(args.steps * args.nproc * args.batch // 8 + 1, 1)  # the 8 blocks again and again
+    training = _common.training_args(out, max_steps=args.steps, per_device_train_batch_size=batch, logging_steps=1,
+                                     logging_strategy="steps", max_grad_norm=0.0, use_cpu=args.device == "cpu",
+                                     **arguments)  # fmt: skip
+    scheduler = "constant" if name.startswith("schedule_free") else None
+    optimizer = {"name": name} if name == "muon" else OPTIMIZERS.get(name, {"name": name})  # DeepSpeed's: bfloat16
+    return optiplug.OptiTrainer(model=_common.build_model(args.size), args=training, train_dataset=data,
+                                optimizer=optimizer, scheduler=scheduler)  # fmt: skip
+
+
+def zero_run(name: str, out: Path, batch: int, args: argparse.Namespace, **arguments: Any) -> dict[str, Any]:
+    """Train, then resume from the half-way checkpoint: losses, this process's state bytes and Newton–Schulz FLOPs."""
+    import optiplug
+    from optiplug.testing import logged_losses
+
+    try:
+        from optiplug_muon.engagement import tally
+    except ImportError:
+        tally = None
+    flops = tally.flops if tally is not None else 0
+    half = args.steps // 2
+    run = zero_trainer(name, out, batch, args, save_strategy="steps", save_steps=half, **arguments)
+    run.train()
+    client: Any = run.optimizer
+    while type(client).__module__.split(".")[0] in ("accelerate", "deepspeed") and hasattr(client, "optimizer"):
+        client = client.optimizer  # the optimizer DeepSpeed steps its partitions with
+    result = {
+        "losses": logged_losses(run),
+        "state": optiplug.tensor_bytes(client.state),
+        "ns_flops": (tally.flops - flops) if tally is not None else 0,
+    }
+    del run
+    resumed = zero_trainer(name, out.parent / f"{out.name}-resumed", batch, args, **arguments)
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{half}"))
+    result["resumed"] = {step: loss for step, loss in logged_losses(resumed).items() if step > half}
+    return result
+
+
+def zero_worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    args.nproc = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    root, results = Path(args.zero_worker), {}
+    for name in args.optimizers:
+        for stage in ZERO_STAGES.get(name, ()):
+            key = f"{name}@zero{stage}"
+            try:
+                results[key] = zero_run(name, root / key, args.batch, args, deepspeed=zero_config(stage))
+            except Exception as error:  # reported in the table; the others still run
+                results[key] = {"error": f"{type(error).__name__}: {error}"}
+            (root / f"zero-rank-{dist.get_rank()}.json").write_text(json.dumps(results))
+
+
+def zero_rows(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every (optimizer, stage) of ZERO_STAGES under DeepSpeed with ``--nproc`` processes, against one process."""
+    import torch
+
+    names = [name for name in args.optimizers if name in ZERO_STAGES]
+    if not names:
+        return [], []
+    command = [*_torchrun(args.nproc), str(Path(__file__).resolve()), "--zero-worker", str(root), "--device",
+               args.device, "--size", args.size, "--steps", str(args.steps), "--batch", str(args.batch), "--seq",
+               str(args.seq), "--optimizers", ",".join(names)]  # fmt: skip
+    env = _environment()
+    if args.device == "cpu":
+        env["TORCHDYNAMO_DISABLE"] = "1"  # DeepSpeed compiles its Newton–Schulz: once per process, minutes on CPU
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+    files = [root / f"zero-rank-{rank}.json" for rank in range(args.nproc)]
+    if done.returncode != 0 or not all(path.exists() for path in files):
+        raise SystemExit(f"the DeepSpeed launch failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
+    per_rank = [json.loads(path.read_text()) for path in files]
+    rows, failed = [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name in names:
+        single = zero_run(name, root / f"{name}-one-process", args.nproc * args.batch, args)
+        for stage in ZERO_STAGES[name]:
+            got = [ranks[f"{name}@zero{stage}"] for ranks in per_rank]
+            if any("error" in g for g in got):
+                error = next(g["error"] for g in got if "error" in g)
+                rows.append({"optimizer": name, "engine": f"ZeRO-{stage}", "error": error})
+                failed.append(f"{name} ZeRO-{stage}: {error}")
+                continue
+            losses, reference = got[0]["losses"], {str(k): v for k, v in single["losses"].items()}
+            gap = max(abs(losses[k] - reference[k]) / abs(reference[k]) for k in reference)
+            tail = {k: losses[k] for k in got[0]["resumed"]}
+            flops = [g["ns_flops"] for g in got]
+            shares = [g["state"] / single["state"] for g in got]
+            row = {"optimizer": name, "engine": f"ZeRO-{stage}", "device": f"{args.device} x{args.nproc}",
+                   "model": args.size, "steps": args.steps, "loss_gap": gap, "resume_exact": got[0]["resumed"] == tail,
+                   "state_bytes_per_rank": "/".join(str(g["state"]) for g in got), "state_bytes_single": single["state"],
+                   "state_share_max": max(shares),
+                   "ns_flops_share": "/".join(f"{f / single['ns_flops']:.2f}" for f in flops) if sum(flops) else None}  # fmt: skip
+            rows.append(row)
+            allowed = ZERO_GAP.get(name, args.rtol)
+            if gap > allowed:
+                failed.append(f"{name} ZeRO-{stage}: loss gap {gap:.2e} above {allowed:g}")
+            if not row["resume_exact"]:
+                failed.append(f"{name} ZeRO-{stage}: the resumed run's losses differ")
+            if stage >= 1 and max(shares) > 1.2 / args.nproc:
+                failed.append(f"{name} ZeRO-{stage}: a process holds {max(shares):.2f} of one process's state")
+    torch.set_num_threads(threads)
+    return rows, failed
+
+
 # ---- the parent: launch, then compare ------------------------------------------------------------------
 
 
@@ -245,6 +381,7 @@ def row_of(name: str, per_rank: list[dict[str, Any]], args: argparse.Namespace) 
     shares = [got["state_sharded"] / got["state_single"] for got in per_rank]
     row: dict[str, Any] = {
         "optimizer": name,
+        "engine": "FSDP2",
         "device": f"{args.device} x{n}",
         "model": args.size,
         "steps": args.steps,
@@ -317,16 +454,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtol", type=float, default=None, help="loss gap allowed (default: 1e-5 cpu, 1e-4 cuda)")
     parser.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=None,
                         help="also run optiplug train with training.fsdp (default: on cuda only)")  # fmt: skip
+    parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=None,
+                        help="also train muon, schedule_free_adamw and adamw under DeepSpeed ZeRO through the Trainer "
+                        "(default: when deepspeed is installed)")  # fmt: skip
     parser.add_argument("--results", default=str(_common.RESULTS_DIR / "gpu_acceptance.json"))
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--zero-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
         import torch
 
         enough = torch.cuda.is_available() and torch.cuda.device_count() >= args.nproc
         args.device = "cuda" if enough else "cpu"
-        if not enough and not args.worker:
+        if not enough and not (args.worker or args.zero_worker):
             print(f"gpu_acceptance: fewer than {args.nproc} CUDA devices here: CPU figures (gloo, --device cpu)")
     cpu = args.device == "cpu"
     args.size = args.size or ("tiny" if cpu else "100M")
@@ -335,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     args.optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     if args.worker:
         worker(args)
+        return 0
+    if args.zero_worker:
+        zero_worker(args)
         return 0
     if not cpu:
         import torch
@@ -350,21 +494,28 @@ def main(argv: list[str] | None = None) -> int:
             row, problems = row_of(name, [got[name] for got in per_rank], args)
             rows.append(row)
             failed += problems
+        zero: list[dict[str, Any]] = []
+        if args.deepspeed if args.deepspeed is not None else importlib.util.find_spec("deepspeed") is not None:
+            zero, problems = zero_rows(args, root)
+            failed += problems
         trained: list[dict[str, Any]] = []
         if args.trainer if args.trainer is not None else not cpu:
             trained, problems = trainer_runs(args, root)
             failed += problems
     print(_table(rows))
+    if zero:
+        print(_table(zero))
     if trained:
         print(_table(trained))
     notes = (f"{args.nproc} processes ({'gloo, CPU' if cpu else 'NCCL, one GPU each'}), model {args.size}, "
              f"{args.steps} steps of {args.nproc} x {args.batch} sequences of {args.seq} tokens, float32; "
              f"command: python benchmarks/gpu_acceptance.py --device {args.device}. "
              + ("CPU figures: no GPU was used." if cpu else "GPU figures."))  # fmt: skip
-    title = f"Sharded acceptance: FSDP2 ({args.nproc} processes) vs one process, per optimizer ({args.device})"
+    title = (f"Sharded acceptance: FSDP2 and DeepSpeed ZeRO ({args.nproc} processes) vs one process, per optimizer "
+             f"({args.device})")  # fmt: skip
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"title": title, "rows": rows + trained, "notes": notes}, indent=2) + "\n")
+    path.write_text(json.dumps({"title": title, "rows": rows + zero + trained, "notes": notes}, indent=2) + "\n")
     for line in failed:
         print(f"FAILED {line}")
     print("all assertions hold" if not failed else f"{len(failed)} assertion(s) failed")

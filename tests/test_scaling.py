@@ -1,8 +1,8 @@
 """docs/scaling.md's table of optimizers x engines is the registry's truth: each cell's verdict is what the checks say.
 
 The table is parsed; for every row (its optimizers, its settings) and every engine (DDP, DeepSpeed ZeRO-0..3,
-FSDP version 1 and 2, 2 processes) the checks a run goes through before its first step (the entry's ``check``,
-the core's layerwise and offload checks) run on a tiny Llama with that engine's ``TrainingArguments`` fields:
+FSDP version 1 and 2, 2 processes) the checks a run goes through before its first step (``optiplug.factory.check_optimizer``,
+the one check path: the entry's ``check``, the core's layerwise and offload rules, ...) run on a tiny Llama with that engine's ``TrainingArguments`` fields:
 a "refused" cell must be refused with a message carrying its quoted words, any other cell must pass (with the
 settings the cell names, such as ``max_grad_norm: 0``). Every registered optimizer and every bridged one must
 have a row, and every "tested here" cell a note naming test files that exist. No training: checks only.
@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 import optiplug
-from optiplug.layerwise import check_layerwise
-from optiplug.offload import check_offload
+from optiplug.factory import check_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"
@@ -128,10 +127,7 @@ def _verdict(name: str, fields: dict[str, Any], engine: str, cell_settings: dict
     cfg = optiplug.parse_optimizer({"name": name, **fields})
     ctx = optiplug.BuildContext(model=model, args=_arguments(engine, cell_settings))
     try:
-        if entry.check is not None:
-            entry.check(ctx, cfg)
-        check_layerwise(entry, ctx, cfg)
-        check_offload(entry, ctx, cfg)
+        check_optimizer(entry, ctx, cfg)
     except optiplug.ConfigError as error:
         message = " ".join(str(error).split())
         if engine != "none" and message == _verdict(name, fields, "none", cell_settings, model):
