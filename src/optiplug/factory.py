@@ -235,7 +235,7 @@ def check_before_training(
     errors may need real tensors: it is not refused but returned, to run when training starts.
 
     Returns:
-        The checks left to the run, each ``"what: why"``.
+        The checks left to the run, each ``"what (why)"``.
 
     Raises:
         ConfigError, MissingDependencyError, PluginError.
