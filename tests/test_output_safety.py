@@ -114,13 +114,15 @@ class _Callback:
         return [callback()]
 
 
-def _train_in_a_child(overrides: list[str]) -> int:
-    """``optiplug.app.train`` in a forked process; its exit code (negative: the signal that ended it)."""
+def _train_in_a_child(overrides: list[str], before=None) -> int:
+    """``optiplug.app.train`` in a forked process (``before()`` first); its exit code (negative: the signal)."""
 
     def target() -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # not the test worker's pipes
             os.dup2(devnull, fd)
+        if before is not None:
+            before()
         train(overrides=overrides, quiet=True)
 
     child = multiprocessing.get_context("fork").Process(target=target)
@@ -161,6 +163,30 @@ def test_a_killed_run_refuses_an_overwrite_and_keeps_the_users_file(capsys, tmp_
     record = json.loads((out / MARKER).read_text())
     assert record["status"] == "finished" and "checkpoint-2" in record["files"] and "README.md" not in record["files"]
     assert (out / "README.md").read_text() == "my notes"
+
+
+def test_a_run_killed_while_saving_a_checkpoint_recorded_it_first(capsys, tmp_path):
+    """kill -9 in the middle of writing checkpoint-2 (its optimizer state): the marker named checkpoint-2 before
+    it was written, so the half-written checkpoint is the run's, and an overwrite removes it."""
+
+    def killed_while_saving() -> None:
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if "checkpoint-2" in str(f):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *args, **kwargs)
+
+        torch.save = save
+
+    out = tmp_path / "out"
+    code = _train_in_a_child([*FAST, "training.save_steps=2", f"training.output_dir={out}"], killed_while_saving)
+    assert code == -signal.SIGKILL
+    record = json.loads((out / MARKER).read_text())
+    assert record["status"] == "running" and record["files"] == ["checkpoint-2", MARKER]
+    assert not (out / "checkpoint-2" / "trainer_state.json").exists()
+    train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={out}", OVERWRITE], quiet=True)
+    assert not (out / "checkpoint-2").exists() and json.loads((out / MARKER).read_text())["status"] == "finished"
 
 
 def test_a_marker_without_a_list_of_files_refuses(capsys, earlier):

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from optiplug.app.safety import CHECKPOINT_RECORD, DivergedError, last_checkpoint
 from optiplug.trainer import OptiTrainer
 
-__all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer", "OutputDirCallback"]
+__all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer", "OutputDirCallback", "OutputDirIntent"]
 
 
 class GuardedTrainer(OptiTrainer):
@@ -216,3 +216,15 @@ class OutputDirCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.output.record()
+
+
+class OutputDirIntent(TrainerCallback):
+    """Added last, after the Trainer's flow callback decided: the checkpoint about to be saved is recorded in the
+    marker before it is written (:meth:`~optiplug.app.safety.OutputDir.expect`)."""
+
+    def __init__(self, output: Any):
+        self.output = output
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if control.should_save:
+            self.output.expect([f"checkpoint-{state.global_step}"])

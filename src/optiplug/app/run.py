@@ -512,7 +512,13 @@ def _train(
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
     from optiplug.app.evaluation import evaluation_losses
-    from optiplug.app.guards import CheckpointRecordCallback, DivergenceCallback, GuardedTrainer, OutputDirCallback
+    from optiplug.app.guards import (
+        CheckpointRecordCallback,
+        DivergenceCallback,
+        GuardedTrainer,
+        OutputDirCallback,
+        OutputDirIntent,
+    )
     from optiplug.app.header import add_header
     from optiplug.app.safety import last_checkpoint
 
@@ -539,6 +545,7 @@ def _train(
         trainer.mark_optimizer_checked()
     if output is not None:  # the output directory changes only once the optimizer and scheduler are built
         trainer.callback_handler.callbacks.insert(0, OutputDirCallback(output, stale=[SUMMARY_FILE]))
+        trainer.add_callback(OutputDirIntent(output))
 
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()

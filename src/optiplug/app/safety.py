@@ -259,6 +259,7 @@ class OutputDir:
     started: str = ""
     begun: bool = False
     _present: set[str] = field(default_factory=set)
+    _expected: set[str] = field(default_factory=set)
 
     def begin(self, stale: Iterable[str] = ()) -> None:
         """Just before the first step, every check passed: remove the earlier run being replaced (and the
@@ -286,7 +287,15 @@ class OutputDir:
         """What this run (and the earlier run it continues) wrote: never an entry that was there before it
         and that no marker listed."""
         ours = [name for name in _entries(self.path) if name in self.kept or name not in self._present]
-        return sorted({MARKER, *ours} - {MARKER_TMP})
+        return sorted({MARKER, *ours, *self._expected} - {MARKER_TMP})
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Record, before writing them, entries this run is about to write (the next ``checkpoint-N``): a run
+        killed while writing one leaves it listed, hence removable, and a resumed run that writes it again owns it.
+        """
+        if self.main and self.begun:
+            self._expected.update(names)
+            self.record()
 
     def record(self) -> None:
         """Record the files written so far (after each checkpoint): a run killed later is judged by this list."""
@@ -306,6 +315,7 @@ class OutputDir:
             self._remove_created()
             return None
         try:
+            self._expected = {name for name in self._expected if (self.path / name).exists()}
             if self.files() == [MARKER] and not self.kept and status != "finished":
                 (self.path / MARKER).unlink(missing_ok=True)
                 (self.path / MARKER_TMP).unlink(missing_ok=True)
