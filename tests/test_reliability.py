@@ -504,7 +504,8 @@ def test_compare_passes_the_timeout_on(capsys, tmp_path, monkeypatch):
 
 
 def _read_only(path: Path):
-    """Make ``path`` unwritable even for root (chattr +i, else a read-only bind mount); None if neither works."""
+    """Make ``path`` unwritable even for root (chattr +i, else a read-only bind mount, else chmod when not root);
+    None where none works (root in a container without them)."""
     path.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
         return ["chattr", "-i", str(path)]
@@ -516,22 +517,34 @@ def _read_only(path: Path):
     return None
 
 
+def _refused_before_training(capsys, tmp_path, locked: Path, outputs: list[Path]) -> None:
+    for out in outputs:
+        code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+        assert code == 1
+        assert err.startswith(f"optiplug: training.output_dir: cannot write in '{locked}' (")
+        assert err.endswith("); choose a directory you can write\n") and "Traceback" not in err
+        code, _, err2 = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.output_dir={out}")
+        assert code == 1 and err2 == err
+
+
 def test_an_unwritable_output_directory_is_one_line_before_training(capsys, tmp_path):
     locked = tmp_path / "locked"
     undo = _read_only(locked)
-    if undo is None:
-        pytest.skip("running as root without chattr +i or a read-only bind mount: cannot make a directory unwritable")
+    if undo is None:  # root without chattr or mounts (a CI container): /proc takes no new entry, even from root
+        _refused_before_training(capsys, tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
+        assert not (Path("/proc") / "optiplug-run").exists()
+        return
     try:
-        for out in (locked, locked / "run"):
-            code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
-            assert code == 1
-            assert err.startswith(f"optiplug: training.output_dir: cannot write in '{locked}' (")
-            assert err.endswith("); choose a directory you can write\n") and "Traceback" not in err
-            code, _, err2 = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.output_dir={out}")
-            assert code == 1 and err2 == err
+        _refused_before_training(capsys, tmp_path, locked, [locked, locked / "run"])
     finally:
         subprocess.run(undo, check=True)
     assert not any(locked.iterdir())
+
+
+def test_a_directory_no_one_can_write_in_is_one_line_everywhere(capsys, tmp_path):
+    """Runs as root without chattr or mounts too: /proc takes no new entry, whoever asks."""
+    _refused_before_training(capsys, tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
+    assert not (Path("/proc") / "optiplug-run").exists()
 
 
 def test_an_output_directory_under_a_file_is_one_line(capsys, tmp_path):
