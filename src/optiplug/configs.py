@@ -39,10 +39,11 @@ def _leaf_types(annotation: Any) -> set[type]:
 
 
 def coerce_scalar(annotation: Any, value: Any) -> Any:
-    """Fit a value read from YAML or the command line to the field's type, before pydantic validates it.
+    """Fit a value to the field's type before pydantic validates it.
 
-    - A number for a field that takes text but no number becomes the text the user typed
-      (``run_name=1e3`` -> ``"1e3"``; YAML numbers carry ``source_text``).
+    - A number for a field that takes text but no number becomes text: the text it was written as when
+      the number carries it in a ``source_text`` attribute (any reader may set it; the app's YAML reader
+      does: ``run_name=1e3`` -> ``"1e3"``), else ``str(number)``.
     - A boolean for a numeric field is refused (pydantic would read ``true`` as 1).
 
     Raises:

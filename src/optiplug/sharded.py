@@ -41,8 +41,11 @@ __all__ = ["assign_owners", "chunk_sizes", "is_sharded", "sharded_matrix_step"]
 
 try:
     from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # a torch built without distributed support: nothing is ever sharded
-    DTensor = None  # type: ignore[assignment,misc]
+except ImportError:
+    try:  # torch 2.4 (the declared floor) keeps DTensor in a private module: FSDP2 parameters are DTensors there too
+        from torch.distributed._tensor import DTensor, Replicate
+    except ImportError:  # a torch built without distributed support: nothing is ever sharded
+        DTensor = None  # type: ignore[assignment,misc]
 
 
 def is_sharded(tensor: Any) -> bool:
