@@ -216,15 +216,17 @@ def test_schedules_that_follow_a_metric_follow_the_eval_loss(scheduler, tmp_path
     evaluation of an OptiTrainer with such a schedule failed ('NoneType' object has no attribute 'startswith')."""
     from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
+    evaluating = {"eval_strategy": "steps", "eval_steps": 2}  # a run that never evaluates is refused
     trainer = optiplug.OptiTrainer(
-        model=tiny_llama(), args=training_args(tmp_path), train_dataset=TokenBlocks(n=8), scheduler=scheduler
-    )
+        model=tiny_llama(), args=training_args(tmp_path, **evaluating), train_dataset=TokenBlocks(n=8),
+        eval_dataset=TokenBlocks(n=4), scheduler=scheduler,
+    )  # fmt: skip
     assert trainer.args.metric_for_best_model is None
     trainer.create_optimizer_and_scheduler(num_training_steps=6)
     assert (trainer.args.metric_for_best_model, trainer.args.greater_is_better) == ("loss", False)
     other = optiplug.OptiTrainer(
-        model=tiny_llama(), args=training_args(tmp_path, metric_for_best_model="eval_accuracy"),
-        train_dataset=TokenBlocks(n=8), scheduler=scheduler,
+        model=tiny_llama(), args=training_args(tmp_path, metric_for_best_model="eval_accuracy", **evaluating),
+        train_dataset=TokenBlocks(n=8), eval_dataset=TokenBlocks(n=4), scheduler=scheduler,
     )  # fmt: skip
     other.create_optimizer_and_scheduler(num_training_steps=6)
     assert other.args.metric_for_best_model == "eval_accuracy"  # the user's metric is kept

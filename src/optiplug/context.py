@@ -222,3 +222,16 @@ class ScheduleContext:
     def warmup_steps(self, steps: int = 0, ratio: float = 0.0) -> int:
         """``steps`` when positive, else ``ceil(ratio * num_training_steps)``."""
         return int(steps) if steps and steps > 0 else math.ceil(float(ratio or 0.0) * self.num_training_steps)
+
+    def check_warmup(self, scheduler: str, steps: int = 0, ratio: float = 0.0) -> None:
+        """Raise :class:`ConfigError` when the warmup (:meth:`warmup_steps`) is not shorter than the run: the
+        rate would never reach its peak. For an entry's ``check``; ``scheduler`` names it in the sentence."""
+        from optiplug.errors import ConfigError
+
+        warmup, total = self.warmup_steps(steps, ratio), self.num_training_steps
+        if warmup >= total:
+            given = f"warmup_steps={steps}" if steps and steps > 0 else f"warmup_ratio={ratio:g} ({warmup} steps)"
+            raise ConfigError(
+                f"scheduler {scheduler!r}: {given} is not shorter than the run's {total} steps, so the rate would "
+                "never reach the optimizer's learning rate: shorten the warmup or train longer"
+            )

@@ -255,6 +255,11 @@ class SchedulerEntry(Generic[C]):
             takes by default, any of ``decay_type``, ``min_lr_ratio`` and ``num_cycles`` (WSD: its own
             decay), or ``{}`` for a schedule without one (``constant``: the cooldown's own). None:
             a cooldown from such a checkpoint is refused.
+        check: ``check(ctx, cfg)``, the schedule's compatibility rules for a run of
+            ``ctx.num_training_steps`` steps (a warmup not shorter than the run); raise
+            :class:`ConfigError` with a sentence. Run when the scheduler is built (by the Trainer,
+            ``build_scheduler``, and ``optiplug validate``/``train`` before anything is written, on the
+            optimizer built on the model's skeleton, when the run's step count is known in advance).
     """
 
     config: _ConfigField[C] = _ConfigField()  # a class, or a LazyConfig loaded on first read
@@ -264,6 +269,7 @@ class SchedulerEntry(Generic[C]):
     describe: Callable[[ScheduleContext, C], str] | None = None
     aliases: tuple[Alias, ...] = ()
     cooldown: Callable[[C], Mapping[str, Any]] | None = None
+    check: Callable[[ScheduleContext, C], None] | None = None
 
     def __post_init__(self) -> None:
         name = _entry_name(self, SchedulerConfig, "scheduler")

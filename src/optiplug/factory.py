@@ -26,6 +26,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "check_before_training",
+    "check_evaluated",
     "check_group_options",
     "check_optimizer",
     "check_param_groups",
@@ -268,14 +269,20 @@ def check_before_training(
             raise
         left.append(f"{error.what} ({error.cause})")
         return left
-    strategy = getattr(ctx.args, "eval_strategy", None)
+    check_evaluated(schedule, scheduler.name, ctx.args)
+    return left
+
+
+def check_evaluated(schedule: Any, name: str, args: Any) -> None:
+    """Refuse a schedule the Trainer steps only after an evaluation (:func:`steps_on_evaluation`) when the
+    arguments never evaluate: its rate would never change (checked for the app's runs and for any OptiTrainer)."""
+    strategy = getattr(args, "eval_strategy", None)
     if steps_on_evaluation(schedule) and str(getattr(strategy, "value", strategy)) == "no":
         raise ConfigError(
-            f"scheduler {scheduler.name!r} changes the rate only after an evaluation, and eval_strategy is 'no': the "
+            f"scheduler {name!r} changes the rate only after an evaluation, and eval_strategy is 'no': the "
             "rate would never change; evaluate during training (an evaluation dataset and eval_strategy 'steps'), "
             "or choose another scheduler"
         )
-    return left
 
 
 def steps_on_evaluation(scheduler: Any) -> bool:
@@ -334,8 +341,9 @@ def build_scheduler(
         **fields: config fields overriding ``config``'s (``warmup_steps=100``).
 
     Raises:
-        UnknownNameError, ConfigError (also for a missing ``num_training_steps``), MissingDependencyError,
-        PluginError (the entry's factory raised).
+        UnknownNameError, ConfigError (also for a missing ``num_training_steps``, and from the entry's
+        ``check``: a warmup not shorter than the run), MissingDependencyError, PluginError (the entry's
+        factory raised).
     """
     cfg = parse_scheduler(config, **fields)
     entry = get_scheduler_entry(cfg.name)
@@ -351,6 +359,8 @@ def build_scheduler(
         )
     if steps > 0:
         ctx = ScheduleContext(optimizer=raw, num_training_steps=steps)
+        if entry.check is not None:
+            entry.check(ctx, cfg)
     else:
         ctx = _StepsUnknown(optimizer=raw, num_training_steps=0)
         ctx.scheduler_name = entry.name  # type: ignore[attr-defined]

@@ -21,7 +21,7 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
-from optiplug.factory import build_from_entry, build_scheduler, check_optimizer, steps_on_evaluation
+from optiplug.factory import build_from_entry, build_scheduler, check_evaluated, check_optimizer, steps_on_evaluation
 from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.layerwise import layerwise_stepper, owner_of
 from optiplug.patches import Patch, applied
@@ -236,6 +236,7 @@ class OptiTrainerMixin(_TrainerBase):
             if self._scheduler_warmup_from_args and "warmup_steps" in type(self.scheduler_config).model_fields:
                 fields["warmup_steps"] = self.args.get_warmup_steps(num_training_steps)
             self.lr_scheduler = build_scheduler(raw, self.scheduler_config, num_training_steps, **fields)
+            check_evaluated(self.lr_scheduler, self.scheduler_config.name, self.args)
             self._created_lr_scheduler = True
             _follow_eval_loss(self.args, self.lr_scheduler)
         return self.lr_scheduler

@@ -230,6 +230,26 @@ def _check_fits(model: Any, dataset: Any) -> None:
     _check_positions(model, dataset.block_size)
 
 
+PURE_FLOAT16 = (
+    "model.dtype=float16 would train float16 weights with float16 optimizer state and no loss scaling: small "
+    "gradients and Adam's squared gradients underflow and the loss diverges; use model.dtype=bfloat16, or "
+    "model.dtype=float32 with training.fp16=true (mixed precision), or a LoRA adapter (finetuning.type=lora "
+    "trains it in float32)"
+)
+
+
+def _check_float16(model: Any) -> None:
+    """No trainable parameter is float16 (a LoRA adapter on a float16 model is float32).
+
+    Pure float16 training is refused rather than given float32 master weights: that is mixed precision, which
+    ``training.fp16`` with a float32 model already is (with loss scaling), for every optimizer.
+    """
+    import torch
+
+    if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        raise ConfigError(PURE_FLOAT16)
+
+
 def _check_positions(model: Any, block_size: int) -> None:
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions and block_size > positions:
@@ -275,6 +295,7 @@ def check_run(cfg: RunConfig) -> tuple[Any, list[str]]:
     with _no_zero3_init():
         model = meta_model(cfg.model, cfg.finetuning)
     _check_positions(model, cfg.data.block_size)
+    _check_float16(model)
     ctx = BuildContext(model=model, args=args, scheduler_config=cfg.scheduler)
     # A cooldown's schedule replaces the configured one (app/cooldown.py); the step count is known unless it
     # comes from the data (training.num_train_epochs).

@@ -464,7 +464,8 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
         engine: DeepSpeed or FSDP (they store the optimizer state in their own layout: not checked here).
 
     Raises:
-        CheckpointError: a missing optimizer state, a truncated file, or a config that differs.
+        CheckpointError: a missing optimizer state, a truncated file, a missing or unreadable
+            :data:`CHECKPOINT_RECORD`, or a config that differs.
     """
     path = Path(checkpoint)
     field_name = "training.resume_from_checkpoint"
@@ -482,10 +483,7 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
                     f"{field_name}: {str(state)!r} cannot be loaded: {problem}; resume from another checkpoint"
                 )
     check_weight_files(path, field_name)
-    try:
-        record = json.loads((path / CHECKPOINT_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # saved by another program or an older optiplug: nothing to compare
+    record = _checkpoint_record(path, checkpoint, field_name)
     for kind, config in (("optimizer", optimizer), ("scheduler", scheduler)):
         saved, now = record.get(kind) or {}, config.model_dump(mode="json")
         if saved.get("name") != now.get("name"):
@@ -499,6 +497,31 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
                 f"{field_name}: {', '.join(changed)}: a resumed run continues the checkpoint's {kind} state; "
                 f"drop the change, or start a new run (from its weights: model.name_or_path={checkpoint})"
             )
+
+
+def _checkpoint_record(path: Path, checkpoint: str, field_name: str) -> dict[str, Any]:
+    """The checkpoint's :data:`CHECKPOINT_RECORD`. Without one (a plain Trainer's checkpoint, or another program's)
+    nothing says which optimizer and schedule the state belongs to, and the Trainer would continue the
+    checkpoint's own rates and optimizer settings whatever the run's sections say: refused, never guessed."""
+    file = path / CHECKPOINT_RECORD
+    if not file.is_file():
+        raise CheckpointError(
+            f"{field_name}: {checkpoint!r} has no {CHECKPOINT_RECORD} (it was not saved by optiplug train), so "
+            "nothing says which optimizer and schedule it was trained with, and a resume would continue its own "
+            "learning rates and optimizer settings whatever the optimizer and scheduler sections say; start a new "
+            f"run from its weights (model.name_or_path={checkpoint})"
+        )
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict):
+        raise CheckpointError(
+            f"{field_name}: {str(file)!r} cannot be read as optiplug's record of the checkpoint's optimizer and "
+            f"scheduler; resume from another checkpoint, or start a new run from its weights "
+            f"(model.name_or_path={checkpoint})"
+        )
+    return record
 
 
 def _differing(saved: dict[str, Any], now: dict[str, Any], config: Any) -> Iterable[str]:

@@ -34,6 +34,10 @@ class _Warmup(SchedulerConfig):
     def warmup(self, ctx: ScheduleContext) -> int:
         return ctx.warmup_steps(self.warmup_steps, self.warmup_ratio)
 
+    def check(self, ctx: ScheduleContext) -> None:
+        """Refuse a warmup not shorter than the run (the entry's ``check``, for every schedule with a warmup)."""
+        ctx.check_warmup(self.name, self.warmup_steps, self.warmup_ratio)
+
     def after_warmup(self, steps: int) -> str:
         """What the rate does over the ``steps`` after warmup, in a few words (the run header)."""
         return f"{self.name} for {steps} steps"
@@ -182,6 +186,10 @@ class WarmupStableDecayConfig(_Warmup):
             raise ValueError("set decay_steps or decay_ratio, not both")
         return self
 
+    def check(self, ctx: ScheduleContext) -> None:
+        self.lengths(ctx)  # warmup and decay fit in the run; with stable_steps given, the warmup alone must
+        super().check(ctx)
+
     def lengths(self, ctx: ScheduleContext) -> tuple[int, int, int]:
         """``(warmup, stable, decay)`` steps for this run."""
         import math
@@ -209,6 +217,11 @@ class ReduceLROnPlateauConfig(SchedulerConfig):
     patience: int = Field(10, ge=0)
     threshold: float = Field(1e-4, ge=0)
     min_lr: float = Field(0.0, ge=0)
+
+
+def check_warmup(ctx: ScheduleContext, cfg: _Warmup) -> None:
+    """A schedule with a warmup: the warmup must be shorter than the run (WSD: warmup and decay fit in it)."""
+    cfg.check(ctx)
 
 
 def build_linear(ctx: ScheduleContext, cfg: LinearConfig):
@@ -376,18 +389,27 @@ def describe_plateau(ctx: ScheduleContext, cfg: ReduceLROnPlateauConfig) -> str:
 def register_schedulers(register):
     register(
         SchedulerEntry(
-            config=LinearConfig, describe=describe_warmup, build=build_linear, summary="linear decay to 0 after warmup"
+            config=LinearConfig,
+            describe=describe_warmup,
+            check=check_warmup,
+            build=build_linear,
+            summary="linear decay to 0 after warmup",
         )
     )
     register(
         SchedulerEntry(
-            config=CosineConfig, describe=describe_warmup, build=build_cosine, summary="cosine decay to 0 after warmup"
+            config=CosineConfig,
+            describe=describe_warmup,
+            check=check_warmup,
+            build=build_cosine,
+            summary="cosine decay to 0 after warmup",
         )
     )
     register(
         SchedulerEntry(
             config=CosineWithRestartsConfig,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_cosine_with_restarts,
             summary="cosine with hard restarts",
         )
@@ -396,6 +418,7 @@ def register_schedulers(register):
         SchedulerEntry(
             config=PolynomialConfig,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_polynomial,
             summary="polynomial decay to lr_end",
         )
@@ -414,6 +437,7 @@ def register_schedulers(register):
             config=ConstantWithWarmupConfig,
             cooldown=own_cooldown,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_constant_with_warmup,
             summary="constant after warmup",
         )
@@ -422,6 +446,7 @@ def register_schedulers(register):
         SchedulerEntry(
             config=InverseSqrtConfig,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_inverse_sqrt,
             summary="inverse square-root decay",
         )
@@ -430,6 +455,7 @@ def register_schedulers(register):
         SchedulerEntry(
             config=CosineWithMinLrConfig,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_cosine_with_min_lr,
             summary="cosine decay to a floor",
         )
@@ -439,6 +465,7 @@ def register_schedulers(register):
             config=WarmupStableDecayConfig,
             aliases=(Alias("warmup_stable_decay", transformers=True, arguments=wsd_arguments),),
             describe=describe_wsd,
+            check=check_warmup,
             cooldown=wsd_cooldown,
             build=build_wsd,
             summary="warmup, stable, decay (WSD)",
@@ -456,6 +483,7 @@ def register_schedulers(register):
         SchedulerEntry(
             config=CosineWarmupWithMinLrConfig,
             describe=describe_warmup,
+            check=check_warmup,
             build=build_cosine_warmup_with_min_lr,
             summary="cosine decay to a floor, warmup from a floor",
         )

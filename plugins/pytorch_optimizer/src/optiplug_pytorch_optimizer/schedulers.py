@@ -84,6 +84,11 @@ def build_wsd(ctx: optiplug.ScheduleContext, cfg: WarmupStableDecayConfig) -> ob
     )
 
 
+def check_wsd(ctx: optiplug.ScheduleContext, cfg: WarmupStableDecayConfig) -> None:
+    """The warmup must be shorter than the run (the rate would never reach its peak)."""
+    ctx.check_warmup(cfg.name, cfg.warmup_steps, cfg.warmup_ratio)
+
+
 def register(register: object) -> None:
     """Register the two schedules with optiplug's ``register`` callable."""
     requires = ("pytorch-optimizer",)
@@ -96,6 +101,7 @@ def register(register: object) -> None:
         optiplug.SchedulerEntry(
             config=WarmupStableDecayConfig,
             build=build_wsd,
+            check=check_wsd,
             summary="warmup, stable, 1-sqrt cooldown (pytorch-optimizer's WSD)",
             requires=requires,
         )
