@@ -29,6 +29,12 @@ Trainer with ``--nproc`` processes, against one process with the whole batch (th
 loss gap, exact resume from the half-way checkpoint, state per process (about 1/N at ZeRO-1/2/3) and Newton–Schulz
 FLOPs per process (ZeRO-0 repeats them on every process).
 
+``--families`` (default: one optimizer per family: adamw, muon, galore_adamw, apollo_adamw, adam_mini,
+schedule_free_adamw, badam, bnb_adamw 8-bit, torchao_adamw8bit) trains each in one process through the Trainer in
+bfloat16 autocast (on GPUs also adamw in fp16 with a gradient scaler): the loss falls, resume from the half-way
+checkpoint is exact, the optimizer state equals ``optiplug estimate``'s within 10%, and on GPUs
+``torch.cuda.max_memory_allocated`` is reported against AdamW's.
+
 ``--trainer`` (default on GPUs) also trains each optimizer for a few steps with ``optiplug train`` under
 torchrun and ``training.fsdp`` (accelerate's FSDP2 on GPUs; on CPU accelerate runs it as DDP) and asserts it
 finishes. Exit status 0 only when every assertion holds; the figures go to ``--results`` (default
@@ -232,7 +238,14 @@ def zero_config(stage: int) -> dict[str, Any]:
     return config
 
 
-def zero_trainer(name: str, out: Path, batch: int, args: argparse.Namespace, **arguments: Any) -> Any:
+def zero_trainer(
+    name: str,
+    out: Path,
+    batch: int,
+    args: argparse.Namespace,
+    optimizer: dict[str, Any] | None = None,
+    **arguments: Any,
+) -> Any:
     import optiplug
 
     vocab = _common.MODEL_SIZES[args.size].vocab
@@ -242,7 +255,8 @@ def zero_trainer(name: str, out: Path, batch: int, args: argparse.Namespace, **a
                                      logging_strategy="steps", max_grad_norm=0.0, use_cpu=args.device == "cpu",
                                      **arguments)  # fmt: skip
     scheduler = "constant" if name.startswith("schedule_free") else None
-    optimizer = {"name": name} if name == "muon" else OPTIMIZERS.get(name, {"name": name})  # DeepSpeed's: bfloat16
+    if optimizer is None:  # under DeepSpeed: muon at its defaults (DeepSpeed's Muon runs Newton–Schulz in bfloat16)
+        optimizer = {"name": name} if name == "muon" else OPTIMIZERS.get(name, {"name": name})
     return optiplug.OptiTrainer(model=_common.build_model(args.size), args=training, train_dataset=data,
                                 optimizer=optimizer, scheduler=scheduler)  # fmt: skip
 
@@ -339,6 +353,82 @@ def zero_rows(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]
             if stage >= 1 and max(shares) > 1.2 / args.nproc:
                 failed.append(f"{name} ZeRO-{stage}: a process holds {max(shares):.2f} of one process's state")
     torch.set_num_threads(threads)
+    return rows, failed
+
+
+# ---- every optimizer family on one device: mixed precision, resume, memory against AdamW and the estimate -------
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    **{name: OPTIMIZERS[name] for name in ("adamw", "muon", "galore_adamw", "apollo_adamw", "adam_mini")},
+    "schedule_free_adamw": OPTIMIZERS["schedule_free_adamw"],
+    "badam": {"name": "badam", "switch_every": 2},
+    "bnb_adamw": {"name": "bnb_adamw", "bits": 8},
+    "torchao_adamw8bit": {"name": "torchao_adamw8bit"},
+}
+"""One optimizer of each family (``--families``): trained in one process in bfloat16 autocast."""
+
+
+def family_run(name: str, out: Path, args: argparse.Namespace, precision: str) -> dict[str, Any]:
+    """Train in one process with ``precision`` (bf16 autocast, or fp16 with a gradient scaler), then resume from the
+    half-way checkpoint: the losses, the optimizer state and the peak memory of the first run."""
+    import optiplug
+    from optiplug.testing import logged_losses
+
+    half = args.steps // 2
+    _reset_peak(args.device)
+    run = zero_trainer(name, out, args.batch, args, FAMILIES[name], save_strategy="steps", save_steps=half,
+                       **{precision: True})  # fmt: skip
+    run.train()
+    raw = optiplug.unwrap_optimizer(run.optimizer, until=lambda o: not type(o).__module__.startswith("accelerate"))
+    result = {"losses": logged_losses(run), "state": optiplug.optimizer_state_bytes(raw), "peak": _peak(args.device)}
+    del run, raw
+    resumed = zero_trainer(
+        name, out.parent / f"{out.name}-resumed", args.batch, args, FAMILIES[name], **{precision: True}
+    )
+    resumed.train(resume_from_checkpoint=str(out / f"checkpoint-{half}"))
+    result["resumed"] = {step: loss for step, loss in logged_losses(resumed).items() if step > half}
+    return result
+
+
+def family_rows(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each family in bfloat16 autocast (and AdamW in fp16 with a gradient scaler on GPUs), in this process."""
+    import torch
+
+    import optiplug
+    from optiplug.app.estimate import ModelShapes, estimate_shapes
+
+    with torch.device("meta"):
+        meta = _common.build_model(args.size)
+    cases = [(name, "bf16") for name in FAMILIES if name in args.families]
+    if args.device == "cuda":
+        cases.append(("adamw", "fp16"))
+    rows, failed, adamw_peak = [], [], None
+    for name, precision in cases:
+        try:
+            got = family_run(name, root / f"family-{name}-{precision}", args, precision)
+        except Exception as error:  # reported in the table; the other families still run
+            rows.append({"optimizer": name, "engine": f"one process, {precision}", "error": f"{type(error).__name__}: "
+                         f"{error}"})  # fmt: skip
+            failed.append(f"{name} ({precision}): {type(error).__name__}: {error}")
+            continue
+        [estimate] = estimate_shapes(ModelShapes.of_model(meta), [optiplug.parse_optimizer(FAMILIES[name])], meta)
+        losses = got["losses"]
+        tail = {step: losses[step] for step in got["resumed"]}
+        if name == "adamw" and precision == "bf16":
+            adamw_peak = got["peak"]
+        row = {"optimizer": name, "engine": f"one process, {precision}", "device": f"{args.device} x1",
+               "model": args.size, "steps": args.steps, "first_loss": losses[min(losses)], "last_loss": losses[max(losses)],
+               "resume_exact": got["resumed"] == tail, "state_bytes_single": got["state"],
+               "estimate_share": estimate.state_bytes / got["state"] if estimate.state_bytes and got["state"] else None,
+               "peak_mib_single": _common.mib(got["peak"]),
+               "peak_vs_adamw": got["peak"] / adamw_peak if got["peak"] and adamw_peak else None}  # fmt: skip
+        rows.append(row)
+        if not all(math.isfinite(loss) for loss in losses.values()) or losses[max(losses)] >= losses[min(losses)]:
+            failed.append(f"{name} ({precision}): the loss did not fall ({losses})")
+        if not row["resume_exact"]:
+            failed.append(f"{name} ({precision}): the resumed run's losses differ ({got['resumed']} vs {tail})")
+        if row["estimate_share"] is not None and abs(row["estimate_share"] - 1) > 0.1:
+            failed.append(f"{name}: optiplug estimate says {row['estimate_share']:.2f}x the measured state")
     return rows, failed
 
 
@@ -457,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed", action=argparse.BooleanOptionalAction, default=None,
                         help="also train muon, schedule_free_adamw and adamw under DeepSpeed ZeRO through the Trainer "
                         "(default: when deepspeed is installed)")  # fmt: skip
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="optimizer families trained in one process in bfloat16 autocast (and adamw in fp16 with "
+                        "a gradient scaler on GPUs): resume, state against optiplug estimate, peak memory against "
+                        "adamw; empty: none")  # fmt: skip
     parser.add_argument("--results", default=str(_common.RESULTS_DIR / "gpu_acceptance.json"))
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -474,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seq = args.seq or (32 if cpu else 128)
     args.rtol = args.rtol if args.rtol is not None else (1e-5 if cpu else 1e-4)
     args.optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    args.families = [name.strip() for name in args.families.split(",") if name.strip()]
     if args.worker:
         worker(args)
         return 0
@@ -498,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.deepspeed if args.deepspeed is not None else importlib.util.find_spec("deepspeed") is not None:
             zero, problems = zero_rows(args, root)
             failed += problems
+        families: list[dict[str, Any]] = []
+        if args.families:
+            families, problems = family_rows(args, root)
+            failed += problems
         trained: list[dict[str, Any]] = []
         if args.trainer if args.trainer is not None else not cpu:
             trained, problems = trainer_runs(args, root)
@@ -505,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows))
     if zero:
         print(_table(zero))
+    if families:
+        print(_table(families))
     if trained:
         print(_table(trained))
     notes = (f"{args.nproc} processes ({'gloo, CPU' if cpu else 'NCCL, one GPU each'}), model {args.size}, "
@@ -515,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
              f"({args.device})")  # fmt: skip
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"title": title, "rows": rows + zero + trained, "notes": notes}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({"title": title, "rows": rows + zero + families + trained, "notes": notes}, indent=2) + "\n"
+    )
     for line in failed:
         print(f"FAILED {line}")
     print("all assertions hold" if not failed else f"{len(failed)} assertion(s) failed")
