@@ -199,6 +199,26 @@ def test_a_loss_spike_that_stays_finite_stops_after_patience_logged_steps(tmp_pa
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint-6").exists()
 
 
+def test_a_real_finite_blow_up_is_caught_as_a_loss_spike(tmp_path, temp_plugin):
+    # SGD at lr 50: the loss jumps from 7.6 to tens (finite here); no poison, the optimizer does it
+    plugin = temp_plugin(_Poison(-1, None), "record")
+    out = tmp_path / "run"
+    with pytest.raises(optiplug.OptiplugError) as info:
+        optiplug.train(overrides=[*FAST, "training.max_steps=12", "optimizer.name=sgd", "optimizer.lr=50",
+                                  f"training.output_dir={out}"], quiet=True)  # fmt: skip
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["status"] == "diverged" and not (out / "model.safetensors").exists()
+    losses = plugin.losses
+    if all(math.isfinite(value) for value in losses.values()) and summary["diverged"].startswith("the training"):
+        steps = sorted(losses)
+        high, before = steps[-3:], steps[:-3]
+        assert before and all(losses[step] > 3 * min(losses[b] for b in before) for step in high)
+        assert summary["diverged_at_step"] == high[0] and summary["steps"] == high[-1]
+        assert str(info.value).startswith(f"training diverged at step {high[0]}: the training loss stayed above 3 x")
+    else:  # a CPU whose kernels reach infinity or NaN on the way: the non-finite rule stops it first
+        assert "nan" in summary["diverged"] or "inf" in summary["diverged"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "optimizer",
