@@ -261,6 +261,12 @@ def test_a_leftover_temporary_marker_is_the_runs_own(capsys, earlier):
     train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={earlier}", OVERWRITE], quiet=True)
     assert json.loads((earlier / SUMMARY_FILE).read_text())["steps"] == 2
     assert not (earlier / MARKER_TMP).exists() and not (earlier / "checkpoint-4").exists()
+    # killed while writing its very first marker: the directory holds nothing else, so it is as good as empty
+    first = earlier.parent / "first"
+    first.mkdir()
+    (first / MARKER_TMP).write_bytes(b"")
+    train(overrides=[*FAST, "training.max_steps=1", f"training.output_dir={first}"], quiet=True)
+    assert sorted(p.name for p in first.iterdir()) == sorted(json.loads((first / MARKER).read_text())["files"])
 
 
 def test_a_marker_that_cannot_be_written_at_the_end_of_a_finished_run_is_an_error(tmp_path, monkeypatch):

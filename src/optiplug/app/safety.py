@@ -139,8 +139,10 @@ def _recorded_entries(out: Path, field_name: str = "training.output_dir") -> tup
             f"files from yours and deletes none; {keep}"
         )
     if record is None:
-        _refuse_foreign(where, entries)
-    assert record is not None
+        foreign = [name for name in entries if name != MARKER_TMP]
+        if foreign:
+            _refuse_foreign(where, foreign)
+        return None, entries  # only a marker's temporary file: a run killed while writing its first marker
     listed = set(record.get("files") or ()) | {MARKER, MARKER_TMP}
     unlisted = [name for name in entries if name not in listed]
     if record["status"] == "running":
@@ -221,8 +223,8 @@ def check_output_dir(config: Any, args: Any) -> None:
     # Only the main process judges the contents: another may look after the main one wrote its marker.
     main = getattr(args, "process_index", 0) == 0
     if main and ancestor == out and _entries(out) and not _continues_here(args, out):
-        _recorded_entries(out)
-        if not config.training.get(OVERWRITE, False):
+        record, _ = _recorded_entries(out)
+        if record is not None and not config.training.get(OVERWRITE, False):
             raise ConfigError(
                 f"training.output_dir: {str(out)!r} holds an earlier optiplug run; set "
                 f"training.{OVERWRITE}=true to replace it, or choose another directory"
