@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -9,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ import torch
 import optiplug
 import optiplug.app
 from optiplug import CheckpointError, ConfigError, PluginError
+from optiplug.app.checkpoints import PARTIAL
 from optiplug.app.cli import main
 from optiplug.app.data import assets_dir
 from optiplug.app.run import SUMMARY_FILE
@@ -732,22 +733,204 @@ def test_an_interrupt_says_the_step_and_the_last_checkpoint(capsys, tmp_path, te
     assert not (tmp_path / "unsaved").exists()  # it wrote nothing: the directory it created is gone
 
 
+# Issue 19: real signals (os.kill of the process itself) from a callback, a patched save or a patched start-up
+# step, never after a sleep; checkpoints are written whole or not at all.
+
+
+def _kill_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+
+
+def _marker(out: Path) -> dict:
+    return json.loads((out / MARKER).read_text())
+
+
+def _complete_checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+
+
+@pytest.mark.parametrize(("signum", "code", "words"), [(signal.SIGINT, 130, "interrupted"),
+                                                       (signal.SIGTERM, 143, "stopped by SIGTERM")])  # fmt: skip
+def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(
+    capsys, tmp_path, temp_plugin, signum, code, words
+):
+    def send(trainer, state):
+        if state.global_step == 3:
+            _kill_self(signum)
+
+    temp_plugin(_Callback(send), "signal")
+    out = tmp_path / "run"
+    got, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    assert got == code
+    assert last_line(err) == f"optiplug: {words} at step 3; the last checkpoint is {out / 'checkpoint-2'}"
+    marker = _marker(out)
+    assert marker["status"] == "interrupted" and marker.get("signal") == (
+        "SIGTERM" if signum == signal.SIGTERM else None
+    )
+    assert not (out / SUMMARY_FILE).exists() and _complete_checkpoints(out) == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's handlers are gone after it
+
+
+def test_sigterm_at_start_up_stops_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    import optiplug.app.data as data
+
+    loaded = data.load_datasets
+
+    def load_then_terminate(*args, **kwargs):
+        result = loaded(*args, **kwargs)
+        _kill_self(signal.SIGTERM)  # while the run tokenizes: before the output directory exists
+        return result
+
+    monkeypatch.setattr(data, "load_datasets", load_then_terminate)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+    assert code == 143 and last_line(err) == "optiplug: stopped by SIGTERM before training started"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(capsys, tmp_path, monkeypatch, signum):
+    from transformers import Trainer
+
+    saved = Trainer._save_rng_state
+
+    def save_then_signal(self, output_dir):
+        saved(self, output_dir)  # the model and optimizer state of checkpoint-4 are written: then the signal
+        if self.state.global_step == 4:
+            assert Path(output_dir).parent.name == PARTIAL  # written where nothing takes it for a checkpoint
+            _kill_self(signum)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", save_then_signal)
+    out = tmp_path / "run"
+    argv = ["train", *FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"]
+    code, _, err = cli(capsys, *argv)
+    assert code == (130 if signum == signal.SIGINT else 143)
+    assert last_line(err).endswith(f"at step 4; the last checkpoint is {out / 'checkpoint-2'}")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name or p.name == PARTIAL) == ["checkpoint-2"]
+    assert (out / "checkpoint-2" / CHECKPOINT_RECORD).is_file()  # written before the checkpoint was complete
+    assert _marker(out)["status"] == "interrupted"
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", saved)
+    code, _, err = cli(capsys, *argv, f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
+    assert code == 0, err
+    assert _complete_checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "finished"
+
+
+def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_it(capsys, tmp_path, monkeypatch):
+    """The save fails with ENOSPC, and so does recording the run's end: the first error is the one reported."""
+    from transformers import Trainer
+
+    from optiplug.app.safety import OutputDir
+
+    def full(self, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "rng_state.pth"))
+
+    def marker_full(self, status, **details):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", full)
+    monkeypatch.setattr(OutputDir, "finish", marker_full)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    assert code == 1
+    assert last_line(err) == (
+        f"optiplug: could not save checkpoint-2 in {str(out)!r} (OSError: [Errno 28] No space left on device: "
+        f"'{out / PARTIAL / 'checkpoint-2' / 'rng_state.pth'}'); nothing of it was kept and no complete checkpoint "
+        "was saved; free disk space (or choose another training.output_dir) and train again"
+    )
+    assert "optiplug: also, could not record the run's files in " in err  # after the save's own error
+    assert not list(out.glob("checkpoint-*")) and not (out / PARTIAL).exists()
+
+
+def test_resuming_from_inside_an_unfinished_save_is_refused(capsys, tmp_path):
+    partial = tmp_path / "run" / PARTIAL / "checkpoint-2"
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text("{}")
+    code, _, err = cli(capsys, "train", *FAST, f"training.resume_from_checkpoint={partial}",
+                       f"training.output_dir={tmp_path / 'other'}")  # fmt: skip
+    assert code == 1 and last_line(err) == (
+        f"optiplug: training.resume_from_checkpoint: {str(partial)!r} is a checkpoint whose save was cut short; "
+        "resume from a checkpoint-N directory of the output directory"
+    )
+
+
+# ---- the command in its own process -----------------------------------------------------------------
+
+# Run `optiplug train` as a command; the child's SIGINT handling made Python's default whatever the test runner
+# inherited (a shell starts a background job with SIGINT ignored, and so would the run be).
+COMMAND = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); " \
+          "from optiplug.app.cli import main; sys.argv[0] = 'optiplug'; main()"  # fmt: skip
+
+
 @pytest.mark.slow
 def test_sigint_to_the_command(tmp_path):
+    """The signal comes from outside, once the run has logged the step after its first checkpoint."""
     out = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "optiplug", "train", *FAST, "training.max_steps=100000", "training.save_steps=5",
+        [sys.executable, "-c", COMMAND, "train", *FAST, "training.max_steps=100000", "training.save_steps=5",
          f"training.output_dir={out}"],
-        stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoint-5" / "trainer_state.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    assert process.stdout is not None
+    logged = 0
+    for line in process.stdout:  # one line per step (logging_steps=1, no progress bar)
+        logged += line.startswith("{'loss'")
+        if logged == 6:  # checkpoint-5 was saved before step 6 was logged
+            break
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err[-2000:]
-    line = last_line(err)
-    assert line.startswith("optiplug: interrupted at step ") and "; the last checkpoint is " in line
+    assert last_line(err).startswith("optiplug: interrupted at step ")
+    assert last_line(err).endswith(f"; the last checkpoint is {out / 'checkpoint-5'}") or "checkpoint-10" in err
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once(tmp_path):
+    """Ctrl-C at step 2, and again while the run cleans up: the process ends there, with 130."""
+    script = tmp_path / "second.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from optiplug.app import safety\n"
+        "from optiplug.app.guards import GuardedTrainer\n"
+        "step = GuardedTrainer.training_step\n"
+        "def training_step(self, *args, **kwargs):\n"
+        "    if self.state.global_step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return step(self, *args, **kwargs)\n"
+        "GuardedTrainer.training_step = training_step\n"
+        "def finish(self, status, **details):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, while the run records how it ended\n"
+        "    raise AssertionError('still running after the second signal')\n"
+        "safety.OutputDir.finish = finish\n" + COMMAND.replace("; ", "\n") + "\n"
+    )
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), "train", *FAST, f"training.output_dir={out}"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith("optiplug: stopped at once (second signal)")
+    assert "still running" not in done.stderr
+
+
+def test_jit_checkpoint_composes(capsys, tmp_path, temp_plugin):
+    """transformers' enable_jit_checkpoint owns SIGTERM: its checkpoint is saved, the run ends as interrupted."""
+
+    def send(trainer, state):
+        if state.global_step == 2:
+            _kill_self(signal.SIGTERM)
+            for callback in trainer.callback_handler.callbacks:  # its 3 s grace period, without waiting 3 s
+                manager = getattr(callback, "jit_manager", None)
+                if manager is not None:
+                    manager._enable_checkpoint()
+
+    temp_plugin(_Callback(send), "jit")
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, "training.max_steps=6", "training.enable_jit_checkpoint=true",
+                       f"training.output_dir={out}")  # fmt: skip
+    assert code == 143, err
+    assert last_line(err).startswith("optiplug: stopped by SIGTERM at step ")
+    assert _complete_checkpoints(out) and not (out / SUMMARY_FILE).exists()
+    assert _marker(out)["status"] == "interrupted"
 
 
 # ---- 13. plugin status tells the truth --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -90,10 +91,19 @@ def train(
 
     try:
         result = run_train(config, quiet=quiet)
-    except KeyboardInterrupt as interrupt:  # typer would turn it into a silent exit 130
-        _fail(getattr(interrupt, "optiplug_message", "interrupted before training started"), 130)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM (optiplug.app.stopping); typer would exit silently
+        _fail(*_stopped(interrupt))
     if int(os.environ.get("RANK", "0")) == 0 and not quiet:  # under torchrun, only the main process speaks
         typer.echo(f"optiplug: done, outputs in {result.output_dir}", err=True)
+
+
+def _stopped(interrupt: KeyboardInterrupt) -> tuple[str, int]:
+    """The line and exit status of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+    from optiplug.app.stopping import EXIT_CODES, Terminated
+
+    terminated = isinstance(interrupt, Terminated)
+    default = f"{'stopped by SIGTERM' if terminated else 'interrupted'} before training started"
+    return getattr(interrupt, "optiplug_message", default), EXIT_CODES[signal.SIGTERM if terminated else signal.SIGINT]
 
 
 def _rows() -> list[dict[str, Any]]:

@@ -5,13 +5,13 @@
   applies it, gradients exactly 0 for several steps, a loss that stays far above its minimum. This
   belongs to ``optiplug train``, not to the mixin: a Python-API user keeps transformers' own behaviour
   (``logging_nan_inf_filter``) and may add :class:`DivergenceCallback` to a :class:`GuardedTrainer` of their own.
-* Every checkpoint records the optimizer and scheduler config it was trained with
-  (:data:`~optiplug.app.safety.CHECKPOINT_RECORD`), which a resume compares.
+* Every checkpoint is written whole or not at all (:mod:`optiplug.app.checkpoints`) and records the
+  optimizer and scheduler config it was trained with (:data:`~optiplug.app.safety.CHECKPOINT_RECORD`),
+  which a resume compares.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from optiplug.app.safety import CHECKPOINT_RECORD, DivergedError, last_checkpoint
+from optiplug.app.safety import DivergedError, last_checkpoint
 from optiplug.trainer import OptiTrainer
 
 __all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer", "OutputDirCallback", "OutputDirIntent"]
@@ -56,6 +56,19 @@ class GuardedTrainer(OptiTrainer):
 
             logs = {**logs, "eval_perplexity": perplexity(float(logs["eval_loss"]))}
         return super().log(logs, *args, **kwargs)
+
+    optiplug_partial: Path | None = None  # while a checkpoint is being written: where (optiplug.app.checkpoints)
+    optiplug_output: Any = None  # the run's OutputDir (optiplug.app.safety), which records what the run writes
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return str(self.optiplug_partial) if self.optiplug_partial is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write the checkpoint whole or not at all, with its record (optiplug.app.checkpoints)."""
+        from optiplug.app.checkpoints import save_whole
+
+        run_dir = super()._get_output_dir(trial)
+        save_whole(self, lambda: super(GuardedTrainer, self)._save_checkpoint(model, trial), run_dir)
 
     def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:  # transformers' hook before the step
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -183,7 +196,8 @@ def _norm(grads: list[Any]) -> float | None:
 
 
 class CheckpointRecordCallback(TrainerCallback):
-    """Write the optimizer and scheduler config into every checkpoint (compared when a run resumes from it)."""
+    """Write the optimizer and scheduler config into every checkpoint of a Trainer of your own (compared when a
+    run resumes from it); :class:`GuardedTrainer` writes it into the checkpoint before the checkpoint is complete."""
 
     def __init__(self, trainer: OptiTrainer):
         self.trainer = trainer
@@ -193,14 +207,9 @@ class CheckpointRecordCallback(TrainerCallback):
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
-            record = {
-                "optimizer": self.trainer.optimizer_config.model_dump(mode="json"),
-                "scheduler": self.trainer.scheduler_config.model_dump(mode="json"),
-            }
-            cooldown = getattr(self.trainer, "optiplug_cooldown", None)
-            if cooldown is not None:  # a cooldown's checkpoint resumes only as that cooldown
-                record["cooldown"] = cooldown.record()
-            (checkpoint / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            from optiplug.app.checkpoints import write_record
+
+            write_record(self.trainer, checkpoint)
 
 
 class OutputDirCallback(TrainerCallback):

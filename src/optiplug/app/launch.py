@@ -12,9 +12,12 @@ gloo on CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,7 +69,37 @@ def relaunch_with_torchrun(nproc: int, argv_items: list[str]) -> int:
             "--nproc starts torchrun, but this process already runs under a launcher (LOCAL_RANK/WORLD_SIZE set); "
             "drop --nproc and let the launcher set the number of processes"
         )
-    return subprocess.call(torchrun_command(nproc, argv_items))
+    # Its own session: a terminal's Ctrl-C reaches torchrun once, through this process (_wait_forwarding).
+    return _wait_forwarding(subprocess.Popen(torchrun_command(nproc, argv_items), start_new_session=True))
+
+
+_FORWARDED = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _wait_forwarding(process: subprocess.Popen) -> int:
+    """Wait for torchrun, passing it SIGINT, SIGTERM and SIGHUP (it passes them to every process, which stop as
+    for Ctrl-C: optiplug.app.stopping). After a second signal this returns at once; torchrun, told twice, stops
+    waiting for its processes too. Returns torchrun's exit status, or 128 + the first signal's number."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return process.wait()
+    previous = {each: signal.signal(each, forward) for each in _FORWARDED}
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        code = -1
+    finally:
+        for each, handler in previous.items():
+            signal.signal(each, handler if handler is not None else signal.SIG_DFL)
+    return 128 + received[0] if received else code
 
 
 def check_engine_launch(training: Mapping[str, Any]) -> None:

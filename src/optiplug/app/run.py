@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,15 @@ def _check_resume(cfg: RunConfig, args: Any) -> None:
     if checkpoint is None:
         return
     path = Path(checkpoint)
+    from optiplug.app.checkpoints import PARTIAL
+
+    if PARTIAL in path.parts:
+        from optiplug.errors import CheckpointError
+
+        raise CheckpointError(
+            f"training.resume_from_checkpoint: {checkpoint!r} is a checkpoint whose save was cut short; "
+            "resume from a checkpoint-N directory of the output directory"
+        )
     if not (path / "trainer_state.json").is_file():
         from optiplug.errors import CheckpointError
 
@@ -471,9 +481,18 @@ def train(
     Raises:
         ConfigError: (and its subclasses) for any invalid input, before anything is written.
         DivergedError: the run diverged by a rule of ``cfg.guard`` (summary.json says so).
-        KeyboardInterrupt: with ``optiplug_message`` (the step and the last checkpoint) set.
+        KeyboardInterrupt: Ctrl-C or (:class:`~optiplug.app.stopping.Terminated`) SIGTERM, with
+            ``optiplug_message`` (the step and the last checkpoint) set (:mod:`optiplug.app.stopping`).
     """
+    from optiplug.app.stopping import stop_on_signals
+
+    with stop_on_signals() as signals:
+        return _job(config, overrides, quiet, signals)
+
+
+def _job(config: RunConfig | str | Path | None, overrides: Sequence[str], quiet: bool, signals: Any) -> RunResult:
     from optiplug.app.adapters import apply_finetuning
+    from optiplug.app.checkpoints import remove_partial
     from optiplug.app.cooldown import resolve_cooldown
     from optiplug.app.data import load_datasets
     from optiplug.app.safety import prepare_output_dir
@@ -499,21 +518,44 @@ def train(
     status = "failed"
     try:
         with _progress_bars(not quiet):
-            result = _train(cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch, output, left)
+            result = _train(
+                cfg, args, tokenizer, dataset, model, resume, evaluation, quiet, branch, output, left, signals
+            )
         status = "finished"
         return result
     except DivergedError:
         status = "diverged"
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         status = "interrupted"
+        _describe(interrupt, signals.trainer, output.path)
         raise
     finally:
-        problem = output.finish(status)  # never raises: the run's own error is the one reported
+        if output.main and output.begun:
+            remove_partial(output.path)  # a checkpoint whose save was cut short
+        details = {"signal": "SIGTERM"} if signals.received == signal.SIGTERM else {}
+        problem = output.finish(status, **details)  # never raises: the run's own error is the one reported
         if problem and status == "finished":
             raise OptiplugError(f"the run finished, but optiplug {problem}")
         if problem:
             print(f"optiplug: also, {problem}", file=sys.stderr)
+
+
+def _describe(interrupt: KeyboardInterrupt, trainer: Any, out: Path) -> None:
+    """Set the interruption's one line: how it stopped, at which step, and the last complete checkpoint."""
+    from optiplug.app.safety import last_checkpoint
+    from optiplug.app.stopping import Terminated
+
+    if hasattr(interrupt, "optiplug_message"):
+        return
+    what = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+    if trainer is None:
+        message = f"{what} before training started"
+    else:
+        checkpoint = last_checkpoint(out)
+        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint was saved"
+        message = f"{what} at step {trainer.state.global_step}; {where}"
+    interrupt.optiplug_message = message  # type: ignore[attr-defined]
 
 
 def _train(
@@ -528,20 +570,20 @@ def _train(
     branch: Any = None,
     output: Any = None,
     left: Sequence[str] = (),
+    signals: Any = None,
 ) -> RunResult:
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
     from optiplug.app.evaluation import evaluation_losses
     from optiplug.app.guards import (
-        CheckpointRecordCallback,
         DivergenceCallback,
         GuardedTrainer,
         OutputDirCallback,
         OutputDirIntent,
     )
     from optiplug.app.header import add_header
-    from optiplug.app.safety import last_checkpoint
+    from optiplug.app.stopping import Signals, again_callback
 
     trainer = GuardedTrainer(
         model=model,
@@ -557,13 +599,18 @@ def _train(
     trainer.optiplug_cooldown = branch  # a cooldown's schedule, recorded in every checkpoint
     add_header(trainer, quiet)
     trainer.add_callback(DivergenceCallback(trainer, cfg.guard))
-    trainer.add_callback(CheckpointRecordCallback(trainer))
+    signals = signals if signals is not None else Signals()
+    signals.trainer = trainer  # for the interruption's message
+    trainer.add_callback(again_callback(signals))
+    if args.enable_jit_checkpoint:  # transformers' SIGTERM handler, installed by the Trainer over ours
+        signals.hand_over_sigterm()
     for callback in pissa_callbacks(trainer, cfg.finetuning):
         trainer.add_callback(callback)
     if left:  # checks the model's skeleton could not run: on the weights, before anything is written
         trainer.check_optimizer()
     else:
         trainer.mark_optimizer_checked()
+    trainer.optiplug_output = output  # a checkpoint's partial directory is recorded before it is written
     if output is not None:  # the output directory changes only once the optimizer and scheduler are built
         trainer.callback_handler.callbacks.insert(0, OutputDirCallback(output, stale=[SUMMARY_FILE]))
         trainer.add_callback(OutputDirIntent(output))
@@ -573,6 +620,7 @@ def _train(
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
+        signals.raise_if_handed_over()  # the JIT checkpoint stopped the loop: interrupted, not finished
     except DivergedError as error:
         losses = _logged_losses(trainer)
         summary = _summary(cfg, trainer, dataset, losses, time.perf_counter() - start)
@@ -582,11 +630,6 @@ def _train(
             title = f"{cfg.optimizer.name} on {cfg.model.name_or_path}: diverged"
             _plot_losses(losses, title, out / "loss.png", evaluation_losses(trainer.state.log_history))
             _write_json_atomic(summary, out / SUMMARY_FILE)
-        raise
-    except KeyboardInterrupt as interrupt:
-        checkpoint = last_checkpoint(out)
-        where = f"the last checkpoint is {checkpoint}" if checkpoint else "no complete checkpoint was saved"
-        interrupt.optiplug_message = f"interrupted at step {trainer.state.global_step}; {where}"  # type: ignore[attr-defined]
         raise
     train_time = time.perf_counter() - start
     evaluated = evaluation_losses(trainer.state.log_history)

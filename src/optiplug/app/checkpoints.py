@@ -1,0 +1,106 @@
+"""Checkpoints written whole or not at all (transformers 5.25 writes ``checkpoint-N`` in place).
+
+``optiplug train``'s Trainer (:class:`~optiplug.app.guards.GuardedTrainer`) saves each checkpoint
+through :func:`save_whole`: every process writes its part (the Trainer's own save, DeepSpeed's and
+FSDP's shards included) into ``PARTIAL/checkpoint-N`` inside the output directory, the main
+process adds the optimizer and scheduler record (:data:`~optiplug.app.safety.CHECKPOINT_RECORD`),
+the processes wait for each other, and the main process renames it to ``checkpoint-N``. A save cut
+short (Ctrl-C, SIGTERM, a full disk, a crash) leaves at most ``PARTIAL``, which nothing takes for
+a checkpoint (resuming from inside it is refused); the run removes it when it ends, and the next
+save before writing. A failed save is reported with its own error, not a later one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optiplug.app.safety import CHECKPOINT_RECORD, last_checkpoint
+from optiplug.errors import CheckpointError
+
+__all__ = ["PARTIAL", "remove_partial", "save_whole", "write_record"]
+
+PARTIAL = ".optiplug-partial"
+"""The directory, inside the output directory, that holds a checkpoint while it is being written."""
+
+
+def remove_partial(run_dir: Path | str) -> None:
+    """Remove what an unfinished save left (the main process, when the run ends or before a save)."""
+    shutil.rmtree(Path(run_dir) / PARTIAL, ignore_errors=True)
+
+
+def write_record(trainer: Any, checkpoint: Path) -> None:
+    """The optimizer and scheduler config (and a cooldown's schedule) the checkpoint was trained with."""
+    record = {
+        "optimizer": trainer.optimizer_config.model_dump(mode="json"),
+        "scheduler": trainer.scheduler_config.model_dump(mode="json"),
+    }
+    cooldown = getattr(trainer, "optiplug_cooldown", None)
+    if cooldown is not None:  # a cooldown's checkpoint resumes only as that cooldown
+        record["cooldown"] = cooldown.record()
+    (checkpoint / CHECKPOINT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _replace(staged: Path, final: Path) -> None:
+    """Rename ``staged`` to ``final``; an earlier ``final`` (the same step saved twice) goes only after."""
+    old = final.with_name(final.name + ".replaced") if final.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_whole(trainer: Any, save: Callable[[], None], run_dir: str) -> None:
+    """Run the Trainer's ``_save_checkpoint`` (``save``) into :data:`PARTIAL`, then rename it into ``run_dir``.
+
+    The trainer redirects ``_get_output_dir`` to ``trainer.optiplug_partial`` while this sets it.
+
+    Raises:
+        CheckpointError: the save failed (a full disk, an unwritable file): the error it raised, the
+            checkpoint named, nothing of it kept.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+    args, state = trainer.args, trainer.state
+    run, partial = Path(run_dir), Path(run_dir) / PARTIAL
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    staged, final = partial / name, Path(run_dir) / name
+    if args.should_save:
+        remove_partial(run)
+        output = getattr(trainer, "optiplug_output", None)
+        if output is not None:  # the run's marker lists it before anything is written into it
+            output.expect([PARTIAL])
+        partial.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()  # no process writes before the main one cleared it
+    trainer.optiplug_partial = partial
+    try:
+        save()
+        if args.should_save:
+            if state.best_model_checkpoint == os.path.join(partial, name):  # set by the save to where it wrote
+                state.best_model_checkpoint = str(final)
+                state.save_to_json(str(staged / "trainer_state.json"))
+            write_record(trainer, staged)
+    except Exception as error:
+        if args.should_save:
+            remove_partial(run)
+        first = (str(error).strip().splitlines() or [""])[0]
+        last = last_checkpoint(run)
+        where = f"the last complete checkpoint is {last}" if last else "no complete checkpoint was saved"
+        raise CheckpointError(
+            f"could not save {name} in {str(run)!r} ({type(error).__name__}: {first}); nothing of it was kept and "
+            f"{where}; free disk space (or choose another training.output_dir) and train again"
+        ) from error
+    finally:
+        trainer.optiplug_partial = None
+    trainer.accelerator.wait_for_everyone()  # every process wrote its part (DeepSpeed: its shards)
+    if args.should_save:
+        _replace(staged, final)
+        remove_partial(run)
+        rotate_checkpoints(str(run), args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
+    trainer.accelerator.wait_for_everyone()  # the checkpoint exists before any process goes on
