@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import optiplug
-from optiplug import ConfigError
+from optiplug import CheckpointError, ConfigError
 from optiplug.app import train
 from optiplug.app.cli import main
 from optiplug.app.run import SUMMARY_FILE
@@ -232,8 +232,11 @@ def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys,
     import optiplug.app.safety as safety
 
     full = []
+    real_save = torch.save
 
-    def no_space(*args, **kwargs):
+    def no_space(obj, f, *args, **kwargs):
+        if "checkpoint-4" not in str(f):  # checkpoint-2 is saved: the run has files the marker must list
+            return real_save(obj, f, *args, **kwargs)
         full.append(True)
         raise OSError(errno.ENOSPC, "No space left on device", "optimizer.pt")
 
@@ -249,11 +252,11 @@ def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys,
     monkeypatch.setattr(torch, "save", no_space)
     monkeypatch.setattr(safety, "open", full_open, raising=False)
     out = tmp_path / "out"
-    with pytest.raises(OSError) as info:
+    with pytest.raises(CheckpointError, match=r"could not save checkpoint-4 .*No space left on device") as info:
         train(overrides=[*FAST, "training.save_steps=2", f"training.output_dir={out}"], quiet=True)
-    assert info.value.filename == "optimizer.pt"
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.filename == "optimizer.pt"
     assert json.loads((out / MARKER).read_text())["status"] == "failed"
-    assert not (out / MARKER_TMP).exists()
+    assert not (out / MARKER_TMP).exists() and not (out / "checkpoint-4").exists()
 
 
 def test_a_leftover_temporary_marker_is_the_runs_own(capsys, earlier):

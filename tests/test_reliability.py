@@ -821,26 +821,34 @@ def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_
     """The save fails with ENOSPC, and so does recording the run's end: the first error is the one reported."""
     from transformers import Trainer
 
-    from optiplug.app.safety import OutputDir
+    from optiplug.app import safety
+
+    disk = {"full": False}
+    write_marker, saved = safety.write_marker, Trainer._save_rng_state
 
     def full(self, output_dir):
+        if self.state.global_step < 4:
+            return saved(self, output_dir)
+        disk["full"] = True
         raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "rng_state.pth"))
 
-    def marker_full(self, status, **details):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def marker_full(out, data):
+        if disk["full"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_marker(out, data)
 
     monkeypatch.setattr(Trainer, "_save_rng_state", full)
-    monkeypatch.setattr(OutputDir, "finish", marker_full)
+    monkeypatch.setattr(safety, "write_marker", marker_full)
     out = tmp_path / "run"
     code, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
     assert code == 1
-    assert last_line(err) == (
-        f"optiplug: could not save checkpoint-2 in {str(out)!r} (OSError: [Errno 28] No space left on device: "
-        f"'{out / PARTIAL / 'checkpoint-2' / 'rng_state.pth'}'); nothing of it was kept and no complete checkpoint "
-        "was saved; free disk space (or choose another training.output_dir) and train again"
-    )
+    assert f"optiplug: could not save checkpoint-4 in {str(out)!r} (OSError: [Errno 28] No space left on device: " \
+           f"'{out / PARTIAL / 'checkpoint-4' / 'rng_state.pth'}'); nothing of it was kept and the last complete " \
+           f"checkpoint is {out / 'checkpoint-2'}; free disk space (or choose another training.output_dir) and " \
+           "train again" in err  # fmt: skip
     assert "optiplug: also, could not record the run's files in " in err  # after the save's own error
-    assert not list(out.glob("checkpoint-*")) and not (out / PARTIAL).exists()
+    assert _complete_checkpoints(out) == ["checkpoint-2"] and not (out / "checkpoint-4").exists()
+    assert not (out / PARTIAL).exists()
 
 
 def test_resuming_from_inside_an_unfinished_save_is_refused(capsys, tmp_path):
