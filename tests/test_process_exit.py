@@ -10,6 +10,9 @@ Each process of a real 2-process torchrun launch (gloo) carries a probe (``sitec
 before anything else): its exit handler, which runs after every other one, records whether a
 process group is still initialised; an object of it writes a file when the interpreter is torn
 down. This file is also the worker script of a launch that trains with OptiTrainer.
+
+And a launch stopped from outside: SIGTERM to torchrun, or to `optiplug train --nproc 2`, reaches every
+process, each of which stops as interrupted (optiplug.app.stopping), sent from inside the run at step 2.
 """
 
 from __future__ import annotations
@@ -97,6 +100,91 @@ def test_a_worker_script_ends_before_the_teardown(tmp_path):
         assert during["world_size"] == 2 and during["initialized_after_end"] is False
         assert set(GLOO_THREADS) <= set(during["threads_after_end"]), during
     _assert_ended_before_teardown(tmp_path)
+
+
+SIGTERM_AT_STEP_2 = """
+import os, signal, sys
+from optiplug.app.guards import GuardedTrainer
+
+step = GuardedTrainer.training_step
+
+
+def training_step(self, *args, **kwargs):
+    if self.state.global_step == 2 and os.environ["RANK"] == "0" and not getattr(self, "told", False):
+        self.told = True
+        os.kill(os.getppid(), signal.SIGTERM)  # torchrun is told to stop, as Slurm or docker stop would
+    return step(self, *args, **kwargs)
+
+
+GuardedTrainer.training_step = training_step
+sys.argv[0] = "optiplug"
+from optiplug.app.cli import main
+
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_process_as_interrupted(tmp_path):
+    (tmp_path / "sigterm.py").write_text(SIGTERM_AT_STEP_2)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "sigterm.py"), "train", "data.block_size=16", "data.max_blocks=64",
+               "training.max_steps=1000", "training.per_device_train_batch_size=2", "training.save_steps=1",
+               "training.disable_tqdm=true", f"training.output_dir={out}"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode != 0
+    stopped = [line for line in done.stderr.splitlines() if line.startswith("optiplug: stopped by SIGTERM at step ")]
+    assert len(stopped) == 2, done.stderr[-4000:]  # each process, on its own
+    assert "terminate called" not in done.stderr and "stopped at once" not in done.stderr
+    marker = json.loads((out / "optiplug_run.json").read_text())
+    assert marker["status"] == "interrupted" and marker["signal"] == "SIGTERM"
+    assert not (out / "summary.json").exists() and not (out / ".optiplug-partial").exists()
+
+
+# Imported by every process (PYTHONPATH): process 0 of the launch sends SIGTERM to `optiplug train --nproc 2`.
+NPROC_SIGTERM = """
+import os
+
+if os.environ.get("RANK") == "0":
+    import signal
+
+    from optiplug.app.guards import GuardedTrainer
+
+    step = GuardedTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == 2 and not getattr(self, "told", False):
+            self.told = True
+            with open(f"/proc/{os.getppid()}/stat") as stat:  # torchrun's parent: the optiplug command
+                os.kill(int(stat.read().rsplit(")", 1)[1].split()[1]), signal.SIGTERM)
+        return step(self, *args, **kwargs)
+
+    GuardedTrainer.training_step = training_step
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_optiplug_train_nproc_reaches_every_process(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(NPROC_SIGTERM)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(probe), *(p for p in sys.path if p)])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "optiplug", "train", "--nproc", "2", "data.block_size=16",
+               "data.max_blocks=64", "training.max_steps=1000", "training.per_device_train_batch_size=2",
+               "training.save_steps=1", "training.disable_tqdm=true", f"training.output_dir={out}"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 143, done.stderr[-4000:]
+    stopped = [line for line in done.stderr.splitlines() if line.startswith("optiplug: stopped by SIGTERM at step ")]
+    assert len(stopped) == 2, done.stderr[-4000:]
+    assert json.loads((out / "optiplug_run.json").read_text())["status"] == "interrupted"
 
 
 # ---- the worker: this file run by torchrun ----------------------------------------------------------
