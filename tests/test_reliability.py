@@ -817,6 +817,27 @@ def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(capsys, tmp_
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "finished"
 
 
+def test_a_signal_mid_evaluation_stops_the_run(capsys, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    predict = Trainer.prediction_step
+
+    def predict_then_interrupt(self, *args, **kwargs):
+        result = predict(self, *args, **kwargs)
+        _kill_self(signal.SIGINT)  # during the first evaluation, after its first batch
+        return result
+
+    monkeypatch.setattr(Trainer, "prediction_step", predict_then_interrupt)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", *FAST, "data.eval_ratio=0.25", "training.eval_strategy=steps",
+                       "training.eval_steps=2", "training.save_steps=1", f"training.output_dir={out}")  # fmt: skip
+    assert code == 130
+    # step 2 is evaluated before it is saved: checkpoint-2 was never started
+    assert last_line(err) == f"optiplug: interrupted at step 2; the last checkpoint is {out / 'checkpoint-1'}"
+    assert _marker(out)["status"] == "interrupted" and not (out / SUMMARY_FILE).exists()
+    assert _complete_checkpoints(out) == ["checkpoint-1"]
+
+
 def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_it(capsys, tmp_path, monkeypatch):
     """The save fails with ENOSPC, and so does recording the run's end: the first error is the one reported."""
     from transformers import Trainer
