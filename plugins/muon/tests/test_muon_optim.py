@@ -276,6 +276,12 @@ def test_first_step_stops_a_muon_that_skipped_newton_schulz(monkeypatch):
     assert isinstance(error.value, optiplug.OptiplugError)  # the CLI prints it as one line
 
 
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else math.inf
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
 def test_a_0_1_0_checkpoint_of_transposed_conv1d_momentum_resumes_exactly():
     """0.1.0 kept a Conv1D weight's momentum as (fan_out, fan_in); it is turned on load (the 16 x 16 c_proj too,
     where the shapes alone cannot tell). Fixture: tests/fixtures/conv1d-0.1.0/make.py, run by the 0.1.0 code."""
@@ -309,8 +315,13 @@ def test_a_0_1_0_checkpoint_of_transposed_conv1d_momentum_resumes_exactly():
             outcomes[how] = str(error)
             continue
         final = torch.load(fixture / "final.pt", weights_only=True)
-        outcomes[how] = (losses, all(torch.equal(p, final[n]) for n, p in model.state_dict().items()))
-    assert outcomes["load_state_dict"] == (expected, True)
+        outcomes[how] = (losses, max(_relative_gap(p, final[n]) for n, p in model.state_dict().items()))
+    # Bit-equal on the CPU that wrote the fixture; another CPU's matmul kernels move Newton–Schulz's output a
+    # little (measured on an AMD EPYC: losses 2e-6 relative, weights 1.2% of a tensor's largest value), while the
+    # same steps from a fresh momentum move the weights by 87%: the bounds below sit between the two.
+    losses, weight_gap = outcomes["load_state_dict"]  # type: ignore[misc]
+    assert losses == pytest.approx(expected, rel=1e-4)
+    assert weight_gap < 0.05
     assert (
         outcomes["torch's own load"] == "The size of tensor a (16) must match the size of tensor b (48) at "
         "non-singleton dimension 1"
