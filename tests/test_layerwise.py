@@ -20,13 +20,13 @@ from optiplug.factory import build_from_entry
 from optiplug.testing import TokenBlocks, logged_losses, tiny_llama, training_args
 
 
-def _trainer(output_dir, optimizer, **args):
+def _trainer(output_dir, optimizer, scheduler=None, **args):
     return optiplug.OptiTrainer(
         model=tiny_llama(),
         args=training_args(output_dir, **args),
         train_dataset=TokenBlocks(n=64),
         optimizer=optimizer,
-        scheduler={"name": "cosine", "warmup_steps": 2},
+        scheduler=scheduler or {"name": "cosine", "warmup_steps": 2},
     )
 
 
@@ -85,14 +85,15 @@ def test_layerwise_adamw_losses_equal_the_whole_step(tmp_path, accumulation):
 
 def test_layerwise_clips_each_parameter_and_logs_the_true_global_norm(tmp_path):
     max_norm = 0.05
-    trainer = _trainer(tmp_path / "layerwise", _adamw(True), max_steps=2, max_grad_norm=max_norm)
+    constant = {"name": "constant"}  # a 2-step run cannot hold a 2-step warmup (refused); the norms need no schedule
+    trainer = _trainer(tmp_path / "layerwise", _adamw(True), constant, max_steps=2, max_grad_norm=max_norm)
     seen: list = []
     _spy_steps(trainer.create_optimizer(), seen)
     trainer.train()
     assert max(norm for _, _, norm in seen) <= max_norm * (1 + 1e-4)  # each parameter clipped on its own
     logged = _history(trainer, "grad_norm")
     assert all(norm > 10 * max_norm for norm in logged)  # the norm before clipping, not a fake 0
-    whole = _trainer(tmp_path / "whole", _adamw(False), max_steps=1, max_grad_norm=max_norm)
+    whole = _trainer(tmp_path / "whole", _adamw(False), constant, max_steps=1, max_grad_norm=max_norm)
     whole.train()
     assert logged[0] == pytest.approx(_history(whole, "grad_norm")[0], rel=1e-5)  # same weights, same batch
 
@@ -308,7 +309,7 @@ def test_tied_weights_and_gradient_checkpointing_step_once_like_the_whole_step()
 
 
 def test_hooks_step_only_while_training_and_only_for_the_newest_optimizer(tmp_path):
-    trainer = _trainer(tmp_path, _adamw(True), max_steps=2)
+    trainer = _trainer(tmp_path, _adamw(True), max_steps=3)
     trainer.train()
     model = trainer.model
     batch = torch.stack([TokenBlocks(n=4)[i]["input_ids"] for i in range(4)])
