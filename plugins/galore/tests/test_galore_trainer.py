@@ -104,7 +104,7 @@ def test_layerwise_with_accumulation_matches_the_whole_model_step(tmp_path):
 
 def test_layerwise_clips_each_parameter_and_logs_the_global_norm(tmp_path):
     max_norm = 0.05
-    trainer = _trainer(tmp_path, _galore(layerwise=True), max_steps=2, max_grad_norm=max_norm)
+    trainer = _trainer(tmp_path, _galore(layerwise=True), {"name": "constant"}, max_steps=2, max_grad_norm=max_norm)
     optimizer = trainer.create_optimizer()
     norms_after_clipping = []
     step_params = optimizer.step_parameters
@@ -119,7 +119,7 @@ def test_layerwise_clips_each_parameter_and_logs_the_global_norm(tmp_path):
     logged = _history(trainer, "grad_norm")
     assert all(norm > 10 * max_norm for norm in logged)  # the true norm before clipping, not a fake 0
     # and the first one equals the norm the non-layerwise run logs from the same weights and batch
-    whole = _trainer(tmp_path / "whole", _galore(), max_steps=1, max_grad_norm=max_norm)
+    whole = _trainer(tmp_path / "whole", _galore(), {"name": "constant"}, max_steps=1, max_grad_norm=max_norm)
     whole.train()
     assert logged[0] == pytest.approx(_history(whole, "grad_norm")[0], rel=1e-5)
     assert all(p.grad is None for p in trainer.model.parameters())  # freed by the hooks

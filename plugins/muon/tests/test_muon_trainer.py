@@ -75,7 +75,7 @@ LORA_REFUSAL = (
 
 def test_lora_adapters_are_refused_before_any_step(tmp_path):
     pytest.importorskip("peft")
-    trainer = _trainer(tmp_path, model=_lora_model(), max_steps=2)
+    trainer = _trainer(tmp_path, model=_lora_model(), max_steps=3)
     with pytest.raises(optiplug.ConfigError) as error:
         trainer.train()
     assert str(error.value) == LORA_REFUSAL
@@ -190,7 +190,7 @@ def test_no_parameter_reaching_muon_is_refused(tmp_path):
     model = tiny_llama()
     for name, p in model.named_parameters():
         p.requires_grad = "norm" in name or "embed" in name  # a freeze run of norms and embeddings only
-    trainer = _trainer(tmp_path, model=model, max_steps=2)
+    trainer = _trainer(tmp_path, model=model, max_steps=3)
     with pytest.raises(optiplug.ConfigError) as error:
         trainer.train()
     assert str(error.value) == NO_MUON.format(n=6)
@@ -204,7 +204,7 @@ def test_a_partial_freeze_trains_only_the_unfrozen_matrices(tmp_path):
     for name, p in model.named_parameters():
         p.requires_grad = ".layers.1." in name
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = _trainer(tmp_path, model=model, max_steps=2)
+    trainer = _trainer(tmp_path, model=model, max_steps=3)
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
