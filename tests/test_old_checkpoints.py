@@ -46,8 +46,8 @@ def test_the_old_config_parses_and_matches_the_checkpoints_record(name):
     check_checkpoint(str(FIXTURES / name / CHECKPOINT), optimizer, scheduler, engine=False)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_an_old_checkpoint_resumes_to_the_old_runs_losses(name, tmp_path):
+def _resumed_and_expected(name: str, tmp_path: Path, with_state: bool = True) -> tuple[dict, dict]:
+    """Steps 4-6 of the old run resumed from its checkpoint-3 (without its optimizer state: with_state=False)."""
     record = _record(name)
     trainer = optiplug.OptiTrainer(
         model=tiny_llama(seed=0),
@@ -56,9 +56,17 @@ def test_an_old_checkpoint_resumes_to_the_old_runs_losses(name, tmp_path):
         optimizer=record["given"]["optimizer"],
         scheduler=record["given"]["scheduler"],
     )
+    if not with_state:
+        trainer._load_optimizer_and_scheduler = lambda *args, **kwargs: None  # type: ignore[method-assign]
     trainer.train(resume_from_checkpoint=str(FIXTURES / name / CHECKPOINT))
     resumed = {step: loss for step, loss in logged_losses(trainer).items() if step > 3}  # 1-3: the checkpoint's
     expected = {int(step): loss for step, loss in record["losses"].items() if int(step) > 3}
+    return resumed, expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_old_checkpoint_resumes_to_the_old_runs_losses(name, tmp_path):
+    resumed, expected = _resumed_and_expected(name, tmp_path)
     assert sorted(resumed) == sorted(expected) == [4, 5, 6]
     for step, loss in expected.items():
         assert resumed[step] == pytest.approx(loss, rel=SAME), f"{name}: step {step}: {resumed[step]} != {loss}"
@@ -67,16 +75,5 @@ def test_an_old_checkpoint_resumes_to_the_old_runs_losses(name, tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_bound_tells_a_resumed_state_from_a_fresh_one(name, tmp_path):
     """The same resume with the optimizer state left out must miss the old run's losses by far more than SAME."""
-    record = _record(name)
-    trainer = optiplug.OptiTrainer(
-        model=tiny_llama(seed=0),
-        args=training_args(tmp_path, **{**record["arguments"], "save_strategy": "no"}),
-        train_dataset=TokenBlocks(**record["data"]),
-        optimizer=record["given"]["optimizer"],
-        scheduler=record["given"]["scheduler"],
-    )
-    trainer._load_optimizer_and_scheduler = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    trainer.train(resume_from_checkpoint=str(FIXTURES / name / CHECKPOINT))
-    resumed = {step: loss for step, loss in logged_losses(trainer).items() if step > 3}
-    expected = {int(step): loss for step, loss in record["losses"].items() if int(step) > 3}
+    resumed, expected = _resumed_and_expected(name, tmp_path, with_state=False)
     assert max(abs(resumed[step] - loss) / abs(loss) for step, loss in expected.items()) > 10 * SAME
