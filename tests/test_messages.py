@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 import optiplug
 from optiplug import ConfigError
 from optiplug.app.cli import main
+from optiplug.app.testing import read_only, run_cli_unprivileged
 from optiplug.registry import reload_plugins
 
 PY = sys.executable
@@ -64,21 +64,14 @@ def test_schedule_output_that_cannot_be_written_is_one_line_before_the_table(cap
         and err
         == (f"optiplug: --output: '{tmp_path}' is a directory; give a file name (e.g. {tmp_path / 'schedule.png'})\n")
     )
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode == 0:
-        target = locked / "curve.png"
-    else:  # no immutable flag on this file system: a directory nobody may write, root included
-        target, locked = Path("/sys/curve.png"), None
-    try:
-        code, out, err = cli(capsys, "schedule", "cosine", "--steps", "10", "--output", str(target))
+    locked = read_only(tmp_path / "locked")
+    target = locked / "curve.png"
+    try:  # a child process that file permissions bind, root included
+        code, out, err = run_cli_unprivileged("schedule", "cosine", "--steps", "10", "--output", str(target))
     finally:
-        if locked is not None:
-            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        locked.chmod(0o755)
     assert code == 1 and out == ""
-    assert err.startswith(f"optiplug: --output: cannot write '{target}' (") and err.endswith(
-        "); choose a file you can write\n"
-    )
+    assert err == f"optiplug: --output: cannot write '{target}' (Permission denied); choose a file you can write\n"
     assert not target.exists()
 
 
@@ -116,10 +109,11 @@ def test_a_section_that_is_not_a_name_or_a_mapping_says_what_it_got(capsys, tmp_
 
 
 @pytest.fixture
-def plugin_environment(monkeypatch):
-    """Set OPTIPLUG_* variables for a reload of the registry; the registry is reloaded as it was afterwards."""
-    yield monkeypatch
-    monkeypatch.undo()
+def plugin_environment():
+    """Set OPTIPLUG_* variables for a reload of the registry; afterwards only these are undone (not the test's
+    other patches) and the registry is reloaded as it was."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
     reload_plugins()
 
 

@@ -197,14 +197,16 @@ TYPO_PLUGIN = """
 
 
 @pytest.fixture
-def site_dir(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for var in ("OPTIPLUG_LOAD_PLUGINS", "OPTIPLUG_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    yield tmp_path
+def site_dir(tmp_path):
+    """``tmp_path`` on ``sys.path`` with every entry point allowed; afterwards only these changes are undone (not
+    the test's other patches) and the registry is reloaded without the distributions written there."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        for var in ("OPTIPLUG_LOAD_PLUGINS", "OPTIPLUG_DISABLE_PLUGINS"):
+            patch.delenv(var, raising=False)
+        yield tmp_path
     for name in ("ep_good", "ep_broken", "ep_typo"):
         sys.modules.pop(name, None)
-    monkeypatch.undo()
     reload_plugins()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from optiplug.app.cli import main
 from optiplug.app.data import assets_dir
 from optiplug.app.run import SUMMARY_FILE
 from optiplug.app.safety import CHECKPOINT_RECORD, MARKER
+from optiplug.app.testing import read_only, run_cli_unprivileged
 
 FAST = [
     "data.block_size=16",
@@ -524,47 +526,30 @@ def test_compare_passes_the_timeout_on(capsys, tmp_path, monkeypatch):
 # ---- 8. an unwritable output directory is found before the first step ------------------------------
 
 
-def _read_only(path: Path):
-    """Make ``path`` unwritable even for root (chattr +i, else a read-only bind mount, else chmod when not root);
-    None where none works (root in a container without them)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0:
-        return ["chattr", "-i", str(path)]
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True).returncode == 0:
-        return ["umount", str(path)]
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return ["chmod", "755", str(path)]
-    return None
-
-
-def _refused_before_training(capsys, tmp_path, locked: Path, outputs: list[Path]) -> None:
+def _refused_before_training(run, tmp_path, locked: Path, outputs: list[Path]) -> None:
+    """``run`` (one of the ``optiplug`` command's runners) refuses each of ``outputs`` with one line naming
+    ``locked``, in ``train`` and in ``validate`` alike."""
     for out in outputs:
-        code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+        code, _, err = run("train", *FAST, f"training.output_dir={out}")
         assert code == 1
         assert err.startswith(f"optiplug: training.output_dir: cannot write in '{locked}' (")
         assert err.endswith("); choose a directory you can write\n") and "Traceback" not in err
-        code, _, err2 = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.output_dir={out}")
+        code, _, err2 = run("validate", str(_yaml(tmp_path)), f"training.output_dir={out}")
         assert code == 1 and err2 == err
 
 
-def test_an_unwritable_output_directory_is_one_line_before_training(capsys, tmp_path):
-    locked = tmp_path / "locked"
-    undo = _read_only(locked)
-    if undo is None:  # root without chattr or mounts (a CI container): /proc takes no new entry, even from root
-        _refused_before_training(capsys, tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
-        assert not (Path("/proc") / "optiplug-run").exists()
-        return
-    try:
-        _refused_before_training(capsys, tmp_path, locked, [locked, locked / "run"])
+def test_an_unwritable_output_directory_is_one_line_before_training(tmp_path):
+    locked = read_only(tmp_path / "locked")
+    try:  # a child process that file permissions bind, root included
+        _refused_before_training(run_cli_unprivileged, tmp_path, locked, [locked, locked / "run"])
     finally:
-        subprocess.run(undo, check=True)
+        locked.chmod(0o755)
     assert not any(locked.iterdir())
 
 
 def test_a_directory_no_one_can_write_in_is_one_line_everywhere(capsys, tmp_path):
     """Runs as root without chattr or mounts too: /proc takes no new entry, whoever asks."""
-    _refused_before_training(capsys, tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
+    _refused_before_training(functools.partial(cli, capsys), tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
     assert not (Path("/proc") / "optiplug-run").exists()
 
 
