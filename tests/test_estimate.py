@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -120,7 +121,8 @@ BRIDGE, BRIDGE_SAMPLE = "optiplug-pytorch-optimizer", {"po_lion", "po_muon", "po
 def test_estimated_state_equals_a_real_optimizers_state(name, tiny_dir, tmp_path):
     if optiplug.get_entry(name).state_bytes is None:  # measured on the meta model, or unknown: never a guess
         [row] = estimate(_run(tiny_dir, optimizer=name))
-        if row.state_bytes is None:
+        if row.state_bytes is None:  # unknown only where the plugin says why, never by accident
+            assert name in _unknown_by_design(), f"{name}: no state_bytes and not measured on meta"
             assert row.total_bytes is None and row.state_source is None
             return
         assert row.state_source == "measured"
@@ -386,7 +388,9 @@ def test_state_measured_on_meta_equals_a_real_step_or_is_unknown(name):
     cfg = optiplug.parse_optimizer(name)
     with torch.device("meta"):
         meta = tiny_llama()
-    measured = measured_on_meta(meta, cfg)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        measured = measured_on_meta(meta, cfg)
     model = tiny_llama()
     try:
         optimizer = optiplug.build_optimizer(model, cfg)
@@ -397,6 +401,7 @@ def test_state_measured_on_meta_equals_a_real_step_or_is_unknown(name):
     optimizer.step()
     if measured is None:  # unknown only where the plugin says why (n/a in `optiplug estimate`), never by accident
         assert name in _unknown_by_design(), f"{name}: not measured on meta, and no reason is declared"
+        assert [str(w.message).split(" (")[0] for w in said] == [f"optiplug: {name}: cannot be measured on meta"]
         return
     assert measured == optiplug.optimizer_state_bytes(optimizer), name
 

@@ -8,7 +8,7 @@ computes its state from the parameter shapes (``OptimizerEntry.state_bytes``). A
 ``state_bytes`` is measured instead: its optimizer is built on the ``meta`` model and takes one step
 on ``meta`` gradients (no memory is allocated), and the state it created is counted; the table
 marks such a figure "(measured)". An optimizer that cannot step on ``meta`` shows "n/a", never a
-guess.
+guess, and a warning line says why (the exception its build or step raised).
 
 Gradients are counted for every trainable parameter at the parameter's dtype, as a plain
 training step holds them; activations, the data and framework buffers are not counted.
@@ -232,7 +232,7 @@ def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
     The optimizer is built as training builds it, every trainable parameter gets a ``meta`` gradient,
     and ``step()`` runs: the state it creates is counted without allocating it. None when the
     optimizer cannot be built or stepped on ``meta`` (an optimizer reading a value back with
-    ``.item()``, say): the figure is then unknown, not guessed.
+    ``.item()``, say): the figure is then unknown, not guessed, and a warning says why (the exception).
     """
     import torch
 
@@ -249,7 +249,9 @@ def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
             p.grad = torch.zeros_like(p)
         optimizer.step()
         return optimizer_state_bytes(optimizer)
-    except Exception:  # any failure on meta means "not measurable here": reported as n/a, never guessed
+    except Exception as error:  # not measurable here: n/a, never guessed, and the reason is shown
+        problem = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+        warnings.warn(f"optiplug: {cfg.name}: cannot be measured on meta ({problem}); shown as n/a", stacklevel=2)
         return None
     finally:
         for p in params:
