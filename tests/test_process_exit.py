@@ -104,7 +104,7 @@ def test_a_worker_script_ends_before_the_teardown(tmp_path):
 
 SIGTERM_AT_STEP_2 = """
 import os, signal, sys
-from optiplug.app.guards import GuardedTrainer
+from optiplug.app.trainer import GuardedTrainer
 
 step = GuardedTrainer.training_step
 
@@ -152,7 +152,7 @@ import os
 if os.environ.get("RANK") == "0":
     import signal
 
-    from optiplug.app.guards import GuardedTrainer
+    from optiplug.app.trainer import GuardedTrainer
 
     step = GuardedTrainer.training_step
 

@@ -906,7 +906,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from optiplug.app import safety\n"
-        "from optiplug.app.guards import GuardedTrainer\n"
+        "from optiplug.app.trainer import GuardedTrainer\n"
         "step = GuardedTrainer.training_step\n"
         "def training_step(self, *args, **kwargs):\n"
         "    if self.state.global_step == 2:\n"

@@ -1,6 +1,6 @@
 """Checkpoints written whole or not at all (transformers 5.25 writes ``checkpoint-N`` in place).
 
-``optiplug train``'s Trainer (:class:`~optiplug.app.guards.GuardedTrainer`) saves each checkpoint
+``optiplug train``'s Trainer (:class:`~optiplug.app.trainer.GuardedTrainer`) saves each checkpoint
 through :func:`save_whole`: every process writes its part (the Trainer's own save, DeepSpeed's and
 FSDP's shards included) into ``PARTIAL/checkpoint-N`` inside the output directory, the main
 process adds the optimizer and scheduler record (:data:`~optiplug.app.safety.CHECKPOINT_RECORD`),

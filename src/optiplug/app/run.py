@@ -575,15 +575,11 @@ def _train(
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
+    from optiplug.app.divergence import DivergenceCallback
     from optiplug.app.evaluation import evaluation_losses
-    from optiplug.app.guards import (
-        DivergenceCallback,
-        GuardedTrainer,
-        OutputDirCallback,
-        OutputDirIntent,
-    )
     from optiplug.app.header import add_header
     from optiplug.app.stopping import Signals, again_callback
+    from optiplug.app.trainer import GuardedTrainer, OutputDirCallback, OutputDirIntent
 
     trainer = GuardedTrainer(
         model=model,

@@ -1,13 +1,11 @@
-"""The app's Trainer: :class:`~optiplug.OptiTrainer` plus the run's guards (imports torch and transformers).
+"""The divergence guard: :class:`DivergenceCallback` stops a diverging run (imports torch and transformers).
 
-* A diverging run stops (:class:`~optiplug.app.safety.DivergedError`) by the rules of the run config's
-  ``guard`` section (:class:`DivergenceCallback`): a non-finite loss or gradient norm before the optimizer
-  applies it, gradients exactly 0 for several steps, a loss that stays far above its minimum. This
-  belongs to ``optiplug train``, not to the mixin: a Python-API user keeps transformers' own behaviour
-  (``logging_nan_inf_filter``) and may add :class:`DivergenceCallback` to a :class:`GuardedTrainer` of their own.
-* Every checkpoint is written whole or not at all (:mod:`optiplug.app.checkpoints`) and records the
-  optimizer and scheduler config it was trained with (:data:`~optiplug.app.safety.CHECKPOINT_RECORD`),
-  which a resume compares.
+It applies the rules of the run config's ``guard`` section and raises
+:class:`~optiplug.app.safety.DivergedError`: a non-finite loss or gradient norm before the optimizer applies it,
+gradients exactly 0 for several steps, a loss that stays far above its minimum. This belongs to ``optiplug
+train``, not to the mixin: a Python-API user keeps transformers' own behaviour (``logging_nan_inf_filter``) and
+may add :class:`DivergenceCallback` to a :class:`~optiplug.app.trainer.GuardedTrainer` of their own (the
+callback reads the loss and gradient norm it notes per step).
 """
 
 from __future__ import annotations
@@ -20,60 +18,9 @@ import torch
 from transformers import TrainerCallback
 
 from optiplug.app.safety import DivergedError, last_checkpoint
-from optiplug.trainer import OptiTrainer
+from optiplug.app.trainer import GuardedTrainer
 
-__all__ = ["CheckpointRecordCallback", "DivergenceCallback", "GuardedTrainer", "OutputDirCallback", "OutputDirIntent"]
-
-
-class GuardedTrainer(OptiTrainer):
-    """OptiTrainer that notes, per optimizer step, whether a loss was non-finite and the gradient norm."""
-
-    optiplug_step_loss_finite: bool = True
-    optiplug_step_loss: float = 0.0
-    optiplug_grad_norm: float | None = None
-    optiplug_cooldown: Any = None  # a cooldown's Branch: its schedule replaces the configured one
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
-        if self.lr_scheduler is None and self.optiplug_cooldown is not None:
-            from optiplug.helpers import unwrap_optimizer
-
-            self.lr_scheduler = self.optiplug_cooldown.scheduler(unwrap_optimizer(optimizer or self.optimizer))
-            self._created_lr_scheduler = True
-            return self.lr_scheduler
-        return super().create_scheduler(num_training_steps, optimizer)
-
-    def training_step(self, *args: Any, **kwargs: Any):
-        loss = super().training_step(*args, **kwargs)
-        value = float(loss.detach())  # the Trainer reads it on the host too (logging_nan_inf_filter)
-        self.optiplug_step_loss += value
-        if not math.isfinite(value):
-            self.optiplug_step_loss_finite = False
-        return loss
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if "eval_loss" in logs:  # every evaluation also says its perplexity
-            from optiplug.app.evaluation import perplexity
-
-            logs = {**logs, "eval_perplexity": perplexity(float(logs["eval_loss"]))}
-        return super().log(logs, *args, **kwargs)
-
-    optiplug_partial: Path | None = None  # while a checkpoint is being written: where (optiplug.app.checkpoints)
-    optiplug_output: Any = None  # the run's OutputDir (optiplug.app.safety), which records what the run writes
-
-    def _get_output_dir(self, trial: Any) -> str:
-        return str(self.optiplug_partial) if self.optiplug_partial is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """Write the checkpoint whole or not at all, with its record (optiplug.app.checkpoints)."""
-        from optiplug.app.checkpoints import save_whole
-
-        run_dir = super()._get_output_dir(trial)
-        save_whole(self, lambda: super(GuardedTrainer, self)._save_checkpoint(model, trial), run_dir)
-
-    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:  # transformers' hook before the step
-        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self.optiplug_grad_norm = None if norm is None else float(norm)
-        return norm
+__all__ = ["DivergenceCallback"]
 
 
 class DivergenceCallback(TrainerCallback):
@@ -193,47 +140,3 @@ def _norm(grads: list[Any]) -> float | None:
     if not grads:
         return None
     return math.sqrt(sum(float(torch.linalg.vector_norm(g.detach().float())) ** 2 for g in grads))
-
-
-class CheckpointRecordCallback(TrainerCallback):
-    """Write the optimizer and scheduler config into every checkpoint of a Trainer of your own (compared when a
-    run resumes from it); :class:`GuardedTrainer` writes it into the checkpoint before the checkpoint is complete."""
-
-    def __init__(self, trainer: OptiTrainer):
-        self.trainer = trainer
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not state.is_world_process_zero:
-            return
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            from optiplug.app.checkpoints import write_record
-
-            write_record(self.trainer, checkpoint)
-
-
-class OutputDirCallback(TrainerCallback):
-    """The output directory changes only when training starts, after the optimizer, the scheduler and a resumed
-    state were built (:meth:`~optiplug.app.safety.OutputDir.begin`): a mistake found until then deletes nothing.
-    After each checkpoint the marker records the files written so far."""
-
-    def __init__(self, output: Any, stale: list[str]):
-        self.output, self.stale = output, stale
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.output.begin(self.stale)
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.output.record()
-
-
-class OutputDirIntent(TrainerCallback):
-    """Added last, after the Trainer's flow callback decided: the checkpoint about to be saved is recorded in the
-    marker before it is written (:meth:`~optiplug.app.safety.OutputDir.expect`)."""
-
-    def __init__(self, output: Any):
-        self.output = output
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if control.should_save:
-            self.output.expect([f"checkpoint-{state.global_step}"])
