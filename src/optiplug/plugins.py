@@ -20,7 +20,7 @@ import importlib.metadata
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pluggy
 
@@ -158,10 +158,9 @@ def load(group: str = ENTRY_POINT_GROUP, default_modules: tuple[str, ...] = DEFA
     for blocked in deny:
         plugins.pm.set_blocked(blocked)
     seen: set[str] = set()
-    points = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+    points = _entry_points(group)
     _warn_unknown_names(points, allow, deny)
-    for ep in points:
-        dist = ep.dist.name if ep.dist is not None else None
+    for ep, dist, version in points:
         labels = {ep.name} | ({dist} if dist else set())
         if allow is not None and not labels & allow:
             plugins.left_out[dist or ep.name] = f"OPTIPLUG_LOAD_PLUGINS={os.environ['OPTIPLUG_LOAD_PLUGINS']}"
@@ -180,22 +179,42 @@ def load(group: str = ENTRY_POINT_GROUP, default_modules: tuple[str, ...] = DEFA
         except Exception as error:
             plugins.fail(name, f"failed to import {ep.value!r}: {type(error).__name__}: {error}")
             continue
-        version = ep.dist.version if ep.dist is not None else None
         problem = plugins.add(plugin, name, distribution=dist, version=version, deny_name=ep.name)
         if problem:
             plugins.fail(name, problem)
     return plugins
 
 
-def _warn_unknown_names(points: list[Any], allow: set[str] | None, deny: set[str]) -> None:
+class _Point(NamedTuple):
+    """An entry point and the name and version of the distribution it came from (None: no distribution)."""
+
+    entry: importlib.metadata.EntryPoint
+    dist: str | None
+    version: str | None
+
+
+def _entry_points(group: str) -> list[_Point]:
+    """The entry points of ``group``, by name. Each distribution's metadata file is parsed once, here (``dist.name``
+    and ``dist.version`` parse it again at every read)."""
+    points = []
+    for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name):
+        if ep.dist is None:
+            points.append(_Point(ep, None, None))
+        else:
+            metadata = ep.dist.metadata
+            points.append(_Point(ep, metadata["Name"], metadata["Version"]))
+    return points
+
+
+def _warn_unknown_names(points: list[_Point], allow: set[str] | None, deny: set[str]) -> None:
     """One warning per variable naming plugins that are not installed (a typo would otherwise do nothing)."""
-    labels = {ep.name for ep in points} | {ep.dist.name for ep in points if ep.dist is not None}
+    labels = {ep.name for ep, _, _ in points} | {dist for _, dist, _ in points if dist is not None}
     for variable, names in (("OPTIPLUG_LOAD_PLUGINS", allow or set()), ("OPTIPLUG_DISABLE_PLUGINS", deny)):
         unknown = sorted(names - labels)
         if unknown:
             warnings.warn(
                 f"optiplug: {variable} names no installed plugin {', '.join(repr(n) for n in unknown)} "
-                f"(installed: {', '.join(sorted({ep.name for ep in points})) or 'none'}; see `optiplug plugins`)",
+                f"(installed: {', '.join(sorted({ep.name for ep, _, _ in points})) or 'none'}; see `optiplug plugins`)",
                 RuntimeWarning,
                 stacklevel=4,
             )
