@@ -206,3 +206,29 @@ def test_plugins_use_only_the_public_api():
 def test_the_testing_helpers_import_without_pytest():
     code = "import sys; sys.modules['pytest'] = None; import optiplug.testing; print(optiplug.testing.SEQ)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "16\n"
+
+
+def test_the_old_helpers_module_still_exports_every_name_it_had():
+    """Plugins written against ``optiplug.helpers`` (one module up to 0.1) keep importing from it."""
+    import optiplug
+    from optiplug import helpers, transformers_args
+
+    had = {
+        "STEP_BYTES",
+        "TRAINING_ARGUMENT_FIELDS",
+        "AdamFields",
+        "Betas",
+        "Kernel",
+        "LearningRate",
+        "adam_state_bytes",
+        "kernel_kwargs",
+        "moment_bytes",
+        "optimizer_state_bytes",
+        "tensor_bytes",
+        "training_argument_value",
+        "unwrap_optimizer",
+    }
+    assert set(helpers.__all__) == had
+    for name in had - {"training_argument_value"}:
+        assert getattr(helpers, name) is getattr(optiplug, name), name
+    assert helpers.training_argument_value is transformers_args.training_argument_value

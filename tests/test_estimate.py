@@ -14,8 +14,8 @@ import pytest
 
 import optiplug
 import optiplug.app
+from optiplug import optimizer_state_bytes
 from optiplug.app.estimate import Estimate, estimate, format_bytes
-from optiplug.helpers import optimizer_state_bytes
 from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
 LLAMA_7B = dict(
@@ -105,7 +105,7 @@ def _stepped_optimizer(name: str, finetuning: dict, tmp_path: Path):
         model=model, args=training_args(tmp_path, max_steps=2, logging_steps=10), train_dataset=data, optimizer=name
     )
     trainer.train()
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug import unwrap_optimizer
 
     return unwrap_optimizer(trainer.optimizer)
 

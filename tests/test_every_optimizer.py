@@ -168,7 +168,7 @@ def every_per_parameter_optimizer():
 
 @pytest.mark.parametrize("name", every_per_parameter_optimizer())
 def test_every_per_parameter_optimizer_trains_layerwise_like_its_whole_step(name, tmp_path):
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug import unwrap_optimizer
 
     runs = {}
     for layerwise in (False, True):

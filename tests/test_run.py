@@ -10,12 +10,11 @@ import torch
 
 import optiplug
 import optiplug.app
-from optiplug import ConfigError
+from optiplug import ConfigError, optimizer_state_bytes, tensor_bytes
 from optiplug.app import RunConfig
 from optiplug.app.data import assets_dir
 from optiplug.app.measure import peak_rss_bytes
 from optiplug.app.run import SUMMARY_FILE
-from optiplug.helpers import optimizer_state_bytes, tensor_bytes
 
 FAST = [
     "data.block_size=16",

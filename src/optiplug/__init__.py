@@ -1,8 +1,8 @@
 """optiplug: a pluggable optimizer and scheduler registry for transformers' Trainer.
 
 Two layers. This package exports the plugin contract and the Trainer integration (configs, entries,
-hookspecs, the registry, helpers, the factory, the trainer mixin); the Trainer side is imported on first
-use (``_LAZY``), so importing this package does not import torch or transformers. The app on top (the
+hookspecs, the registry, the helpers for plugin authors, the factory, the trainer mixin); the Trainer side is
+imported on first use (``_LAZY``), so importing this package does not import torch or transformers. The app on top (the
 run config, the main job, the CLI) is ``optiplug.app``: ``from optiplug.app import train, load_config``.
 """
 
@@ -25,21 +25,9 @@ from optiplug.errors import (
     PluginError,
     UnknownNameError,
 )
-from optiplug.helpers import (
-    STEP_BYTES,
-    TRAINING_ARGUMENT_FIELDS,
-    AdamFields,
-    Betas,
-    Kernel,
-    LearningRate,
-    adam_state_bytes,
-    kernel_kwargs,
-    moment_bytes,
-    optimizer_state_bytes,
-    tensor_bytes,
-    unwrap_optimizer,
-)
+from optiplug.fields import AdamFields, Betas, LearningRate
 from optiplug.hookspecs import hookimpl, hookspec
+from optiplug.kernel import Kernel, kernel_kwargs
 from optiplug.matrices import check_whole_matrices, count_shapes, fsdp_version, split_param_groups, split_shapes
 from optiplug.params import GROUP_ROLE
 from optiplug.patches import Patch
@@ -52,8 +40,10 @@ from optiplug.registry import (
     parse_scheduler,
 )
 from optiplug.shapes import effective_rank, low_rank_shape, projection_sides, projector_numel
+from optiplug.state_sizes import STEP_BYTES, adam_state_bytes, moment_bytes, optimizer_state_bytes, tensor_bytes
 from optiplug.targets import TargetModules, select_target_modules, target_parameters, target_shapes
-from optiplug.transformers_args import ADAM_ARGUMENTS, transformers_fields
+from optiplug.transformers_args import ADAM_ARGUMENTS, TRAINING_ARGUMENT_FIELDS, transformers_fields
+from optiplug.unwrap import unwrap_optimizer
 
 __version__ = "0.1.0"
 

@@ -44,8 +44,8 @@ class GroupRatesCallback(TrainerCallback):
         self.rates: dict[str, float] = {}
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        from optiplug.helpers import unwrap_optimizer
         from optiplug.params import GROUP_KEY
+        from optiplug.unwrap import unwrap_optimizer
 
         rates: dict[str, float] = {}
         for group in getattr(unwrap_optimizer(optimizer), "param_groups", ()) if optimizer is not None else ():

@@ -10,12 +10,12 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ScheduleContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError, MissingDependencyError, OptiplugError, PluginError
-from optiplug.helpers import unwrap_optimizer
 from optiplug.layerwise import check_layerwise, enable_layerwise, release_parameters
 from optiplug.matrices import check_built_for_fsdp2
 from optiplug.offload import check_offload, offloaded
 from optiplug.params import apply_group_rules
 from optiplug.registry import get_entry, get_scheduler_entry, parse_optimizer, parse_scheduler
+from optiplug.unwrap import unwrap_optimizer
 
 if TYPE_CHECKING:
     import torch

@@ -284,7 +284,7 @@ def enable_layerwise(
         max_grad_norm: clip each parameter's gradient to this norm before its step (default: the context's;
             None or 0: no clipping).
     """
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug.unwrap import unwrap_optimizer
 
     optimizer = unwrap_optimizer(optimizer)
     existing = layerwise_stepper(optimizer)
@@ -312,7 +312,7 @@ def enable_layerwise(
 
 def layerwise_stepper(optimizer: Any) -> LayerwiseStepper | None:
     """The stepper of a layerwise optimizer (accelerate's wrapper is looked through), or None."""
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug.unwrap import unwrap_optimizer
 
     if optimizer is None:
         return None
@@ -332,7 +332,7 @@ def release_parameters(optimizer: Any) -> None:
     The core calls it on every optimizer built without ``layerwise: true``, so a layerwise optimizer
     built earlier on the same model (and not yet garbage-collected) never steps them again.
     """
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug.unwrap import unwrap_optimizer
 
     if _HOOKS is None:
         return

@@ -172,8 +172,8 @@ def check_built_for_fsdp2(entry: OptimizerEntry, optimizer: Any, ctx: BuildConte
     """
     if not getattr(entry, "whole_matrices", False) or fsdp_version(ctx) != 2:
         return
-    from optiplug.helpers import unwrap_optimizer
     from optiplug.stepping import MatrixOptimizer
+    from optiplug.unwrap import unwrap_optimizer
 
     built = unwrap_optimizer(optimizer)
     if not isinstance(built, MatrixOptimizer):

@@ -22,7 +22,6 @@ from optiplug.context import BuildContext
 from optiplug.entries import OptimizerEntry
 from optiplug.errors import ConfigError
 from optiplug.factory import build_from_entry, build_scheduler, check_evaluated, check_optimizer, steps_on_evaluation
-from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value, unwrap_optimizer
 from optiplug.layerwise import layerwise_stepper, owner_of
 from optiplug.patches import Patch, applied
 from optiplug.registry import (
@@ -31,7 +30,14 @@ from optiplug.registry import (
     parse_optimizer,
     parse_scheduler,
 )
-from optiplug.transformers_args import optim_name, optimizer_from_arguments, scheduler_from_arguments
+from optiplug.transformers_args import (
+    TRAINING_ARGUMENT_FIELDS,
+    optim_name,
+    optimizer_from_arguments,
+    scheduler_from_arguments,
+    training_argument_value,
+)
+from optiplug.unwrap import unwrap_optimizer
 
 __all__ = ["OptiTrainer", "OptiTrainerMixin"]
 

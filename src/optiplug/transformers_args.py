@@ -13,19 +13,40 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from optiplug.errors import ConfigError
-from optiplug.helpers import TRAINING_ARGUMENT_FIELDS
 
 __all__ = [
     "ADAM_ARGUMENTS",
+    "TRAINING_ARGUMENT_FIELDS",
     "TRAINING_DEFAULTS",
     "arguments_view",
     "optim_name",
     "optimizer_from_arguments",
     "parse_optim_args",
     "scheduler_from_arguments",
+    "training_argument_value",
     "transformers_fields",
     "transformers_targets",
 ]
+
+TRAINING_ARGUMENT_FIELDS: dict[str, tuple[str, int | None]] = {
+    "learning_rate": ("lr", None),
+    "weight_decay": ("weight_decay", None),
+    "adam_beta1": ("betas", 0),
+    "adam_beta2": ("betas", 1),
+    "adam_epsilon": ("eps", None),
+}
+"""``TrainingArguments`` field -> (optimizer config field, index in it or None): the one table of what the
+optimizer section owns, used by the run config (conflicts are errors) and the trainer (defaults from ``args``)."""
+
+
+def training_argument_value(cfg: Any, key: str) -> Any:
+    """The value ``cfg`` holds for the ``TrainingArguments`` field ``key`` (None: the config has no such field)."""
+    field, index = TRAINING_ARGUMENT_FIELDS[key]
+    value = getattr(cfg, field, None)
+    if value is None or index is None:
+        return value
+    return value[index]
+
 
 ADAM_ARGUMENTS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay")
 """What transformers passes to an Adam-family optimizer: the rate, betas, epsilon (and weight decay via groups)."""

@@ -14,7 +14,7 @@ from optiplug_badam.config import BAdamConfig
 from optiplug_badam.optim import BlockAdamW, RatioAdam
 
 import optiplug
-from optiplug.helpers import optimizer_state_bytes, tensor_bytes
+from optiplug import optimizer_state_bytes, tensor_bytes
 from optiplug.testing import TokenBlocks, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:badam. .* never updated:UserWarning")

@@ -228,7 +228,7 @@ def test_check_refuses_a_peft_adapter_model():
     ids=["adamw-full", "adamw-reverse-mlp", "adamw-bf16", "adafactor-beta1-bf16", "adafactor-left", "8bit"],
 )
 def test_state_bytes_equals_the_measured_state(fields, dtype):
-    from optiplug.helpers import optimizer_state_bytes
+    from optiplug import optimizer_state_bytes
 
     model = tiny_llama().to(dtype)
     cfg = optiplug.app.RunConfig(optimizer=fields).optimizer
@@ -247,7 +247,7 @@ def test_8bit_state_ignores_overrides_another_optimizer_left_in_bitsandbytes():
     """transformers leaves process-wide 32-bit overrides by (group, index): they must not reach galore_adamw8bit."""
     import bitsandbytes
 
-    from optiplug.helpers import optimizer_state_bytes
+    from optiplug import optimizer_state_bytes
 
     def two_steps(model, optimizer):
         batch = torch.stack([TokenBlocks(n=4)[i]["input_ids"] for i in range(4)])

@@ -31,8 +31,8 @@ from pydantic import (
 from optiplug.app.values import load_yaml, scalar
 from optiplug.configs import OptimizerConfig, ScalarFields, SchedulerConfig, format_validation_error
 from optiplug.errors import ConfigError
-from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value
 from optiplug.registry import parse_optimizer, parse_scheduler, registry
+from optiplug.transformers_args import TRAINING_ARGUMENT_FIELDS, training_argument_value
 
 __all__ = [
     "EMBEDDED",

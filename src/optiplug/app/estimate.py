@@ -238,7 +238,7 @@ def measured_on_meta(model: nn.Module, cfg: OptimizerConfig) -> int | None:
 
     from optiplug.context import BuildContext
     from optiplug.factory import build_from_entry
-    from optiplug.helpers import optimizer_state_bytes
+    from optiplug.state_sizes import optimizer_state_bytes
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or any(p.device.type != "meta" for p in params):

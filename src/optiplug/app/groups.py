@@ -38,9 +38,9 @@ def group_rows(config: RunConfig, model: Any = None) -> list[dict[str, Any]]:
     from optiplug.app.validation import training_arguments
     from optiplug.context import BuildContext
     from optiplug.factory import build_from_entry
-    from optiplug.helpers import unwrap_optimizer
     from optiplug.params import DEFAULT_GROUP, GROUP_KEY, GROUP_ROLE
     from optiplug.registry import get_entry
+    from optiplug.unwrap import unwrap_optimizer
 
     args = training_arguments(config, default_training_arguments())
     if model is None:

@@ -116,8 +116,8 @@ def run_plan(
             built (BAdam's freezes all but its active block); default: the model's trainable ones now.
     """
     from optiplug.context import ScheduleContext
-    from optiplug.helpers import unwrap_optimizer
     from optiplug.registry import get_scheduler_entry
+    from optiplug.unwrap import unwrap_optimizer
 
     args, model, run_config = trainer.args, trainer.model, trainer.optiplug_run_config
     raw = unwrap_optimizer(trainer.optimizer if optimizer is None else optimizer)

@@ -1,4 +1,4 @@
-"""Peak-memory measurements for run summaries, compare and benchmarks (optimizer state: ``optiplug.helpers``)."""
+"""Peak-memory measurements for run summaries, compare and benchmarks (optimizer state: ``optiplug.state_sizes``)."""
 
 from __future__ import annotations
 

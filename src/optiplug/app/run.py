@@ -363,7 +363,8 @@ def _write_json_atomic(data: dict[str, Any], path: Path) -> None:
 def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int, float]], train_time: float) -> dict:
     from optiplug.app.evaluation import evaluation_summary
     from optiplug.app.measure import peak_rss_bytes
-    from optiplug.helpers import optimizer_state_bytes, unwrap_optimizer
+    from optiplug.state_sizes import optimizer_state_bytes
+    from optiplug.unwrap import unwrap_optimizer
 
     args, state, model = trainer.args, trainer.state, trainer.model
     # Throughput counts only this session's steps (a resumed run starts at the checkpoint's step).

@@ -13,7 +13,7 @@ from pydantic import ConfigDict
 from optiplug.app.config import RunConfig
 from optiplug.configs import coerce_scalar
 from optiplug.errors import ConfigError
-from optiplug.helpers import TRAINING_ARGUMENT_FIELDS, training_argument_value
+from optiplug.transformers_args import TRAINING_ARGUMENT_FIELDS, training_argument_value
 
 __all__ = ["check_training_section", "training_arguments"]
 

@@ -17,8 +17,10 @@ from pydantic import Field, model_validator
 from optiplug.configs import OptimizerConfig
 from optiplug.context import BuildContext, ParamShape
 from optiplug.entries import Alias, OptimizerEntry
-from optiplug.helpers import AdamFields, Kernel, LearningRate, adam_state_bytes, kernel_kwargs, moment_bytes
+from optiplug.fields import AdamFields, LearningRate
 from optiplug.hookspecs import hookimpl
+from optiplug.kernel import Kernel, kernel_kwargs
+from optiplug.state_sizes import adam_state_bytes, moment_bytes
 from optiplug.transformers_args import transformers_fields
 
 DEFAULT = "adamw"

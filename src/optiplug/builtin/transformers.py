@@ -21,9 +21,9 @@ from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
 from optiplug.entries import Alias, OptimizerEntry, SchedulerEntry
 from optiplug.errors import ConfigError
-from optiplug.helpers import STEP_BYTES
 from optiplug.hookspecs import hookimpl
 from optiplug.matrices import check_whole_matrices
+from optiplug.state_sizes import STEP_BYTES
 from optiplug.transformers_args import transformers_fields
 
 
