@@ -54,7 +54,7 @@ def test_show_fields(capsys):
     code, out, _ = run_cli(capsys, "show", "adamw")  # helper types read as written, without their checks
     assert "  layerwise: supported\n" in out
     assert "  betas: tuple[float, float] = (0.9, 0.999)  # " in out
-    assert "  implementation: Literal['auto', 'fused', 'foreach', 'for-loop'] = 'auto'" in out
+    assert "  kernel: Literal['auto', 'fused', 'foreach', 'for-loop'] = 'auto'" in out
 
 
 def test_show_unknown_name_is_one_line(capsys):

@@ -18,7 +18,8 @@ from typing import Any, Literal
 __all__ = ["Kernel", "kernel_kwargs"]
 
 Kernel = Literal["auto", "fused", "foreach", "for-loop"]
-"""torch's implementation choice: one fused kernel, batched ``foreach`` kernels, or a Python loop."""
+"""torch's kernel choice, the type of a config's ``kernel`` field: one fused kernel, batched ``foreach`` kernels, or
+a Python loop."""
 
 # Devices torch.optim's fused Adam/AdamW/SGD kernels support
 # (torch/optim/optimizer.py `_get_fused_kernels_supported_devices`).
@@ -35,11 +36,11 @@ def _params_of(params_or_groups: Iterable[Any]) -> list[Any]:
     return params
 
 
-def kernel_kwargs(choice: str, params_or_groups: Iterable[Any]) -> dict[str, bool]:
-    """The ``fused``/``foreach`` keyword arguments of a torch optimizer for ``choice``.
+def kernel_kwargs(kernel: str, params_or_groups: Iterable[Any]) -> dict[str, bool]:
+    """The ``fused``/``foreach`` keyword arguments of a torch optimizer for ``kernel``.
 
     Args:
-        choice: a :data:`Kernel`; ``"auto"`` picks ``fused`` when every parameter is a
+        kernel: a :data:`Kernel` (a config's ``kernel`` field); ``"auto"`` picks ``fused`` when every parameter is a
             floating-point tensor on a device torch's fused kernels support (cpu, cuda, mps, xpu),
             else leaves torch's own default.
         params_or_groups: the parameters, or parameter groups (dicts with ``"params"``).
@@ -47,14 +48,14 @@ def kernel_kwargs(choice: str, params_or_groups: Iterable[Any]) -> dict[str, boo
     Returns:
         Keyword arguments for ``torch.optim.AdamW(...)`` (also Adam, SGD, Adagrad).
     """
-    if choice == "fused":
+    if kernel == "fused":
         return {"fused": True}
-    if choice == "foreach":
+    if kernel == "foreach":
         return {"foreach": True, "fused": False}
-    if choice == "for-loop":
+    if kernel == "for-loop":
         return {"foreach": False, "fused": False}
-    if choice != "auto":
-        raise ValueError(f"kernel must be one of auto, fused, foreach, for-loop; got {choice!r}")
+    if kernel != "auto":
+        raise ValueError(f"kernel must be one of auto, fused, foreach, for-loop; got {kernel!r}")
     import torch
 
     params = _params_of(params_or_groups)

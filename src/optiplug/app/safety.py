@@ -493,6 +493,7 @@ def check_checkpoint(checkpoint: str, optimizer: Any, scheduler: Any, engine: bo
                 f"{field_name}: {checkpoint!r} was trained with {kind} {saved.get('name')!r}, this run selects "
                 f"{now.get('name')!r}; resume with {kind}.name={saved.get('name')}, or start a new run"
             )
+        saved = _as_read_now(saved, config)
         changed = [f"{kind}.{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in _differing(saved, now, config)]
         if changed:
             raise CheckpointError(
@@ -524,6 +525,15 @@ def _checkpoint_record(path: Path, checkpoint: str, field_name: str) -> dict[str
             f"(model.name_or_path={checkpoint})"
         )
     return record
+
+
+def _as_read_now(saved: dict[str, Any], config: Any) -> dict[str, Any]:
+    """The checkpoint's record of a config as this version reads it: a field renamed since under its new name (adamw's
+    ``implementation`` is ``kernel``). A record this version cannot read is compared as it was written."""
+    try:
+        return dict(type(config).model_validate(saved).model_dump(mode="json"))
+    except ValueError:  # pydantic's ValidationError
+        return saved
 
 
 def _differing(saved: dict[str, Any], now: dict[str, Any], config: Any) -> Iterable[str]:

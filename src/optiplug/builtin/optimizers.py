@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,36 +29,54 @@ DEFAULT = "adamw"
 _KERNEL_HELP = "Kernel: 'fused' (one kernel), 'foreach' (batched), 'for-loop', or 'auto' (fused where supported)."
 
 
-class AdamWConfig(AdamFields):
+class _KernelChoice(OptimizerConfig):
+    """A config whose ``kernel`` field picks torch's kernel; a config written up to 0.1 (a YAML file, a
+    checkpoint's ``optiplug_config.json``) names that field ``implementation``, read as ``kernel``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implementation_is_kernel(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "implementation" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("implementation")
+        if data.setdefault("kernel", old) != old:
+            raise ValueError(
+                f"implementation is the old name of kernel: set kernel only (got both, {old!r} and {data['kernel']!r})"
+            )
+        return data
+
+
+class AdamWConfig(AdamFields, _KernelChoice):
     """AdamW (decoupled weight decay), torch.optim.AdamW."""
 
     name: Literal["adamw"] = "adamw"
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
     amsgrad: bool = False
-    implementation: Kernel = Field("auto", description=_KERNEL_HELP)
+    kernel: Kernel = Field("auto", description=_KERNEL_HELP)
 
 
 def build_adamw(ctx: BuildContext, cfg: AdamWConfig):
     import torch
 
     groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = kernel_kwargs(cfg.implementation, groups)
+    kwargs = kernel_kwargs(cfg.kernel, groups)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
 
 
-class AdamConfig(AdamFields):
+class AdamConfig(AdamFields, _KernelChoice):
     """Adam (L2 weight decay added to the gradient), torch.optim.Adam."""
 
     name: Literal["adam"] = "adam"
     amsgrad: bool = False
-    implementation: Kernel = Field("auto", description=_KERNEL_HELP)
+    kernel: Kernel = Field("auto", description=_KERNEL_HELP)
 
 
 def build_adam(ctx: BuildContext, cfg: AdamConfig):
     import torch
 
     groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = kernel_kwargs(cfg.implementation, groups)
+    kwargs = kernel_kwargs(cfg.kernel, groups)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
 
 
@@ -224,7 +242,7 @@ def register_optimizers(register):
             summary="AdamW, torch (fused where supported)",
             aliases=(
                 Alias("adamw_torch", transformers=True),
-                Alias("adamw_torch_fused", {"implementation": "fused"}, transformers=True),
+                Alias("adamw_torch_fused", {"kernel": "fused"}, transformers=True),
             ),
             state_bytes=adam_state_bytes,
             per_parameter=True,
