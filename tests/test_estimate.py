@@ -435,7 +435,7 @@ def test_estimate_measures_an_entry_without_a_formula_and_says_so(temp_plugin):
 
     temp_plugin(_NoFormulaPlugin(), "no-formula")
     rows = {row.optimizer: row for row in estimate(None, ["no_formula_sgd", "sgd"])}
-    assert rows["sgd"].state_source == "analytic" and rows["no_formula_sgd"].state_source == "measured"
+    assert rows["sgd"].state_source == "entry" and rows["no_formula_sgd"].state_source == "measured"
     assert rows["no_formula_sgd"].state_bytes == rows["sgd"].state_bytes  # one momentum buffer per parameter
 
 

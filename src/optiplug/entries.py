@@ -181,8 +181,11 @@ class OptimizerEntry(Generic[C]):
         check: ``check(ctx, cfg)`` raises :class:`ConfigError` when the setup (distributed
             engine, gradient accumulation, adapters, ...) is one this optimizer cannot train.
         requires: distributions the optimizer needs (``"galore-torch"``), for the install hint.
-        state_bytes: ``state_bytes(shapes, cfg) -> int``, the analytic optimizer-state size
-            for the trainable parameters ``shapes`` (a sequence of :class:`ParamShape`).
+        state_bytes: ``state_bytes(shapes, cfg) -> int``, the optimizer state's size for the trainable
+            parameters ``shapes`` (a sequence of :class:`ParamShape`): the bytes of the tensors in
+            ``optimizer.state_dict()["state"]``, computed from the shapes (``adam_state_bytes``,
+            ``moment_bytes``) or measured without allocating them (the pytorch-optimizer bridge steps
+            the real optimizer on ``meta`` tensors). None: ``optiplug estimate`` measures it itself.
         grad_bytes: ``grad_bytes(shapes, cfg) -> int``, the peak gradient memory when the
             optimizer holds gradients for only some parameters at a time (block-wise
             optimizers); None means every trainable parameter has a gradient.

@@ -1,6 +1,6 @@
 """Shapes of low-rank projections of ``m x n`` weight matrices (GaLore, APOLLO, and any projector of yours).
 
-No torch here: the analytic ``state_bytes`` of an entry uses the same functions as its optimizer,
+No torch here: an entry's ``state_bytes`` formula uses the same functions as its optimizer,
 so the estimate and the real state cannot disagree about a shape.
 
 A projection replaces an ``m x n`` gradient ``G`` by a low-rank one: ``G P^T`` (``m x r``, projected

@@ -6,8 +6,8 @@
 
 PiSSA (``init: pissa`` or ``pissa_niter_N``) starts the adapter from the principal singular
 vectors of each target weight and leaves the residual in the base weight, so the adapter
-only applies to that residual. :class:`PissaConvertCallback` (contributed by the default
-plugin's ``trainer_callbacks`` hook when ``pissa_convert`` is set) saves, under the output
+only applies to that residual. :class:`PissaConvertCallback` (added by ``optiplug train``
+through :func:`pissa_callbacks` when ``pissa_convert`` is set) saves, under the output
 directory::
 
     pissa_init/       the initial adapter (A0, B0): what training started from

@@ -1,6 +1,6 @@
 """The run config (``RunConfig``: model, data, training, optimizer, scheduler, finetuning), YAML and overrides.
 
-The optimizer and scheduler sections are parsed by the registry (:meth:`Registry.parse`) into
+The optimizer and scheduler sections are parsed by the registry (:meth:`~optiplug.registry.Registry.parse`) into
 the registered config classes; YAML files, ``a.b=value`` command-line overrides and the Python
 API all go through it. A config can only select registered names: there is no import-path
 escape hatch.

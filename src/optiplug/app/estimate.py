@@ -4,7 +4,8 @@ Nothing is allocated: the model is instantiated on torch's ``meta`` device from 
 ``config.json`` (the embedded model, a local directory, or a hub id whose ``config.json`` is
 already in the local Hugging Face cache), the run's fine-tuning type (full, freeze or LoRA,
 applied as training applies it) selects the trainable parameters, and each optimizer's entry
-computes its state from the parameter shapes (``OptimizerEntry.state_bytes``). An entry without
+gives its state for the parameter shapes (``OptimizerEntry.state_bytes``: a formula of the shapes, or
+the entry's own measurement without allocating, as the pytorch-optimizer bridge's). An entry without
 ``state_bytes`` is measured instead: its optimizer is built on the ``meta`` model and takes one step
 on ``meta`` gradients (no memory is allocated), and the state it created is counted; the table
 marks such a figure "(measured)". An optimizer that cannot step on ``meta`` shows "n/a", never a
@@ -110,11 +111,12 @@ class ModelShapes:
 class Estimate:
     """One optimizer's memory estimate, in bytes. ``state_bytes``/``total_bytes`` are None when unknown.
 
-    ``state_source`` says where ``state_bytes`` came from: ``"analytic"`` (the entry's ``state_bytes``),
-    ``"measured"`` (one step on the meta model), or None (unknown). The bytes are one process's of
-    ``processes`` under ``engine``; ``engine_check`` is ``"refused: <sentence>"`` when ``train`` would refuse
-    the optimizer for this model (one process) or under this launch, else None with one process, ``"passed"``
-    or ``"skipped: <why>"``.
+    ``state_source`` says where ``state_bytes`` came from: ``"entry"`` (the entry's ``state_bytes``: a
+    formula of the shapes, or the entry's own measurement, as the pytorch-optimizer bridge's),
+    ``"measured"`` (the entry has none: its optimizer took one step on the meta model here), or None
+    (unknown). The bytes are one process's of ``processes`` under ``engine``; ``engine_check`` is ``"refused:
+    <sentence>"`` when ``train`` would refuse the optimizer for this model (one process) or under this launch,
+    else None with one process, ``"passed"`` or ``"skipped: <why>"``.
     """
 
     optimizer: str
@@ -343,7 +345,7 @@ def estimate_shapes(
         state, source = None, None
         if entry.state_bytes is not None:
             try:
-                state, source = int(entry.state_bytes(shapes.trainable, cfg)), "analytic"
+                state, source = int(entry.state_bytes(shapes.trainable, cfg)), "entry"
             except Exception as error:  # one entry that cannot size a setting must not hide the other rows
                 problem = f"{type(error).__name__}: {error}"
                 warnings.warn(f"optiplug: {cfg.name}: state_bytes failed ({problem}); shown as n/a", stacklevel=2)
