@@ -63,7 +63,7 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 
     Moments, step counters, projection matrices and whatever else the optimizer keeps per
     parameter (nested dicts and lists are searched), each storage counted once; not the
-    parameters nor ``param_groups``. Test an entry's analytic ``state_bytes`` against it.
+    parameters nor ``param_groups``. Test an entry's ``state_bytes`` against it.
     Returns 0 before the first step of an optimizer that creates its state lazily.
     """
     return tensor_bytes(optimizer.state_dict().get("state", {}))
