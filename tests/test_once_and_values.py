@@ -113,6 +113,21 @@ def test_text_choices_keep_their_text_in_a_yaml_file(temp_plugin, tmp_path):
     assert args.save_strategy == "no" and args.run_name == "1e3"  # a text field gets the text typed
 
 
+def test_a_number_for_a_text_field_is_the_text_typed_in_yaml_and_pythons_text_from_python():
+    """The contract fits a number to a text field with ``str``; a YAML number's ``str`` is its text as typed."""
+    from optiplug.app.validation import training_arguments
+
+    typed = load_config(None, ["training.run_name=1e3", "training.max_grad_norm=5e-1"])
+    args = training_arguments(typed)
+    assert args.run_name == "1e3"
+    assert type(args.max_grad_norm) is float and str(args.max_grad_norm) == "0.5"  # Python's own number past it
+    assert training_arguments(optiplug.app.RunConfig(training={"run_name": 1e3})).run_name == "1000.0"
+    rule = load_config(None, ["optimizer.param_groups=[{match: bias, name: 1e3}]"]).optimizer.param_groups[0]
+    assert rule.name == "1e3"
+    python_rule = optiplug.parse_optimizer("adamw", param_groups=[{"match": "bias", "name": 1e3}]).param_groups[0]
+    assert python_rule.name == "1000.0"
+
+
 @pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("yes", True), ("off", False)])
 def test_booleans_still_parse_for_boolean_fields(temp_plugin, text, expected):
     temp_plugin(CountedPlugin(), "counted-plugin")

@@ -41,9 +41,7 @@ def _leaf_types(annotation: Any) -> set[type]:
 def coerce_scalar(annotation: Any, value: Any) -> Any:
     """Fit a value to the field's type before pydantic validates it.
 
-    - A number for a field that takes text but no number becomes text: the text it was written as when
-      the number carries it in a ``source_text`` attribute (any reader may set it; the app's YAML reader
-      does: ``run_name=1e3`` -> ``"1e3"``), else ``str(number)``.
+    - A number for a field that takes text but no number becomes its text, ``str(number)``.
     - A boolean for a numeric field is refused (pydantic would read ``true`` as 1).
 
     Raises:
@@ -56,7 +54,7 @@ def coerce_scalar(annotation: Any, value: Any) -> Any:
             raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
         return value
     if isinstance(value, (int, float)) and str in leaves and not numeric and object not in leaves:
-        return getattr(value, "source_text", None) or str(value)
+        return str(value)
     return value
 
 

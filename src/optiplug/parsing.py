@@ -102,7 +102,7 @@ def validate(tables: Tables, kind: str, value: Mapping[str, Any]) -> Any:
 
 
 def _described(value: Any) -> str:
-    """A value as a YAML writer reads it: ``5 (a number)``, not its Python class (``ScalarInt``)."""
+    """A value as a YAML writer reads it: ``5 (a number)``, not its Python class (an ``int`` subclass, say)."""
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, (int, float)):

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import ConfigDict
 
 from optiplug.app.config import RunConfig
+from optiplug.app.values import plain
 from optiplug.configs import coerce_scalar
 from optiplug.errors import ConfigError
 from optiplug.transformers_args import TRAINING_ARGUMENT_FIELDS, training_argument_value
@@ -131,7 +132,8 @@ _ACCEPTED: dict[str, Any] = {"fsdp": bool | str | list[str] | None}
 def _check_types(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     """Type-check values against the dataclass's annotations (the dataclass itself does not).
 
-    Returns the values fitted to their fields (:func:`coerce_scalar`: text fields keep the text typed).
+    Returns the values fitted to their fields (:func:`coerce_scalar`: text fields keep the text typed), numbers
+    as Python's own (:func:`~optiplug.app.values.plain`).
     """
     import typing
 
@@ -142,7 +144,7 @@ def _check_types(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     fitted: dict[str, Any] = {}
     for key, value in values.items():
         try:
-            value = fitted[key] = coerce_scalar(hints[key], value)
+            value = fitted[key] = plain(coerce_scalar(hints[key], value))
         except ValueError as error:
             raise ConfigError(f"training.{key}: {error}") from None
         try:

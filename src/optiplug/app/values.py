@@ -3,9 +3,11 @@
 PyYAML implements YAML 1.1, where ``no``, ``yes``, ``on`` and ``off`` are booleans
 (``save_strategy: no`` became ``False``) and ``5e-1`` is a string. Here only ``true``/``false``
 are booleans, ``null``/``~``/empty are null, and numbers follow YAML 1.2 (``5e-1``, ``.inf``,
-``0x1f``, ``0o17``; ``010`` is ten). Every number read keeps its text (``source_text``), so a
-field whose type is text gets the text the user typed (``run_name: 1e3`` is ``"1e3"``; see
-:func:`optiplug.configs.coerce_scalar`).
+``0x1f``, ``0o17``; ``010`` is ten). Every number read keeps the text it was written as: its ``str()``
+is that text (its ``repr()``, arithmetic and JSON are the number's), so a field whose type is text gets the
+text the user typed (``run_name: 1e3`` is ``"1e3"``, not ``"1000.0"``: the contract fits a number to a text
+field with ``str``, :func:`optiplug.configs.coerce_scalar`). :func:`plain` turns them into Python's numbers
+where they leave the config (``TrainingArguments``).
 """
 
 from __future__ import annotations
@@ -15,19 +17,34 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ScalarFloat", "ScalarInt", "load_yaml", "scalar"]
+__all__ = ["ScalarFloat", "ScalarInt", "load_yaml", "plain", "scalar"]
 
 
 class ScalarInt(int):
-    """An integer read from YAML, with the text it was written as."""
+    """An integer read from YAML; ``str()`` gives the text it was written as (``0x1f``)."""
 
     source_text: str
+
+    def __str__(self) -> str:
+        return self.source_text
 
 
 class ScalarFloat(float):
-    """A float read from YAML, with the text it was written as."""
+    """A float read from YAML; ``str()`` gives the text it was written as (``1e3``, ``.inf``)."""
 
     source_text: str
+
+    def __str__(self) -> str:
+        return self.source_text
+
+
+def plain(value: Any) -> Any:
+    """``value`` as Python's own number when it is a number read from YAML (its ``str()`` is Python's again)."""
+    if isinstance(value, ScalarInt):
+        return int(value)
+    if isinstance(value, ScalarFloat):
+        return float(value)
+    return value
 
 
 class _Core12Loader(yaml.SafeLoader):
