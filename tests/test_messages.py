@@ -12,22 +12,10 @@ import torch
 
 import optiplug
 from optiplug import ConfigError
-from optiplug.app.cli import main
-from optiplug.app.testing import read_only, run_cli_unprivileged
+from optiplug.app.testing import read_only, run_cli, run_cli_unprivileged
 from optiplug.registry import reload_plugins
 
 PY = sys.executable
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def optiplug_command(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -39,15 +27,15 @@ def optiplug_command(*argv: str, env: dict[str, str] | None = None) -> subproces
 # ---- optiplug schedule --output -----------------------------------------------------------------
 
 
-def test_schedule_output_without_a_suffix_says_the_file_it_wrote(capsys, tmp_path):
-    code, out, _ = cli(capsys, "schedule", "cosine", "--steps", "10", "--output", str(tmp_path / "mycurve"))
+def test_schedule_output_without_a_suffix_says_the_file_it_wrote(tmp_path):
+    code, out, _ = run_cli("schedule", "cosine", "--steps", "10", "--output", str(tmp_path / "mycurve"))
     assert code == 0 and out.splitlines()[-1] == f"wrote {tmp_path / 'mycurve.png'}"
     assert (tmp_path / "mycurve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mycurve.png"]
 
 
-def test_schedule_output_that_cannot_be_written_is_one_line_before_the_table(capsys, tmp_path):
-    code, out, err = cli(capsys, "schedule", "cosine", "--steps", "10", "--output", str(tmp_path / "curve.v2"))
+def test_schedule_output_that_cannot_be_written_is_one_line_before_the_table(tmp_path):
+    code, out, err = run_cli("schedule", "cosine", "--steps", "10", "--output", str(tmp_path / "curve.v2"))
     assert (
         code == 1
         and out == ""
@@ -57,7 +45,7 @@ def test_schedule_output_that_cannot_be_written_is_one_line_before_the_table(cap
         )
     )
     assert err.endswith(" .png, .ps, .raw, .rgba, .svg, .svgz, .tif, .tiff, .webp (no suffix: .png)\n")
-    code, out, err = cli(capsys, "schedule", "cosine", "--steps", "10", "--output", str(tmp_path))
+    code, out, err = run_cli("schedule", "cosine", "--steps", "10", "--output", str(tmp_path))
     assert (
         code == 1
         and out == ""
@@ -98,10 +86,10 @@ def test_build_scheduler_without_an_optimizer_blames_the_call_not_the_plugin():
          "(scheduler: {name: cosine, ...}), got ['cosine'] (a list)"),
     ],
 )  # fmt: skip
-def test_a_section_that_is_not_a_name_or_a_mapping_says_what_it_got(capsys, tmp_path, yaml, message):
+def test_a_section_that_is_not_a_name_or_a_mapping_says_what_it_got(tmp_path, yaml, message):
     config = tmp_path / "run.yaml"
     config.write_text(yaml)
-    code, _, err = cli(capsys, "validate", str(config))
+    code, _, err = run_cli("validate", str(config))
     assert code == 1 and err == f"optiplug: {message}\n"
 
 
@@ -117,7 +105,7 @@ def plugin_environment():
     reload_plugins()
 
 
-def test_a_disabled_plugins_name_says_it_is_disabled_and_by_what(capsys, plugin_environment):
+def test_a_disabled_plugins_name_says_it_is_disabled_and_by_what(plugin_environment):
     plugin_environment.setenv("OPTIPLUG_DISABLE_PLUGINS", "galore")
     reload_plugins()
     note = (
@@ -127,7 +115,7 @@ def test_a_disabled_plugins_name_says_it_is_disabled_and_by_what(capsys, plugin_
     with pytest.raises(optiplug.UnknownNameError) as info:
         optiplug.parse_optimizer({"name": "galore_adamw", "rank": 8})
     assert str(info.value).startswith(f"unknown optimizer 'galore_adamw' {note}.")
-    code, _, err = cli(capsys, "show", "galore_adamw")
+    code, _, err = run_cli("show", "galore_adamw")
     assert code == 1 and err.startswith(f"optiplug: unknown optimizer or scheduler 'galore_adamw' {note}.")
 
 
@@ -164,8 +152,8 @@ def test_a_plugin_that_fails_to_import_is_one_clean_line(tmp_path):
 # ---- estimate -----------------------------------------------------------------------------------
 
 
-def test_estimate_says_when_train_refuses_the_combination(capsys):
-    code, out, _ = cli(capsys, "estimate", "finetuning.type=lora", "--optimizers", "adamw,muon,apollo_adamw")
+def test_estimate_says_when_train_refuses_the_combination():
+    code, out, _ = run_cli("estimate", "finetuning.type=lora", "--optimizers", "adamw,muon,apollo_adamw")
     assert code == 0
     notes = [line for line in out.splitlines() if ": refused: " in line]
     assert [line.split(":")[0] for line in notes] == ["muon", "apollo_adamw"]

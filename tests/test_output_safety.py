@@ -23,9 +23,9 @@ import torch
 import optiplug
 from optiplug import CheckpointError, ConfigError
 from optiplug.app import train
-from optiplug.app.cli import main
 from optiplug.app.run import SUMMARY_FILE
 from optiplug.app.safety import MARKER, MARKER_TMP
+from optiplug.app.testing import run_cli
 
 FAST = [
     "data.block_size=16",
@@ -36,17 +36,6 @@ FAST = [
     "training.disable_tqdm=true",
 ]
 OVERWRITE = "training.overwrite_output_dir=true"
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def last_line(err: str) -> str:
@@ -74,12 +63,12 @@ def earlier(finished, tmp_path) -> Path:
     return out
 
 
-def test_a_model_inside_the_output_directory_is_refused_and_kept(capsys, earlier):
+def test_a_model_inside_the_output_directory_is_refused_and_kept(earlier):
     """The resume refusal's own advice (model.name_or_path=out/checkpoint-2) with an overwrite of out."""
     before = listing(earlier)
     checkpoint = earlier / "checkpoint-2"
-    code, _, err = cli(capsys, "train", *FAST, f"model.name_or_path={checkpoint}", f"training.output_dir={earlier}",
-                       OVERWRITE)  # fmt: skip
+    code, _, err = run_cli("train", *FAST, f"model.name_or_path={checkpoint}", f"training.output_dir={earlier}",
+                           OVERWRITE)  # fmt: skip
     assert code == 1 and err == (
         f"optiplug: model.name_or_path: '{checkpoint}' is inside training.output_dir '{earlier}', which the run "
         "writes (and an overwrite empties): copy it out of there first, or choose another training.output_dir\n"
@@ -94,9 +83,9 @@ def test_a_model_inside_the_output_directory_is_refused_and_kept(capsys, earlier
         ("optimizer.param_groups=[{match: embed, momentum: 0.5}]", "takes no per-group option 'momentum'"),
     ],
 )
-def test_a_mistake_found_after_the_checks_deletes_nothing(capsys, earlier, override, message):
+def test_a_mistake_found_after_the_checks_deletes_nothing(earlier, override, message):
     before = listing(earlier)
-    code, _, err = cli(capsys, "train", *FAST, override, f"training.output_dir={earlier}", OVERWRITE)
+    code, _, err = run_cli("train", *FAST, override, f"training.output_dir={earlier}", OVERWRITE)
     assert code == 1 and (message is None or message in last_line(err))
     assert listing(earlier) == before  # the earlier run, marker included, is as it was
 
@@ -131,7 +120,7 @@ def _train_in_a_child(overrides: list[str], before=None) -> int:
     return child.exitcode if child.exitcode is not None else 0
 
 
-def test_a_killed_run_refuses_an_overwrite_and_keeps_the_users_file(capsys, tmp_path, temp_plugin):
+def test_a_killed_run_refuses_an_overwrite_and_keeps_the_users_file(tmp_path, temp_plugin):
     """kill -9 after the checkpoint at step 2: the marker lists what was there; the user's README.md is not."""
 
     test = os.getpid()
@@ -148,7 +137,7 @@ def test_a_killed_run_refuses_an_overwrite_and_keeps_the_users_file(capsys, tmp_
     assert {p.name for p in out.iterdir()} <= set(record["files"])  # it recorded all it wrote
     (out / "README.md").write_text("my notes")
     before = listing(out)
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}", OVERWRITE)
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={out}", OVERWRITE)
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{out}' holds a run that never finished (its {MARKER} says 'running' "
         f"since {record['started']}: it was killed) and files it did not record (README.md), so optiplug cannot "
@@ -158,15 +147,15 @@ def test_a_killed_run_refuses_an_overwrite_and_keeps_the_users_file(capsys, tmp_
     )
     assert listing(out) == before
     # continuing it there keeps the user's file out of the run's record
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}",
-                       f"training.resume_from_checkpoint={out / 'checkpoint-2'}")  # fmt: skip
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={out}",
+                           f"training.resume_from_checkpoint={out / 'checkpoint-2'}")  # fmt: skip
     assert code == 0, err
     record = json.loads((out / MARKER).read_text())
     assert record["status"] == "finished" and "checkpoint-2" in record["files"] and "README.md" not in record["files"]
     assert (out / "README.md").read_text() == "my notes"
 
 
-def test_a_run_killed_while_saving_a_checkpoint_recorded_it_first(capsys, tmp_path):
+def test_a_run_killed_while_saving_a_checkpoint_recorded_it_first(tmp_path):
     """kill -9 in the middle of writing checkpoint-2 (its optimizer state): the marker named checkpoint-2 before
     it was written, so the half-written checkpoint is the run's, and an overwrite removes it."""
 
@@ -193,31 +182,31 @@ def test_a_run_killed_while_saving_a_checkpoint_recorded_it_first(capsys, tmp_pa
     assert {p.name for p in out.iterdir()} == set(record["files"])  # the killed run's entries are gone
 
 
-def test_a_marker_without_a_list_of_files_refuses(capsys, earlier):
+def test_a_marker_without_a_list_of_files_refuses(earlier):
     """What an older optiplug left when killed: "running" and no file list; no pattern guesses which are its."""
     (earlier / MARKER).write_text(json.dumps({"status": "running", "started": "2026-01-01T00:00:00+00:00"}))
     (earlier / "README.md").write_text("my notes")
     before = listing(earlier)
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
     assert code == 1 and "and did not record its files, so optiplug cannot tell them from yours" in err
     assert listing(earlier) == before
 
 
-def test_a_run_in_progress_is_refused(capsys, earlier):
+def test_a_run_in_progress_is_refused(earlier):
     record = json.loads((earlier / MARKER).read_text())
     record.update(status="running", pid=os.getppid(), host=os.uname().nodename)
     (earlier / MARKER).write_text(json.dumps(record))
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
     assert code == 1 and err.startswith(
         f"optiplug: training.output_dir: '{earlier}' is being written by a run in progress (process {os.getppid()}, "
     )
 
 
 @pytest.mark.parametrize(("content", "why"), [("", "it is empty"), ('{"status": "fini', "it is cut off or not JSON")])
-def test_a_corrupt_marker_says_so_and_what_to_do(capsys, earlier, content, why):
+def test_a_corrupt_marker_says_so_and_what_to_do(earlier, content, why):
     (earlier / MARKER).write_text(content)
     before = listing(earlier)
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={earlier}", OVERWRITE)
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{earlier}' holds an optiplug run whose {MARKER} is corrupt ({why}), so "
         "optiplug cannot tell its files from yours and deletes none; move what you want to keep out of it and "
@@ -226,7 +215,7 @@ def test_a_corrupt_marker_says_so_and_what_to_do(capsys, earlier, content, why):
     assert listing(earlier) == before
 
 
-def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys, tmp_path, monkeypatch):
+def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(tmp_path, monkeypatch):
     """The checkpoint save fails with ENOSPC; so does the marker's temporary file: the save's error is the one
     reported, the marker says "failed" (rewritten in place), and no optiplug_run.json.tmp is left."""
     import optiplug.app.safety as safety
@@ -259,7 +248,7 @@ def test_a_full_disk_reports_the_real_error_and_leaves_no_running_marker(capsys,
     assert not (out / MARKER_TMP).exists() and not (out / "checkpoint-4").exists()
 
 
-def test_a_leftover_temporary_marker_is_the_runs_own(capsys, earlier):
+def test_a_leftover_temporary_marker_is_the_runs_own(earlier):
     (earlier / MARKER_TMP).write_bytes(b"")  # what a kill during the marker's rewrite leaves
     train(overrides=[*FAST, "training.max_steps=2", f"training.output_dir={earlier}", OVERWRITE], quiet=True)
     assert json.loads((earlier / SUMMARY_FILE).read_text())["steps"] == 2

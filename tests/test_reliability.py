@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import math
 import os
@@ -20,11 +19,10 @@ import optiplug
 import optiplug.app
 from optiplug import CheckpointError, ConfigError, PluginError
 from optiplug.app.checkpoints import PARTIAL
-from optiplug.app.cli import main
 from optiplug.app.data import assets_dir
 from optiplug.app.run import SUMMARY_FILE
 from optiplug.app.safety import CHECKPOINT_RECORD, MARKER
-from optiplug.app.testing import read_only, run_cli_unprivileged
+from optiplug.app.testing import read_only, run_cli, run_cli_unprivileged
 
 FAST = [
     "data.block_size=16",
@@ -34,17 +32,6 @@ FAST = [
     "training.logging_steps=1",
     "training.disable_tqdm=true",
 ]
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # what earlier calls printed
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def last_line(err: str) -> str:
@@ -86,11 +73,11 @@ class _Callback:
 # ---- 1. diverging runs ----------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_with_one_line_and_saves_no_model(capsys, tmp_path):
+def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path):
     # Issue 19's case: lr 1e6 blows the weights up after step 1. Some CPUs' kernels turn that into NaN, others
     # into a finite dead network (gradients exactly 0, the loss constant at ln(vocabulary)): both must stop.
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, "training.max_steps=8", "optimizer.lr=1e6", f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, "training.max_steps=8", "optimizer.lr=1e6", f"training.output_dir={out}")
     assert code == 1
     assert "Traceback" not in err and "optiplug: done" not in err
     summary = json.loads((out / SUMMARY_FILE).read_text())
@@ -272,9 +259,9 @@ def test_divergence_names_the_last_checkpoint_before_it(tmp_path, temp_plugin):
 # ---- 2. output directories ------------------------------------------------------------------------
 
 
-def test_a_directory_with_the_users_files_is_refused_and_left_alone(capsys, tmp_path):
+def test_a_directory_with_the_users_files_is_refused_and_left_alone(tmp_path):
     (tmp_path / "config.json").write_text('{"mine": true}')
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true")
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={tmp_path}", "training.overwrite_output_dir=true")
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{tmp_path}' holds files optiplug did not write (config.json); "
         "choose a new or empty directory (optiplug never deletes files it did not write)\n"
@@ -297,11 +284,11 @@ def test_the_models_own_directory_is_always_refused(tmp_path):
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(capsys, tmp_path):
+def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(tmp_path):
     out = tmp_path / "run"
     optiplug.app.train(overrides=[*FAST, "finetuning.type=lora", "training.save_steps=2", f"training.output_dir={out}"])
     assert (out / "adapter_config.json").exists() and (out / "checkpoint-4").is_dir()
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={out}")
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{out}' holds an earlier optiplug run; set "
         "training.overwrite_output_dir=true to replace it, or choose another directory\n"
@@ -319,8 +306,8 @@ def test_an_earlier_run_is_replaced_only_when_asked_and_its_files_go_first(capsy
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
 
 
-def test_overwrite_output_dir_must_be_a_boolean(capsys, tmp_path):
-    code, _, err = cli(capsys, "train", f"training.output_dir={tmp_path}", "training.overwrite_output_dir=yes")
+def test_overwrite_output_dir_must_be_a_boolean(tmp_path):
+    code, _, err = run_cli("train", f"training.output_dir={tmp_path}", "training.overwrite_output_dir=yes")
     assert code == 1 and err == "optiplug: training.overwrite_output_dir: expected true or false (got 'yes')\n"
 
 
@@ -341,10 +328,10 @@ def test_every_checkpoint_records_its_optimizer_and_scheduler(checkpointed):
     assert record["scheduler"]["name"] == "cosine"
 
 
-def test_resume_with_a_changed_optimizer_field_is_refused(capsys, checkpointed, tmp_path):
+def test_resume_with_a_changed_optimizer_field_is_refused(checkpointed, tmp_path):
     ckpt = checkpointed / "checkpoint-2"
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path / 'r'}",
-                       f"training.resume_from_checkpoint={ckpt}", "optimizer.lr=0.1")  # fmt: skip
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={tmp_path / 'r'}",
+                           f"training.resume_from_checkpoint={ckpt}", "optimizer.lr=0.1")  # fmt: skip
     assert code == 1 and err == (
         "optiplug: training.resume_from_checkpoint: optimizer.lr=0.1 (checkpoint: 0.001): a resumed run continues "
         f"the checkpoint's optimizer state; drop the change, or start a new run (from its weights: "
@@ -353,10 +340,10 @@ def test_resume_with_a_changed_optimizer_field_is_refused(capsys, checkpointed, 
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_with_another_optimizer_is_refused(capsys, checkpointed, tmp_path):
+def test_resume_with_another_optimizer_is_refused(checkpointed, tmp_path):
     ckpt = checkpointed / "checkpoint-2"
-    code, _, err = cli(capsys, "validate", str(_yaml(tmp_path)), f"training.resume_from_checkpoint={ckpt}",
-                       "optimizer.name=sgd", f"training.output_dir={tmp_path / 'r'}")  # fmt: skip
+    code, _, err = run_cli("validate", str(_yaml(tmp_path)), f"training.resume_from_checkpoint={ckpt}",
+                           "optimizer.name=sgd", f"training.output_dir={tmp_path / 'r'}")  # fmt: skip
     assert code == 1 and err == (
         f"optiplug: training.resume_from_checkpoint: '{ckpt}' was trained with optimizer 'adamw', this run "
         "selects 'sgd'; resume with optimizer.name=adamw, or start a new run\n"
@@ -438,8 +425,8 @@ def _yaml(tmp_path: Path) -> Path:
          "training.per_device_train_batch_size: expected a number greater than 0 (got 0)"),
     ],
 )  # fmt: skip
-def test_numbers_are_strict(capsys, tmp_path, override, message):
-    code, _, err = cli(capsys, "validate", str(_yaml(tmp_path)), override)
+def test_numbers_are_strict(tmp_path, override, message):
+    code, _, err = run_cli("validate", str(_yaml(tmp_path)), override)
     assert code == 1 and err == f"optiplug: {message}\n"
 
 
@@ -501,14 +488,14 @@ def test_build_optimizer_without_a_model_and_train_with_a_dict():
 # ---- 7. compare --timeout -------------------------------------------------------------------------
 
 
-def test_compare_timeout_must_be_positive(capsys, tmp_path):
-    code, _, err = cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "0", "--output", str(tmp_path))
+def test_compare_timeout_must_be_positive(tmp_path):
+    code, _, err = run_cli("compare", "--optimizers", "adamw", "--timeout", "0", "--output", str(tmp_path))
     assert code == 1 and err == "optiplug: --timeout: expected a positive number of seconds, got 0\n"
-    code, _, err = cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "-2", "--output", str(tmp_path))
+    code, _, err = run_cli("compare", "--optimizers", "adamw", "--timeout", "-2", "--output", str(tmp_path))
     assert code == 1 and err == "optiplug: --timeout: expected a positive number of seconds, got -2\n"
 
 
-def test_compare_passes_the_timeout_on(capsys, tmp_path, monkeypatch):
+def test_compare_passes_the_timeout_on(tmp_path, monkeypatch):
     from optiplug.app import compare
 
     seen = []
@@ -518,7 +505,7 @@ def test_compare_passes_the_timeout_on(capsys, tmp_path, monkeypatch):
         raise KeyboardInterrupt  # stop before anything trains
 
     monkeypatch.setattr(compare, "run_process", fake_run_process)
-    cli(capsys, "compare", "--optimizers", "adamw", "--timeout", "2", "--output", str(tmp_path))
+    run_cli("compare", "--optimizers", "adamw", "--timeout", "2", "--output", str(tmp_path))
     assert seen == [2.0]
     assert "training.overwrite_output_dir=true" in compare.train_command(None, "adamw", 2, tmp_path)
 
@@ -547,15 +534,15 @@ def test_an_unwritable_output_directory_is_one_line_before_training(tmp_path):
     assert not any(locked.iterdir())
 
 
-def test_a_directory_no_one_can_write_in_is_one_line_everywhere(capsys, tmp_path):
+def test_a_directory_no_one_can_write_in_is_one_line_everywhere(tmp_path):
     """Runs as root without chattr or mounts too: /proc takes no new entry, whoever asks."""
-    _refused_before_training(functools.partial(cli, capsys), tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
+    _refused_before_training(run_cli, tmp_path, Path("/proc"), [Path("/proc") / "optiplug-run"])
     assert not (Path("/proc") / "optiplug-run").exists()
 
 
-def test_an_output_directory_under_a_file_is_one_line(capsys, tmp_path):
+def test_an_output_directory_under_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    code, _, err = cli(capsys, "train", f"training.output_dir={tmp_path / 'file' / 'run'}")
+    code, _, err = run_cli("train", f"training.output_dir={tmp_path / 'file' / 'run'}")
     assert code == 1 and err == (
         f"optiplug: training.output_dir: '{tmp_path / 'file' / 'run'}' is under the file '{tmp_path / 'file'}'; "
         "choose a directory\n"
@@ -593,13 +580,13 @@ def _refused_configs(tmp_path: Path) -> list[list[str]]:
     ]
 
 
-def test_validate_refuses_what_train_refuses_with_the_same_line(capsys, tmp_path):
+def test_validate_refuses_what_train_refuses_with_the_same_line(tmp_path):
     config = _yaml(tmp_path)
     for overrides in _refused_configs(tmp_path):
         out = [f"training.output_dir={tmp_path / 'out'}"]
-        code, _, trained = cli(capsys, "train", str(config), *out, *overrides)
+        code, _, trained = run_cli("train", str(config), *out, *overrides)
         assert code == 1 and "Traceback" not in trained, (overrides, trained)
-        code, _, validated = cli(capsys, "validate", str(config), *out, *overrides)
+        code, _, validated = run_cli("validate", str(config), *out, *overrides)
         assert code == 1 and validated == trained, (overrides, validated, trained)
         assert not (tmp_path / "out").exists()
 
@@ -631,17 +618,17 @@ class _BrokenBuild:
         register(optiplug.OptimizerEntry(config=BrokenConfig, build=build, summary="fails in build()"))
 
 
-def test_a_plugin_whose_build_raises_is_one_line_and_leaves_no_directory(capsys, tmp_path, temp_plugin):
+def test_a_plugin_whose_build_raises_is_one_line_and_leaves_no_directory(tmp_path, temp_plugin):
     temp_plugin(_BrokenBuild(), "acme-broken")
     out = tmp_path / "a" / "run"
-    code, _, err = cli(capsys, "train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
     assert code == 1 and last_line(err) == (
         "optiplug: optimizer 'broken_build' (plugin 'acme-broken') failed to build: "
         "ValueError: the kernel is not compiled for this CPU"
     )
     assert "Traceback" not in err
     assert not (tmp_path / "a").exists()  # nor the parent the run created
-    code, _, err = cli(capsys, "--debug", "train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
+    code, _, err = run_cli("--debug", "train", *FAST, "optimizer.name=broken_build", f"training.output_dir={out}")
     assert code == 1 and "Traceback" in err and "ValueError: the kernel is not compiled" in err
     os.environ.pop("OPTIPLUG_DEBUG", None)
     with pytest.raises(PluginError):
@@ -701,19 +688,19 @@ def test_a_model_without_trainable_parameters_is_one_line(tmp_path):
 # ---- 12. Ctrl-C -------------------------------------------------------------------------------------
 
 
-def test_an_interrupt_says_the_step_and_the_last_checkpoint(capsys, tmp_path, temp_plugin):
+def test_an_interrupt_says_the_step_and_the_last_checkpoint(tmp_path, temp_plugin):
     def interrupt(trainer, state):
         if state.global_step == 3:
             raise KeyboardInterrupt
 
     temp_plugin(_Callback(interrupt), "ctrl-c")
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
     assert code == 130
     assert last_line(err) == f"optiplug: interrupted at step 3; the last checkpoint is {out / 'checkpoint-2'}"
     assert json.loads((out / MARKER).read_text())["status"] == "interrupted"
     assert not (out / SUMMARY_FILE).exists()
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={tmp_path / 'unsaved'}")
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={tmp_path / 'unsaved'}")
     assert code == 130 and last_line(err) == "optiplug: interrupted at step 3; no complete checkpoint was saved"
     assert not (tmp_path / "unsaved").exists()  # it wrote nothing: the directory it created is gone
 
@@ -736,16 +723,14 @@ def _complete_checkpoints(out: Path) -> list[str]:
 
 @pytest.mark.parametrize(("signum", "code", "words"), [(signal.SIGINT, 130, "interrupted"),
                                                        (signal.SIGTERM, 143, "stopped by SIGTERM")])  # fmt: skip
-def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(
-    capsys, tmp_path, temp_plugin, signum, code, words
-):
+def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(tmp_path, temp_plugin, signum, code, words):
     def send(trainer, state):
         if state.global_step == 3:
             _kill_self(signum)
 
     temp_plugin(_Callback(send), "signal")
     out = tmp_path / "run"
-    got, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    got, _, err = run_cli("train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
     assert got == code
     assert last_line(err) == f"optiplug: {words} at step 3; the last checkpoint is {out / 'checkpoint-2'}"
     marker = _marker(out)
@@ -756,7 +741,7 @@ def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's handlers are gone after it
 
 
-def test_sigterm_at_start_up_stops_before_anything_is_written(capsys, tmp_path, monkeypatch):
+def test_sigterm_at_start_up_stops_before_anything_is_written(tmp_path, monkeypatch):
     import optiplug.app.data as data
 
     loaded = data.load_datasets
@@ -768,13 +753,13 @@ def test_sigterm_at_start_up_stops_before_anything_is_written(capsys, tmp_path, 
 
     monkeypatch.setattr(data, "load_datasets", load_then_terminate)
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, f"training.output_dir={out}")
     assert code == 143 and last_line(err) == "optiplug: stopped by SIGTERM before training started"
     assert not out.exists()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(capsys, tmp_path, monkeypatch, signum):
+def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch, signum):
     from transformers import Trainer
 
     saved = Trainer._save_rng_state
@@ -788,7 +773,7 @@ def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(capsys, tmp_
     monkeypatch.setattr(Trainer, "_save_rng_state", save_then_signal)
     out = tmp_path / "run"
     argv = ["train", *FAST, "training.max_steps=6", "training.save_steps=2", f"training.output_dir={out}"]
-    code, _, err = cli(capsys, *argv)
+    code, _, err = run_cli(*argv)
     assert code == (130 if signum == signal.SIGINT else 143)
     assert last_line(err).endswith(f"at step 4; the last checkpoint is {out / 'checkpoint-2'}")
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name or p.name == PARTIAL) == ["checkpoint-2"]
@@ -796,13 +781,13 @@ def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(capsys, tmp_
     assert _marker(out)["status"] == "interrupted"
 
     monkeypatch.setattr(Trainer, "_save_rng_state", saved)
-    code, _, err = cli(capsys, *argv, f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
+    code, _, err = run_cli(*argv, f"training.resume_from_checkpoint={out / 'checkpoint-2'}")
     assert code == 0, err
     assert _complete_checkpoints(out) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "finished"
 
 
-def test_a_signal_mid_evaluation_stops_the_run(capsys, tmp_path, monkeypatch):
+def test_a_signal_mid_evaluation_stops_the_run(tmp_path, monkeypatch):
     from transformers import Trainer
 
     predict = Trainer.prediction_step
@@ -814,8 +799,8 @@ def test_a_signal_mid_evaluation_stops_the_run(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "prediction_step", predict_then_interrupt)
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, "data.eval_ratio=0.25", "training.eval_strategy=steps",
-                       "training.eval_steps=2", "training.save_steps=1", f"training.output_dir={out}")  # fmt: skip
+    code, _, err = run_cli("train", *FAST, "data.eval_ratio=0.25", "training.eval_strategy=steps",
+                           "training.eval_steps=2", "training.save_steps=1", f"training.output_dir={out}")  # fmt: skip
     assert code == 130
     # step 2 is evaluated before it is saved: checkpoint-2 was never started
     assert last_line(err) == f"optiplug: interrupted at step 2; the last checkpoint is {out / 'checkpoint-1'}"
@@ -823,7 +808,7 @@ def test_a_signal_mid_evaluation_stops_the_run(capsys, tmp_path, monkeypatch):
     assert _complete_checkpoints(out) == ["checkpoint-1"]
 
 
-def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_it(capsys, tmp_path, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_it(tmp_path, monkeypatch):
     """The save fails with ENOSPC, and so does recording the run's end: the first error is the one reported."""
     from transformers import Trainer
 
@@ -846,7 +831,7 @@ def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_
     monkeypatch.setattr(Trainer, "_save_rng_state", full)
     monkeypatch.setattr(safety, "write_marker", marker_full)
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
+    code, _, err = run_cli("train", *FAST, "training.save_steps=2", f"training.output_dir={out}")
     assert code == 1
     assert f"optiplug: could not save checkpoint-4 in {str(out)!r} (OSError: [Errno 28] No space left on device: " \
            f"'{out / PARTIAL / 'checkpoint-4' / 'rng_state.pth'}'); nothing of it was kept and the last complete " \
@@ -857,12 +842,12 @@ def test_a_full_disk_during_a_checkpoint_reports_the_error_and_keeps_nothing_of_
     assert not (out / PARTIAL).exists()
 
 
-def test_resuming_from_inside_an_unfinished_save_is_refused(capsys, tmp_path):
+def test_resuming_from_inside_an_unfinished_save_is_refused(tmp_path):
     partial = tmp_path / "run" / PARTIAL / "checkpoint-2"
     partial.mkdir(parents=True)
     (partial / "trainer_state.json").write_text("{}")
-    code, _, err = cli(capsys, "train", *FAST, f"training.resume_from_checkpoint={partial}",
-                       f"training.output_dir={tmp_path / 'other'}")  # fmt: skip
+    code, _, err = run_cli("train", *FAST, f"training.resume_from_checkpoint={partial}",
+                           f"training.output_dir={tmp_path / 'other'}")  # fmt: skip
     assert code == 1 and last_line(err) == (
         f"optiplug: training.resume_from_checkpoint: {str(partial)!r} is a checkpoint whose save was cut short; "
         "resume from a checkpoint-N directory of the output directory"
@@ -926,7 +911,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert "still running" not in done.stderr
 
 
-def test_jit_checkpoint_composes(capsys, tmp_path, temp_plugin):
+def test_jit_checkpoint_composes(tmp_path, temp_plugin):
     """transformers' enable_jit_checkpoint owns SIGTERM: its checkpoint is saved, the run ends as interrupted."""
 
     def send(trainer, state):
@@ -939,8 +924,8 @@ def test_jit_checkpoint_composes(capsys, tmp_path, temp_plugin):
 
     temp_plugin(_Callback(send), "jit")
     out = tmp_path / "run"
-    code, _, err = cli(capsys, "train", *FAST, "training.max_steps=6", "training.enable_jit_checkpoint=true",
-                       f"training.output_dir={out}")  # fmt: skip
+    code, _, err = run_cli("train", *FAST, "training.max_steps=6", "training.enable_jit_checkpoint=true",
+                           f"training.output_dir={out}")  # fmt: skip
     assert code == 143, err
     assert last_line(err).startswith("optiplug: stopped by SIGTERM at step ")
     assert _complete_checkpoints(out) and not (out / SUMMARY_FILE).exists()
@@ -968,7 +953,7 @@ class _SecondAdamw:
         register(self.entry)
 
 
-def test_plugins_shows_registration_failures_and_duplicates(capsys, temp_plugin):
+def test_plugins_shows_registration_failures_and_duplicates(temp_plugin):
     import warnings
 
     with warnings.catch_warnings():
@@ -978,9 +963,9 @@ def test_plugins_shows_registration_failures_and_duplicates(capsys, temp_plugin)
         temp_plugin(_NoLiteral(), "acme-nameless")
         temp_plugin(_SecondAdamw(optiplug.get_entry("adamw")), "acme-adamw")
         failures = {f.name: f.cause for f in registry.failures()}
-        code, out, _ = cli(capsys, "plugins")
-        code_json, text, _ = cli(capsys, "plugins", "--json")
-        code_list, listing, _ = cli(capsys, "list")
+        code, out, _ = run_cli("plugins")
+        code_json, text, _ = run_cli("plugins", "--json")
+        code_list, listing, _ = run_cli("list")
     assert set(failures) >= {"acme-nameless", "acme-adamw"}
     assert failures["acme-adamw"].startswith("optimizer 'adamw' is registered twice, by plugins ")
     assert (
@@ -1021,6 +1006,6 @@ def test_final_loss_is_the_last_logged_loss_and_says_when(tmp_path):
     assert result.summary["status"] == "finished"
 
 
-def test_estimate_of_a_missing_path_does_not_suggest_downloading_it(capsys):
-    code, _, err = cli(capsys, "estimate", "model.name_or_path=/nope")
+def test_estimate_of_a_missing_path_does_not_suggest_downloading_it():
+    code, _, err = run_cli("estimate", "model.name_or_path=/nope")
     assert code == 1 and err == "optiplug: model.name_or_path: the directory '/nope' does not exist\n"
