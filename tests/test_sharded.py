@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import optiplug
-from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_results, launch_root, launched_case
+from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_root, launched_case
 
 STEPS = 4
 BATCH = 4  # per process; the one-process reference trains on both processes' rows
@@ -246,11 +246,6 @@ def _fsdp(module):
 
 
 # ---- the tests ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 def _close(got: list[float], expected: list[float], rtol: float = RTOL) -> None:

@@ -16,7 +16,6 @@ from optiplug.testing_launch import (
     check_resume_in_one_process,
     check_side_by_side,
     fsdp2_side_by_side,
-    launch_results,
     launched_case,
 )
 
@@ -48,11 +47,6 @@ def adam_mini_with_heads_cut_by_the_shards():
     except optiplug.ConfigError as error:
         return str(error)
     return None
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 def test_adam_mini_under_fsdp2_takes_the_steps_of_one_process(fsdp2):

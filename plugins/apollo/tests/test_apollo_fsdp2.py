@@ -14,7 +14,6 @@ from optiplug.testing_launch import (
     check_resume_in_one_process,
     check_side_by_side,
     fsdp2_side_by_side,
-    launch_results,
     launched_case,
 )
 
@@ -33,11 +32,6 @@ def apollo_adamw_under_fully_shard():
 @launched_case("fsdp2")
 def apollo_mini_under_fully_shard():
     return fsdp2_side_by_side(MINI)
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", [apollo_adamw_under_fully_shard, apollo_mini_under_fully_shard])

@@ -13,7 +13,6 @@ from optiplug.testing_launch import (
     check_resume_in_one_process,
     check_side_by_side,
     fsdp2_side_by_side,
-    launch_results,
     launched_case,
 )
 
@@ -32,11 +31,6 @@ def galore_adamw_under_fully_shard():
 @launched_case("fsdp2")
 def galore_adamw_svd_full_under_fully_shard():
     return fsdp2_side_by_side(GALORE_SVD, name="galore_adamw_svd")
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", [galore_adamw_under_fully_shard, galore_adamw_svd_full_under_fully_shard])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_results, launched_case
+from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launched_case
 
 GROKADAMW = {"name": "grokadamw", "lr": 3e-3}
 
@@ -19,11 +19,6 @@ pytestmark = pytest.mark.slow
 @launched_case("fsdp2")
 def grokadamw_under_fully_shard():
     return fsdp2_side_by_side(GROKADAMW)
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 def test_grokadamw_under_fsdp2_takes_the_steps_of_one_process(fsdp2):

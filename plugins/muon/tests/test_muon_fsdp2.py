@@ -18,7 +18,6 @@ import optiplug
 from optiplug.testing_launch import (
     check_side_by_side,
     fsdp2_side_by_side,
-    launch_results,
     launched_case,
     resume_in_one_process,
 )
@@ -140,11 +139,6 @@ def muon_that_skips_newton_schulz_is_stopped() -> str:
 
 
 # ---- the tests -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 def _gap(got: list[float], expected: list[float]) -> float:

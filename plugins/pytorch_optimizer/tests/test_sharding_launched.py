@@ -23,7 +23,7 @@ import pytest
 from optiplug_pytorch_optimizer.catalogue import PREFIX
 
 import optiplug
-from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_results, launch_root, launched_case
+from optiplug.testing_launch import check_side_by_side, fsdp2_side_by_side, launch_root, launched_case
 
 pytestmark = pytest.mark.slow
 
@@ -155,16 +155,6 @@ def bridge_refusal_on_a_fully_shard_model():
 
 
 # ---- the tests --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def deepspeed(tmp_path_factory):
-    return launch_results("deepspeed", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 @needs_deepspeed

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import optiplug
-from optiplug.testing_launch import LaunchResults, launch_results, launch_root, launched_case
+from optiplug.testing_launch import launch_root, launched_case
 
 STEPS, BATCH, SAVE = 4, 2, 2
 BETA1 = 0.9  # the weight of x in y: x = lerp(y, z, 1 - 1 / BETA1)
@@ -64,16 +64,6 @@ def trainer(output_dir: Path, batch: int, optimizer: dict[str, Any] = OPTIMIZER,
     return optiplug.OptiTrainer(
         model=tiny_llama(seed=0), args=args, train_dataset=TokenBlocks(n=64), optimizer=optimizer, scheduler="constant"
     )
-
-
-@pytest.fixture(scope="module")
-def deepspeed(tmp_path_factory) -> LaunchResults:
-    return launch_results("deepspeed", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory) -> LaunchResults:
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

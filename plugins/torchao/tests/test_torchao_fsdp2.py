@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from optiplug.testing_launch import fsdp2_side_by_side, launch_results, launched_case
+from optiplug.testing_launch import fsdp2_side_by_side, launched_case
 
 TORCHAO = {"name": "torchao_adamw8bit", "lr": 1e-3}
 GAP = 5e-3  # measured 7.0e-4 relative over 4 steps: the embedding's and head's moments quantized in one process only
@@ -24,11 +24,6 @@ pytestmark = pytest.mark.slow
 @launched_case("fsdp2")
 def torchao_adamw8bit_under_fully_shard():
     return fsdp2_side_by_side(TORCHAO)
-
-
-@pytest.fixture(scope="module")
-def fsdp2(tmp_path_factory):
-    return launch_results("fsdp2", tmp_path_factory)
 
 
 def test_torchao_adamw8bit_trains_under_fsdp2_within_its_quantization_gap_and_resumes_exactly(fsdp2):
