@@ -1,4 +1,5 @@
-"""GaLore inside transformers' Trainer: parity with transformers, layerwise mode, schedules, resume."""
+"""GaLore inside transformers' Trainer: parity with transformers, layerwise mode (what GaLore adds to the core's
+layerwise stepping, which tests/test_layerwise.py covers), schedules, resume."""
 
 from __future__ import annotations
 
@@ -102,30 +103,10 @@ def test_layerwise_with_accumulation_matches_the_whole_model_step(tmp_path):
         assert lr == pytest.approx(scheduled[step], abs=1e-12), f"step {step}"
 
 
-def test_layerwise_clips_each_parameter_and_logs_the_global_norm(tmp_path):
-    max_norm = 0.05
-    trainer = _trainer(tmp_path, _galore(layerwise=True), {"name": "constant"}, max_steps=2, max_grad_norm=max_norm)
-    optimizer = trainer.create_optimizer()
-    norms_after_clipping = []
-    step_params = optimizer.step_parameters
-
-    def spy(group, params):
-        norms_after_clipping.append(float(params[0].grad.norm()))
-        return step_params(group, params)
-
-    optimizer.step_parameters = spy
-    trainer.train()
-    assert max(norms_after_clipping) <= max_norm * (1 + 1e-4)
-    logged = _history(trainer, "grad_norm")
-    assert all(norm > 10 * max_norm for norm in logged)  # the true norm before clipping, not a fake 0
-    # and the first one equals the norm the non-layerwise run logs from the same weights and batch
-    whole = _trainer(tmp_path / "whole", _galore(), {"name": "constant"}, max_steps=1, max_grad_norm=max_norm)
-    whole.train()
-    assert logged[0] == pytest.approx(_history(whole, "grad_norm")[0], rel=1e-5)
-    assert all(p.grad is None for p in trainer.model.parameters())  # freed by the hooks
-
-
-def test_layerwise_outside_a_trainer_counts_backward_passes(tmp_path):
+def test_layerwise_step_parameters_equal_the_whole_step_bit_for_bit(tmp_path):
+    """GaLore's own step_parameters, called by the core's hooks once per parameter (gradient accumulation from the
+    run's arguments), gives the weights of its whole step exactly. Counting backward passes, clipping and the
+    logged global norm are the core stepper's, the same for every optimizer: tests/test_layerwise.py."""
     from transformers import TrainingArguments
 
     from optiplug.factory import build_from_entry
