@@ -11,11 +11,13 @@ at module level, inside functions and under ``TYPE_CHECKING``. Two rules:
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+ARCHITECTURE_DOC = SRC.parent / "docs" / "architecture.md"
 PACKAGE = "optiplug"
 APP = "optiplug.app"
 # ``python -m optiplug`` starts the app's CLI.
@@ -232,3 +234,24 @@ def test_the_old_helpers_module_still_exports_every_name_it_had():
     for name in had - {"training_argument_value"}:
         assert getattr(helpers, name) is getattr(optiplug, name), name
     assert helpers.training_argument_value is transformers_args.training_argument_value
+
+
+def documented_modules(section: str) -> set[str]:
+    """The ``*.py`` files named in the first column of the table under ``## {section}`` in docs/architecture.md."""
+    text = ARCHITECTURE_DOC.read_text(encoding="utf-8").split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in text.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([\w/]+\.py)`", row)}
+
+
+def test_the_architecture_doc_lists_every_module_and_no_other():
+    package = SRC / PACKAGE
+    contract = {p.name for p in package.glob("*.py")} | {
+        f"builtin/{p.name}" for p in (package / "builtin").glob("*.py")
+    }
+    assert documented_modules("The contract") == contract
+    assert documented_modules("The app") == {p.name for p in (package / "app").glob("*.py")}
+
+
+def test_nothing_in_the_package_imports_the_deprecated_helpers_module():
+    importers = sorted(name for name, targets in import_graph().items() if "optiplug.helpers" in targets)
+    assert importers == []  # it is a re-export kept for plugins written against 0.1

@@ -117,7 +117,7 @@ class DivergenceCallback(TrainerCallback):
 
 def _stepped(trainer: Any) -> list[Any]:
     """The parameters the optimizer steps (its param_groups), or the model's trainable ones."""
-    from optiplug.helpers import unwrap_optimizer
+    from optiplug.unwrap import unwrap_optimizer
 
     optimizer = unwrap_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
     groups = getattr(optimizer, "param_groups", None) or []

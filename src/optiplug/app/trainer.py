@@ -34,7 +34,7 @@ class GuardedTrainer(OptiTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
         if self.lr_scheduler is None and self.optiplug_cooldown is not None:
-            from optiplug.helpers import unwrap_optimizer
+            from optiplug.unwrap import unwrap_optimizer
 
             self.lr_scheduler = self.optiplug_cooldown.scheduler(unwrap_optimizer(optimizer or self.optimizer))
             self._created_lr_scheduler = True
