@@ -137,6 +137,35 @@ def test_light_commands_do_not_import_torch_or_transformers(command):
     assert "HEAVY []" in result.stderr
 
 
+PLUGIN_CONFIG_MODULES = [
+    f"optiplug_{name}.config"
+    for name in ("apollo", "badam", "bitsandbytes", "galore", "muon", "schedulefree", "torchao")
+]
+
+
+def test_list_builds_no_config_class_of_a_plugin_with_a_config_module():
+    """The plugins name their config classes with LazyConfig.from_module: `optiplug list` imports no config module
+    (building their pydantic classes is start-up time), `show` imports the one it shows; the plugin package still
+    gives its config classes as attributes."""
+    code = (
+        "import sys\n"
+        "from optiplug.app.cli import main\n"
+        "def imported():\n"
+        f"    return [m for m in {PLUGIN_CONFIG_MODULES!r} if m in sys.modules]\n"
+        "try:\n    main(['list'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('LIST', imported(), file=sys.stderr)\n"
+        "try:\n    main(['show', 'galore_adamw'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('SHOW', imported(), file=sys.stderr)\n"
+        "import optiplug_torchao\n"
+        "entry = optiplug.get_entry('torchao_adamw8bit')\n"
+        "print('ATTRIBUTE', optiplug_torchao.TorchaoAdamW8bitConfig is entry.config, file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", "import optiplug\n" + code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.split(" ")[0] in ("LIST", "SHOW", "ATTRIBUTE")]
+    assert lines[0] == "LIST []" and lines[-2] == "SHOW ['optiplug_galore.config']" and lines[-1] == "ATTRIBUTE True"
+
+
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", "from optiplug.app.cli import main; main()", "train", str(tmp_path / "nope.yaml")],

@@ -559,3 +559,44 @@ def test_a_lazy_config_is_built_when_first_read_and_checked(temp_plugin):
         "optimizer 'demo_wrong': its LazyConfig loaded DemoConfig, whose name is 'demo_sgd'; "
         "report it to the plugin's authors"
     )
+
+
+def test_a_lazy_config_from_a_module_imports_the_module_when_first_read(temp_plugin, tmp_path, monkeypatch):
+    (tmp_path / "lazy_demo_configs.py").write_text(
+        textwrap.dedent(
+            """
+            from typing import Literal
+            import optiplug
+
+            class LazyDemoConfig(optiplug.OptimizerConfig):
+                name: Literal["lazy_demo"] = "lazy_demo"
+                lr: float = 0.1
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_demo_configs", raising=False)
+
+    class Lazy:
+        @optiplug.hookimpl
+        def register_optimizers(self, register):
+            config = optiplug.LazyConfig.from_module("lazy_demo", "lazy_demo_configs:LazyDemoConfig")
+            register(optiplug.OptimizerEntry(config=config, build=build_demo))
+
+    temp_plugin(Lazy(), "lazy")
+    assert "lazy_demo" in {r.name for r in optiplug.list_optimizers()} and "lazy_demo_configs" not in sys.modules
+    config = optiplug.parse_optimizer("lazy_demo", lr=0.5)
+    assert type(config) is sys.modules["lazy_demo_configs"].LazyDemoConfig and config.lr == 0.5
+    with pytest.raises(optiplug.PluginError, match="the path must be 'module:ClassName', got 'lazy_demo_configs'"):
+        optiplug.LazyConfig.from_module("lazy_demo", "lazy_demo_configs")
+
+
+def test_lazy_attributes_gives_the_named_attributes_of_a_module_imported_on_first_use(tmp_path, monkeypatch):
+    (tmp_path / "lazy_demo_attributes.py").write_text("VALUE = 42\nOTHER = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_demo_attributes", raising=False)
+    getattr_ = optiplug.lazy_attributes("demo_package", "lazy_demo_attributes", ["VALUE"])
+    assert "lazy_demo_attributes" not in sys.modules
+    assert getattr_("VALUE") == 42 and "lazy_demo_attributes" in sys.modules
+    with pytest.raises(AttributeError, match="module 'demo_package' has no attribute 'OTHER'"):
+        getattr_("OTHER")  # only the names given

@@ -15,7 +15,7 @@ from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import Alias, LazyConfig, OptimizerEntry, Registered, SchedulerEntry
+from optiplug.entries import Alias, LazyConfig, OptimizerEntry, Registered, SchedulerEntry, lazy_attributes
 from optiplug.errors import (
     CheckpointError,
     ConfigError,
@@ -144,6 +144,7 @@ __all__ = [
     "hookspec",
     "kernel_kwargs",
     "layerwise_stepper",
+    "lazy_attributes",
     "list_optimizers",
     "list_schedulers",
     "low_rank_shape",

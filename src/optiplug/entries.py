@@ -9,10 +9,12 @@ with ``bits=8, paged=True``).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.metadata
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape, ScheduleContext
     from optiplug.patches import Patch
 
-__all__ = ["Alias", "LazyConfig", "OptimizerEntry", "Registered", "SchedulerEntry", "name_of"]
+__all__ = ["Alias", "LazyConfig", "OptimizerEntry", "Registered", "SchedulerEntry", "lazy_attributes", "name_of"]
 
 C = TypeVar("C")
 E = TypeVar("E", "OptimizerEntry[Any]", "SchedulerEntry[Any]")
@@ -101,6 +103,37 @@ class LazyConfig:
 
     name: str
     load: Callable[[], type]
+
+    @classmethod
+    def from_module(cls, name: str, path: str) -> LazyConfig:
+        """The config class at ``path``, ``"module:ClassName"``, imported on first use: a plugin whose package does
+        not import its config module keeps that module's pydantic classes out of ``optiplug list``.
+
+        ``OptimizerEntry(config=LazyConfig.from_module("bnb_adamw", "optiplug_bitsandbytes.config:BnbAdamWConfig"))``.
+        A module that fails to import then fails where the config is first read, not when the plugin loads.
+        """
+        module, _, attribute = path.partition(":")
+        if not module or not attribute:
+            raise PluginError(f"LazyConfig {name!r}: the path must be 'module:ClassName', got {path!r}")
+        return cls(name, functools.partial(_attribute, module, attribute))
+
+
+def _attribute(module: str, attribute: str) -> Any:
+    return getattr(importlib.import_module(module), attribute)
+
+
+def lazy_attributes(package: str, module: str, names: Collection[str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that gives ``names`` from ``module``, imported on first use: a plugin
+    package keeps its config classes importable from it (``from my_lion import LionConfig``) without importing their
+    module itself. ``__getattr__ = optiplug.lazy_attributes(__name__, "my_lion.config", ["LionConfig"])``."""
+    wanted = frozenset(names)
+
+    def __getattr__(name: str) -> Any:
+        if name in wanted:
+            return getattr(importlib.import_module(module), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
 
 
 class _ConfigField(Generic[C]):

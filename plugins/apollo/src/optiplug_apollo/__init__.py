@@ -8,15 +8,20 @@ import torch or apollo-torch; the factory does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
 from optiplug_apollo import entries
-from optiplug_apollo.config import ApolloConfig, ApolloFields, ApolloMiniConfig
+
+if TYPE_CHECKING:
+    from optiplug_apollo.config import ApolloConfig, ApolloFields, ApolloMiniConfig
 
 __all__ = ["ApolloConfig", "ApolloFields", "ApolloMiniConfig", "register_optimizers"]
 
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_apollo.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["ApolloConfig", "ApolloFields", "ApolloMiniConfig"])
 
 TRANSFORMERS_KEYS = ("rank", "proj", "scale_type", "update_proj_gap", "scale", "proj_type")
 """The ``optim_args`` keys transformers' Trainer reads for ``apollo_adamw`` (it ignores any other)."""
@@ -48,17 +53,23 @@ def register_optimizers(register) -> None:
             "apollo_adamw_layerwise", {"layerwise": True}, transformers=True, arguments=transformers_arguments
         ),
     )
-    for config, summary, aliases in (
+    for name, config, summary, aliases in (
         (
-            ApolloConfig,
+            "apollo_adamw",
+            "ApolloConfig",
             "APOLLO AdamW: channel-wise update scaling from a random low-rank space (apollo-torch)",
             transformers,
         ),
-        (ApolloMiniConfig, "APOLLO-Mini: rank-1, tensor-wise APOLLO scaling; SGD-level optimizer state", ()),
+        (
+            "apollo_mini",
+            "ApolloMiniConfig",
+            "APOLLO-Mini: rank-1, tensor-wise APOLLO scaling; SGD-level optimizer state",
+            (),
+        ),
     ):
         register(
             optiplug.OptimizerEntry(
-                config=config,
+                config=optiplug.LazyConfig.from_module(name, f"{CONFIGS}:{config}"),
                 build=entries.build,
                 summary=summary,
                 check=entries.check,

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
-from optiplug_apollo.config import ApolloFields
+
+if TYPE_CHECKING:
+    from optiplug_apollo.config import ApolloFields
 
 _GROUP_KEYS = ("rank", "proj", "proj_type", "scale_type", "update_proj_gap", "scale")
 

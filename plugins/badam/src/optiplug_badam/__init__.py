@@ -10,14 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from types import MethodType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
 from optiplug_badam.blocks import plan_blocks, ratio_frozen
-from optiplug_badam.config import BAdamConfig
+
+if TYPE_CHECKING:
+    from optiplug_badam.config import BAdamConfig
 
 __all__ = ["BAdamConfig", "register_optimizers"]
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_badam.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["BAdamConfig"])
 
 FP32_BYTES = 4
 
@@ -174,7 +179,7 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: BAdamConfig) -> str:
 def register_optimizers(register: Any) -> None:
     register(
         optiplug.OptimizerEntry(
-            config=BAdamConfig,
+            config=optiplug.LazyConfig.from_module("badam", f"{CONFIGS}:BAdamConfig"),
             build=build,
             summary="BAdam: AdamW on one block of layers at a time (badam), exact resume",
             callbacks=callbacks,

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import optiplug
-from optiplug_badam.config import BAdamConfig
+
+if TYPE_CHECKING:
+    from optiplug_badam.config import BAdamConfig
 
 # The first numbered component of a name is its layer: ``model.layers.3.``, ``transformer.h.3.``,
 # ``base_model.model.model.layers.3.`` (peft). On Llama-style names this gives exactly badam's

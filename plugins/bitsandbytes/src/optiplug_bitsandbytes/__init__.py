@@ -12,19 +12,26 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
-from optiplug_bitsandbytes.config import (
-    BnbAdamWConfig,
-    BnbAdEMAMixConfig,
-    BnbFields,
-    BnbLionConfig,
-    BnbRMSpropConfig,
-)
+
+if TYPE_CHECKING:
+    from optiplug_bitsandbytes.config import (
+        BnbAdamWConfig,
+        BnbAdEMAMixConfig,
+        BnbFields,
+        BnbLionConfig,
+        BnbRMSpropConfig,
+    )
 
 __all__ = ["BnbAdEMAMixConfig", "BnbAdamWConfig", "BnbLionConfig", "BnbRMSpropConfig", "register_optimizers"]
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_bitsandbytes.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(
+    __name__, CONFIGS, ["BnbAdEMAMixConfig", "BnbAdamWConfig", "BnbFields", "BnbLionConfig", "BnbRMSpropConfig"]
+)
 
 BLOCK = 256
 """Elements per block of bitsandbytes' blockwise 8-bit state (one float32 maximum per block)."""
@@ -139,15 +146,14 @@ TRANSFORMERS_NAMES = {
 """transformers' names for each entry, with the fields they fix (transformers' rmsprop_bnb is 32-bit)."""
 
 
-def _entry(config: type[BnbFields], summary: str) -> optiplug.OptimizerEntry:
-    name = optiplug.OptimizerEntry(config=config, build=build).name
+def _entry(name: str, config: str, summary: str) -> optiplug.OptimizerEntry:
     aliases = tuple(
         optiplug.Alias(alias, preset, transformers=True, arguments=_ARGUMENTS[name])
         for alias, preset in TRANSFORMERS_NAMES[name].items()
     )
     return optiplug.OptimizerEntry(
         aliases=aliases,
-        config=config,
+        config=optiplug.LazyConfig.from_module(name, f"{CONFIGS}:{config}"),
         build=build,
         summary=summary,
         requires=("bitsandbytes",),
@@ -160,7 +166,7 @@ def _entry(config: type[BnbFields], summary: str) -> optiplug.OptimizerEntry:
 
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
-    register(_entry(BnbAdamWConfig, "AdamW, bitsandbytes: 8-bit or 32-bit state, paged"))
-    register(_entry(BnbLionConfig, "Lion, bitsandbytes: 8-bit or 32-bit state, paged"))
-    register(_entry(BnbAdEMAMixConfig, "AdEMAMix, bitsandbytes: 8-bit or 32-bit state, paged"))
-    register(_entry(BnbRMSpropConfig, "RMSprop, bitsandbytes: 8-bit or 32-bit state"))
+    register(_entry("bnb_adamw", "BnbAdamWConfig", "AdamW, bitsandbytes: 8-bit or 32-bit state, paged"))
+    register(_entry("bnb_lion", "BnbLionConfig", "Lion, bitsandbytes: 8-bit or 32-bit state, paged"))
+    register(_entry("bnb_ademamix", "BnbAdEMAMixConfig", "AdEMAMix, bitsandbytes: 8-bit or 32-bit state, paged"))
+    register(_entry("bnb_rmsprop", "BnbRMSpropConfig", "RMSprop, bitsandbytes: 8-bit or 32-bit state"))

@@ -10,15 +10,22 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
 from optiplug_galore import entries
-from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
+
+if TYPE_CHECKING:
+    from optiplug_galore.config import GaLoreAdafactorConfig, GaLoreAdamW8bitConfig, GaLoreAdamWConfig, GaLoreConfig
 
 __all__ = ["GaLoreAdafactorConfig", "GaLoreAdamW8bitConfig", "GaLoreAdamWConfig", "GaLoreConfig", "register_optimizers"]
 
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_galore.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(
+    __name__, CONFIGS, ["GaLoreAdafactorConfig", "GaLoreAdamW8bitConfig", "GaLoreAdamWConfig", "GaLoreConfig"]
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +74,7 @@ def register_optimizers(register) -> None:
     """Register the three GaLore optimizers."""
     register(
         optiplug.OptimizerEntry(
-            config=GaLoreAdamWConfig,
+            config=optiplug.LazyConfig.from_module("galore_adamw", f"{CONFIGS}:GaLoreAdamWConfig"),
             build=entries.build_adamw,
             summary="GaLore AdamW: low-rank projected gradients (galore-torch)",
             check=entries.check,
@@ -81,7 +88,7 @@ def register_optimizers(register) -> None:
     )
     register(
         optiplug.OptimizerEntry(
-            config=GaLoreAdafactorConfig,
+            config=optiplug.LazyConfig.from_module("galore_adafactor", f"{CONFIGS}:GaLoreAdafactorConfig"),
             build=entries.build_adafactor,
             summary="GaLore Adafactor: factored second moments of low-rank projected gradients (galore-torch)",
             check=entries.check,
@@ -94,7 +101,7 @@ def register_optimizers(register) -> None:
     )
     register(
         optiplug.OptimizerEntry(
-            config=GaLoreAdamW8bitConfig,
+            config=optiplug.LazyConfig.from_module("galore_adamw8bit", f"{CONFIGS}:GaLoreAdamW8bitConfig"),
             build=entries.build_adamw8bit,
             summary="GaLore 8-bit AdamW: bitsandbytes' blockwise 8-bit states of low-rank projected gradients",
             check=entries.check_adamw8bit,

@@ -6,14 +6,21 @@ optiplug's public API. Importing this package does not import torch; the factory
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import optiplug
 from optiplug_muon import entries
-from optiplug_muon.config import MuonConfig
 from optiplug_muon.routing import Routing
+
+if TYPE_CHECKING:
+    from optiplug_muon.config import MuonConfig
 
 __all__ = ["MuonConfig", "Routing", "register_optimizers"]
 
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_muon.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["MuonConfig"])
 
 
 @optiplug.hookimpl
@@ -21,7 +28,7 @@ def register_optimizers(register) -> None:
     """Register ``muon``."""
     register(
         optiplug.OptimizerEntry(
-            config=MuonConfig,
+            config=optiplug.LazyConfig.from_module("muon", f"{CONFIGS}:MuonConfig"),
             build=entries.build,
             summary="Muon (torch.optim.Muon) on 2-D hidden matrices + fused AdamW on embeddings, head, norms, biases",
             check=entries.check,

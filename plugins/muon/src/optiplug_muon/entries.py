@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import optiplug
-from optiplug_muon.config import MuonConfig
-from optiplug_muon.deepspeed_check import check_deepspeed
 from optiplug_muon.routing import TRANSPOSED_MODULES, Routing
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from optiplug_muon.config import MuonConfig
 
 # A child of the Trainer's logger: the routing line shows where the Trainer's own info lines do
 # (``training.log_level: info``), and in every Python program that enables INFO logging.
@@ -63,6 +63,8 @@ def check(ctx: optiplug.BuildContext, cfg: MuonConfig) -> None:
     if not route.muon:
         raise optiplug.ConfigError(_no_muon_message(route))
     if engine == "deepspeed":
+        from optiplug_muon.deepspeed_check import check_deepspeed  # with the config module: not at registration
+
         check_deepspeed(ctx, cfg, route)
 
 

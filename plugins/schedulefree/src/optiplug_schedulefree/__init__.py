@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
-from optiplug_schedulefree.config import (
-    ScheduleFreeAdamWConfig,
-    ScheduleFreeConfig,
-    ScheduleFreeRAdamConfig,
-    ScheduleFreeSGDConfig,
-)
 from optiplug_schedulefree.engines import NVME
+
+if TYPE_CHECKING:
+    from optiplug_schedulefree.config import (
+        ScheduleFreeAdamWConfig,
+        ScheduleFreeConfig,
+        ScheduleFreeRAdamConfig,
+        ScheduleFreeSGDConfig,
+    )
 
 __all__ = [
     "ScheduleFreeAdamWConfig",
@@ -30,6 +32,13 @@ __all__ = [
     "register_optimizers",
 ]
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_schedulefree.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(
+    __name__,
+    CONFIGS,
+    ["ScheduleFreeAdamWConfig", "ScheduleFreeConfig", "ScheduleFreeRAdamConfig", "ScheduleFreeSGDConfig"],
+)
 
 
 def build(ctx: optiplug.BuildContext, cfg: ScheduleFreeConfig) -> Any:
@@ -180,10 +189,9 @@ _TRANSFORMERS = {
 """transformers' names are the entries' own: each an alias with transformers' arguments."""
 
 
-def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.OptimizerEntry:
-    name = config.model_fields["name"].default
+def _entry(name: str, config: str, summary: str) -> optiplug.OptimizerEntry:
     return optiplug.OptimizerEntry(
-        config=config,
+        config=optiplug.LazyConfig.from_module(name, f"{CONFIGS}:{config}"),
         build=build,
         summary=summary,
         callbacks=callbacks,
@@ -198,6 +206,20 @@ def _entry(config: type[optiplug.OptimizerConfig], summary: str) -> optiplug.Opt
 
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
-    register(_entry(ScheduleFreeAdamWConfig, "Schedule-free AdamW (schedulefree): saves x, exact resume"))
-    register(_entry(ScheduleFreeSGDConfig, "Schedule-free SGD (schedulefree): saves x, exact resume"))
-    register(_entry(ScheduleFreeRAdamConfig, "Schedule-free RAdam (schedulefree): saves x, exact resume"))
+    register(
+        _entry(
+            "schedule_free_adamw",
+            "ScheduleFreeAdamWConfig",
+            "Schedule-free AdamW (schedulefree): saves x, exact resume",
+        )
+    )
+    register(
+        _entry("schedule_free_sgd", "ScheduleFreeSGDConfig", "Schedule-free SGD (schedulefree): saves x, exact resume")
+    )
+    register(
+        _entry(
+            "schedule_free_radam",
+            "ScheduleFreeRAdamConfig",
+            "Schedule-free RAdam (schedulefree): saves x, exact resume",
+        )
+    )

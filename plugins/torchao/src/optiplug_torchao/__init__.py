@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optiplug
-from optiplug_torchao.config import (
-    LowBitAdamWFields,
-    TorchaoAdamW4bitConfig,
-    TorchaoAdamW8bitConfig,
-    TorchaoAdamWFp8Config,
-)
+
+if TYPE_CHECKING:
+    from optiplug_torchao.config import (
+        LowBitAdamWFields,
+        TorchaoAdamW4bitConfig,
+        TorchaoAdamW8bitConfig,
+        TorchaoAdamWFp8Config,
+    )
 
 __all__ = ["TorchaoAdamW4bitConfig", "TorchaoAdamW8bitConfig", "TorchaoAdamWFp8Config", "register_optimizers"]
 __version__ = "0.1.0"
+
+CONFIGS = "optiplug_torchao.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(
+    __name__,
+    CONFIGS,
+    ["LowBitAdamWFields", "TorchaoAdamW4bitConfig", "TorchaoAdamW8bitConfig", "TorchaoAdamWFp8Config"],
+)
 
 MIN_QUANTIZED = 4096
 """torchao quantizes a moment only when the parameter has at least this many elements."""
@@ -55,6 +64,8 @@ def quantized(shape: optiplug.ParamShape, cfg: LowBitAdamWFields) -> bool:
 
 def moment_bytes(shape: optiplug.ParamShape, cfg: LowBitAdamWFields) -> int:
     """One moment of ``shape``: codes, one float32 scale per block and (8- and 4-bit) the map of its own."""
+    from optiplug_torchao.config import TorchaoAdamW4bitConfig, TorchaoAdamW8bitConfig
+
     n = shape.numel
     if not quantized(shape, cfg):
         return n * shape.itemsize
@@ -80,13 +91,13 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: LowBitAdamWFields) -> s
     )
 
 
-def _entry(config: type[LowBitAdamWFields], summary: str, transformers: str | None = None) -> optiplug.OptimizerEntry:
+def _entry(name: str, config: str, summary: str, transformers: str | None = None) -> optiplug.OptimizerEntry:
     # transformers passes the Adam values, block_size 256 (also for 4-bit, whose torchao default is 128) and optim_args
     arguments = functools.partial(optiplug.transformers_fields, defaults={"block_size": 256})
     aliases = (optiplug.Alias(transformers, transformers=True, arguments=arguments),) if transformers else ()
     return optiplug.OptimizerEntry(
         aliases=aliases,
-        config=config,
+        config=optiplug.LazyConfig.from_module(name, f"{CONFIGS}:{config}"),
         build=build,
         summary=summary,
         requires=("torchao",),
@@ -100,9 +111,21 @@ def _entry(config: type[LowBitAdamWFields], summary: str, transformers: str | No
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
     register(
-        _entry(TorchaoAdamW8bitConfig, "AdamW with 8-bit moments, torchao (weights_only resume)", "adamw_torch_8bit")
+        _entry(
+            "torchao_adamw8bit",
+            "TorchaoAdamW8bitConfig",
+            "AdamW with 8-bit moments, torchao (weights_only resume)",
+            "adamw_torch_8bit",
+        )
     )
     register(
-        _entry(TorchaoAdamW4bitConfig, "AdamW with 4-bit moments, torchao (weights_only resume)", "adamw_torch_4bit")
+        _entry(
+            "torchao_adamw4bit",
+            "TorchaoAdamW4bitConfig",
+            "AdamW with 4-bit moments, torchao (weights_only resume)",
+            "adamw_torch_4bit",
+        )
     )
-    register(_entry(TorchaoAdamWFp8Config, "AdamW with FP8 moments, torchao (weights_only resume)"))
+    register(
+        _entry("torchao_adamwfp8", "TorchaoAdamWFp8Config", "AdamW with FP8 moments, torchao (weights_only resume)")
+    )
