@@ -60,16 +60,21 @@ def test_the_plugin_guide_code_registers_and_builds(temp_plugin, tmp_path, monke
     namespace["test_lion_trains"](tmp_path / "run")
 
 
+def _guide_plugin(temp_plugin, marker: str, module: str) -> None:
+    """Registers the plugin guide's code block that holds ``marker`` as the plugin module ``module``."""
+    import types
+
+    text = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if marker in b)
+    plugin = types.ModuleType(module)
+    exec(compile(source, "writing-a-plugin.md", "exec", dont_inherit=True), plugin.__dict__)
+    temp_plugin(plugin, module.replace("_", "-"))
+
+
 def test_the_helpers_example_registers_trains_and_estimates_exactly(temp_plugin):
     import torch
 
-    text = (ROOT / "docs" / "writing-a-plugin.md").read_text()
-    source = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "AMSGradConfig" in b)
-    import types
-
-    plugin = types.ModuleType("my_amsgrad")
-    exec(compile(source, "writing-a-plugin.md", "exec", dont_inherit=True), plugin.__dict__)
-    temp_plugin(plugin, "my-amsgrad")
+    _guide_plugin(temp_plugin, "AMSGradConfig", "my_amsgrad")
     from optiplug.context import ParamShape
     from optiplug.testing import tiny_llama
 
@@ -82,6 +87,35 @@ def test_the_helpers_example_registers_trains_and_estimates_exactly(temp_plugin)
     optimizer.step()
     entry = optiplug.get_entry("my_amsgrad")
     cfg = optiplug.parse_optimizer("my_amsgrad")
+    assert entry.state_bytes(ParamShape.of_model(model), cfg) == optiplug.optimizer_state_bytes(optimizer)
+
+
+def test_the_class_declaration_example_registers_builds_and_estimates_exactly(temp_plugin):
+    import torch
+
+    _guide_plugin(temp_plugin, "MyAdamWConfig", "my_adamw")
+    from optiplug.context import ParamShape
+    from optiplug.testing import tiny_llama
+
+    model = tiny_llama()
+    optimizer = optiplug.build_optimizer(model, "my_adamw")
+    assert type(optimizer) is torch.optim.AdamW
+    assert (optimizer.defaults["lr"], optimizer.defaults["betas"], optimizer.defaults["fused"]) == (
+        6e-4,
+        (0.9, 0.95),
+        True,
+    )
+    assert sorted({group["weight_decay"] for group in optimizer.param_groups}) == [0.0, 0.1]  # decay and no-decay
+    optimizer = optiplug.build_optimizer(model, "my_adamw", amsgrad=True, kernel="foreach")
+    assert (optimizer.defaults["amsgrad"], optimizer.defaults["foreach"], optimizer.defaults["fused"]) == (
+        True,
+        True,
+        False,
+    )
+    model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss.backward()
+    optimizer.step()
+    cfg = optiplug.parse_optimizer("my_adamw", amsgrad=True)
+    entry = optiplug.get_entry("my_adamw")
     assert entry.state_bytes(ParamShape.of_model(model), cfg) == optiplug.optimizer_state_bytes(optimizer)
 
 

@@ -15,7 +15,15 @@ from typing import Any
 
 from optiplug.configs import OptimizerConfig, SchedulerConfig
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import Alias, LazyConfig, OptimizerEntry, Registered, SchedulerEntry, lazy_attributes
+from optiplug.entries import (
+    Alias,
+    LazyConfig,
+    OptimizerClass,
+    OptimizerEntry,
+    Registered,
+    SchedulerEntry,
+    lazy_attributes,
+)
 from optiplug.errors import (
     CheckpointError,
     ConfigError,
@@ -114,6 +122,7 @@ __all__ = [
     "MissingDependencyError",
     "OptiTrainer",
     "OptiTrainerMixin",
+    "OptimizerClass",
     "OptimizerConfig",
     "OptimizerEntry",
     "OptiplugError",

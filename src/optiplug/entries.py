@@ -25,7 +25,16 @@ if TYPE_CHECKING:
     from optiplug.context import BuildContext, ParamShape, ScheduleContext
     from optiplug.patches import Patch
 
-__all__ = ["Alias", "LazyConfig", "OptimizerEntry", "Registered", "SchedulerEntry", "lazy_attributes", "name_of"]
+__all__ = [
+    "Alias",
+    "LazyConfig",
+    "OptimizerClass",
+    "OptimizerEntry",
+    "Registered",
+    "SchedulerEntry",
+    "lazy_attributes",
+    "name_of",
+]
 
 C = TypeVar("C")
 E = TypeVar("E", "OptimizerEntry[Any]", "SchedulerEntry[Any]")
@@ -136,6 +145,61 @@ def lazy_attributes(package: str, module: str, names: Collection[str]) -> Callab
     return __getattr__
 
 
+@dataclass(frozen=True)
+class OptimizerClass:
+    """An entry's ``build`` declared as data: the optimizer's class, the config fields it takes, computed arguments.
+
+    ``OptimizerEntry(config=AdamWConfig, build=OptimizerClass("torch.optim.AdamW", ("betas", "eps"), computed=kernel))``
+    builds ``torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel(cfg, groups))`` with
+    ``groups = ctx.param_groups(cfg.weight_decay)``: the decay and no-decay groups (and the user's
+    ``optimizer.param_groups``) carry the weight decay. It is an entry's ``build`` like any other, so every route
+    (checks, the skeleton build, ``layerwise``, aliases) takes it unchanged.
+
+    Attributes:
+        path: the class, ``"package.module.Class"``; imported when the first optimizer is built, so declaring it
+            imports nothing (``optiplug list`` stays free of torch).
+        fields: the config fields passed as the constructor's keyword arguments of the same name: the config
+            holds their defaults and checks.
+        computed: ``computed(cfg, groups) -> mapping`` of further keyword arguments, computed from the config and
+            the parameters at hand (the kernel: ``lambda cfg, groups: optiplug.kernel_kwargs(cfg.kernel, groups)``).
+    """
+
+    path: str
+    fields: tuple[str, ...] = ()
+    computed: Callable[[Any, list[dict[str, Any]]], Mapping[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        module, _, name = self.path.rpartition(".") if isinstance(self.path, str) else ("", "", "")
+        if not module or not name:
+            raise PluginError(f"OptimizerClass needs the class as 'package.module.Class', got {self.path!r}")
+        if isinstance(self.fields, str) or not all(isinstance(field, str) for field in self.fields):
+            raise PluginError(
+                f"OptimizerClass({self.path!r}): fields must be a tuple of field names, got {self.fields!r}"
+            )
+        object.__setattr__(self, "fields", tuple(self.fields))
+
+    def load(self) -> Any:
+        """The class (imports its module)."""
+        module, _, name = self.path.rpartition(".")
+        found = getattr(importlib.import_module(module), name, None)
+        if not isinstance(found, type):
+            raise PluginError(f"OptimizerClass({self.path!r}): {module} has no class {name!r}")
+        return found
+
+    def __call__(self, ctx: BuildContext, cfg: Any) -> Any:
+        missing = [field for field in ("lr", *self.fields) if field not in type(cfg).model_fields]
+        if missing:
+            raise PluginError(
+                f"optimizer {cfg.name!r}: OptimizerClass({self.path!r}) passes {', '.join(missing)}, which its config "
+                f"{type(cfg).__name__} has no field for; report it to the plugin's authors"
+            )
+        groups = ctx.param_groups(getattr(cfg, "weight_decay", 0.0))
+        arguments = {field: getattr(cfg, field) for field in self.fields}
+        if self.computed is not None:
+            arguments.update(self.computed(cfg, groups))
+        return self.load()(groups, lr=cfg.lr, **arguments)
+
+
 class _ConfigField(Generic[C]):
     """The entry's ``config`` field: a class, or a :class:`LazyConfig` loaded (and checked) on first read."""
 
@@ -206,7 +270,8 @@ class OptimizerEntry(Generic[C]):
     Attributes:
         config: the pydantic config class (a subclass of :class:`OptimizerConfig`); its
             ``name`` literal is the registry key. A :class:`LazyConfig` builds it on first use.
-        build: ``build(ctx, cfg) -> torch.optim.Optimizer``. Import heavy packages inside it.
+        build: ``build(ctx, cfg) -> torch.optim.Optimizer``. Import heavy packages inside it. An
+            :class:`OptimizerClass` declares one from the optimizer's class path and config fields.
         summary: one line for ``optiplug list``.
         callbacks: ``callbacks(cfg) -> list[TrainerCallback]`` added to the trainer when this
             optimizer is selected, and only then.

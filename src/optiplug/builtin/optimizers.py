@@ -1,9 +1,11 @@
 """torch.optim optimizers: ``adamw`` (the default), adam, sgd, adagrad, rmsprop, radam, nadam, adamax.
 
-Each config's fields are the optimizer's real constructor arguments. Decay and no-decay
-parameter groups follow transformers' rule (no weight decay on biases and norms). Every one of
-them updates each parameter from its own gradient and state only, so every entry declares
-``per_parameter=True`` (``layerwise: true`` is available).
+Each config's fields are the optimizer's real constructor arguments, and each entry is a row of
+``ENTRIES``: the config, torch's class and the fields passed to it (an :class:`optiplug.OptimizerClass`),
+and the kernel choice computed from the parameters (adamw, adam). Decay and no-decay parameter groups
+follow transformers' rule (no weight decay on biases and norms). Every one of them updates each
+parameter from its own gradient and state only, so every entry declares ``per_parameter=True``
+(``layerwise: true`` is available).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from optiplug.configs import OptimizerConfig
-from optiplug.context import BuildContext, ParamShape
-from optiplug.entries import Alias, OptimizerEntry
+from optiplug.context import ParamShape
+from optiplug.entries import Alias, OptimizerClass, OptimizerEntry
 from optiplug.fields import AdamFields, LearningRate
 from optiplug.hookspecs import hookimpl
 from optiplug.kernel import Kernel, kernel_kwargs
@@ -56,28 +58,12 @@ class AdamWConfig(AdamFields, _KernelChoice):
     kernel: Kernel = Field("auto", description=_KERNEL_HELP)
 
 
-def build_adamw(ctx: BuildContext, cfg: AdamWConfig):
-    import torch
-
-    groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = kernel_kwargs(cfg.kernel, groups)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
-
-
 class AdamConfig(AdamFields, _KernelChoice):
     """Adam (L2 weight decay added to the gradient), torch.optim.Adam."""
 
     name: Literal["adam"] = "adam"
     amsgrad: bool = False
     kernel: Kernel = Field("auto", description=_KERNEL_HELP)
-
-
-def build_adam(ctx: BuildContext, cfg: AdamConfig):
-    import torch
-
-    groups = ctx.param_groups(cfg.weight_decay)
-    kwargs = kernel_kwargs(cfg.kernel, groups)
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, amsgrad=cfg.amsgrad, **kwargs)
 
 
 class SGDConfig(OptimizerConfig):
@@ -97,18 +83,6 @@ class SGDConfig(OptimizerConfig):
         return self
 
 
-def build_sgd(ctx: BuildContext, cfg: SGDConfig):
-    import torch
-
-    return torch.optim.SGD(
-        ctx.param_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        dampening=cfg.dampening,
-        nesterov=cfg.nesterov,
-    )
-
-
 def sgd_state_bytes(shapes: Sequence[ParamShape], cfg: SGDConfig) -> int:
     return sum(s.numel * s.itemsize for s in shapes) if cfg.momentum > 0 else 0
 
@@ -122,18 +96,6 @@ class AdagradConfig(OptimizerConfig):
     initial_accumulator_value: float = Field(0.0, ge=0)
     eps: float = Field(1e-10, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-
-
-def build_adagrad(ctx: BuildContext, cfg: AdagradConfig):
-    import torch
-
-    return torch.optim.Adagrad(
-        ctx.param_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        lr_decay=cfg.lr_decay,
-        initial_accumulator_value=cfg.initial_accumulator_value,
-        eps=cfg.eps,
-    )
 
 
 def one_moment_state_bytes(shapes: Sequence[ParamShape], cfg: OptimizerConfig) -> int:
@@ -152,19 +114,6 @@ class RMSpropConfig(OptimizerConfig):
     weight_decay: float = Field(0.0, ge=0)
 
 
-def build_rmsprop(ctx: BuildContext, cfg: RMSpropConfig):
-    import torch
-
-    return torch.optim.RMSprop(
-        ctx.param_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        alpha=cfg.alpha,
-        eps=cfg.eps,
-        momentum=cfg.momentum,
-        centered=cfg.centered,
-    )
-
-
 def rmsprop_state_bytes(shapes: Sequence[ParamShape], cfg: RMSpropConfig) -> int:
     return moment_bytes(shapes, 1 + (cfg.momentum > 0) + cfg.centered)
 
@@ -176,18 +125,6 @@ class RAdamConfig(AdamFields):
     decoupled_weight_decay: bool = False
 
 
-def build_radam(ctx: BuildContext, cfg: RAdamConfig):
-    import torch
-
-    return torch.optim.RAdam(
-        ctx.param_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        decoupled_weight_decay=cfg.decoupled_weight_decay,
-    )
-
-
 class NAdamConfig(AdamFields):
     """Adam with Nesterov momentum, torch.optim.NAdam."""
 
@@ -195,19 +132,6 @@ class NAdamConfig(AdamFields):
     lr: LearningRate = 2e-3
     momentum_decay: float = Field(4e-3, ge=0)
     decoupled_weight_decay: bool = False
-
-
-def build_nadam(ctx: BuildContext, cfg: NAdamConfig):
-    import torch
-
-    return torch.optim.NAdam(
-        ctx.param_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        momentum_decay=cfg.momentum_decay,
-        decoupled_weight_decay=cfg.decoupled_weight_decay,
-    )
 
 
 def nadam_state_bytes(shapes: Sequence[ParamShape], cfg: NAdamConfig) -> int:
@@ -222,91 +146,79 @@ class AdamaxConfig(AdamFields):
     lr: LearningRate = 2e-3
 
 
-def build_adamax(ctx: BuildContext, cfg: AdamaxConfig):
-    import torch
+def _kernel(cfg: AdamWConfig | AdamConfig, groups: list[dict[str, Any]]) -> dict[str, bool]:
+    """torch's ``fused``/``foreach`` arguments for ``cfg.kernel`` (``auto``: fused where the parameters allow it)."""
+    return kernel_kwargs(cfg.kernel, groups)
 
-    return torch.optim.Adamax(ctx.param_groups(cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+def _torch(config: type[OptimizerConfig], cls: str, fields: tuple[str, ...], summary: str, **options: Any):
+    """The entry of ``torch.optim.<cls>``: ``cls(groups, lr=cfg.lr, **fields)``. Every one of them updates each
+    parameter from its own gradient and state (``per_parameter``)."""
+    build = OptimizerClass(f"torch.optim.{cls}", fields, computed=options.pop("computed", None))
+    return OptimizerEntry(config=config, build=build, summary=summary, per_parameter=True, **options)
 
 
 # transformers passes these the learning rate (weight decay through the groups) and optim_args; SGD's momentum is 0.
 _HF_LR_AND_DECAY = functools.partial(transformers_fields, take=("learning_rate", "weight_decay"))
 _HF_SGD = functools.partial(transformers_fields, take=("learning_rate", "weight_decay"), defaults={"momentum": 0.0})
 
+# The table: each config, its torch.optim class, the fields the constructor takes besides the groups and lr, the
+# summary, the state size, and whatever else the entry declares.
+ENTRIES = (
+    _torch(
+        AdamWConfig,
+        "AdamW",
+        ("betas", "eps", "amsgrad"),
+        "AdamW, torch (fused where supported)",
+        state_bytes=adam_state_bytes,
+        computed=_kernel,
+        aliases=(
+            Alias("adamw_torch", transformers=True),
+            Alias("adamw_torch_fused", {"kernel": "fused"}, transformers=True),
+        ),
+    ),
+    _torch(
+        AdamConfig, "Adam", ("betas", "eps", "amsgrad"), "Adam, torch", state_bytes=adam_state_bytes, computed=_kernel
+    ),
+    _torch(
+        SGDConfig,
+        "SGD",
+        ("momentum", "dampening", "nesterov"),
+        "SGD with momentum, torch",
+        state_bytes=sgd_state_bytes,
+        aliases=(Alias("sgd", transformers=True, arguments=_HF_SGD),),
+    ),
+    _torch(
+        AdagradConfig,
+        "Adagrad",
+        ("lr_decay", "initial_accumulator_value", "eps"),
+        "Adagrad, torch",
+        state_bytes=one_moment_state_bytes,
+        aliases=(Alias("adagrad", transformers=True, arguments=_HF_LR_AND_DECAY),),
+    ),
+    _torch(
+        RMSpropConfig,
+        "RMSprop",
+        ("alpha", "eps", "momentum", "centered"),
+        "RMSprop, torch",
+        state_bytes=rmsprop_state_bytes,
+        aliases=(Alias("rmsprop", transformers=True, arguments=_HF_LR_AND_DECAY),),
+    ),
+    _torch(
+        RAdamConfig, "RAdam", ("betas", "eps", "decoupled_weight_decay"), "RAdam, torch", state_bytes=adam_state_bytes
+    ),
+    _torch(
+        NAdamConfig,
+        "NAdam",
+        ("betas", "eps", "momentum_decay", "decoupled_weight_decay"),
+        "NAdam, torch",
+        state_bytes=nadam_state_bytes,
+    ),
+    _torch(AdamaxConfig, "Adamax", ("betas", "eps"), "Adamax, torch", state_bytes=adam_state_bytes),
+)
+
 
 @hookimpl
 def register_optimizers(register):
-    register(
-        OptimizerEntry(
-            config=AdamWConfig,
-            build=build_adamw,
-            summary="AdamW, torch (fused where supported)",
-            aliases=(
-                Alias("adamw_torch", transformers=True),
-                Alias("adamw_torch_fused", {"kernel": "fused"}, transformers=True),
-            ),
-            state_bytes=adam_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=AdamConfig, build=build_adam, summary="Adam, torch", state_bytes=adam_state_bytes, per_parameter=True
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=SGDConfig,
-            build=build_sgd,
-            summary="SGD with momentum, torch",
-            aliases=(Alias("sgd", transformers=True, arguments=_HF_SGD),),
-            state_bytes=sgd_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=AdagradConfig,
-            build=build_adagrad,
-            summary="Adagrad, torch",
-            aliases=(Alias("adagrad", transformers=True, arguments=_HF_LR_AND_DECAY),),
-            state_bytes=one_moment_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=RMSpropConfig,
-            build=build_rmsprop,
-            summary="RMSprop, torch",
-            aliases=(Alias("rmsprop", transformers=True, arguments=_HF_LR_AND_DECAY),),
-            state_bytes=rmsprop_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=RAdamConfig,
-            build=build_radam,
-            summary="RAdam, torch",
-            state_bytes=adam_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=NAdamConfig,
-            build=build_nadam,
-            summary="NAdam, torch",
-            state_bytes=nadam_state_bytes,
-            per_parameter=True,
-        )
-    )
-    register(
-        OptimizerEntry(
-            config=AdamaxConfig,
-            build=build_adamax,
-            summary="Adamax, torch",
-            state_bytes=adam_state_bytes,
-            per_parameter=True,
-        )
-    )
+    for entry in ENTRIES:
+        register(entry)
