@@ -89,36 +89,6 @@ def _batches(steps: int, rows: int, seq: int, vocab: int) -> list[Any]:
     return [blocks[torch.randint(0, 8, (rows,), generator=generator)] for _ in range(steps)]
 
 
-def _train(model: Any, optimizer: Any, batches: list[Any], device: str, rows: slice | None) -> list[float]:
-    import torch.distributed as dist
-
-    losses = []
-    switch = getattr(optimizer, "train", None)  # schedule-free: train mode before every step, as the Trainer does
-    for ids in batches:
-        if callable(switch):
-            switch()
-        ids = (ids if rows is None else ids[rows]).to(device)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        loss = loss.detach()
-        if rows is not None:
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        losses.append(loss.item())
-    return losses
-
-
-def _sharded_model(size: str, seed: int, device: str) -> Any:
-    from torch.distributed.fsdp import fully_shard
-
-    model = _common.build_model(size, seed=seed).to(device)
-    for layer in model.model.layers:
-        fully_shard(layer)
-    return fully_shard(model)
-
-
 def _peak(device: str) -> int | None:
     import torch
 
@@ -151,11 +121,9 @@ def _estimate(size: str, cfg: Any, processes: int) -> int | None:
 def side_by_side(cfg: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """One optimizer: sharded, one process, resumed; this process's measurements."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     import optiplug
-    from optiplug.testing_launch import load_checkpoint
+    from optiplug.testing_launch import fully_sharded, load_checkpoint, save_checkpoint, train_steps
 
     rank, world, device = dist.get_rank(), dist.get_world_size(), args.device
     vocab = _common.MODEL_SIZES[args.size].vocab
@@ -168,13 +136,12 @@ def side_by_side(cfg: dict[str, Any], args: argparse.Namespace, root: Path) -> d
     work_before = (tally.calls, tally.flops) if tally is not None else (0, 0)
 
     _reset_peak(device)
-    model = _sharded_model(args.size, 0, device)
+    model = fully_sharded(_common.build_model(args.size, seed=0).to(device))
     optimizer = optiplug.build_optimizer(model, cfg)
-    sharded = _train(model, optimizer, batches[:half], device, mine)
+    sharded = train_steps(model, optimizer, batches[:half], mine, device)
     checkpoint = root / f"{cfg['name']}-checkpoint"
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(checkpoint))
-    sharded += _train(model, optimizer, batches[half:], device, mine)
+    save_checkpoint(model, optimizer, checkpoint)
+    sharded += train_steps(model, optimizer, batches[half:], mine, device)
     result: dict[str, Any] = {
         "state_sharded": optiplug.optimizer_state_bytes(optimizer),
         "peak_sharded": _peak(device),
@@ -185,21 +152,21 @@ def side_by_side(cfg: dict[str, Any], args: argparse.Namespace, root: Path) -> d
         "class": type(optimizer).__name__,
     }
     final = [p.full_tensor().cpu() for p in model.parameters()]
-    del model, optimizer, model_state, optimizer_state
+    del model, optimizer
 
     _reset_peak(device)
     single_model = _common.build_model(args.size, seed=0).to(device)
     single_optimizer = optiplug.build_optimizer(single_model, cfg)
-    single = _train(single_model, single_optimizer, batches, device, None)
+    single = train_steps(single_model, single_optimizer, batches, None, device)
     result["state_single"] = optiplug.optimizer_state_bytes(single_optimizer)
     result["peak_single"] = _peak(device)
     result["weights_gap"] = max((p - q.cpu()).abs().max().item() for p, q in zip(final, single_model.parameters()))
     del single_model, single_optimizer, final
 
-    resumed_model = _sharded_model(args.size, 1, device)  # other weights: all must come from the checkpoint
+    resumed_model = fully_sharded(_common.build_model(args.size, seed=1).to(device))  # all from the checkpoint
     resumed_optimizer = optiplug.build_optimizer(resumed_model, cfg)
     load_checkpoint(resumed_model, resumed_optimizer, checkpoint)
-    resumed = _train(resumed_model, resumed_optimizer, batches[half:], device, mine)
+    resumed = train_steps(resumed_model, resumed_optimizer, batches[half:], mine, device)
     del resumed_model, resumed_optimizer
     result["estimate"] = _estimate(args.size, optiplug.parse_optimizer(cfg), world) if rank == 0 else None
     result["losses"] = {"sharded": sharded, "single": single, "resumed": resumed}

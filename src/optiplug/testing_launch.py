@@ -10,19 +10,15 @@ A case is a function without arguments, run in every process with ``torch.distri
 initialised; it returns a JSON-able value (its own result for that process)::
 
     import pytest
-    from optiplug.testing_launch import launch_results, launched_case
+    from optiplug.testing_launch import launched_case
 
     @launched_case("fsdp2")
     def galore_under_fully_shard():
         ...                      # build a fully_shard-ed model, train, compare
         return {"losses": losses}
 
-    @pytest.fixture(scope="module")
-    def fsdp2(tmp_path_factory):
-        return launch_results("fsdp2", tmp_path_factory)
-
     @pytest.mark.slow
-    def test_galore(fsdp2):
+    def test_galore(fsdp2):      # the fixture of optiplug.testing: launch_results("fsdp2", ...)
         rank0, rank1 = fsdp2[galore_under_fully_shard]
 
 A case that raises is reported by the test that reads it (with its traceback), the others still
@@ -41,7 +37,7 @@ import os
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +46,14 @@ __all__ = [
     "check_resume_in_one_process",
     "check_side_by_side",
     "fsdp2_side_by_side",
+    "fully_sharded",
     "launch_results",
     "launch_root",
     "launched_case",
     "load_checkpoint",
     "resume_in_one_process",
+    "save_checkpoint",
+    "train_steps",
 ]
 
 PROCESSES = 2
@@ -213,42 +212,64 @@ if __name__ == "__main__":
 # ---- a ready-made FSDP2 case: one optimizer, sharded and in one process, side by side --------
 
 
-def _fully_sharded(seed: int = 0) -> Any:
+def fully_sharded(model: Any) -> Any:
+    """``model`` (a Llama) under FSDP2: one ``fully_shard`` unit per decoder layer, then the whole model."""
     from torch.distributed.fsdp import fully_shard
 
-    from optiplug.testing import tiny_llama
-
-    model = tiny_llama(seed=seed)
     for layer in model.model.layers:
         fully_shard(layer)
     return fully_shard(model)
 
 
-def _train_steps(model: Any, optimizer: Any, steps: range, batch: int, rank: int | None = None) -> list[float]:
-    """Losses of ``steps`` on global batches of ``PROCESSES * batch`` blocks: all of each (``rank`` None), or
-    process ``rank``'s ``batch`` rows of it (the loss then averaged over the processes)."""
-    import torch
+def _fully_sharded(seed: int = 0) -> Any:
+    from optiplug.testing import tiny_llama
+
+    return fully_sharded(tiny_llama(seed=seed))
+
+
+def train_steps(
+    model: Any, optimizer: Any, batches: Iterable[Any], rows: slice | None = None, device: Any = None
+) -> list[float]:
+    """One optimizer step per global batch of token ids (the labels are the inputs): on all of it (``rows``
+    None), or on this process's ``rows`` of it, the loss then averaged over the processes. The losses.
+
+    A schedule-free optimizer is put in train mode before each step, as the Trainer does; each batch moves to
+    ``device`` when one is given.
+    """
     import torch.distributed as dist
 
-    from optiplug.testing import TokenBlocks
-
-    data = TokenBlocks(n=256, distinct=8)
-    size = PROCESSES * batch
     losses = []
-    for step in steps:
-        ids = torch.stack([data[i]["input_ids"] for i in range(step * size, (step + 1) * size)])
-        if rank is not None:
-            ids = ids[rank * batch : (rank + 1) * batch]
+    switch = getattr(optimizer, "train", None)
+    for ids in batches:
+        if callable(switch):
+            switch()
+        if rows is not None:
+            ids = ids[rows]
+        if device is not None:
+            ids = ids.to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         loss = loss.detach()
-        if rank is not None:
+        if rows is not None:
             dist.all_reduce(loss)
-            loss /= PROCESSES
+            loss /= dist.get_world_size()
         losses.append(loss.item())
     return losses
+
+
+def _train_steps(model: Any, optimizer: Any, steps: range, batch: int, rank: int | None = None) -> list[float]:
+    """:func:`train_steps` of ``steps`` on global batches of ``PROCESSES * batch`` blocks: all of each (``rank``
+    None), or process ``rank``'s ``batch`` rows of it."""
+    import torch
+
+    from optiplug.testing import TokenBlocks
+
+    data = TokenBlocks(n=256, distinct=8)
+    size = PROCESSES * batch
+    batches = [torch.stack([data[i]["input_ids"] for i in range(step * size, (step + 1) * size)]) for step in steps]
+    return train_steps(model, optimizer, batches, None if rank is None else slice(rank * batch, (rank + 1) * batch))
 
 
 def _dcp_state(model: Any, optimizer: Any) -> dict[str, Any]:
@@ -256,6 +277,13 @@ def _dcp_state(model: Any, optimizer: Any) -> dict[str, Any]:
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
+
+
+def save_checkpoint(model: Any, optimizer: Any, path: Path | str) -> None:
+    """Save model and optimizer as a ``torch.distributed.checkpoint`` (every process its shards) at ``path``."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(path))
 
 
 def load_checkpoint(model: Any, optimizer: Any, path: Path | str) -> None:
@@ -285,7 +313,6 @@ def fsdp2_side_by_side(optimizer: dict[str, Any], steps: int = 4, batch: int = 2
     ``checkpoint`` (its folder), ``class``, ``groups_match`` (trainer-built groups == build_optimizer's).
     """
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     import optiplug
     from optiplug.testing import tiny_llama, training_args
@@ -304,7 +331,7 @@ def fsdp2_side_by_side(optimizer: dict[str, Any], steps: int = 4, batch: int = 2
     half = steps // 2
     losses = {"sharded": _train_steps(sharded, built, range(half), batch, rank)}
     checkpoint = launch_root() / label / "checkpoint"
-    dcp.save(_dcp_state(sharded, built), checkpoint_id=str(checkpoint))
+    save_checkpoint(sharded, built, checkpoint)
     losses["sharded"] += _train_steps(sharded, built, range(half, steps), batch, rank)
     losses["single"] = _train_steps(single, reference, range(steps), batch)
     resumed_model = _fully_sharded(seed=1)  # other weights: everything must come from the checkpoint
