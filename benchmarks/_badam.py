@@ -10,23 +10,10 @@ whatever the arguments say, and the plugin's runs use no weight decay.
 
 from __future__ import annotations
 
-import contextlib
-import io
-from collections.abc import Iterator
 from types import MethodType
 from typing import Any
 
 import _common
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Swallow badam's prints and its float32 warning."""
-    import warnings
-
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def build_model(size: str, dtype: str = "float32", seed: int = 0):
@@ -49,13 +36,14 @@ def reference_optimizer(model: Any, args: Any, switch_every: int, switch_mode: s
     from transformers.trainer_pt_utils import get_parameter_names
 
     decay_names = [n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n]
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (decay if name in decay_names else no_decay).append(param)
     optim_class, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     groups = [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=0.0)]
-    with quiet():
+    with _common.quiet():
         return BlockOptimizer(
             base_optimizer=optim_class(groups, **optim_kwargs, weight_decay=0.0),
             named_parameters_list=list(model.named_parameters()),

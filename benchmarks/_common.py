@@ -19,9 +19,8 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ def llama_config(size: str, **overrides: Any):
     from transformers import LlamaConfig
 
     s = MODEL_SIZES[size]
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=s.vocab,
         hidden_size=s.hidden,
         intermediate_size=s.intermediate,
@@ -113,7 +112,7 @@ def training_args(output_dir: str | Path, **overrides: Any):
     """CPU ``TrainingArguments`` for benchmark runs: no logging, saving, reporting or progress bar."""
     from transformers import TrainingArguments
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
         max_steps=10,
@@ -146,6 +145,17 @@ def interleaved(candidates: dict[str, Callable[[], float]], repetitions: int) ->
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Swallow what the block prints and warns (badam's prints and its float32 warning)."""
+    import io
+    import warnings
+
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -189,12 +199,6 @@ def run_child(cmd: Sequence[str], *, timeout: float | None = None, env: dict[str
         with contextlib.suppress(ValueError):
             result = json.loads(lines[-1])
     return ChildRun(process.returncode, process.wall_seconds, process.peak_rss_bytes, output, result)
-
-
-def run_python(code: str, *, timeout: float | None = None) -> ChildRun:
-    """:func:`run_child` of ``python -c code`` with this interpreter, ``benchmarks/`` importable."""
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-    return run_child([sys.executable, "-c", code], timeout=timeout, env=env)
 
 
 # ---- results --------------------------------------------------------------------------------

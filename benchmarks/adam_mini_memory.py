@@ -12,8 +12,7 @@ temporaries. The notes add the analytic state of Llama-2-7B's shapes (meta devic
 
 from __future__ import annotations
 
-import json
-
+import _child
 import _common
 
 STEPS = 3
@@ -22,28 +21,16 @@ RUNS = [
     ("adam_mini", {"name": "adam_mini", "lr": 1e-3}),
     ("adam_mini layerwise", {"name": "adam_mini", "lr": 1e-3, "layerwise": True}),
 ]
-CHILD = """
-import json, tempfile
-import torch
-import _common, optiplug
-from optiplug.app.measure import peak_rss_bytes
-from optiplug_adam_mini import layout_of, state_bytes_for
-torch.set_num_threads(1)
-model = _common.build_model("100M", seed=0, dtype="bfloat16")
-data = _common.TokenDataset(n=16, vocab=2048)
-baseline = peak_rss_bytes()
-section = json.loads({optimizer!r})
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = optiplug.OptiTrainer(
-        model=model, args=_common.training_args(tmp, max_steps={steps}, per_device_train_batch_size=4),
-        train_dataset=data, optimizer=section,
-    )
-    trainer.train()
-shapes = optiplug.ParamShape.of_model(model)
-analytic = state_bytes_for(shapes, layout_of(model)) if section["name"] == "adam_mini" else optiplug.adam_state_bytes(shapes)
-print(json.dumps({{"baseline": baseline, "state": optiplug.optimizer_state_bytes(optiplug.unwrap_optimizer(trainer.optimizer)),
-                  "analytic": int(analytic), "params": sum(p.numel() for p in model.parameters())}}))
-"""
+
+
+def analytic_state(model, cfg) -> int:
+    """The state the run's optimizer should hold, from the model's shapes and head layout (the child's check)."""
+    from optiplug_adam_mini import layout_of, state_bytes_for
+
+    import optiplug
+
+    shapes = optiplug.ParamShape.of_model(model)
+    return state_bytes_for(shapes, layout_of(model)) if cfg.name == "adam_mini" else optiplug.adam_state_bytes(shapes)
 
 
 def llama7b_state() -> tuple[int, int]:
@@ -66,29 +53,23 @@ def llama7b_state() -> tuple[int, int]:
 def main() -> None:
     rows = []
     for label, optimizer in RUNS:
-        child = _common.run_python(CHILD.format(steps=STEPS, optimizer=json.dumps(optimizer)), timeout=900)
-        if child.returncode != 0 or child.result is None:
-            raise SystemExit(f"{label} failed:\n{child.output[-3000:]}")
+        child = _child.run(
+            {"optimizer": optimizer, "steps": STEPS, "analytic": "adam_mini_memory:analytic_state"}, label
+        )
         if "Adam-mini" in child.output:
             raise SystemExit(f"{label}: adam-mini's construction output reached the process output")
-        peak, baseline = child.peak_rss_bytes, child.result["baseline"]
         rows.append(
             {
-                "run": label,
-                "peak_rss_mib": _common.mib(peak),
-                "baseline_mib": _common.mib(baseline),
-                "training_added_mib": _common.mib(peak - baseline),
-                "optimizer_state_mib": _common.mib(child.result["state"]),
+                **_child.memory_row(label, child),
                 "state_bytes": child.result["state"],
                 "analytic_state_bytes": child.result["analytic"],
                 "wall_s": round(child.wall_seconds, 1),
             }
         )
         print(rows[-1], flush=True)
+    _child.versus_first(rows)
     adamw, mini, layerwise = rows
     for row in rows:
-        row["peak_vs_adamw"] = round(row["peak_rss_mib"] / adamw["peak_rss_mib"], 3)
-        row["added_vs_adamw"] = round(row["training_added_mib"] / adamw["training_added_mib"], 3)
         row["state_vs_adamw"] = round(row["state_bytes"] / adamw["state_bytes"], 4)
     exact = all(row["state_bytes"] == row["analytic_state_bytes"] for row in rows)
     state_ratio = mini["state_vs_adamw"]

@@ -15,8 +15,7 @@ activations and temporaries. ``apollo_state_bytes.py`` compares the state at Lla
 
 from __future__ import annotations
 
-import json
-
+import _child
 import _common
 
 STEPS = 3
@@ -28,54 +27,25 @@ RUNS = [
     ("apollo_mini (rank 1)", {"name": "apollo_mini", "lr": 1e-3}),
     ("apollo_mini (rank 1), layerwise", {"name": "apollo_mini", "lr": 1e-3, "layerwise": True}),
 ]
-CHILD = """
-import json, tempfile
-import torch
-import _common, optiplug
-from optiplug.app.measure import peak_rss_bytes
-torch.set_num_threads(1)
-model = _common.build_model("100M", seed=0, dtype="bfloat16")
-data = _common.TokenDataset(n=16, vocab=2048)
-baseline = peak_rss_bytes()
-section = json.loads({optimizer!r})
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = optiplug.OptiTrainer(
-        model=model, args=_common.training_args(tmp, max_steps={steps}, per_device_train_batch_size=4),
-        train_dataset=data, optimizer=section,
-    )
-    trainer.train()
-cfg = optiplug.parse_optimizer(section)
-analytic = optiplug.get_entry(cfg.name).state_bytes(optiplug.ParamShape.of_model(model), cfg)
-print(json.dumps({{"baseline": baseline, "state": optiplug.optimizer_state_bytes(optiplug.unwrap_optimizer(trainer.optimizer)),
-                  "analytic": int(analytic)}}))
-"""
 
 
 def main() -> None:
     rows = []
     for label, optimizer in RUNS:
-        child = _common.run_python(CHILD.format(steps=STEPS, optimizer=json.dumps(optimizer)), timeout=900)
-        if child.returncode != 0 or child.result is None:
-            raise SystemExit(f"{label} failed:\n{child.output[-3000:]}")
-        peak, baseline = child.peak_rss_bytes, child.result["baseline"]
+        child = _child.run({"optimizer": optimizer, "steps": STEPS}, label)
         rows.append(
             {
-                "run": label,
-                "peak_rss_mib": _common.mib(peak),
-                "baseline_mib": _common.mib(baseline),
-                "training_added_mib": _common.mib(peak - baseline),
-                "optimizer_state_mib": _common.mib(child.result["state"]),
+                **_child.memory_row(label, child),
                 "state_bytes": child.result["state"],
                 "analytic_equal": child.result["state"] == child.result["analytic"],
                 "wall_s": round(child.wall_seconds, 1),
             }
         )
         print(rows[-1], flush=True)
+    _child.versus_first(rows)
     reference = rows[0]
     for row in rows:
         row["state_vs_adamw"] = round(row["state_bytes"] / reference["state_bytes"], 4)
-        row["peak_vs_adamw"] = round(row["peak_rss_mib"] / reference["peak_rss_mib"], 3)
-        row["added_vs_adamw"] = round(row["training_added_mib"] / reference["training_added_mib"], 3)
     mismatches = [r["run"] for r in rows if not r["analytic_equal"]]
     params = _common.MODEL_SIZES["100M"].parameters()
     notes = (

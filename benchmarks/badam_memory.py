@@ -17,11 +17,10 @@ and float32 moments of that block.
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 
 import _badam
+import _child
 import _common
 
 SIZE = "100M"
@@ -29,54 +28,28 @@ STEPS, BATCH, SEQ, SWITCH_EVERY = 4, 2, 128, 2
 KINDS = ("adamw", "badam", "badam-reference")
 
 
-def _rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def reference_trainer(model, args, data):
+    """The child's trainer for ``badam-reference``: BAdam wired by hand as LLaMA-Factory does."""
+    return _badam.reference_trainer(model, args, data, switch_every=SWITCH_EVERY)
 
 
-def child(kind: str, model_dir: str) -> None:
-    import torch
-    from transformers import LlamaForCausalLM
-
+def reference_state(trainer) -> int:
+    """The reference's optimizer state: its base optimizer's plus the float32 master copies badam keeps aside."""
     import optiplug
-    from optiplug.app.measure import peak_rss_bytes
-    from optiplug.helpers import optimizer_state_bytes
 
-    torch.set_num_threads(1)
-    after_imports = _rss()
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    after_model = _rss()
-    data = _common.TokenDataset(n=BATCH * STEPS, seq_len=SEQ)
-    with tempfile.TemporaryDirectory() as out:
-        args = _common.training_args(out, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-4)
-        if kind == "badam-reference":
-            trainer = _badam.reference_trainer(model, args, data, switch_every=SWITCH_EVERY)
-        else:
-            optimizer = (
-                {"name": "badam", "switch_every": SWITCH_EVERY, "lr": 1e-4}
-                if kind == "badam"
-                else {"name": "adamw", "lr": 1e-4}
-            )
-            trainer = optiplug.OptiTrainer(model=model, args=args, train_dataset=data, optimizer=optimizer)
-        with _badam.quiet():
-            trainer.train()
-    state = optimizer_state_bytes(trainer.optimizer)
+    masters = list(trainer.optimizer.optimizer.param_idx2hp.values())
+    return optiplug.optimizer_state_bytes(trainer.optimizer) + optiplug.tensor_bytes(masters)
+
+
+def spec(kind: str, model_dir: str) -> dict:
+    """The child's run of ``kind`` (benchmarks/_child.py): the saved model, STEPS steps of BATCH x SEQ tokens."""
+    run = {"model_dir": model_dir, "steps": STEPS, "batch": BATCH, "blocks": BATCH * STEPS, "seq_len": SEQ}
+    run.update(args={"learning_rate": 1e-4}, quiet=True)
     if kind == "badam-reference":
-        from optiplug.helpers import tensor_bytes
-
-        state += tensor_bytes(list(trainer.optimizer.optimizer.param_idx2hp.values()))
-    print(json.dumps({
-        "kind": kind,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "after_imports": after_imports,
-        "after_model": after_model,
-        "peak": peak_rss_bytes(),
-        "state": state,
-    }))  # fmt: skip
+        return {**run, "trainer": "badam_memory:reference_trainer", "state": "badam_memory:reference_state"}
+    if kind == "badam":
+        return {**run, "optimizer": {"name": "badam", "switch_every": SWITCH_EVERY, "lr": 1e-4}}
+    return {**run, "optimizer": {"name": "adamw", "lr": 1e-4}}
 
 
 def main() -> None:
@@ -84,9 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         _badam.build_model(SIZE, "bfloat16").save_pretrained(model_dir)
         for kind in KINDS:
-            run = _common.run_child([sys.executable, __file__, "--child", kind, model_dir], timeout=600)
-            if run.returncode != 0 or not isinstance(run.result, dict):
-                raise SystemExit(f"{kind} run failed:\n{run.output[-3000:]}")
+            run = _child.run(spec(kind, model_dir), f"{kind} run", timeout=600)
             results[kind] = run.result
             print(kind, run.result, flush=True)
     adamw = results["adamw"]
@@ -104,7 +75,7 @@ def main() -> None:
             "optimizer_state_mib": _common.mib(r["state"]),
         })  # fmt: skip
     ratio = rows[1]["peak_vs_adamw"]
-    params = results["adamw"]["parameters"]
+    params = results["adamw"]["params"]
     _common.write_results(
         _common.script_name(__file__),
         "BAdam peak memory: bfloat16 100M model, badam vs adamw (fresh process each)",
@@ -123,7 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    main()

@@ -43,7 +43,7 @@ def per_block(model, optimizer, extra=lambda opt: 0) -> list[int]:
     for _ in range(optimizer.block_num):
         one_step(model, optimizer, optimizer.step_single_gpu)
         sizes.append(optimizer_state_bytes(optimizer) + extra(optimizer))
-        with _badam.quiet():
+        with _common.quiet():
             optimizer.switch_trainable_params()
     return sizes
 
@@ -76,7 +76,7 @@ def main() -> None:
         formula = float32_adamw_layers // blocks + (copy if dtype != "float32" else 0)
 
         model = _badam.build_model(SIZE, dtype)
-        with _badam.quiet():
+        with _common.quiet():
             plugin = optiplug.build_optimizer(model, badam_cfg)
         plugin_sizes = per_block(model, plugin)
         del plugin

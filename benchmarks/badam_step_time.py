@@ -38,7 +38,7 @@ class Candidate:
 
         self.name = name
         self.model = _badam.build_model(SIZE, "float32", seed=0)
-        with _badam.quiet():
+        with _common.quiet():
             self.optimizer = build(self.model)
         self.extra_state = extra_state
         self.ids = torch.randint(0, 2048, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
@@ -67,7 +67,7 @@ class Candidate:
             start = time.perf_counter()
             loss = self.model(input_ids=self.ids, labels=self.ids).loss
             loss.backward()
-            with _badam.quiet():
+            with _common.quiet():
                 self.optimizer.step()
             self.optimizer.zero_grad()
             self.times.append(time.perf_counter() - start)
@@ -120,7 +120,7 @@ def main() -> None:
     switch = {"badam (optiplug-badam)": [], "badam (LLaMA-Factory wiring)": []}
     gc_in_reference: list[float] = []
     models = {name: _badam.build_model(SIZE, "float32", seed=0) for name in switch}
-    with _badam.quiet():
+    with _common.quiet():
         optimizers = {name: builders[name](models[name]) for name in switch}
     gc.collect = timed_collect
     try:
@@ -128,7 +128,7 @@ def main() -> None:
             for name in switch if i % 2 == 0 else reversed(list(switch)):
                 gc_seconds.clear()
                 start = time.perf_counter()
-                with _badam.quiet():
+                with _common.quiet():
                     optimizers[name].switch_trainable_params()
                 switch[name].append(time.perf_counter() - start)
                 if name.endswith("wiring)"):

@@ -11,8 +11,7 @@ optimizer state, activations and temporaries.
 
 from __future__ import annotations
 
-import json
-
+import _child
 import _common
 
 STEPS = 3
@@ -22,50 +21,19 @@ RUNS = [
     ("galore_adamw layerwise", {"name": "galore_adamw", "lr": 1e-3, "layerwise": True}),
 ]
 
-CHILD = """
-import json, tempfile
-import torch
-import _common, optiplug
-from optiplug.helpers import optimizer_state_bytes
-from optiplug.app.measure import peak_rss_bytes
-torch.set_num_threads(1)
-model = _common.build_model("100M", seed=0, dtype="bfloat16")
-data = _common.TokenDataset(n=16, vocab=2048)
-baseline = peak_rss_bytes()
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = optiplug.OptiTrainer(
-        model=model, args=_common.training_args(tmp, max_steps={steps}, per_device_train_batch_size=4),
-        train_dataset=data, optimizer=json.loads({optimizer!r}),
-    )
-    trainer.train()
-from optiplug.helpers import unwrap_optimizer
-print(json.dumps({{"baseline": baseline, "state": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
-                  "params": sum(p.numel() for p in model.parameters())}}))
-"""
-
 
 def main() -> None:
     rows = []
     for label, optimizer in RUNS:
-        child = _common.run_python(CHILD.format(steps=STEPS, optimizer=json.dumps(optimizer)), timeout=900)
-        if child.returncode != 0 or child.result is None:
-            raise SystemExit(f"{label} failed:\n{child.output[-3000:]}")
-        peak, baseline = child.peak_rss_bytes, child.result["baseline"]
+        child = _child.run({"optimizer": optimizer, "steps": STEPS}, label)
         rows.append(
             {
-                "run": label,
-                "peak_rss_mib": _common.mib(peak),
-                "baseline_mib": _common.mib(baseline),
-                "training_added_mib": _common.mib(peak - baseline),
-                "optimizer_state_mib": _common.mib(child.result["state"]),
+                **_child.memory_row(label, child),
                 "wall_s": round(child.wall_seconds, 1),
             }
         )
         print(rows[-1], flush=True)
-    reference = rows[0]
-    for row in rows:
-        row["peak_vs_adamw"] = round(row["peak_rss_mib"] / reference["peak_rss_mib"], 3)
-        row["added_vs_adamw"] = round(row["training_added_mib"] / reference["training_added_mib"], 3)
+    _child.versus_first(rows)
     params = _common.MODEL_SIZES["100M"].parameters()
     notes = (
         f"'100M' model ({params:,} parameters, {_common.MODEL_SIZES['100M'].describe()}) in bfloat16, {STEPS} steps of "

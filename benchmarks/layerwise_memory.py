@@ -15,58 +15,25 @@ callback, and the two optimizers take turns (A B B A ...) so a drift in the mach
 
 from __future__ import annotations
 
-import json
-
+import _child
 import _common
 
 STEPS = 6
 REPEATS = 3  # runs per optimizer and batch, alternating; peaks and speeds are the medians
 BATCHES = (4, 1)  # 4 x 128 tokens as galore_memory.py; 1 x 128, where activations are small beside the gradients
+LOGGED = {"max_grad_norm": 1.0, "logging_strategy": "steps", "logging_steps": 1}  # a loss per step
 RUNS = [
     ("adamw", {"name": "adamw", "lr": 1e-3}),
     ("adamw layerwise", {"name": "adamw", "lr": 1e-3, "layerwise": True}),
 ]
-
-CHILD = """
-import json, tempfile, time
-import torch
-from transformers import TrainerCallback
-import _common, optiplug
-from optiplug.helpers import optimizer_state_bytes, unwrap_optimizer
-from optiplug.app.measure import peak_rss_bytes
-torch.set_num_threads(1)
-model = _common.build_model("100M", seed=0, dtype="bfloat16")
-data = _common.TokenDataset(n=32, vocab=2048)
-baseline = peak_rss_bytes()
-ends = []
-
-class Clock(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        ends.append(time.perf_counter())
-
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = optiplug.OptiTrainer(
-        model=model, args=_common.training_args(tmp, max_steps={steps}, per_device_train_batch_size={batch}, max_grad_norm=1.0,
-                                                logging_strategy="steps", logging_steps=1),
-        train_dataset=data, optimizer=json.loads({optimizer!r}), callbacks=[Clock()],
-    )
-    trainer.train()
-losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-print(json.dumps({{"baseline": baseline, "state": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
-                  "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                  "steps_per_s": (len(ends) - 1) / (ends[-1] - ends[0]), "losses": losses,
-                  "layerwise": optiplug.layerwise_stepper(trainer.optimizer) is not None}}))
-"""
 
 
 def _measure(batch: int) -> list[dict]:
     samples: dict[str, list] = {label: [] for label, _ in RUNS}
     for rep in range(REPEATS):
         for label, optimizer in RUNS if rep % 2 == 0 else list(reversed(RUNS)):
-            code = CHILD.format(steps=STEPS, batch=batch, optimizer=json.dumps(optimizer))
-            child = _common.run_python(code, timeout=900)
-            if child.returncode != 0 or child.result is None:
-                raise SystemExit(f"{label} failed:\n{child.output[-3000:]}")
+            spec = {"optimizer": optimizer, "steps": STEPS, "batch": batch, "blocks": 32, "args": LOGGED}
+            child = _child.run(spec, label)
             samples[label].append(child)
             print(batch, label, _common.mib(child.peak_rss_bytes), child.result["steps_per_s"], flush=True)
     rows = []
@@ -89,10 +56,9 @@ def _measure(batch: int) -> list[dict]:
                 "losses": [round(x, 4) for x in first["losses"]],
             }
         )
+    _child.versus_first(rows)
     reference = rows[0]
     for row in rows:
-        row["peak_vs_adamw"] = round(row["peak_rss_mib"] / reference["peak_rss_mib"], 3)
-        row["added_vs_adamw"] = round(row["training_added_mib"] / reference["training_added_mib"], 3)
         row["saved_mib"] = round(reference["peak_rss_mib"] - row["peak_rss_mib"], 1)
         row["speed_vs_adamw"] = round(row["steps_per_s"] / reference["steps_per_s"], 3)
     return rows

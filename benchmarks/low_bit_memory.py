@@ -12,8 +12,7 @@ for torchao, what ``torch.compile`` holds).
 
 from __future__ import annotations
 
-import json
-
+import _child
 import _common
 
 STEPS = 3
@@ -24,55 +23,25 @@ RUNS = [
     ("torchao_adamw4bit", {"name": "torchao_adamw4bit", "lr": 1e-3}),
     ("torchao_adamwfp8", {"name": "torchao_adamwfp8", "lr": 1e-3}),
 ]
-CHILD = """
-import json, tempfile
-import torch
-import _common, optiplug
-from optiplug.app.measure import peak_rss_bytes
-torch.set_num_threads(1)
-model = _common.build_model("100M", seed=0, dtype="bfloat16")
-data = _common.TokenDataset(n=16, vocab=2048)
-baseline = peak_rss_bytes()
-section = json.loads({optimizer!r})
-with tempfile.TemporaryDirectory() as tmp:
-    trainer = optiplug.OptiTrainer(
-        model=model, args=_common.training_args(tmp, max_steps={steps}, per_device_train_batch_size=4),
-        train_dataset=data, optimizer=section,
-    )
-    trainer.train()
-shapes = optiplug.ParamShape.of_model(model)
-cfg = trainer.optimizer_config
-analytic = optiplug.get_entry(cfg.name).state_bytes(shapes, cfg)
-print(json.dumps({{"baseline": baseline, "state": optiplug.optimizer_state_bytes(optiplug.unwrap_optimizer(trainer.optimizer)),
-                  "analytic": int(analytic), "params": sum(p.numel() for p in model.parameters())}}))
-"""
 
 
 def main() -> None:
     rows = []
     for label, optimizer in RUNS:
-        child = _common.run_python(CHILD.format(steps=STEPS, optimizer=json.dumps(optimizer)), timeout=1800)
-        if child.returncode != 0 or child.result is None:
-            raise SystemExit(f"{label} failed:\n{child.output[-3000:]}")
-        peak, baseline = child.peak_rss_bytes, child.result["baseline"]
+        child = _child.run({"optimizer": optimizer, "steps": STEPS}, label, timeout=1800)
         rows.append(
             {
-                "run": label,
-                "peak_rss_mib": _common.mib(peak),
-                "baseline_mib": _common.mib(baseline),
-                "training_added_mib": _common.mib(peak - baseline),
-                "optimizer_state_mib": _common.mib(child.result["state"]),
+                **_child.memory_row(label, child),
                 "state_bytes": child.result["state"],
                 "analytic_state_bytes": child.result["analytic"],
                 "wall_s": round(child.wall_seconds, 1),
             }
         )
         print(rows[-1], flush=True)
+    _child.versus_first(rows)
     adamw = rows[0]
     for row in rows:
         row["state_vs_adamw"] = round(row["state_bytes"] / adamw["state_bytes"], 4)
-        row["peak_vs_adamw"] = round(row["peak_rss_mib"] / adamw["peak_rss_mib"], 3)
-        row["added_vs_adamw"] = round(row["training_added_mib"] / adamw["training_added_mib"], 3)
     exact = all(row["state_bytes"] == row["analytic_state_bytes"] for row in rows)
     params = _common.MODEL_SIZES["100M"].parameters()
     notes = (
