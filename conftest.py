@@ -1,11 +1,12 @@
 """Repository-wide test setup for every testpath (tests/ and plugins/*/tests): optiplug.testing, loaded as a pytest
-plugin, sets the test environment (one torch thread, offline, quiet) and provides the shared fixtures."""
+plugin, sets the test environment (one torch thread, offline, quiet) and provides the shared fixtures;
+optiplug.testing_launch provides the fsdp2 and deepspeed fixtures (the shared launches' results)."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["optiplug.testing"]
+pytest_plugins = ["optiplug.testing", "optiplug.testing_launch"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,9 @@ Use them from a plugin's own tests::
 
 Loaded as a pytest plugin (the repository's root ``conftest.py`` has ``pytest_plugins = ["optiplug.testing"]``,
 so every testpath gets it and a plugin needs no conftest of its own), it also sets the test environment once
-(:data:`TEST_ENVIRONMENT`: one torch thread, offline, quiet) and provides the ``temp_plugin`` fixture, the
-autouse ``one_thread`` fixture, and the ``fsdp2`` and ``deepspeed`` fixtures: the results of those engines'
-shared launches (:mod:`optiplug.testing_launch`). pytest is only a test extra: this module imports it only
-when pytest is already running, so the helpers work without it.
+(:data:`TEST_ENVIRONMENT`: one torch thread, offline, quiet) and provides the ``temp_plugin`` fixture and the
+autouse ``one_thread`` fixture. pytest is only a test extra: this module imports it only when pytest is already
+running, so the helpers work without it.
 
 ``install_distribution`` and ``installed_site`` test a plugin as a real pip-installed
 distribution, found through its entry point.
@@ -20,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,25 +128,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def _launched(engine: str) -> Callable[[Any], Any]:
-    """The fixture of ``engine``'s shared launch (:mod:`optiplug.testing_launch`): its ``LaunchResults``."""
-
-    def results(tmp_path_factory: Any) -> Any:
-        from optiplug.testing_launch import launch_results
-
-        return launch_results(engine, tmp_path_factory)
-
-    return results
-
-
 if sys.modules.get("pytest") is not None:  # loaded by pytest (pytest_plugins): the fixtures and the environment
     import pytest
 
     temp_plugin = pytest.fixture(_temp_plugin, name="temp_plugin")
     one_thread = pytest.fixture(_one_thread, name="one_thread", autouse=True, scope="module")
-    # The results of every case registered with @launched_case("fsdp2") / ("deepspeed"): one launch per session.
-    fsdp2 = pytest.fixture(_launched("fsdp2"), name="fsdp2", scope="session")
-    deepspeed = pytest.fixture(_launched("deepspeed"), name="deepspeed", scope="session")
 
     def pytest_configure(config: Any) -> None:
         for key, value in TEST_ENVIRONMENT.items():

@@ -82,6 +82,22 @@ def launched_case(engine: str) -> Callable[[Callable[[], Any]], Callable[[], Any
     return register
 
 
+def _launched(engine: str) -> Callable[[Any], LaunchResults]:
+    """The fixture of ``engine``'s launch: :func:`launch_results` (one launch per session)."""
+
+    def results(tmp_path_factory: Any) -> LaunchResults:
+        return launch_results(engine, tmp_path_factory)
+
+    return results
+
+
+if sys.modules.get("pytest") is not None:  # loaded by pytest (the root conftest's pytest_plugins): the fixtures
+    import pytest
+
+    fsdp2 = pytest.fixture(_launched("fsdp2"), name="fsdp2", scope="session")
+    deepspeed = pytest.fixture(_launched("deepspeed"), name="deepspeed", scope="session")
+
+
 def launch_root() -> Path:
     """In a case: the launch's folder (files written there are read by the tests as ``results.root``)."""
     return Path(os.environ["OPTIPLUG_LAUNCH_ROOT"])
