@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -137,10 +138,10 @@ def test_light_commands_do_not_import_torch_or_transformers(command):
     assert "HEAVY []" in result.stderr
 
 
-PLUGIN_CONFIG_MODULES = [
-    f"optiplug_{name}.config"
-    for name in ("apollo", "badam", "bitsandbytes", "galore", "muon", "schedulefree", "torchao")
-]
+PLUGIN_CONFIG_MODULES = sorted(
+    f"{path.parent.name}.config"
+    for path in (Path(__file__).resolve().parents[1] / "plugins").glob("*/src/optiplug_*/config.py")
+)
 
 
 def test_list_builds_no_config_class_of_a_plugin_with_a_config_module():

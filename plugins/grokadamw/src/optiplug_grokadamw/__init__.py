@@ -10,37 +10,18 @@ position in its group and a per-parameter gradient clip. It is transformers'
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 import optiplug
+
+if TYPE_CHECKING:
+    from optiplug_grokadamw.config import GrokAdamWConfig
 
 __all__ = ["GrokAdamWConfig", "register_optimizers"]
 __version__ = "0.1.0"
 
-
-class GrokAdamWConfig(optiplug.AdamFields):
-    """GrokAdamW: AdamW on the gradient amplified by its slow moving average; per-parameter gradient clipping."""
-
-    name: Literal["grokadamw"] = "grokadamw"
-    alpha_init: float = Field(0.98, ge=0, le=1, description="Decay of the slow moving average of the gradient.")
-    lamb: float = Field(2.0, description="How much of the slow average is added to the gradient.")
-    gamma: float = Field(
-        0.1,
-        ge=0,
-        lt=1,
-        description="The first-moment coefficient of the i-th parameter of a group is betas[0] * (1 - gamma) ** i.",
-    )
-    grokking_signal_decay_rate: float = Field(
-        0.1,
-        ge=0,
-        description="alpha_init is multiplied by exp(-rate * signal); the signal (eval loss above train loss) is 0 "
-        "in a Trainer run, as in transformers' (nothing reports the losses to the optimizer).",
-    )
-    gradient_clipping: float = Field(
-        1.0, ge=0, description="Clip each parameter's gradient to this norm on its own (0: off)."
-    )
+CONFIGS = "optiplug_grokadamw.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["GrokAdamWConfig"])
 
 
 def build(ctx: optiplug.BuildContext, cfg: GrokAdamWConfig) -> Any:
@@ -91,7 +72,7 @@ def check(ctx: optiplug.BuildContext, cfg: GrokAdamWConfig) -> None:
 def register_optimizers(register: Any) -> None:
     register(
         optiplug.OptimizerEntry(
-            config=GrokAdamWConfig,
+            config=optiplug.LazyConfig.from_module("grokadamw", f"{CONFIGS}:GrokAdamWConfig"),
             build=build,
             summary="GrokAdamW (grokadamw): AdamW on the gradient amplified by its slow average",
             requires=("grokadamw",),

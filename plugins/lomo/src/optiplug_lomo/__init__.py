@@ -12,43 +12,22 @@ import torch or lomo-optim.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 import optiplug
+
+if TYPE_CHECKING:
+    from optiplug_lomo.config import AdaLomoConfig, LomoConfig
 
 __all__ = ["AdaLomoConfig", "LomoConfig", "register_optimizers"]
 __version__ = "0.1.0"
 
-
-class LomoConfig(optiplug.OptimizerConfig):
-    """LOMO: SGD fused into the backward pass (no gradients held, no optimizer state)."""
-
-    name: Literal["lomo"] = "lomo"
-    lr: optiplug.LearningRate = 1e-3
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay on every trainable parameter (LOMO's rule).")
-    clip_grad_norm: float | None = Field(
-        None, gt=0, description="Clip the global gradient norm: a second backward pass computes it first."
-    )
-    clip_grad_value: float | None = Field(None, gt=0, description="Clamp each gradient element to +-this.")
-
-
-class AdaLomoConfig(LomoConfig):
-    """AdaLomo: LOMO with Adafactor's factored second moments and update clipping, relative step size."""
-
-    name: Literal["adalomo"] = "adalomo"  # type: ignore[assignment]
-    eps: tuple[float, float] = Field(
-        (1e-30, 1e-3), description="Added to the squared gradient; the smallest parameter scale of the step size."
-    )
-    clip_threshold: float = Field(1.0, gt=0, description="Clip the update's root-mean-square to this.")
-    decay_rate: float = Field(-0.8, lt=0, description="Exponent of the second moments' decay schedule.")
-    loss_scale: float = Field(
-        1024.0, gt=0, description="Static loss scale (the loss is multiplied, the gradients divided by it)."
-    )
+CONFIGS = "optiplug_lomo.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["LomoConfig", "AdaLomoConfig"])
 
 
 def build(ctx: optiplug.BuildContext, cfg: LomoConfig) -> Any:
+    from optiplug_lomo.config import AdaLomoConfig
     from optiplug_lomo.optim import AdaLomo, Lomo
 
     common: dict[str, Any] = dict(lr=cfg.lr, clip_grad_norm=cfg.clip_grad_norm, clip_grad_value=cfg.clip_grad_value)
@@ -103,6 +82,8 @@ def patches(cfg: LomoConfig) -> list[optiplug.Patch]:
 def state_bytes(shapes: Sequence[optiplug.ParamShape], cfg: LomoConfig) -> int:
     """LOMO keeps nothing; AdaLomo keeps float32 row and column averages of each matrix's squared gradient and a
     full float32 average for vectors."""
+    from optiplug_lomo.config import AdaLomoConfig
+
     if not isinstance(cfg, AdaLomoConfig):
         return 0
     total = 0
@@ -116,11 +97,10 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: LomoConfig) -> str:
     return f"{cfg.name}: every trainable tensor ({tensors}) updated during backward, no gradient kept"
 
 
-def _entry(config: type[LomoConfig], summary: str) -> optiplug.OptimizerEntry:
-    name = config.model_fields["name"].default
+def _entry(name: str, config: str, summary: str) -> optiplug.OptimizerEntry:
     arguments = optiplug.transformers_fields
     return optiplug.OptimizerEntry(
-        config=config,
+        config=optiplug.LazyConfig.from_module(name, f"{CONFIGS}:{config}"),
         build=build,
         summary=summary,
         check=check,
@@ -141,5 +121,5 @@ def _entry(config: type[LomoConfig], summary: str) -> optiplug.OptimizerEntry:
 
 @optiplug.hookimpl
 def register_optimizers(register: Any) -> None:
-    register(_entry(LomoConfig, "LOMO (lomo-optim): SGD fused into backward, no gradients or state held"))
-    register(_entry(AdaLomoConfig, "AdaLomo (lomo-optim): LOMO with factored second moments"))
+    register(_entry("lomo", "LomoConfig", "LOMO (lomo-optim): SGD fused into backward, no gradients or state held"))
+    register(_entry("adalomo", "AdaLomoConfig", "AdaLomo (lomo-optim): LOMO with factored second moments"))

@@ -16,28 +16,17 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 import optiplug
 
+if TYPE_CHECKING:
+    from optiplug_loraplus.config import LoraPlusConfig
+
 __all__ = ["LoraPlusConfig", "build_loraplus", "check_loraplus", "loraplus_groups", "state_bytes"]
 
-
-class LoraPlusConfig(optiplug.AdamFields):
-    """LoRA+: AdamW with a learning rate ``lr_ratio`` times larger for the LoRA B matrices.
-
-    Needs ``finetuning.type: lora``.
-    """
-
-    name: Literal["loraplus"] = "loraplus"
-    lr: optiplug.LearningRate = Field(
-        2e-4, description="Learning rate of the LoRA A matrices (the peak of the schedule)."
-    )
-    lr_ratio: float = Field(16.0, gt=0, description="Learning rate of the LoRA B matrices divided by lr.")
-    embedding_lr: float = Field(1e-6, gt=0, description="Learning rate of LoRA adapters on embedding layers.")
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
+CONFIGS = "optiplug_loraplus.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["LoraPlusConfig"])
 
 
 def _kind(name: str, ndim: int) -> str:
@@ -128,7 +117,7 @@ state_bytes = optiplug.adam_state_bytes
 def register_optimizers(register):
     register(
         optiplug.OptimizerEntry(
-            config=LoraPlusConfig,
+            config=optiplug.LazyConfig.from_module("loraplus", f"{CONFIGS}:LoraPlusConfig"),
             build=build_loraplus,
             summary="LoRA+: AdamW, LoRA B matrices at lr * lr_ratio (needs finetuning.type lora)",
             check=check_loraplus,

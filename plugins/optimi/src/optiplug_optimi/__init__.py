@@ -9,37 +9,18 @@ does not import torch or torch-optimi; the factory does.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from pydantic import Field
+from typing import TYPE_CHECKING, Any
 
 import optiplug
+
+if TYPE_CHECKING:
+    from optiplug_optimi.config import StableAdamWConfig
 
 __all__ = ["StableAdamWConfig", "register_optimizers"]
 __version__ = "0.1.0"
 
-
-class StableAdamWConfig(optiplug.AdamFields):
-    """StableAdamW (torch-optimi): AdamW with per-parameter update clipping; Kahan sums for low-precision weights."""
-
-    name: Literal["stable_adamw"] = "stable_adamw"
-    betas: optiplug.Betas = (0.9, 0.99)
-    eps: float = Field(1e-6, gt=0, description="Term added to the denominator (torch-optimi's default, 1e-6).")
-    weight_decay: float = Field(
-        1e-2, ge=0, description="Weight decay, decoupled (scaled by lr / max_lr); not on biases and norms."
-    )
-    decouple_lr: bool = Field(
-        False, description="Fully decoupled weight decay: not multiplied by the learning rate (then set max_lr)."
-    )
-    max_lr: float | None = Field(
-        None, gt=0, description="With decouple_lr: the peak scheduled learning rate (default: lr)."
-    )
-    kahan_sum: bool | None = Field(
-        None,
-        description="Kahan-compensated updates: null turns them on for bfloat16 and float16 weights only (one "
-        "more buffer of the weight's size); false never; true for low-precision weights.",
-    )
-    foreach: bool | None = Field(None, description="torch's foreach kernels (null: torch-optimi chooses).")
+CONFIGS = "optiplug_optimi.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["StableAdamWConfig"])
 
 
 def build(ctx: optiplug.BuildContext, cfg: StableAdamWConfig) -> Any:
@@ -95,7 +76,7 @@ def check(ctx: optiplug.BuildContext, cfg: StableAdamWConfig) -> None:
 def register_optimizers(register: Any) -> None:
     register(
         optiplug.OptimizerEntry(
-            config=StableAdamWConfig,
+            config=optiplug.LazyConfig.from_module("stable_adamw", f"{CONFIGS}:StableAdamWConfig"),
             build=build,
             summary="StableAdamW (torch-optimi): AdamW with per-parameter update clipping, Kahan summation",
             requires=("torch-optimi",),
