@@ -182,6 +182,55 @@ def test_a_run_killed_while_saving_a_checkpoint_recorded_it_first(tmp_path):
     assert {p.name for p in out.iterdir()} == set(record["files"])  # the killed run's entries are gone
 
 
+def _kill_in_the_final_model_save(out: Path) -> None:
+    """kill -9 while the Trainer's final ``save_model`` writes (its arguments come after the weights)."""
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("training_args.bin") and "checkpoint-" not in str(f):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+def _kill_after_the_model_is_in_place(out: Path) -> None:
+    """kill -9 while ``trainer_state.json`` is written beside the final model."""
+    from transformers import TrainerState
+
+    real = TrainerState.save_to_json
+
+    def save_to_json(self, json_path):
+        if Path(json_path) == out / "trainer_state.json":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, json_path)
+
+    TrainerState.save_to_json = save_to_json
+
+
+@pytest.mark.parametrize("kill", [_kill_in_the_final_model_save, _kill_after_the_model_is_in_place])
+def test_a_run_killed_while_writing_its_final_model_can_be_overwritten(tmp_path, kill):
+    """kill -9 at the end of a run: every entry it wrote was named in its marker before it appeared (the model is
+    staged like a checkpoint), so an overwrite removes them instead of refusing them as files nobody recorded."""
+    out = tmp_path / "out"
+    code = _train_in_a_child([*FAST, "training.save_steps=2", f"training.output_dir={out}"], lambda: kill(out))
+    assert code == -signal.SIGKILL
+    record = json.loads((out / MARKER).read_text())
+    assert record["status"] == "running"
+    assert {p.name for p in out.iterdir()} <= set(record["files"])  # nothing it wrote is unlisted
+    assert not (out / SUMMARY_FILE).exists()
+    (out / "README.md").write_text("my notes")  # the user's, written after the kill: never the run's
+    code, _, err = run_cli("train", *FAST, "training.max_steps=2", f"training.output_dir={out}", OVERWRITE)
+    assert code == 1 and "README.md" in last_line(err), err  # refused for the user's file, nothing removed
+    assert (out / "README.md").read_text() == "my notes" and (out / "checkpoint-4").is_dir()
+    (out / "README.md").unlink()
+    code, _, err = run_cli("train", *FAST, "training.max_steps=2", f"training.output_dir={out}", OVERWRITE)
+    assert code == 0, err
+    record = json.loads((out / MARKER).read_text())
+    assert record["status"] == "finished" and {p.name for p in out.iterdir()} == set(record["files"])
+    assert not (out / "checkpoint-4").exists() and json.loads((out / SUMMARY_FILE).read_text())["steps"] == 2
+
+
 def test_a_marker_without_a_list_of_files_refuses(earlier):
     """What an older optiplug left when killed: "running" and no file list; no pattern guesses which are its."""
     (earlier / MARKER).write_text(json.dumps({"status": "running", "started": "2026-01-01T00:00:00+00:00"}))

@@ -149,6 +149,7 @@ def test_a_dead_network_stops_though_everything_stays_finite(tmp_path, temp_plug
     )
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["status"] == "diverged" and summary["diverged_at_step"] == 2 and summary["steps"] == 3
+    assert summary["guard"]["zero_grad_steps"] == 3  # the rules the run was judged by
     assert sorted(plugin.losses) == [1, 2, 3]
     assert plugin.losses[2] == plugin.losses[3] == pytest.approx(math.log(2048))  # finite, and constant
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint-4").exists()
@@ -156,6 +157,7 @@ def test_a_dead_network_stops_though_everything_stays_finite(tmp_path, temp_plug
     finished = optiplug.app.train(overrides=[*FAST, *sgd, f"training.output_dir={tmp_path / 'off'}",
                                          "guard.zero_grad_steps=null"], quiet=True)  # fmt: skip
     assert finished.summary["status"] == "finished" and finished.summary["steps"] == 8
+    assert finished.summary["guard"]["zero_grad_steps"] is None
 
 
 def _blow_up_the_head(model):

@@ -7,7 +7,9 @@ process adds the optimizer and scheduler record (:data:`~optiplug.app.safety.CHE
 the processes wait for each other, and the main process renames it to ``checkpoint-N``. A save cut
 short (Ctrl-C, SIGTERM, a full disk, a crash) leaves at most ``PARTIAL``, which nothing takes for
 a checkpoint (resuming from inside it is refused); the run removes it when it ends, and the next
-save before writing. A failed save is reported with its own error, not a later one.
+save before writing. A failed save is reported with its own error, not a later one. The final model
+goes the same way (:func:`save_model_whole`): its files are named in the run's marker before they
+appear in the output directory, so a run killed while saving it can still be overwritten.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from optiplug.app.safety import CHECKPOINT_RECORD, last_checkpoint
 from optiplug.errors import CheckpointError
 
-__all__ = ["PARTIAL", "remove_partial", "save_whole", "write_record"]
+__all__ = ["PARTIAL", "remove_partial", "save_model_whole", "save_whole", "write_record"]
 
 PARTIAL = ".optiplug-partial"
 """The directory, inside the output directory, that holds a checkpoint while it is being written."""
@@ -104,3 +106,35 @@ def save_whole(trainer: Any, save: Callable[[], None], run_dir: str) -> None:
         remove_partial(run)
         rotate_checkpoints(str(run), args.save_total_limit, state.best_model_checkpoint, use_mtime=True)
     trainer.accelerator.wait_for_everyone()  # the checkpoint exists before any process goes on
+
+
+def save_model_whole(trainer: Any, run_dir: str) -> None:
+    """The final model (``trainer.save_model``), staged like a checkpoint: every process saves its part into
+    ``PARTIAL/model``; the main process records the names in the run's marker, then moves them into ``run_dir``.
+
+    A run killed while saving leaves only entries its marker names (``PARTIAL``, or model files already
+    moved), so an overwrite removes them instead of refusing them as files optiplug did not record.
+    """
+    args = trainer.args
+    run, partial = Path(run_dir), Path(run_dir) / PARTIAL
+    staged = partial / "model"
+    output = getattr(trainer, "optiplug_output", None)
+    if args.should_save:
+        remove_partial(run)
+        if output is not None:
+            output.expect([PARTIAL])
+        staged.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()  # no process writes before the main one cleared it
+    trainer.save_model(str(staged))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
+    trainer.accelerator.wait_for_everyone()  # every process wrote its part
+    if args.should_save:
+        names = sorted(os.listdir(staged))
+        if output is not None:
+            output.expect(names)
+        for name in names:
+            if (staged / name).is_dir():
+                _replace(staged / name, run / name)
+            else:
+                os.replace(staged / name, run / name)
+        remove_partial(run)
+    trainer.accelerator.wait_for_everyone()  # the model is in place before any process goes on

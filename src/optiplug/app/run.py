@@ -400,6 +400,7 @@ def _summary(cfg: RunConfig, trainer: Any, dataset: Any, losses: list[tuple[int,
         "mean_loss": train_loss[-1] if train_loss else None,
         "plan": getattr(trainer, "optiplug_plan", None),  # what the run header said
         "cooldown": cooldown.record() if (cooldown := getattr(trainer, "optiplug_cooldown", None)) else None,
+        "guard": cfg.guard.model_dump(mode="json"),  # the rules the run was judged by
         **evaluation_summary(state.log_history),
         "optimizer_state_bytes": optimizer_state_bytes(unwrap_optimizer(trainer.optimizer)),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -559,6 +560,18 @@ def _describe(interrupt: KeyboardInterrupt, trainer: Any, out: Path) -> None:
     interrupt.optiplug_message = message  # type: ignore[attr-defined]
 
 
+def _written_at_the_ends(cfg: RunConfig) -> list[str]:
+    """The entries a run writes outside its checkpoints, at its start (PiSSA's initial adapter) and its end."""
+    from optiplug.app.adapters import BASE_MODEL_DIR, PISSA_CONVERTED_DIR, PISSA_INIT_DIR, PISSA_TRAINED_DIR
+
+    names = ["trainer_state.json", "loss.png", SUMMARY_FILE]
+    if cfg.finetuning.type == "lora":
+        names.append(BASE_MODEL_DIR)
+        if cfg.finetuning.pissa_convert:
+            names += [PISSA_INIT_DIR, PISSA_TRAINED_DIR, PISSA_CONVERTED_DIR]
+    return names
+
+
 def _train(
     cfg: RunConfig,
     args: Any,
@@ -576,6 +589,7 @@ def _train(
     from transformers import default_data_collator
 
     from optiplug.app.adapters import BASE_MODEL_DIR, pissa_callbacks
+    from optiplug.app.checkpoints import save_model_whole
     from optiplug.app.divergence import DivergenceCallback
     from optiplug.app.evaluation import evaluation_losses
     from optiplug.app.header import add_header
@@ -609,6 +623,7 @@ def _train(
         trainer.mark_optimizer_checked()
     trainer.optiplug_output = output  # a checkpoint's partial directory is recorded before it is written
     if output is not None:  # the output directory changes only once the optimizer and scheduler are built
+        output.expect(_written_at_the_ends(cfg))  # in the first marker: a run killed at its end stays removable
         trainer.callback_handler.callbacks.insert(0, OutputDirCallback(output, stale=[SUMMARY_FILE]))
         trainer.add_callback(OutputDirIntent(output))
 
@@ -633,7 +648,7 @@ def _train(
     if evaluation is not None and (not evaluated or evaluated[-1][0] != trainer.state.global_step):
         trainer.evaluate()  # the final weights' loss, unless the last step was evaluated
 
-    trainer.save_model(str(out))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
+    save_model_whole(trainer, str(out))
     if main and cfg.finetuning.type == "lora" and (cfg.model.name_or_path == EMBEDDED or cfg.model.from_scratch):
         # The adapter needs its base model, which is not on disk: rebuild it (same seed, same weights).
         _load_model(cfg.model, args.seed).save_pretrained(str(out / BASE_MODEL_DIR))

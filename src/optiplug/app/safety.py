@@ -294,8 +294,9 @@ class OutputDir:
     def expect(self, names: Iterable[str]) -> None:
         """Record, before writing them, entries this run is about to write (the next ``checkpoint-N``): a run
         killed while writing one leaves it listed, hence removable, and a resumed run that writes it again owns it.
+        Names expected before :meth:`begin` are in its first marker (what the run writes at its end).
         """
-        if self.main and self.begun:
+        if self.main:
             self._expected.update(names)
             self.record()
 
