@@ -22,7 +22,12 @@ The spec's fields, all optional but ``optimizer`` (unless ``trainer`` is given):
 (3), ``batch`` (4), ``args`` (more ``TrainingArguments`` fields), ``quiet`` (swallow the run's prints
 and warnings), and ``"module:function"`` names, imported from ``benchmarks/``: ``trainer`` (``f(model,
 args, data)``: the trainer instead of an ``OptiTrainer``), ``state`` (``f(trainer)``: the state bytes) and
-``analytic`` (``f(model, cfg)``: the analytic state bytes).
+``analytic`` (``f(model, cfg)``: the analytic state bytes), and ``timed`` (measure ``steps_per_s``; None
+without it).
+
+Nothing but the run itself happens between the baseline and the end, so the figures are those the earlier
+per-benchmark child scripts measured (a ``timed`` run imports transformers' trainer modules before the
+baseline, as ``layerwise_memory.py``'s always did; the others import them while training).
 """
 
 from __future__ import annotations
@@ -64,8 +69,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     after_imports = _rss()
-    from transformers import TrainerCallback  # after the figure: as the Trainer, it is the run's own
+    ends: list[float] = []
+    callbacks = []
+    if spec.get("timed"):  # its import (transformers' trainer modules) lands in the baseline, as it always did
+        from transformers import TrainerCallback
 
+        class Clock(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                ends.append(time.perf_counter())
+
+        callbacks.append(Clock())
     dtype = spec.get("dtype", "bfloat16")
     if "model_dir" in spec:
         model = LlamaForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, dtype))
@@ -74,12 +87,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     blocks, seq_len = spec.get("blocks", 16), spec.get("seq_len", _common.SEQ_LEN)
     data = _common.TokenDataset(n=blocks, seq_len=seq_len, vocab=model.config.vocab_size)
     baseline = peak_rss_bytes()
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            ends.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as out:
         args = _common.training_args(
             out,
@@ -91,7 +98,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             trainer = _function(spec["trainer"])(model, args, data)
         else:
             trainer = optiplug.OptiTrainer(model=model, args=args, train_dataset=data, optimizer=spec["optimizer"])
-        trainer.add_callback(Clock())
+        for callback in callbacks:
+            trainer.add_callback(callback)
         if spec.get("quiet"):
             with _common.quiet():
                 trainer.train()

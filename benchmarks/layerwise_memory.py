@@ -32,7 +32,7 @@ def _measure(batch: int) -> list[dict]:
     samples: dict[str, list] = {label: [] for label, _ in RUNS}
     for rep in range(REPEATS):
         for label, optimizer in RUNS if rep % 2 == 0 else list(reversed(RUNS)):
-            spec = {"optimizer": optimizer, "steps": STEPS, "batch": batch, "blocks": 32, "args": LOGGED}
+            spec = {"optimizer": optimizer, "steps": STEPS, "batch": batch, "blocks": 32, "args": LOGGED, "timed": True}
             child = _child.run(spec, label)
             samples[label].append(child)
             print(batch, label, _common.mib(child.peak_rss_bytes), child.result["steps_per_s"], flush=True)
