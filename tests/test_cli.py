@@ -12,61 +12,51 @@ from typing import Literal
 import pytest
 
 import optiplug
-from optiplug.app.cli import main
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
+from optiplug.app.testing import run_cli
 
 
 @pytest.mark.parametrize("command", ["train", "list", "show", "schema", "validate", "plugins", "estimate", "compare"])
-def test_every_command_has_help(capsys, command):
-    code, out, _ = run_cli(capsys, command, "--help")
+def test_every_command_has_help(command):
+    code, out, _ = run_cli(command, "--help")
     assert code == 0 and "Usage: optiplug " + command in out
 
 
-def test_list_table_and_json(capsys):
-    code, out, _ = run_cli(capsys, "list")
+def test_list_table_and_json():
+    code, out, _ = run_cli("list")
     assert code == 0 and "adamw" in out and "cosine" in out and "optiplug:optimizers" in out
-    code, out, _ = run_cli(capsys, "list", "--json", "--kind", "scheduler")
+    code, out, _ = run_cli("list", "--json", "--kind", "scheduler")
     rows = json.loads(out)
     assert code == 0 and {r["kind"] for r in rows} == {"scheduler"}
     assert {"name", "kind", "plugin", "summary", "requires"} <= set(rows[0])
 
 
-def test_list_rejects_a_bad_kind(capsys):
-    code, _, err = run_cli(capsys, "list", "--kind", "optimiser")
+def test_list_rejects_a_bad_kind():
+    code, _, err = run_cli("list", "--kind", "optimiser")
     assert code == 1 and err == "optiplug: --kind must be 'optimizer' or 'scheduler', got 'optimiser'\n"
 
 
-def test_show_fields(capsys):
-    code, out, _ = run_cli(capsys, "show", "sgd")
+def test_show_fields():
+    code, out, _ = run_cli("show", "sgd")
     assert code == 0
     assert out.startswith("sgd  (optimizer, plugin optiplug:optimizers)")
     assert "  momentum: float = 0.9  # Momentum factor (0 keeps no optimizer state)." in out
-    code, out, _ = run_cli(capsys, "show", "cosine")
+    code, out, _ = run_cli("show", "cosine")
     assert code == 0 and "warmup_steps: int = 0" in out
-    code, out, _ = run_cli(capsys, "show", "adamw")  # helper types read as written, without their checks
+    code, out, _ = run_cli("show", "adamw")  # helper types read as written, without their checks
     assert "  layerwise: supported\n" in out
     assert "  betas: tuple[float, float] = (0.9, 0.999)  # " in out
     assert "  kernel: Literal['auto', 'fused', 'foreach', 'for-loop'] = 'auto'" in out
 
 
-def test_show_unknown_name_is_one_line(capsys):
-    code, out, err = run_cli(capsys, "show", "adamww")
+def test_show_unknown_name_is_one_line():
+    code, out, err = run_cli("show", "adamww")
     assert code == 1 and out == ""
     assert err.startswith("optiplug: unknown optimizer or scheduler 'adamww'. Did you mean 'adamw'")
     assert "Traceback" not in err
 
 
-def test_schema_is_json_schema(capsys):
-    code, out, _ = run_cli(capsys, "schema")
+def test_schema_is_json_schema():
+    code, out, _ = run_cli("schema")
     schema = json.loads(out)
     assert code == 0 and schema["title"] == "RunConfig"
     assert set(schema["properties"]) == {
@@ -81,44 +71,44 @@ def test_schema_is_json_schema(capsys):
     }
 
 
-def test_validate_ok_and_errors(capsys, tmp_path):
+def test_validate_ok_and_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("optimizer: {name: sgd, lr: 0.1}\ntraining: {max_steps: 5, per_device_train_batch_size: 2}\n")
-    code, out, _ = run_cli(capsys, "validate", str(good))
+    code, out, _ = run_cli("validate", str(good))
     assert code == 0 and out == f"{good}: ok (optimizer sgd, scheduler cosine)\n"
-    code, _, err = run_cli(capsys, "validate", str(good), "training.max_stepz=3")
+    code, _, err = run_cli("validate", str(good), "training.max_stepz=3")
     assert (
         code == 1
         and err
         == "optiplug: training.max_stepz: not an argument of transformers.TrainingArguments. Did you mean 'max_steps'?\n"
     )
-    code, _, err = run_cli(capsys, "validate", str(good), "scheduler.name=cosine", "training.lr_scheduler_kwargs={}")
+    code, _, err = run_cli("validate", str(good), "scheduler.name=cosine", "training.lr_scheduler_kwargs={}")
     assert code == 1 and "remove training.lr_scheduler_kwargs or the scheduler section" in err
-    code, _, err = run_cli(capsys, "validate", str(good), "training.per_device_train_batch_size=lots")
+    code, _, err = run_cli("validate", str(good), "training.per_device_train_batch_size=lots")
     assert (
         code == 1
         and err
         == "optiplug: training.per_device_train_batch_size: Input should be a valid integer, unable to parse string as an integer (got 'lots')\n"
     )
-    code, _, err = run_cli(capsys, "validate", str(good), "training.save_strategy=sometimes")
+    code, _, err = run_cli("validate", str(good), "training.save_strategy=sometimes")
     assert code == 1 and err.startswith("optiplug: training.save_strategy: sometimes is not a valid SaveStrategy")
-    code, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.yaml"))
+    code, _, err = run_cli("validate", str(tmp_path / "missing.yaml"))
     assert code == 1 and err == f"optiplug: config file '{tmp_path / 'missing.yaml'}' does not exist\n"
 
 
-def test_train_rejects_bad_config_before_doing_anything(capsys, tmp_path):
+def test_train_rejects_bad_config_before_doing_anything(tmp_path):
     out_dir = tmp_path / "out"
-    code, _, err = run_cli(capsys, "train", f"training.output_dir={out_dir}", "optimizer.name=galor")
+    code, _, err = run_cli("train", f"training.output_dir={out_dir}", "optimizer.name=galor")
     assert code == 1 and err.startswith("optiplug: unknown optimizer 'galor'")
     assert not out_dir.exists()
-    code, _, err = run_cli(capsys, "train", "optimizer.lr=1", "not-an-override")
+    code, _, err = run_cli("train", "optimizer.lr=1", "not-an-override")
     assert code == 1 and err == "optiplug: expected KEY=VALUE overrides after the config file, got 'not-an-override'\n"
 
 
-def test_plugins_command(capsys):
-    code, out, _ = run_cli(capsys, "plugins")
+def test_plugins_command():
+    code, out, _ = run_cli("plugins")
     assert code == 0 and "optiplug:optimizers (optiplug 0.1.0): register_optimizers" in out
-    code, out, _ = run_cli(capsys, "plugins", "--json")
+    code, out, _ = run_cli("plugins", "--json")
     data = json.loads(out)
     assert code == 0 and data["failed"] == [] and any(p["name"] == "optiplug:schedulers" for p in data["loaded"])
 
@@ -177,8 +167,8 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert result.stderr.strip() == f"optiplug: config file '{tmp_path / 'nope.yaml'}' does not exist"
 
 
-def test_list_ends_with_the_count_of_each_plugin(capsys):
-    code, out, _ = run_cli(capsys, "list")
+def test_list_ends_with_the_count_of_each_plugin():
+    code, out, _ = run_cli("list")
     lines = out.splitlines()
     rows = optiplug.list_optimizers() + optiplug.list_schedulers()
     assert code == 0 and len(lines) == len(rows) + 2  # header, one line per entry, the counts
@@ -206,12 +196,12 @@ class _AliasedPlugin:
         register(optiplug.OptimizerEntry(config=_DemoMomentum, build=print, summary="demo", aliases=aliases))
 
 
-def test_list_and_show_tell_aliases(capsys, temp_plugin):
+def test_list_and_show_tell_aliases(temp_plugin):
     temp_plugin(_AliasedPlugin(), "aliased")
-    code, out, _ = run_cli(capsys, "list", "demo")
+    code, out, _ = run_cli("list", "demo")
     row = "demo_momentum  optimizer  aliased  demo; also: demo_heavy_ball, demo_nag; transformers: demo_momentum, demo_sgd_hf"
     assert code == 0 and out.splitlines()[1] == row and len(out.splitlines()) == 3
-    code, out, _ = run_cli(capsys, "list", "--json", "heavy")
+    code, out, _ = run_cli("list", "--json", "heavy")
     [listed] = json.loads(out)
     assert listed["aliases"][0] == {
         "name": "demo_heavy_ball",
@@ -219,29 +209,29 @@ def test_list_and_show_tell_aliases(capsys, temp_plugin):
         "transformers": False,
         "summary": "heavy ball",
     }
-    code, out, _ = run_cli(capsys, "show", "demo_heavy_ball")
+    code, out, _ = run_cli("show", "demo_heavy_ball")
     assert out.startswith(
         "demo_heavy_ball: an alias of optimizer 'demo_momentum' with momentum=0.99\n  heavy ball\n"
         "demo_momentum  (optimizer, plugin aliased)\n"
     )
     assert "  transformers' name demo_sgd_hf: momentum=0.0\n" in out
-    code, out, _ = run_cli(capsys, "show", "demo_momentum")  # the canonical entry, listing transformers' meaning
+    code, out, _ = run_cli("show", "demo_momentum")  # the canonical entry, listing transformers' meaning
     assert out.startswith("demo_momentum  (optimizer, plugin aliased)\n")
     assert "  transformers' name demo_momentum: momentum=0.0\n" in out
 
 
-def test_list_filters_by_plugin_and_name(capsys):
-    code, out, _ = run_cli(capsys, "list", "--plugin", "optiplug", "--kind", "optimizer")
+def test_list_filters_by_plugin_and_name():
+    code, out, _ = run_cli("list", "--plugin", "optiplug", "--kind", "optimizer")
     names = [line.split()[0] for line in out.splitlines()[1:-1]]
     assert code == 0 and names == sorted(
         r.name
         for r in optiplug.list_optimizers()
         if r.plugin.startswith("optiplug:")  # the default plugin's modules
     )
-    code, out, _ = run_cli(capsys, "list", "--plugin", "optiplug-galore", "adafactor")
+    code, out, _ = run_cli("list", "--plugin", "optiplug-galore", "adafactor")
     assert code == 0 and [line.split()[0] for line in out.splitlines()[1:-1]] == ["galore_adafactor"]
-    code, out, err = run_cli(capsys, "list", "no-such-name")
+    code, out, err = run_cli("list", "no-such-name")
     assert code == 0 and out == "" and err == "optiplug: no optimizer or scheduler matches\n"
-    code, _, err = run_cli(capsys, "list", "--plugin", "acme")
+    code, _, err = run_cli("list", "--plugin", "acme")
     assert code == 1 and err.startswith("optiplug: --plugin 'acme' registered nothing; plugins with entries: ")
     assert "optiplug-galore" in err

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from optiplug.app.cli import main
+from optiplug.app.testing import run_cli
 from optiplug.errors import ConfigError
 
 GROUPS_YAML = """\
@@ -34,31 +34,21 @@ weight_decay on the rest (transformers' Trainer.get_decay_parameter_names).
 """
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_train_dry_run_prints_the_groups_and_trains_nothing(capsys, tmp_path, monkeypatch):
+def test_train_dry_run_prints_the_groups_and_trains_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_text(GROUPS_YAML + "training:\n  output_dir: out\n")
-    code, out, err = run_cli(capsys, "train", "run.yaml", "--dry-run")
+    code, out, err = run_cli("train", "run.yaml", "--dry-run")
     assert (code, out) == (0, GROUPS_TABLE), err
     assert err.strip().endswith("optiplug: dry run, nothing trained")
     assert not (tmp_path / "out").exists()
 
 
-def test_validate_groups_prints_the_same_table_and_refuses_a_pattern_that_matches_nothing(capsys, tmp_path):
+def test_validate_groups_prints_the_same_table_and_refuses_a_pattern_that_matches_nothing(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(GROUPS_YAML)
-    code, out, _ = run_cli(capsys, "validate", str(path), "--groups")
+    code, out, _ = run_cli("validate", str(path), "--groups")
     assert code == 0 and out == GROUPS_TABLE + f"{path}: ok (optimizer adamw, scheduler cosine)\n"
-    code, out, err = run_cli(capsys, "validate", str(path), "--groups", "optimizer.param_groups=[{match: lm_head}]")
+    code, out, err = run_cli("validate", str(path), "--groups", "optimizer.param_groups=[{match: lm_head}]")
     assert code == 1 and out == ""
     # the embedded model ties its output head to the embedding: there is no lm_head parameter to match
     assert err.startswith(
@@ -67,8 +57,8 @@ def test_validate_groups_prints_the_same_table_and_refuses_a_pattern_that_matche
     )
 
 
-def test_show_says_what_the_no_decay_rule_is_and_lists_param_groups_after_the_own_fields(capsys):
-    code, out, _ = run_cli(capsys, "show", "sgd")
+def test_show_says_what_the_no_decay_rule_is_and_lists_param_groups_after_the_own_fields():
+    code, out, _ = run_cli("show", "sgd")
     lines = out.splitlines()
     assert code == 0 and lines[-1] == GROUPS_TABLE.splitlines()[-1].replace("\\", "")
     fields = [line.split(":")[0].strip() for line in lines[lines.index("fields:") + 1 : -1]]
@@ -91,17 +81,17 @@ of optimizer.lr
 """
 
 
-def test_schedule_prints_points_and_draws_the_curve(capsys, tmp_path, monkeypatch):
+def test_schedule_prints_points_and_draws_the_curve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = run_cli(
-        capsys, "schedule", "warmup_stable_decay", "warmup_steps=10", "decay_ratio=0.2", "min_lr_ratio=0.1",
+        "schedule", "warmup_stable_decay", "warmup_steps=10", "decay_ratio=0.2", "min_lr_ratio=0.1",
         "--steps", "100",
     )  # fmt: skip
     assert code == 0, err
     assert out == SCHEDULE_OUT + "wrote schedule-warmup_stable_decay.png\n"
     png = (tmp_path / "schedule-warmup_stable_decay.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
-    code, out, _ = run_cli(capsys, "schedule", "cosine", "--steps", "4", "--output", str(tmp_path / "c.png"))
+    code, out, _ = run_cli("schedule", "cosine", "--steps", "4", "--output", str(tmp_path / "c.png"))
     assert code == 0 and (tmp_path / "c.png").is_file() and out.endswith(f"wrote {tmp_path / 'c.png'}\n")
 
 
@@ -142,9 +132,9 @@ def test_warmup_stable_decay_lengths_from_the_run_or_given():
         (["cosine", "--steps", "10", "-o", "/no/such/dir/x.png"], "optiplug: --output: the directory '/no/such/dir'"),
     ],
 )
-def test_schedule_errors_are_one_line(capsys, tmp_path, monkeypatch, argv, message):
+def test_schedule_errors_are_one_line(tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(capsys, "schedule", *argv)
+    code, out, err = run_cli("schedule", *argv)
     assert code == 1 and out == "" and err.startswith(message), err
     assert list(tmp_path.iterdir()) == []
 
