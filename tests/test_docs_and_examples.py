@@ -36,6 +36,13 @@ def test_every_entry_field_is_documented():
         assert f"| `{field.name}` |" in text, field.name
 
 
+def test_the_readme_links_every_plugin():
+    """The README's plugin list names each folder of plugins/ (it was missing five of thirteen)."""
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\(plugins/(\w+)/README\.md\)", readme))
+    assert linked == {path.parent.name for path in (ROOT / "plugins").glob("*/README.md")}
+
+
 def test_the_plugin_guide_code_registers_and_builds(temp_plugin, tmp_path, monkeypatch):
     text = (ROOT / "docs" / "writing-a-plugin.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
