@@ -37,7 +37,7 @@ def one_step(model, optimizer, step) -> None:
 
 def per_block(model, optimizer, extra=lambda opt: 0) -> list[int]:
     """State bytes after a step on each block (stepping without badam's own switch, then switching)."""
-    from optiplug.helpers import optimizer_state_bytes
+    from optiplug import optimizer_state_bytes
 
     sizes = []
     for _ in range(optimizer.block_num):
@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     import optiplug
-    from optiplug.helpers import optimizer_state_bytes, tensor_bytes
+    from optiplug import optimizer_state_bytes, tensor_bytes
 
     torch.set_num_threads(1)
     adamw_entry, badam_entry = optiplug.get_entry("adamw"), optiplug.get_entry("badam")

@@ -60,7 +60,7 @@ class Candidate:
             self.optimizer.switch_trainable_params = timed_switch
 
     def steps(self, n: int) -> None:
-        from optiplug.helpers import optimizer_state_bytes
+        from optiplug import optimizer_state_bytes
 
         for _ in range(n):
             self._switching = 0.0
@@ -92,7 +92,7 @@ def main() -> None:
         ),
         "badam (LLaMA-Factory wiring)": lambda m: _badam.reference_optimizer(m, args, SWITCH_EVERY, "ascending"),
     }
-    from optiplug.helpers import tensor_bytes
+    from optiplug import tensor_bytes
 
     copies = {"badam (LLaMA-Factory wiring)": lambda opt: tensor_bytes(list(opt.param_idx2hp.values()))}
     candidates = [Candidate(name, build, copies.get(name, lambda opt: 0)) for name, build in builders.items()]

@@ -33,7 +33,7 @@ def measure(dtype: str, section: dict) -> tuple[int, int]:
     """(measured, analytic) state bytes after two real training steps."""
 
     import optiplug
-    from optiplug.helpers import optimizer_state_bytes
+    from optiplug import optimizer_state_bytes
 
     model = _common.build_model(SIZE, seed=0, dtype=dtype)
     cfg = optiplug.parse_optimizer(section)

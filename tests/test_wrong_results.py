@@ -9,7 +9,7 @@ import pytest
 
 import optiplug
 from optiplug import ConfigError
-from optiplug.app.cli import main
+from optiplug.app.testing import run_cli
 
 FAST = [
     "data.block_size=16",
@@ -21,15 +21,9 @@ FAST = [
 ]
 
 
-def cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit code and the ``optiplug: ...`` line of stderr."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    err = capsys.readouterr().err
+def cli(*argv: str) -> tuple[int, str]:
+    """Exit code and the last ``optiplug: ...`` line of stderr."""
+    code, _, err = run_cli(*argv)
     lines = [line for line in err.splitlines() if line.startswith("optiplug: ")]
     return code, lines[-1] if lines else ""
 
@@ -71,7 +65,7 @@ def test_a_warmup_not_shorter_than_the_run_is_refused_by_every_scheduler_with_on
     build(warmup_steps=2)  # shorter: accepted
 
 
-def test_a_long_warmup_is_refused_by_validate_and_by_train_before_anything_is_written(capsys, tmp_path):
+def test_a_long_warmup_is_refused_by_validate_and_by_train_before_anything_is_written(tmp_path):
     out = tmp_path / "run"
     message = (
         "optiplug: scheduler 'cosine': warmup_steps=50 is not shorter than the run's 4 steps, so the rate would never "
@@ -79,8 +73,8 @@ def test_a_long_warmup_is_refused_by_validate_and_by_train_before_anything_is_wr
     )
     run = tmp_path / "run.yaml"
     run.write_text(f"training: {{max_steps: 4, output_dir: {out}}}\nscheduler: {{name: cosine, warmup_steps: 50}}\n")
-    assert cli(capsys, "validate", str(run)) == (1, message)
-    assert cli(capsys, "train", str(run), *FAST) == (1, message)
+    assert cli("validate", str(run)) == (1, message)
+    assert cli("train", str(run), *FAST) == (1, message)
     assert not out.exists()
 
 
@@ -88,7 +82,7 @@ def test_a_long_warmup_is_refused_by_validate_and_by_train_before_anything_is_wr
 
 
 @pytest.mark.parametrize("name", ["reduce_lr_on_plateau", "greedy"])
-def test_a_schedule_on_the_eval_loss_is_refused_without_evaluation(capsys, tmp_path, name):
+def test_a_schedule_on_the_eval_loss_is_refused_without_evaluation(tmp_path, name):
     out = tmp_path / "run"
     message = (
         f"optiplug: scheduler {name!r} changes the rate only after an evaluation, and eval_strategy is 'no': the rate "
@@ -97,11 +91,11 @@ def test_a_schedule_on_the_eval_loss_is_refused_without_evaluation(capsys, tmp_p
     )
     run = tmp_path / "run.yaml"
     run.write_text(f"training: {{max_steps: 4, output_dir: {out}}}\nscheduler: {name}\n")
-    assert cli(capsys, "validate", str(run)) == (1, message)
-    assert cli(capsys, "train", str(run), *FAST) == (1, message)
+    assert cli("validate", str(run)) == (1, message)
+    assert cli("train", str(run), *FAST) == (1, message)
     assert not out.exists()
     # with evaluation data the run evaluates: accepted (tests/test_evaluation.py trains it)
-    assert cli(capsys, "validate", str(run), "data.eval_ratio=0.2") == (0, "")
+    assert cli("validate", str(run), "data.eval_ratio=0.2") == (0, "")
     # in a Trainer of one's own: refused when its arguments never evaluate, as transformers refuses its own
     from optiplug.testing import TokenBlocks, tiny_llama, training_args
 
@@ -115,27 +109,27 @@ def test_a_schedule_on_the_eval_loss_is_refused_without_evaluation(capsys, tmp_p
 # ---- pure float16 training --------------------------------------------------------------------------
 
 
-def test_float16_weights_are_refused_for_training_and_a_lora_adapter_on_them_is_not(capsys, tmp_path):
+def test_float16_weights_are_refused_for_training_and_a_lora_adapter_on_them_is_not(tmp_path):
     from optiplug.app.run import PURE_FLOAT16
 
     out = tmp_path / "run"
     run = tmp_path / "run.yaml"
     run.write_text(f"training: {{max_steps: 4, output_dir: {out}}}\nmodel: {{dtype: float16}}\n")
-    assert cli(capsys, "validate", str(run)) == (1, f"optiplug: {PURE_FLOAT16}")
-    assert cli(capsys, "train", str(run), *FAST) == (1, f"optiplug: {PURE_FLOAT16}")
-    assert cli(capsys, "validate", str(run), "finetuning.type=freeze", "finetuning.trainable=[norm]") == (
+    assert cli("validate", str(run)) == (1, f"optiplug: {PURE_FLOAT16}")
+    assert cli("train", str(run), *FAST) == (1, f"optiplug: {PURE_FLOAT16}")
+    assert cli("validate", str(run), "finetuning.type=freeze", "finetuning.trainable=[norm]") == (
         1,
         f"optiplug: {PURE_FLOAT16}",
     )
     assert not out.exists()
-    assert cli(capsys, "validate", str(run), "finetuning.type=lora") == (0, "")  # the adapter is float32
-    assert cli(capsys, "validate", str(run), "model.dtype=bfloat16") == (0, "")
+    assert cli("validate", str(run), "finetuning.type=lora") == (0, "")  # the adapter is float32
+    assert cli("validate", str(run), "model.dtype=bfloat16") == (0, "")
 
 
 # ---- a checkpoint without optiplug's record of its optimizer and schedule ------------------------------
 
 
-def test_a_checkpoint_without_optiplugs_record_is_refused_for_resume(capsys, tmp_path):
+def test_a_checkpoint_without_optiplugs_record_is_refused_for_resume(tmp_path):
     # A plain Trainer's checkpoint: what optiplug train writes, less optiplug_config.json. Resumed with
     # optimizer.lr=0.1, the Trainer loaded the checkpoint's optimizer and schedule (lr 0.001 continued) while
     # summary.json said lr 0.1.
@@ -154,15 +148,15 @@ def test_a_checkpoint_without_optiplugs_record_is_refused_for_resume(capsys, tmp
         f"start a new run from its weights (model.name_or_path={checkpoint})"
     )
     resume = [*FAST, f"training.output_dir={out}", f"training.resume_from_checkpoint={checkpoint}"]
-    assert cli(capsys, "train", *resume, "optimizer.lr=0.1") == (1, message)
-    assert cli(capsys, "train", *resume) == (1, message)  # the same config cannot be told from another one
+    assert cli("train", *resume, "optimizer.lr=0.1") == (1, message)
+    assert cli("train", *resume) == (1, message)  # the same config cannot be told from another one
     run = tmp_path / "run.yaml"
     run.write_text("{}\n")
-    assert cli(capsys, "validate", str(run), *resume) == (1, message)
+    assert cli("validate", str(run), *resume) == (1, message)
     assert not out.exists()
     # an unreadable record is refused too, never guessed
     (checkpoint / CHECKPOINT_RECORD).write_text("{not json")
-    code, line = cli(capsys, "train", *resume)
+    code, line = cli("train", *resume)
     assert code == 1 and line == (
         f"optiplug: training.resume_from_checkpoint: '{checkpoint / CHECKPOINT_RECORD}' cannot be read as optiplug's "
         "record of the checkpoint's optimizer and scheduler; resume from another checkpoint, or start a new run from "
