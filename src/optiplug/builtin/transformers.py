@@ -4,7 +4,9 @@
 ``adafactor``'s defaults are what ``TrainingArguments(optim="adafactor")`` builds: an external
 learning rate (``relative_step=False``, ``scale_parameter=False``). With ``relative_step: true``
 Adafactor computes its own rate; the run must then use the ``adafactor`` scheduler, which only
-reports that rate (any other schedule would be silently ignored, so it is refused).
+reports that rate (any other schedule would be silently ignored, so it is refused). Both config classes live in
+``optiplug.builtin.configs``, imported when a config is first read (not by ``optiplug list``), and are still
+importable from here.
 """
 
 from __future__ import annotations
@@ -13,43 +15,21 @@ import functools
 import importlib.metadata
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING
 
-from pydantic import Field, model_validator
-
-from optiplug.configs import OptimizerConfig, SchedulerConfig
+from optiplug.builtin import CONFIGS, lazy_config
 from optiplug.context import BuildContext, ParamShape, ScheduleContext
-from optiplug.entries import Alias, OptimizerEntry, SchedulerEntry
+from optiplug.entries import Alias, OptimizerEntry, SchedulerEntry, lazy_attributes
 from optiplug.errors import ConfigError
 from optiplug.hookspecs import hookimpl
 from optiplug.matrices import check_whole_matrices
 from optiplug.state_sizes import STEP_BYTES
 from optiplug.transformers_args import transformers_fields
 
+if TYPE_CHECKING:
+    from optiplug.builtin.configs import AdafactorConfig, AdafactorScheduleConfig
 
-class AdafactorConfig(OptimizerConfig):
-    """Adafactor (factored second moments), transformers.optimization.Adafactor."""
-
-    name: Literal["adafactor"] = "adafactor"
-    lr: float | None = Field(1e-3, gt=0, description="External learning rate; null with relative_step.")
-    eps: tuple[float, float] = Field((1e-30, 1e-3), description="Regularizers of the squared gradient and the scale.")
-    clip_threshold: float = Field(1.0, gt=0, description="Threshold of the root-mean-square of the final update.")
-    decay_rate: float = Field(-0.8, lt=0, description="Exponent of the running average of the squared gradient.")
-    beta1: float | None = Field(None, ge=0, lt=1, description="First-moment coefficient (None: no first moment).")
-    weight_decay: float = Field(0.0, ge=0, description="Weight decay (not on biases and norms).")
-    scale_parameter: bool = Field(False, description="Scale the rate by the parameter's root-mean-square.")
-    relative_step: bool = Field(False, description="Compute a time-dependent rate instead of using lr.")
-    warmup_init: bool = Field(False, description="With relative_step, warm the rate up from 1e-6.")
-
-    @model_validator(mode="after")
-    def _one_rate(self):
-        if self.relative_step and self.lr is not None:
-            raise ValueError("relative_step computes the learning rate: set lr to null and the scheduler to adafactor")
-        if not self.relative_step and self.lr is None:
-            raise ValueError("lr is required unless relative_step is true")
-        if self.warmup_init and not self.relative_step:
-            raise ValueError("warmup_init needs relative_step: true")
-        return self
+__getattr__ = lazy_attributes(__name__, CONFIGS, ["AdafactorConfig", "AdafactorScheduleConfig"])
 
 
 def build_adafactor(ctx: BuildContext, cfg: AdafactorConfig):
@@ -104,13 +84,6 @@ def adafactor_state_bytes(shapes: Sequence[ParamShape], cfg: AdafactorConfig) ->
     return total
 
 
-class AdafactorScheduleConfig(SchedulerConfig):
-    """Reports the rate Adafactor computes with ``relative_step: true`` (transformers' AdafactorSchedule)."""
-
-    name: Literal["adafactor"] = "adafactor"
-    initial_lr: float = Field(0.0, ge=0, description="The rate reported before the first step.")
-
-
 def build_adafactor_schedule(ctx: ScheduleContext, cfg: AdafactorScheduleConfig):
     from transformers.optimization import Adafactor, AdafactorSchedule
 
@@ -126,7 +99,7 @@ def build_adafactor_schedule(ctx: ScheduleContext, cfg: AdafactorScheduleConfig)
 def register_optimizers(register):
     register(
         OptimizerEntry(
-            config=AdafactorConfig,
+            config=lazy_config("adafactor", "AdafactorConfig"),
             build=build_adafactor,
             summary="Adafactor, transformers (external lr by default, as TrainingArguments builds it)",
             check=check_adafactor,
@@ -147,7 +120,7 @@ def register_optimizers(register):
 def register_schedulers(register):
     register(
         SchedulerEntry(
-            config=AdafactorScheduleConfig,
+            config=lazy_config("adafactor", "AdafactorScheduleConfig"),
             build=build_adafactor_schedule,
             summary="the rate Adafactor computes (relative_step)",
         )
