@@ -10,10 +10,13 @@ step, the models and launches it cannot train. Importing this module does not im
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import optiplug
 from optiplug_adam_mini.layout import Layout, block_kind, check_partition, layout_of, second_moments, state_bytes_for
+
+if TYPE_CHECKING:
+    from optiplug_adam_mini.config import AdamMiniConfig
 
 __all__ = [
     "AdamMiniConfig",
@@ -28,16 +31,8 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-class AdamMiniConfig(optiplug.AdamFields):
-    """Adam-mini: Adam with one second-moment value per block (head, row, norm) instead of per weight.
-
-    The blocks come from the model: query and key weights get one learning rate per attention head,
-    embedding, output head, value, attention-output and MLP weights one per row, norms one per tensor,
-    biases plain Adam. The hidden size and head counts are read from the model's config.
-    """
-
-    name: Literal["adam_mini"] = "adam_mini"
+CONFIGS = "optiplug_adam_mini.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["AdamMiniConfig"])
 
 
 def _sharded_refusal(ctx: optiplug.BuildContext) -> str | None:
@@ -161,7 +156,7 @@ def describe(shapes: Sequence[optiplug.ParamShape], cfg: AdamMiniConfig) -> str:
 def register_optimizers(register: Any) -> None:
     register(
         optiplug.OptimizerEntry(
-            config=AdamMiniConfig,
+            config=optiplug.LazyConfig.from_module("adam_mini", f"{CONFIGS}:AdamMiniConfig"),
             build=build,
             summary="Adam-mini: one second moment per head/row/norm block (adam-mini), about half AdamW's state",
             check=check,

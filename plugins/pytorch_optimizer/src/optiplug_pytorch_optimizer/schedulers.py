@@ -12,40 +12,17 @@ Both scale every parameter group's own learning rate (a Muon-family optimizer ke
 from __future__ import annotations
 
 import math
-from typing import Literal
-
-from pydantic import Field, model_validator
+from typing import TYPE_CHECKING
 
 import optiplug
 
+if TYPE_CHECKING:
+    from optiplug_pytorch_optimizer.config import RexConfig, WarmupStableDecayConfig
+
 __all__ = ["RexConfig", "WarmupStableDecayConfig", "register"]
 
-
-class RexConfig(optiplug.SchedulerConfig):
-    """REX: rational decay from the peak to ``min_lr_ratio`` x the peak (pytorch-optimizer's REXScheduler)."""
-
-    name: Literal["po_rex"] = "po_rex"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
-
-
-class WarmupStableDecayConfig(optiplug.SchedulerConfig):
-    """Warmup, a stable phase, then a cooldown (pytorch-optimizer's get_wsd_schedule, its defaults)."""
-
-    name: Literal["po_warmup_stable_decay"] = "po_warmup_stable_decay"
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup over this many optimizer steps.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Linear warmup over this fraction of the training steps.")
-    decay_ratio: float = Field(0.2, gt=0, le=1, description="Fraction of the training steps spent cooling down.")
-    cooldown_type: Literal["1-sqrt", "cosine", "linear", "1-square"] = Field(
-        "1-sqrt", description="Shape of the cooldown."
-    )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Learning rate after the cooldown, as a fraction.")
-    num_cycles: float = Field(0.5, gt=0, description="Cosine cycles of the cooldown (cooldown_type cosine only).")
-
-    @model_validator(mode="after")
-    def _one_warmup(self) -> WarmupStableDecayConfig:
-        if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("set warmup_steps or warmup_ratio, not both")
-        return self
+CONFIGS = "optiplug_pytorch_optimizer.config"  # imported when a config is first read, not by `optiplug list`
+__getattr__ = optiplug.lazy_attributes(__name__, CONFIGS, ["RexConfig", "WarmupStableDecayConfig"])
 
 
 def rex_factor(step: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -94,12 +71,15 @@ def register(register: object) -> None:
     requires = ("pytorch-optimizer",)
     register(  # type: ignore[operator]
         optiplug.SchedulerEntry(
-            config=RexConfig, build=build_rex, summary="REX rational decay (pytorch-optimizer)", requires=requires
+            config=optiplug.LazyConfig.from_module("po_rex", f"{CONFIGS}:RexConfig"),
+            build=build_rex,
+            summary="REX rational decay (pytorch-optimizer)",
+            requires=requires,
         )
     )
     register(  # type: ignore[operator]
         optiplug.SchedulerEntry(
-            config=WarmupStableDecayConfig,
+            config=optiplug.LazyConfig.from_module("po_warmup_stable_decay", f"{CONFIGS}:WarmupStableDecayConfig"),
             build=build_wsd,
             check=check_wsd,
             summary="warmup, stable, 1-sqrt cooldown (pytorch-optimizer's WSD)",
