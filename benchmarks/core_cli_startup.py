@@ -1,8 +1,8 @@
 """Start-up cost of the CLI: ``optiplug list`` vs ``python -c "import transformers"``.
 
 ``optiplug list`` loads every installed plugin and registers their entries but must not import
-torch or transformers (nor build the config classes of the plugins in ``plugins/``: ``LazyConfig``
-entries, built when a config is first read), so it should take a fraction of what importing transformers takes
+torch or transformers (nor build any entry's config class, the default plugin's or those of the plugins in
+``plugins/``: ``LazyConfig`` entries, built when a config is first read), so it should take a fraction of what importing transformers takes
 (target: ratio <= 0.3). Each command runs in a fresh process, alternating between commands,
 REPETITIONS times; the medians are compared. ``python -c pass`` (the interpreter alone) and
 ``import torch`` are shown for scale, and the ratio is also given net of interpreter start-up.
