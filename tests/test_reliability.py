@@ -715,6 +715,15 @@ def _kill_self(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+@pytest.fixture
+def sigint_handled():
+    """SIGINT as in a terminal: a suite started in the background (``pytest &`` in a script, ``nohup``) inherits it
+    ignored, and a run keeps an ignored signal ignored (tested below), so the Ctrl-C tests set Python's own handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _marker(out: Path) -> dict:
     return json.loads((out / MARKER).read_text())
 
@@ -725,7 +734,9 @@ def _complete_checkpoints(out: Path) -> list[str]:
 
 @pytest.mark.parametrize(("signum", "code", "words"), [(signal.SIGINT, 130, "interrupted"),
                                                        (signal.SIGTERM, 143, "stopped by SIGTERM")])  # fmt: skip
-def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(tmp_path, temp_plugin, signum, code, words):
+def test_a_signal_mid_step_stops_the_run_with_its_step_and_last_checkpoint(
+    tmp_path, temp_plugin, sigint_handled, signum, code, words
+):
     def send(trainer, state):
         if state.global_step == 3:
             _kill_self(signum)
@@ -760,8 +771,26 @@ def test_sigterm_at_start_up_stops_before_anything_is_written(tmp_path, monkeypa
     assert not out.exists()
 
 
+def test_a_run_started_with_sigint_ignored_keeps_it_ignored(tmp_path, temp_plugin):
+    """``nohup optiplug train &``: SIGINT was ignored when the run started, so it does not stop the run."""
+
+    def send(trainer, state):
+        if state.global_step == 3:
+            _kill_self(signal.SIGINT)
+
+    temp_plugin(_Callback(send), "signal")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code, _, err = run_cli("train", *FAST, f"training.output_dir={tmp_path / 'run'}")
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # and it is left as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / SUMMARY_FILE).read_text())["steps"] == 4
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch, signum):
+def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch, sigint_handled, signum):
     from transformers import Trainer
 
     saved = Trainer._save_rng_state
@@ -789,7 +818,7 @@ def test_a_signal_mid_save_leaves_no_checkpoint_that_looks_complete(tmp_path, mo
     assert json.loads((out / SUMMARY_FILE).read_text())["status"] == "finished"
 
 
-def test_a_signal_mid_evaluation_stops_the_run(tmp_path, monkeypatch):
+def test_a_signal_mid_evaluation_stops_the_run(tmp_path, monkeypatch, sigint_handled):
     from transformers import Trainer
 
     predict = Trainer.prediction_step
