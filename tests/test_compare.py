@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,19 @@ def test_error_line_is_the_optiplug_line_or_the_last_line(tmp_path):
     assert silent.error_line() == "exited with status 3 and no output"
 
 
-def test_a_process_past_its_timeout_is_stopped_and_reported_as_a_timeout(tmp_path):
+@pytest.mark.parametrize("compare_sigint", [signal.default_int_handler, signal.SIG_IGN])
+def test_a_process_past_its_timeout_is_stopped_and_reported_as_a_timeout(tmp_path, compare_sigint):
     """SIGINT first (an optiplug run records that it was interrupted, at which step), the word timeout and the
-    limit in the error, never "exited with status -9" or the progress bar's last fragment."""
+    limit in the error, never "exited with status -9" or the progress bar's last fragment. Also when compare was
+    started with SIGINT ignored (``nohup optiplug compare ... &``): its runs still take the SIGINT."""
+    previous = signal.signal(signal.SIGINT, compare_sigint)
+    try:
+        _past_its_timeout(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _past_its_timeout(tmp_path) -> None:
     code = (
         "import sys, time\n"
         "print('  3/400 [00:01<02:10, 3.1it/s]', end='\\r', flush=True)\n"

@@ -84,6 +84,11 @@ class ProcessResult:
         return f"exited with status {self.returncode} and no output"
 
 
+def _handle_sigint() -> None:
+    """In the child, before it executes the run: SIGINT at its default, so that Python turns it into Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_process(
     cmd: Sequence[str],
     log_path: str | Path,
@@ -118,9 +123,13 @@ def run_process(
     stopped_at: float | None = None
     start = time.perf_counter()
     with open(log_path, "wb") as log:
+        # A run past its timeout is stopped with SIGINT: it must not inherit SIGINT ignored, as it does when compare
+        # itself was started with it ignored (`nohup`, `&` in a script), or it would only ever be killed.
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         proc = subprocess.Popen(
-            list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd
-        )
+            list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+            preexec_fn=_handle_sigint if ignored else None,
+        )  # fmt: skip
         # read after the spawn: a vfork child's pages before exec count in this process's peak too
         inherited = maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF)) + 2**20
         try:
