@@ -2,8 +2,9 @@
 
 The job is exactly ``optiplug train`` with no config (the embedded tiny Llama, randomly
 initialised, on the embedded corpus: 400 steps of 16 x 128 tokens, cosine schedule, seed 42),
-with ``optimizer.name`` and the learning rates overridden. Each run is ``optiplug.app.train`` in a
-fresh process with one torch thread, so runs never share a thread pool.
+with ``optimizer.name`` and the learning rates overridden. Each run is ``optiplug train --quiet`` in a
+fresh process with one torch thread (``OMP_NUM_THREADS=1``), so runs never share a thread pool; its
+``summary.json`` and ``trainer_state.json`` are the result.
 
 Swept: AdamW ``lr`` in {3e-4, 1e-3 (its default), 3e-3, 1e-2}; Muon ``lr`` in {0.01, 0.02, 0.05}
 with ``adamw_lr`` 3e-3, ``adamw_lr`` in {1e-3, 1e-2, 3e-2, 1e-1} at Muon lr 0.02, and lr 0.05 with
@@ -41,24 +42,18 @@ RUNS = [
 ]
 LAST = 5  # logged steps averaged for the score
 
-CHILD = """
-import json, sys, torch
-torch.set_num_threads(1)
-import optiplug
-import optiplug.app
-result = optiplug.app.train(None, sys.argv[1:])
-s = result.summary
-print(json.dumps({"losses": result.losses, "train_time_s": s["train_time_s"], "state": s["optimizer_state_bytes"]}))
-"""
-
 
 def run(name: str, fields: dict[str, float], out: Path) -> dict:
     overrides = [f"optimizer.name={name}", *(f"optimizer.{k}={v}" for k, v in fields.items())]
     overrides += [f"training.output_dir={out}", "training.disable_tqdm=true"]
-    child = _common.run_child([sys.executable, "-c", CHILD, *overrides], env={"OMP_NUM_THREADS": "1"})
-    if child.result is None:
+    # the command itself, one torch thread (OMP_NUM_THREADS); what it wrote is the result
+    child = _common.run_child([sys.executable, "-m", "optiplug", "train", *overrides, "--quiet"],
+                              env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    if not (out / "summary.json").is_file():
         raise RuntimeError(f"{name} {fields} failed:\n{child.output[-3000:]}")
-    losses = child.result["losses"]
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     tail = [loss for _, loss in losses[-LAST:]]
     label = f"{name} lr {fields['lr']:g}" + (f", adamw_lr {fields['adamw_lr']:g}" if "adamw_lr" in fields else "")
     return {
@@ -69,8 +64,8 @@ def run(name: str, fields: dict[str, float], out: Path) -> dict:
         "last5_mean_loss": round(sum(tail) / len(tail), 4),
         "loss_at_100": round(dict(losses).get(100, float("nan")), 4),
         "loss_at_200": round(dict(losses).get(200, float("nan")), 4),
-        "train_s": child.result["train_time_s"],
-        "state_mib": _common.mib(child.result["state"]),
+        "train_s": summary["train_time_s"],
+        "state_mib": _common.mib(summary["optimizer_state_bytes"]),
     }
 
 
