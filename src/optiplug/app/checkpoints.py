@@ -58,6 +58,18 @@ def _replace(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _open_partial(trainer: Any, run: Path) -> None:
+    """An empty :data:`PARTIAL` in ``run``, named in the run's marker before anything is written into it; every
+    process waits until the main one has made it."""
+    if trainer.args.should_save:
+        remove_partial(run)
+        output = getattr(trainer, "optiplug_output", None)
+        if output is not None:
+            output.expect([PARTIAL])
+        (run / PARTIAL).mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()  # no process writes before the main one cleared it
+
+
 def save_whole(trainer: Any, save: Callable[[], None], run_dir: str) -> None:
     """Run the Trainer's ``_save_checkpoint`` (``save``) into :data:`PARTIAL`, then rename it into ``run_dir``.
 
@@ -73,13 +85,7 @@ def save_whole(trainer: Any, save: Callable[[], None], run_dir: str) -> None:
     run, partial = Path(run_dir), Path(run_dir) / PARTIAL
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     staged, final = partial / name, Path(run_dir) / name
-    if args.should_save:
-        remove_partial(run)
-        output = getattr(trainer, "optiplug_output", None)
-        if output is not None:  # the run's marker lists it before anything is written into it
-            output.expect([PARTIAL])
-        partial.mkdir(parents=True)
-    trainer.accelerator.wait_for_everyone()  # no process writes before the main one cleared it
+    _open_partial(trainer, run)
     trainer.optiplug_partial = partial
     try:
         save()
@@ -116,15 +122,11 @@ def save_model_whole(trainer: Any, run_dir: str) -> None:
     moved), so an overwrite removes them instead of refusing them as files optiplug did not record.
     """
     args = trainer.args
-    run, partial = Path(run_dir), Path(run_dir) / PARTIAL
-    staged = partial / "model"
+    run = Path(run_dir)
+    staged = run / PARTIAL / "model"
     output = getattr(trainer, "optiplug_output", None)
-    if args.should_save:
-        remove_partial(run)
-        if output is not None:
-            output.expect([PARTIAL])
-        staged.mkdir(parents=True)
-    trainer.accelerator.wait_for_everyone()  # no process writes before the main one cleared it
+    _open_partial(trainer, run)
+    staged.mkdir(exist_ok=True)  # every process: none waits for another to make it
     trainer.save_model(str(staged))  # every process calls it (DeepSpeed/FSDP gather); only the main one writes
     trainer.accelerator.wait_for_everyone()  # every process wrote its part
     if args.should_save:
